@@ -1,0 +1,89 @@
+"""ResNet backbone (torchvision layout, so torchvision ResNet weight files load): C2..C5."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.ops import FrozenBatchNorm2d
+
+from .config import ModelConfig
+
+CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+            "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048)}
+
+
+class WeightsError(ValueError):
+    """A weight file is missing, unreadable or does not fit the model."""
+
+
+class Backbone(nn.Module):
+    """ResNet returning C2..C5 (strides 4, 8, 16, 32); the classifier head is dropped."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        norm = FrozenBatchNorm2d if cfg.backbone_norm == "frozen_bn" else nn.BatchNorm2d
+        net = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = CHANNELS[cfg.backbone]
+        if cfg.backbone_weights:
+            self.load_torchvision_weights(cfg.backbone_weights)
+        # Frozen stages (1 = stem + layer1, as in the paper): no gradients, BatchNorm statistics fixed.
+        stages = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+        self.frozen = stages[: cfg.frozen_stages + 1] if cfg.frozen_stages > 0 else []
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def load_torchvision_weights(self, path: str | os.PathLike) -> None:
+        """Load a torchvision ResNet state dict (e.g. resnet50-0676ba61.pth) from a local file."""
+        if not os.path.isfile(path):
+            raise WeightsError(f"backbone weights file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated file, pickled code, not a torch file
+            raise WeightsError(f"{path}: not a loadable torch state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path}: expected a ResNet state dict, got {type(state).__name__}")
+        state = {_to_ours(k): v for k, v in state.items() if not k.startswith("fc.")}
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+        unexpected = sorted(k for k in state if k not in own)
+        if missing or unexpected:
+            raise WeightsError(f"{path}: not a torchvision {len(self.out_channels)}-stage ResNet of this depth "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        bad = [k for k, v in state.items() if v.shape != own[k].shape]
+        if bad:
+            raise WeightsError(f"{path}: shape mismatch for {bad[0]}: file {tuple(state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}")
+        self.load_state_dict(state, strict=False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        c2 = self.layer1(self.stem(x))
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        return [c2, c3, c4, self.layer4(c4)]
+
+
+def _to_ours(key: str) -> str:
+    """torchvision ResNet key -> our key (stem modules are grouped in a Sequential)."""
+    for i, name in enumerate(("conv1.", "bn1.")):
+        if key.startswith(name):
+            return f"stem.{i}." + key[len(name):]
+    return key
+
+
+def to_torchvision_key(key: str) -> str:
+    for i, name in enumerate(("conv1.", "bn1.")):
+        if key.startswith(f"stem.{i}."):
+            return name + key[len(f"stem.{i}."):]
+    return key

@@ -1,0 +1,294 @@
+"""Typed configuration: dataclasses, named presets, YAML round trip and ``key=value`` overrides.
+
+Every hyper-parameter lives in exactly one field here; modules receive the dataclass they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid (the message names the field)."""
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80
+    # Backbone: torchvision ResNet layout so torchvision weight files load.
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    backbone_norm: str = "frozen_bn"  # frozen_bn (paper, ImageNet init) | bn (from scratch)
+    frozen_stages: int = 1  # 0: nothing, 1: stem + stage 1 (paper), up to 4
+    backbone_weights: str | None = None  # local torchvision-format ResNet state dict
+    # Deformable transformer.
+    hidden_dim: int = 256
+    num_heads: int = 8
+    num_levels: int = 4
+    num_points: int = 4
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    num_queries: int = 300
+    # Mask feature representation (MFR) and ISDA head.
+    mask_feat_channels: int = 128
+    mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
+    mask_stride: int = 4  # 8 | 4 | 2 (paper ablation; 4 is best)
+    mask_position: bool = True  # MP: coordinates concatenated to the 1/32 MFR input
+    kernel_position: bool = True  # KP: reference point as the kernel's last 2 weights
+    # Inference.
+    num_detections: int = 100
+    mask_threshold: float = 0.5
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size_divisibility: int = 32
+
+    def validate(self) -> None:
+        _check(self.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"), "model.backbone",
+               f"must be resnet18/34/50/101, got {self.backbone!r}")
+        _check(self.backbone_norm in ("frozen_bn", "bn"), "model.backbone_norm",
+               f"must be 'frozen_bn' or 'bn', got {self.backbone_norm!r}")
+        _check(0 <= self.frozen_stages <= 4, "model.frozen_stages", "must be in 0..4")
+        _check(self.mask_stride in (2, 4, 8), "model.mask_stride", f"must be 8, 4 or 2, got {self.mask_stride}")
+        _check(self.num_classes >= 1, "model.num_classes", "must be >= 1")
+        _check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim", "must be divisible by num_heads")
+        _check(self.hidden_dim % 2 == 0, "model.hidden_dim", "must be even (sine encoding)")
+        _check(self.num_levels == 4, "model.num_levels", "ISDA uses the 4 maps P3..P6")
+        _check(self.num_queries >= 1, "model.num_queries", "must be >= 1")
+        _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
+        _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
+        _check(self.hidden_dim % 32 == 0 and self.mask_feat_channels % 32 == 0, "model.hidden_dim",
+               "hidden_dim and mask_feat_channels must be multiples of 32 (GroupNorm(32))")
+
+
+@dataclass
+class LossConfig:
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    class_weight: float = 2.0
+    dice_weight: float = 3.0
+    match_class_cost: float = 2.0
+    match_mask_cost: float = 3.0
+    aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
+
+
+@dataclass
+class DataConfig:
+    # Official policy: flip, then 50/50 multi-scale resize or resize -> random crop -> multi-scale.
+    train_short_sides: tuple[int, ...] = tuple(range(480, 801, 32))
+    train_max_size: int = 1333
+    crop_resize_short_sides: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)  # random crop side range
+    crop_prob: float = 0.5
+    flip_prob: float = 0.5
+    test_short_side: int = 800
+    test_max_size: int = 1333
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1.25e-4  # for a total batch of 8 (8 GPUs x 1 image)
+    weight_decay: float = 1e-4
+    lr_backbone_mult: float = 0.1
+    lr_linear_proj_mult: float = 0.1  # sampling offsets and reference-point projection
+    clip_max_norm: float = 0.1
+    epochs: int = 42
+    lr_steps: tuple[int, ...] = (27, 33, 35, 36, 37)
+    lr_gamma: float = 0.1
+    warmup_iters: int = 0
+    batch_size: int = 1  # per process
+    accumulate: int = 1
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    num_workers: int = 2
+    seed: int = 42
+    checkpoint_every: int = 0  # iterations; 0: only every epoch
+    eval_every: int = 1  # epochs
+    max_nonfinite: int = 10  # consecutive non-finite losses before stopping
+    time_budget_s: float = 0.0  # stop training after this wall time (0: no limit)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
+        _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
+        _check(len(self.data.train_short_sides) > 0, "data.train_short_sides", "must not be empty")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}': {message}")
+
+
+def isda_r50_coco() -> Config:
+    """The paper's configuration (official isda_r50_3x_coco): every default above."""
+    return Config()
+
+
+def isda_tiny() -> Config:
+    """Same code, small enough to train from scratch on 2 CPU cores in minutes (shapes dataset)."""
+    return Config(
+        model=ModelConfig(
+            num_classes=5,
+            backbone="resnet18",
+            backbone_norm="bn",
+            frozen_stages=0,
+            hidden_dim=128,
+            num_heads=8,
+            enc_layers=2,
+            dec_layers=3,
+            ffn_dim=512,
+            dropout=0.0,
+            num_queries=30,
+            mask_feat_channels=64,
+            mask_out_channels=64,
+            num_detections=30,
+        ),
+        data=DataConfig(
+            train_short_sides=(112, 128, 144),
+            train_max_size=192,
+            crop_resize_short_sides=(128, 160),
+            crop_size=(96, 128),
+            test_short_side=128,
+            test_max_size=192,
+        ),
+        train=TrainConfig(lr=2e-4, epochs=30, lr_steps=(24,), batch_size=8, clip_max_norm=0.1, num_workers=1),
+    )
+
+
+PRESETS = {"isda_r50_coco": isda_r50_coco, "isda_tiny": isda_tiny}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _coerce(value: Any, template: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the type of the field's current value."""
+    if isinstance(template, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config field '{name}': expected true/false, got {value!r}")
+    if isinstance(template, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
+        inner = template[0] if template else value[0] if value else 0
+        return tuple(_coerce(v, inner, name) for v in value)
+    if isinstance(template, (int, float)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field '{name}': expected a number, got {value!r}") from None
+        if isinstance(template, int):
+            if not number.is_integer():
+                raise ConfigError(f"config field '{name}': expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if template is None or isinstance(template, str):
+        if value in (None, "null", "None", ""):
+            return None
+        return str(value)
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set dotted keys (``train.lr``) or unique leaf names (``lr``) on a config; unknown keys raise."""
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if "." in key:
+            section_name, _, leaf = key.partition(".")
+            if section_name not in sections:
+                raise ConfigError(f"unknown config key '{key}' (sections: {', '.join(sections)})")
+            section = sections[section_name]
+        else:
+            owners = [s for s in sections.values() if key in leaf_names(s)]
+            if len(owners) != 1:
+                raise ConfigError(f"unknown config key '{key}'" if not owners else
+                                  f"ambiguous config key '{key}': prefix it with its section")
+            section, leaf = owners[0], key
+        if leaf not in leaf_names(section):
+            raise ConfigError(f"unknown config key '{key}'")
+        setattr(section, leaf, _coerce(value, getattr(section, leaf), key))
+    return cfg
+
+
+def leaf_names(section: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(section)}
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a config from a nested dict (e.g. a YAML file); unknown keys raise ConfigError."""
+    cfg = base if base is not None else Config()
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a mapping of sections (model, loss, data, train)")
+    flat = {}
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        flat.update({f"{section}.{k}": v for k, v in values.items()})
+    return apply_overrides(cfg, flat)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Load a YAML config; an optional top-level ``preset:`` names the base preset."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    base = get_preset(data["preset"]) if isinstance(data, dict) and "preset" in data else None
+    return from_dict(data, base).validate()
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same directory, then rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,190 @@
+"""COCO mask-AP evaluation: prediction -> COCO results conversion, COCOeval wrapper, result I/O.
+
+Predictions follow the torchvision detection convention (one dict per image with ``scores`` [K],
+``labels`` [K] contiguous 0..C-1, ``masks`` bool [K, H, W] at the original image size, ``boxes``
+[K, 4] xyxy). Results are standard COCO results-JSON entries, so any COCO tool can read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+__all__ = [
+    "STAT_NAMES",
+    "EvalResult",
+    "evaluate_masks",
+    "gather_results",
+    "predictions_to_coco_results",
+    "write_results_json",
+]
+
+# Order of COCOeval.stats[:6] for iouType="segm".
+STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def predictions_to_coco_results(
+    predictions: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    cat_ids: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Convert per-image predictions to COCO segmentation results entries.
+
+    ``image_ids[i]`` is the original COCO id of ``predictions[i]``; ``cat_ids[label]`` maps a
+    contiguous label to its COCO category id. Each detection becomes
+    ``{"image_id", "category_id", "segmentation" (RLE, counts as str), "score", "bbox" (xywh of the
+    mask)}``. Empty masks are kept: they are legitimate (false-positive) detections.
+    """
+    if len(predictions) != len(image_ids):
+        raise ValueError(f"{len(predictions)} predictions but {len(image_ids)} image ids")
+    results: list[dict[str, Any]] = []
+    for pred, image_id in zip(predictions, image_ids):
+        scores = pred["scores"].detach().cpu().tolist()
+        if not scores:
+            continue
+        labels = pred["labels"].detach().cpu().tolist()
+        masks = pred["masks"].detach().cpu().numpy().astype(np.uint8)
+        # pycocotools encodes column-major [H, W, K] uint8 arrays.
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        bboxes = mask_utils.toBbox(rles).tolist()
+        for score, label, rle, bbox in zip(scores, labels, rles, bboxes):
+            results.append({
+                "image_id": int(image_id),
+                "category_id": int(cat_ids[label]),
+                # JSON cannot hold bytes; loadRes/COCOeval accept str counts.
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "score": float(score),
+                "bbox": [float(v) for v in bbox],
+            })
+    return results
+
+
+@dataclass
+class EvalResult:
+    """COCO mask-AP summary.
+
+    ``stats``: AP, AP50, AP75, APs, APm, APl on the 0-1 scale exactly as COCOeval reports them
+    (-1 where COCOeval has nothing to measure, e.g. APs when no small ground truth exists).
+    ``per_category``: category name -> AP (0-1) for categories with ground truth in the evaluated
+    images; categories without ground truth are left out, so no value is NaN or -1.
+    """
+
+    stats: dict[str, float]
+    per_category: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Human-readable summary on the usual 0-100 scale (overall row + per-category table)."""
+
+        def fmt(v: float) -> str:
+            return "  n/a" if v < 0 else f"{100.0 * v:5.1f}"
+
+        lines = ["  ".join(f"{k:>5}" for k in STAT_NAMES), "  ".join(fmt(self.stats[k]) for k in STAT_NAMES)]
+        if self.per_category:
+            width = max(8, *(len(n) for n in self.per_category))
+            cells = [f"{name:<{width}} {fmt(ap)}" for name, ap in self.per_category.items()]
+            cols = 3
+            header = " | ".join([f"{'category':<{width}} {'AP':>5}"] * min(cols, len(cells)))
+            lines += ["", header, "-" * len(header)]
+            lines += [" | ".join(cells[i:i + cols]) for i in range(0, len(cells), cols)]
+        return "\n".join(lines)
+
+
+def _empty_results_coco(coco_gt: COCO) -> COCO:
+    """A results COCO with no detections (``loadRes`` indexes ``anns[0]`` and fails on [])."""
+    res = COCO()
+    res.dataset = {"images": list(coco_gt.dataset["images"]),
+                   "categories": list(coco_gt.dataset["categories"]),
+                   "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def evaluate_masks(
+    coco_gt: COCO,
+    results: Sequence[Mapping[str, Any]],
+    image_ids: Sequence[int] | None = None,
+    verbose: bool = False,
+) -> EvalResult:
+    """COCO segmentation AP of ``results`` against ``coco_gt``.
+
+    ``image_ids`` restricts evaluation to those images (e.g. a validation subset); otherwise every
+    ground-truth image counts. COCOeval's printing is suppressed unless ``verbose``.
+    """
+    # Copies: loadRes writes area/id/iscrowd into the entries. "bbox" is dropped (as detectron2
+    # does) because loadRes would otherwise take the box area as the detection area, which
+    # misassigns detections to the small/medium/large ranges of segm evaluation.
+    dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with sink:
+        coco_dt = coco_gt.loadRes(dets) if dets else _empty_results_coco(coco_gt)
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
+    return EvalResult(stats=stats, per_category=_per_category_ap(coco_gt, coco_eval))
+
+
+def _per_category_ap(coco_gt: COCO, coco_eval: COCOeval) -> dict[str, float]:
+    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]; -1 = no GT.
+    precision = coco_eval.eval["precision"]
+    area_all = coco_eval.params.areaRngLbl.index("all")
+    out: dict[str, float] = {}
+    # evaluate() turns catIds into numpy ints, which COCO.loadCats rejects: index cats directly.
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, area_all, -1]
+        p = p[p > -1]
+        if p.size:
+            ap = float(np.mean(p))
+            if not math.isnan(ap):
+                out[coco_gt.cats[int(cat_id)]["name"]] = ap
+    return out
+
+
+def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Write results JSON atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(list(results), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def gather_results(results: list[Any]) -> list[Any]:
+    """Concatenate per-rank result lists across a torch.distributed group.
+
+    Returns the concatenation (rank 0's entries first, then rank 1's, ...) on *every* rank, so any
+    rank may evaluate; without an initialised process group it returns ``results`` unchanged.
+    Collective: every rank must call it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return results
+    gathered: list[list[Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    return [r for part in gathered for r in (part or [])]

@@ -1,0 +1,73 @@
+"""Set-prediction losses: sigmoid focal over all queries + dice on matched queries, on every decoder layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+from .config import LossConfig
+from .matcher import hungarian_match
+
+
+def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
+    """(M, HW) logits and (M, HW) targets -> (M,) 1 - dice (matched pairs)."""
+    p = mask_logits.sigmoid()
+    num = 2 * (p * targets).sum(-1)
+    den = p.sum(-1) + targets.sum(-1)
+    return 1 - (num + 1) / (den + 1)
+
+
+def num_instances(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+    """Instances per process, averaged over processes when distributed (the normalizer of both losses)."""
+    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(n.item(), 1.0)
+
+
+def downsample_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, H, W) bool -> (N, h, w) float, bilinear (soft targets at the mask stride)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size), dtype=torch.float32)
+    return F.interpolate(masks[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class SetCriterion:
+    def __init__(self, cfg: LossConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
+                 target_masks: list[Tensor]) -> dict[str, Tensor]:
+        """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
+        at the mask stride. Returns losses for the last layer (``loss_cls``, ``loss_dice``), the other
+        layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
+        norm = num_instances(targets, logits.device)
+        layers = range(logits.shape[0]) if self.cfg.aux_loss else [logits.shape[0] - 1]
+        losses: dict[str, Tensor] = {}
+        for layer in layers:
+            cls, dice = self.layer_losses(logits[layer], mask_logits[layer], targets, target_masks, norm)
+            prefix = "" if layer == logits.shape[0] - 1 else f"d{layer}."
+            losses[f"{prefix}loss_cls"], losses[f"{prefix}loss_dice"] = cls, dice
+        losses["loss"] = sum(self.cfg.class_weight * v if k.endswith("cls") else self.cfg.dice_weight * v
+                             for k, v in losses.items())
+        return losses
+
+    def layer_losses(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
+                     target_masks: list[Tensor], norm: float) -> tuple[Tensor, Tensor]:
+        B, Q, C = logits.shape
+        cls_target = torch.zeros_like(logits)
+        matched_pred, matched_gt = [], []
+        for b, (t, tm) in enumerate(zip(targets, target_masks)):
+            qi, ti = hungarian_match(logits[b], mask_logits[b].flatten(1), t["labels"], tm.flatten(1), self.cfg)
+            qi, ti = qi.to(logits.device), ti.to(logits.device)
+            cls_target[b, qi, t["labels"][ti]] = 1.0
+            matched_pred.append(mask_logits[b, qi].flatten(1))
+            matched_gt.append(tm[ti].flatten(1))
+        loss_cls = sigmoid_focal_loss(logits, cls_target, self.cfg.focal_alpha, self.cfg.focal_gamma,
+                                      reduction="sum") / norm
+        loss_dice = dice_loss(torch.cat(matched_pred), torch.cat(matched_gt)).sum() / norm
+        return loss_cls, loss_dice

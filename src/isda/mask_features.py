@@ -1,0 +1,73 @@
+"""Mask feature representation (MFR, SOLOv2-style): P2..P5 fused at the mask stride, with coordinates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .masked_ops import masked_group_norm, masked_upsample2x, valid_of
+
+
+class ConvGNReLU(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
+        self.norm = nn.GroupNorm(32, cout)
+
+    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        x = x * valid_of(padding_mask).to(x.dtype)  # the padded area looks like zero padding
+        return torch.relu(masked_group_norm(self.conv(x), padding_mask, self.norm))
+
+
+def coordinate_map(padding_mask: Tensor) -> Tensor:
+    """(B, H, W) -> (B, 2, H, W) pixel-centre coordinates (x, y) in [-1, 1] over each image's valid area."""
+    valid = ~padding_mask
+    h = valid[:, :, 0].sum(1).clamp(min=1).float().view(-1, 1, 1)
+    w = valid[:, 0, :].sum(1).clamp(min=1).float().view(-1, 1, 1)
+    H, W = padding_mask.shape[-2:]
+    ys = torch.arange(H, device=padding_mask.device, dtype=torch.float32).view(1, H, 1) + 0.5
+    xs = torch.arange(W, device=padding_mask.device, dtype=torch.float32).view(1, 1, W) + 0.5
+    return torch.stack([(2 * xs / w - 1).expand(-1, H, -1), (2 * ys / h - 1).expand(-1, -1, W)], 1)
+
+
+class MaskFeatures(nn.Module):
+    """For each level with stride >= mask_stride: conv-GN-ReLU(-2x upsample) stages down to mask_stride;
+    the 1/32 level gets coordinates first (MP); sum; 1x1 conv to out_channels + GN + ReLU."""
+
+    def __init__(self, in_channels: int, feat_channels: int, out_channels: int, mask_stride: int,
+                 mask_position: bool, level_strides: tuple[int, ...] = (4, 8, 16, 32)) -> None:
+        super().__init__()
+        self.mask_position = mask_position
+        self.levels = [i for i, s in enumerate(level_strides) if s >= mask_stride]
+        self.coord_level = len(level_strides) - 1  # the 1/32 map
+        self.branches = nn.ModuleList()
+        for i in self.levels:
+            stages = max(int(math.log2(level_strides[i] // mask_stride)), 1)
+            cin = in_channels + (2 if mask_position and i == self.coord_level else 0)
+            convs = [ConvGNReLU(cin if s == 0 else feat_channels, feat_channels, 3) for s in range(stages)]
+            self.branches.append(nn.ModuleList(convs))
+        self.upsamples = [int(math.log2(level_strides[i] // mask_stride)) for i in self.levels]
+        self.fuse = ConvGNReLU(feat_channels, out_channels, 1)
+
+    def forward(self, feats: list[Tensor], masks: list[Tensor], out_mask: Tensor) -> Tensor:
+        """feats/masks: P2..P5 and their padding masks; out_mask: padding mask at the mask stride."""
+        total = None
+        for i, convs, ups in zip(self.levels, self.branches, self.upsamples):
+            x, m = feats[i], masks[i]
+            if self.mask_position and i == self.coord_level:
+                x = torch.cat([x, coordinate_map(m).to(x.dtype)], 1)
+            for s, conv in enumerate(convs):
+                x = conv(x, m)
+                if s < ups:  # each conv stage of a coarser level ends with a 2x upsample
+                    up_mask = out_mask if x.shape[-1] * 2 == out_mask.shape[-1] else _half(out_mask, x.shape[-1] * 2)
+                    x, m = masked_upsample2x(x, m, up_mask), up_mask
+            total = x if total is None else total + x
+        return self.fuse(total, out_mask)
+
+
+def _half(mask: Tensor, width: int) -> Tensor:
+    """Padding mask at an intermediate resolution (the mask-stride mask subsampled by a power of 2)."""
+    step = mask.shape[-1] // width
+    return mask[:, ::step, ::step]

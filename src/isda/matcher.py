@@ -1,0 +1,45 @@
+"""Hungarian matching between predictions and ground truth: 2 x focal class cost + 3 x dice mask cost."""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from .config import LossConfig
+
+
+def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
+    """(Q, C) logits, (N,) labels -> (Q, N): focal loss of predicting the label minus of not predicting it."""
+    p = logits.sigmoid()
+    neg = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
+    pos = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
+    return pos[:, labels] - neg[:, labels]
+
+
+def dice_cost(mask_logits: Tensor, targets: Tensor) -> Tensor:
+    """(Q, HW) logits, (N, HW) float targets -> (Q, N) 1 - dice coefficient."""
+    p = mask_logits.sigmoid()
+    num = 2 * p @ targets.T
+    den = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (num + 1) / (den + 1)
+
+
+@torch.no_grad()
+def hungarian_match(logits: Tensor, mask_logits: Tensor, labels: Tensor, target_masks: Tensor,
+                    cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """One image: logits (Q, C), mask logits (Q, HW), labels (N,), target masks (N, HW) at the same scale.
+    Returns (query indices, target indices), each (min(Q, N),)."""
+    if labels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    cost = (cfg.match_class_cost * focal_class_cost(logits.float(), labels, cfg.focal_alpha, cfg.focal_gamma)
+            + cfg.match_mask_cost * dice_cost(mask_logits.float(), target_masks.float()))
+    # A NaN/inf cost must not crash the solver (a known DETR-family failure): make it the worst finite cost.
+    cost = cost.cpu().double()
+    finite = torch.isfinite(cost)
+    if not bool(finite.all()):
+        worst = cost[finite].abs().max().item() * 2 + 1 if bool(finite.any()) else 1.0
+        cost = torch.where(finite, cost, torch.full_like(cost, worst))
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)

@@ -1,0 +1,182 @@
+"""ISDA: backbone -> neck -> deformable transformer + mask features -> ISDA head; NMS-free inference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import masks_to_boxes
+
+from .backbone import Backbone
+from .config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
+from .head import ISDAHead
+from .losses import SetCriterion, downsample_masks
+from .mask_features import MaskFeatures
+from .masked_ops import resize_mask
+from .neck import Neck
+from .position_encoding import sine_position_encoding
+from .transformer import DeformableTransformer
+
+
+class ISDA(nn.Module):
+    """``model(images, targets)`` -> dict of losses (train); ``model(images)`` -> list of per-image dicts
+    with ``scores``, ``labels``, ``masks`` (bool, the image's own size) and ``boxes`` (eval)."""
+
+    def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.neck = Neck(self.backbone.out_channels, cfg.hidden_dim)
+        self.transformer = DeformableTransformer(cfg)
+        self.mask_features = MaskFeatures(cfg.hidden_dim, cfg.mask_feat_channels, cfg.mask_out_channels,
+                                          cfg.mask_stride, cfg.mask_position)
+        self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position)
+        self.criterion = SetCriterion(loss_cfg or LossConfig())
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
+
+    # ---- input handling -------------------------------------------------------------------------
+    def batch_images(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalize, then zero-pad to a common size divisible by 32. Returns (B,3,H,W), mask (B,H,W) True=pad."""
+        _check_images(images)
+        div = self.cfg.size_divisibility
+        H = -(-max(im.shape[1] for im in images) // div) * div
+        W = -(-max(im.shape[2] for im in images) // div) * div
+        batch = images[0].new_zeros(len(images), 3, H, W)
+        mask = torch.ones(len(images), H, W, dtype=torch.bool, device=images[0].device)
+        for i, im in enumerate(images):
+            h, w = im.shape[1:]
+            batch[i, :, :h, :w] = (im - self.pixel_mean) / self.pixel_std
+            mask[i, :h, :w] = False
+        return batch, mask
+
+    # ---- network -----------------------------------------------------------------------------
+    def forward_features(self, batch: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Everything up to the head's outputs for a padded, normalized batch."""
+        feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
+        pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
+        out = self.transformer(feats[1:], masks[1:], pos)
+        stride = self.cfg.mask_stride
+        mfr_mask = resize_mask(mask, (batch.shape[-2] // stride, batch.shape[-1] // stride))
+        mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
+        out["logits"], out["mask_logits"] = self.head(out["hidden"], out["reference_points"], mfr)
+        out["padding_mask"] = mfr_mask
+        return out
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                output_sizes: list[tuple[int, int]] | None = None):
+        batch, mask = self.batch_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets (call model.eval() for inference)")
+            _check_targets(images, targets, self.cfg.num_classes)
+        out = self.forward_features(batch, mask)
+        if self.training:
+            size = out["mask_logits"].shape[-2:]
+            target_masks = [downsample_masks(_pad_masks(t["masks"], batch.shape[-2:]), size) for t in targets]
+            return self.criterion(out["logits"], out["mask_logits"], targets, target_masks)
+        sizes = [tuple(im.shape[1:]) for im in images]
+        return self.postprocess(out, sizes, output_sizes or sizes)
+
+    # ---- NMS-free post-processing ----------------------------------------------------------------
+    @torch.no_grad()
+    def postprocess(self, out: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                    output_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Top-k (query, class) pairs by sigmoid score; score x maskness; masks upsampled to the mask
+        stride's input size, cropped to the image, resized to ``output_sizes``, thresholded."""
+        logits, mask_logits = out["logits"][-1], out["mask_logits"][-1]
+        B, Q, C = logits.shape
+        k = min(self.cfg.num_detections, Q * C)
+        results = []
+        for b in range(B):
+            scores, idx = logits[b].sigmoid().flatten().topk(k)
+            query, labels = idx // C, idx % C
+            probs = mask_logits[b, query].sigmoid().float()
+            binary = probs > self.cfg.mask_threshold
+            maskness = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+            scores = scores * maskness
+            order = scores.argsort(descending=True)
+            scores, labels, probs, query = scores[order], labels[order], probs[order], query[order]
+            masks = self.upsample_masks(probs, image_sizes[b], output_sizes[b])
+            results.append({"scores": scores, "labels": labels, "masks": masks, "boxes": _boxes(masks),
+                            "query_index": query})
+        return results
+
+    def upsample_masks(self, probs: Tensor, image_size: tuple[int, int], output_size: tuple[int, int],
+                       chunk: int = 25) -> Tensor:
+        """(K, h, w) probabilities at the mask stride -> (K, H, W) bool; chunked to bound memory."""
+        h, w = image_size
+        out = torch.empty((probs.shape[0], *output_size), dtype=torch.bool, device=probs.device)
+        for i in range(0, probs.shape[0], chunk):
+            p = F.interpolate(probs[i : i + chunk, None], scale_factor=self.cfg.mask_stride, mode="bilinear",
+                              align_corners=False)[:, :, :h, :w]
+            if (h, w) != tuple(output_size):
+                p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
+            out[i : i + chunk] = p[:, 0] > self.cfg.mask_threshold
+        return out
+
+
+def _boxes(masks: Tensor) -> Tensor:
+    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
+    nonempty = masks.flatten(1).any(1)
+    if bool(nonempty.any()):
+        boxes[nonempty] = masks_to_boxes(masks[nonempty]).float()
+    return boxes
+
+
+def _pad_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.pad(masks, (0, size[1] - masks.shape[-1], 0, size[0] - masks.shape[-2]))
+
+
+def _check_images(images: list[Tensor]) -> None:
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError("images must be a non-empty list of [3, H, W] float tensors")
+    for i, im in enumerate(images):
+        if not isinstance(im, Tensor) or not im.is_floating_point():
+            raise ValueError(f"images[{i}] must be a float tensor in [0, 1], got "
+                             f"{type(im).__name__ if not isinstance(im, Tensor) else im.dtype}")
+        if im.dim() != 3 or im.shape[0] != 3 or im.shape[1] < 1 or im.shape[2] < 1:
+            raise ValueError(f"images[{i}] must have shape [3, H, W], got {list(im.shape)}")
+
+
+def _check_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_classes: int) -> None:
+    if len(targets) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    for i, (im, t) in enumerate(zip(images, targets)):
+        if not isinstance(t, dict) or "labels" not in t or "masks" not in t:
+            raise ValueError(f"targets[{i}] must be a dict with 'labels' and 'masks'")
+        labels, masks = t["labels"], t["masks"]
+        if labels.dtype != torch.int64 or labels.dim() != 1:
+            raise ValueError(f"targets[{i}]['labels'] must be int64 [N], got {labels.dtype} {list(labels.shape)}")
+        if masks.dtype != torch.bool or masks.dim() != 3:
+            raise ValueError(f"targets[{i}]['masks'] must be bool [N, H, W], got {masks.dtype} {list(masks.shape)}")
+        if masks.shape[0] != labels.shape[0] or masks.shape[1:] != im.shape[1:]:
+            raise ValueError(f"targets[{i}]['masks'] has shape {list(masks.shape)}; expected "
+                             f"[{labels.shape[0]}, {im.shape[1]}, {im.shape[2]}] (N labels, image size)")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"targets[{i}]['labels'] out of range [0, {num_classes}): "
+                             f"min {int(labels.min())}, max {int(labels.max())}")
+
+
+def build_model(preset: str | Config = "isda_r50_coco", num_classes: int | None = None, **overrides) -> ISDA:
+    """Build an ISDA model from a preset name (or a Config), e.g. ``build_model("isda_tiny", num_classes=5)``.
+    Overrides are model/loss fields, e.g. ``mask_stride=8`` or ``loss.dice_weight=5``."""
+    cfg = get_preset(preset) if isinstance(preset, str) else dataclasses.replace(preset)
+    if num_classes is not None:
+        overrides["model.num_classes"] = num_classes
+    overrides = {k if "." in k else _section_of(k) + k: v for k, v in overrides.items()}
+    apply_overrides(cfg, overrides)
+    return ISDA(cfg.model, cfg.loss)
+
+
+def _section_of(key: str) -> str:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    loss = {f.name for f in dataclasses.fields(LossConfig)}
+    if key in names:
+        return "model."
+    if key in loss:
+        return "loss."
+    raise ConfigError(f"unknown model option '{key}'")
