@@ -28,7 +28,7 @@ class Backbone(nn.Module):
         net = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_channels = CHANNELS[cfg.backbone]
+        self.name, self.out_channels = cfg.backbone, CHANNELS[cfg.backbone]
         if cfg.backbone_weights:
             self.load_torchvision_weights(cfg.backbone_weights)
         # Frozen stages (1 = stem + layer1, as in the paper): no gradients, BatchNorm statistics fixed.
@@ -55,12 +55,14 @@ class Backbone(nn.Module):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise WeightsError(f"{path}: expected a ResNet state dict, got {type(state).__name__}")
-        state = {_to_ours(k): v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
+        # fc is the classifier we drop; FrozenBatchNorm2d has no num_batches_tracked.
+        state = {_to_ours(k): v for k, v in state.items()
+                 if not k.startswith("fc.") and (not k.endswith("num_batches_tracked") or _to_ours(k) in own)}
         missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
         unexpected = sorted(k for k in state if k not in own)
         if missing or unexpected:
-            raise WeightsError(f"{path}: not a torchvision {len(self.out_channels)}-stage ResNet of this depth "
+            raise WeightsError(f"{path}: not a torchvision {self.name} state dict "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         bad = [k for k, v in state.items() if v.shape != own[k].shape]
         if bad:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 __all__ = [
@@ -44,6 +44,13 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
         r, g, b = colorsys.hsv_to_rgb((0.07 + i * 0.618034) % 1.0, 0.85, 0.95)
         out.append((int(r * 255), int(g * 255), int(b * 255)))
     return out
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font
+        return ImageFont.load_default()
 
 
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
@@ -102,31 +109,32 @@ def draw_predictions(
     scores = prediction["scores"].detach().cpu().float()
     keep = torch.nonzero(scores >= score_thr).flatten()
     out = image.clone()
-    if keep.numel() == 0 and reference_points is None and sampling_points is None:
+    if keep.numel() == 0 and reference_points is None and not sampling_points:
         return out
 
     colors = _palette(len(keep))
+    texts: list[str] = []
+    boxes = torch.zeros(0, 4)
     if keep.numel():
         masks = prediction["masks"].detach().cpu()[keep].bool()
         out = draw_segmentation_masks(out, masks, alpha=0.5, colors=colors)
+        boxes = prediction["boxes"].detach().cpu()[keep].float()
+        out = draw_bounding_boxes(out, boxes, colors=colors, width=2)
         labels = prediction["labels"].detach().cpu()[keep].tolist()
         texts = [f"{class_names[lab] if 0 <= lab < len(class_names) else lab} {s:.2f}"
                  for lab, s in zip(labels, scores[keep].tolist())]
-        boxes = prediction["boxes"].detach().cpu()[keep].float()
-        out = draw_bounding_boxes(out, boxes, labels=texts, colors=colors, width=2)
 
-    if reference_points is None and not sampling_points:
-        return out
-    # Points are drawn with PIL: torchvision has no filled-dot primitive with per-dot radius.
-    pil = Image.fromarray(out.permute(1, 2, 0).numpy())
+    # Labels and points are drawn with PIL: white text on a filled tag stays readable on any
+    # mask colour, and torchvision has no filled-dot primitive with per-dot radius.
+    pil = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())
     draw = ImageDraw.Draw(pil)
     num_preds = len(scores)
 
     if sampling_points:
         dets = _select(sampling_points, keep, num_preds)
         kept_scores = scores[keep].tolist() if len(dets) == len(keep) else [0.0] * len(dets)
-        top = sorted(range(len(dets)), key=lambda i: -kept_scores[i])[:max_sampling_dets]
-        for i in top:
+        top_dets = sorted(range(len(dets)), key=lambda i: -kept_scores[i])[:max_sampling_dets]
+        for i in top_dets:
             pts = dets[i]["points"].detach().cpu().float().reshape(-1, 2)
             wts = dets[i]["weights"].detach().cpu().float().reshape(-1)
             lvls = dets[i]["levels"].detach().cpu().long().reshape(-1)
@@ -135,6 +143,13 @@ def draw_predictions(
                 r = 1.0 + 4.0 * max(wt, 0.0) / wmax
                 cx, cy = x * w, y * h
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=LEVEL_COLORS[lv % len(LEVEL_COLORS)])
+
+    font = _font(max(10, round(0.02 * h)))
+    for (x0, y0, _, _), text, c in zip(boxes.tolist(), texts, colors):
+        # Inside the box's top-left corner (2 px box outline + 1 px margin), as torchvision does.
+        left, top, right, bottom = draw.textbbox((x0 + 3, y0 + 3), text, font=font)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=c)
+        draw.text((x0 + 3, y0 + 3), text, fill=(255, 255, 255), font=font)
 
     if reference_points is not None:
         ref = _select(reference_points.detach().cpu().float().reshape(-1, 2), keep, num_preds)
@@ -193,7 +208,7 @@ def plot_reference_points(
     order = np.argsort(sc, kind="stable")
     sca = ax.scatter(xs[order], ys[order], c=sc[order], cmap="viridis", s=14,
                      edgecolors="black", linewidths=0.3)
-    fig.colorbar(sca, ax=ax, label="score")
+    fig.colorbar(sca, ax=ax, label="score", shrink=0.8)
     ax.set_title(f"Reference points ({len(pts)} queries)")
     fig.tight_layout()
     _save_figure(fig, path)

@@ -1,0 +1,81 @@
+"""Hungarian matcher vs brute force; focal and dice losses vs hand computation."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from isda.config import LossConfig
+from isda.losses import SetCriterion, dice_loss
+from isda.matcher import dice_cost, focal_class_cost, hungarian_match
+
+CFG = LossConfig()
+
+
+def total_cost(logits, mask_logits, labels, masks, rows, cols):
+    cost = 2 * focal_class_cost(logits, labels, 0.25, 2.0) + 3 * dice_cost(mask_logits, masks)
+    return float(cost[rows, cols].sum())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_matcher_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    Q, C, HW = 6, 3, 20
+    N = int(torch.randint(1, 5, (1,), generator=g))
+    logits = torch.randn(Q, C, generator=g) * 2
+    mask_logits = torch.randn(Q, HW, generator=g) * 3
+    labels = torch.randint(0, C, (N,), generator=g)
+    masks = (torch.rand(N, HW, generator=g) > 0.5).float()
+    rows, cols = hungarian_match(logits, mask_logits, labels, masks, CFG)
+    assert len(rows) == N and sorted(cols.tolist()) == list(range(N)) and len(set(rows.tolist())) == N
+    best = min(total_cost(logits, mask_logits, labels, masks, list(perm), list(range(N)))
+               for perm in itertools.permutations(range(Q), N))
+    assert total_cost(logits, mask_logits, labels, masks, rows, cols) == pytest.approx(best, abs=1e-5)
+
+
+def test_matcher_survives_non_finite_costs():
+    logits = torch.randn(4, 2)
+    logits[1, 0] = float("nan")
+    mask_logits = torch.randn(4, 9)
+    mask_logits[2] = float("inf")
+    rows, cols = hungarian_match(logits, mask_logits, torch.tensor([0, 1]), torch.ones(2, 9), CFG)
+    assert len(rows) == 2 and sorted(cols.tolist()) == [0, 1]
+    rows, _ = hungarian_match(torch.full((3, 2), float("nan")), torch.full((3, 9), float("nan")),
+                              torch.tensor([0]), torch.ones(1, 9), CFG)
+    assert len(rows) == 1
+
+
+def test_matcher_without_targets():
+    rows, cols = hungarian_match(torch.randn(4, 2), torch.randn(4, 9), torch.zeros(0, dtype=torch.long),
+                                 torch.zeros(0, 9), CFG)
+    assert rows.numel() == 0 and cols.numel() == 0
+
+
+def hand_focal(x, t, alpha=0.25, gamma=2.0):
+    p = 1 / (1 + math.exp(-x))
+    pt = p if t else 1 - p
+    a = alpha if t else 1 - alpha
+    return -a * (1 - pt) ** gamma * math.log(pt)
+
+
+def test_losses_equal_hand_computed_values():
+    # One image, two queries, two classes, one instance of class 1 whose mask query 0 predicts well.
+    logits = torch.tensor([[[[-1.0, 2.0], [0.5, -3.0]]]])  # (layers=1, B=1, Q=2, C=2)
+    mask_logits = torch.tensor([[[[[4.0, 4.0], [-4.0, -4.0]], [[-2.0, 1.0], [1.0, -2.0]]]]])  # (1, 1, 2, 2, 2)
+    target_masks = [torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])]
+    targets = [{"labels": torch.tensor([1]), "masks": target_masks[0].bool()}]
+    losses = SetCriterion(LossConfig(aux_loss=False))(logits, mask_logits, targets, target_masks)
+    expected_cls = (hand_focal(-1.0, 0) + hand_focal(2.0, 1) + hand_focal(0.5, 0) + hand_focal(-3.0, 0)) / 1
+    s = 1 / (1 + math.exp(-4.0))
+    probs = [s, s, 1 - s, 1 - s]
+    expected_dice = 1 - (2 * (probs[0] + probs[1]) + 1) / (sum(probs) + 2 + 1)
+    assert losses["loss_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(expected_dice, rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(2 * expected_cls + 3 * expected_dice, rel=1e-5)
+
+
+def test_dice_loss_perfect_and_disjoint():
+    t = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert dice_loss(torch.tensor([[50.0, 50.0, -50.0, -50.0]]), t).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(torch.tensor([[-50.0, -50.0, 50.0, 50.0]]), t).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
