@@ -110,6 +110,7 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 0  # iterations; 0: only every epoch
     eval_every: int = 1  # epochs
+    log_every: int = 20  # iterations between "train" rows of metrics.jsonl
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     time_budget_s: float = 0.0  # stop training after this wall time (0: no limit)
 
@@ -126,6 +127,8 @@ class Config:
         _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
+        _check(self.train.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.train.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(len(self.data.train_short_sides) > 0, "data.train_short_sides", "must not be empty")
         return self
 

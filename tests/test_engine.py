@@ -1,0 +1,190 @@
+"""Training engine: exact resume, non-finite loss handling, parameter groups, lr schedule, run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import isda.engine as engine
+from isda.checkpoint import CheckpointError
+from isda.config import ConfigError, TrainConfig
+from isda.model import ISDA
+
+from engine_utils import shapes, single_thread, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    return shapes(tmp_path_factory.mktemp("shapes"))
+
+
+def _rows(run: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == kind]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_mid_epoch_gives_identical_weights(data, tmp_path):
+    # Random flips, scales and crops, gradient accumulation, warm-up and an lr step at epoch 1 (step 3):
+    # all must line up after resuming in the middle of epoch 1.
+    cfg = tiny_config(epochs=3, accumulate=2, warmup_iters=2)
+    straight = engine.train(cfg, *data["train"], out_dir=tmp_path / "a", log=lambda _m: None)
+    assert straight["iteration"] == 6 and straight["stopped"] == "completed"  # 8 images / (2 x 2) per step
+
+    part = engine.train(cfg, *data["train"], out_dir=tmp_path / "b", max_iters=3, log=lambda _m: None)
+    assert part["stopped"] == "max_iters" and part["iteration"] == 3
+    ckpt = _load(tmp_path / "b" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["iteration"]) == (1, 1, 3)
+    with pytest.raises(FileExistsError, match="resume"):
+        engine.train(cfg, *data["train"], out_dir=tmp_path / "b", log=lambda _m: None)
+    resumed = engine.train(cfg, *data["train"], out_dir=tmp_path / "b", resume=True, log=lambda _m: None)
+    assert resumed["iteration"] == 6 and resumed["stopped"] == "completed"
+
+    a, b = _load(tmp_path / "a" / "last.pt"), _load(tmp_path / "b" / "last.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+    assert {float(s["step"]) for s in state_a.values()} == {6.0}  # one AdamW step per 2 batches
+    # metrics.jsonl of the resumed run has each step once, in order.
+    assert [r["iter"] for r in _rows(tmp_path / "b", "train")] == list(range(1, 7))
+    lrs = [r["lr"] for r in _rows(tmp_path / "a", "train")]
+    assert lrs == pytest.approx([cfg.train.lr * f for f in (0.5, 1, 0.1, 0.1, 0.1, 0.1)])
+
+
+def test_time_budget_stops_saves_and_evaluates(data, tmp_path):
+    summary = engine.train(tiny_config(time_budget_s=0.01), *data["train"], *data["val"], out_dir=tmp_path,
+                           log=lambda _m: None)
+    assert summary["stopped"] == "time_budget" and summary["iteration"] == 1
+    assert _load(tmp_path / "last.pt")["iteration"] == 1
+    assert [r["iter"] for r in _rows(tmp_path, "val")] == [1]
+
+
+def test_run_directory_validation_and_best_checkpoint(data, tmp_path):
+    cfg = tiny_config(epochs=1, log_every=2)
+    messages: list[str] = []
+    summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append)
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "results_val.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    assert not list(tmp_path.glob(".*.tmp"))
+    train_rows, val_rows = _rows(tmp_path, "train"), _rows(tmp_path, "val")
+    assert [r["iter"] for r in train_rows] == [2, 4]
+    expected = {"loss", "loss_cls", "loss_dice", "d0.loss_cls", "d0.loss_dice", "grad_norm", "lr", "time", "epoch"}
+    assert expected <= set(train_rows[0])
+    assert len(val_rows) == 1 and {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(val_rows[0])
+    assert summary["val"]["AP"] == val_rows[0]["AP"] and summary["best_ap"] == val_rows[0]["AP"]
+    results = json.loads((tmp_path / "results_val.json").read_text())
+    assert {r["image_id"] for r in results} <= set(range(1, 5)) and len(results) == 4 * cfg.model.num_detections
+    best = _load(tmp_path / "best.pt")
+    assert best["class_names"] == ["circle", "square", "triangle", "star", "ring"]
+    assert best["config"]["model"]["num_classes"] == 5
+    assert any("mask AP" in m for m in messages)
+
+
+def test_evaluate_returns_coco_results_at_original_size(data):
+    from isda.data import CocoInstanceDataset, build_transforms
+
+    cfg = tiny_config(test_short_side=96, test_max_size=96)  # predict at 96 px, score at the stored 64 px
+    val = CocoInstanceDataset(*data["val"], build_transforms(cfg.data, False), train=False)
+    torch.manual_seed(0)
+    model = ISDA(cfg.model, cfg.loss).train()
+    result, results = engine.evaluate(model, val, "cpu", batch_size=2)
+    assert model.training  # mode restored
+    assert set(result.stats) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert {r["image_id"] for r in results} == set(val.ids)
+    assert all(r["segmentation"]["size"] == [64, 64] for r in results)
+
+
+def test_nonfinite_loss_skips_the_step_without_touching_weights(data, tmp_path, monkeypatch):
+    snapshots: list[dict[str, torch.Tensor]] = []
+    forward = ISDA.forward
+
+    def forward_nan_on_calls_2_3(self, images, targets=None, output_sizes=None):
+        snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
+        losses = forward(self, images, targets, output_sizes)
+        if len(snapshots) in (2, 3):
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return losses
+
+    monkeypatch.setattr(ISDA, "forward", forward_nan_on_calls_2_3)
+    cfg = tiny_config(max_nonfinite=3, epochs=1)
+    engine.train(cfg, *data["train"], out_dir=tmp_path, log=lambda _m: None)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(snapshots[0], snapshots[1])  # step 1 trained
+    assert same(snapshots[1], snapshots[2]) and same(snapshots[1], snapshots[3])  # steps 2 and 3 skipped
+    assert not same(snapshots[3], _load(tmp_path / "last.pt")["model"])  # step 4 trained again
+    skips = _rows(tmp_path, "skip")
+    assert [(r["iter"], r["consecutive"]) for r in skips] == [(2, 1), (3, 2)]
+    assert [r["iter"] for r in _rows(tmp_path, "train")] == [1, 4]
+    optimizer_state = _load(tmp_path / "last.pt")["optimizer"]["state"]
+    assert {float(s["step"]) for s in optimizer_state.values()} == {2.0}  # two real AdamW steps
+
+
+def test_nonfinite_loss_stops_after_max_in_a_row(data, tmp_path, monkeypatch):
+    forward = ISDA.forward
+
+    def forward_nan(self, images, targets=None, output_sizes=None):
+        return {k: v * float("inf") * 0 for k, v in forward(self, images, targets, output_sizes).items()}
+
+    monkeypatch.setattr(ISDA, "forward", forward_nan)
+    messages: list[str] = []
+    with pytest.raises(engine.NonFiniteLossError, match="non-finite for 2 steps in a row"):
+        engine.train(tiny_config(max_nonfinite=2), *data["train"], out_dir=tmp_path, log=messages.append)
+    assert [r["consecutive"] for r in _rows(tmp_path, "skip")] == [1, 2]
+    assert sum("skipped" in m for m in messages) == 2
+
+
+def test_param_groups_reduced_lr_for_backbone_and_linear_projections():
+    cfg = tiny_config(frozen_stages=1, lr=1e-3, lr_backbone_mult=0.1, lr_linear_proj_mult=0.25)
+    model = ISDA(cfg.model, cfg.loss)
+    groups = engine.param_groups(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == pytest.approx({"backbone": 1e-4, "linear_proj": 2.5e-4, "other": 1e-3})
+    assert all(n.startswith("backbone.") for n in by_group["backbone"])
+    assert all(".sampling_offsets." in n or n.startswith("transformer.reference_points.")
+               for n in by_group["linear_proj"])
+    assert "transformer.reference_points.weight" in by_group["linear_proj"]
+    assert "transformer.decoder.0.cross_attn.sampling_offsets.weight" in by_group["linear_proj"]
+    assert not any(n.startswith("backbone.") or "sampling_offsets" in n or "reference_points" in n
+                   for n in by_group["other"])
+    listed = [n for ns in by_group.values() for n in ns]
+    assert len(listed) == len(set(listed))  # no parameter twice
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(listed) == trainable  # none missing, frozen ones (stem + layer1) left out
+    assert "backbone.layer1.0.conv1.weight" not in trainable and "backbone.layer2.0.conv1.weight" in trainable
+
+
+def test_lr_factor_warmup_then_steps():
+    cfg = TrainConfig(lr_steps=(2, 3), lr_gamma=0.1, warmup_iters=4)
+    factors = [engine.lr_factor(step, 5, cfg) for step in range(20)]
+    assert factors[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert factors[9] == 1.0 and factors[10] == pytest.approx(0.1) and factors[15] == pytest.approx(0.01)
+
+
+def test_refusals(data, tmp_path):
+    with pytest.raises(ConfigError, match="train.amp"):
+        engine.train(tiny_config(amp="bf16"), *data["train"], out_dir=tmp_path / "amp", device="cpu")
+    # A checkpoint from a dataset with other categories does not resume.
+    engine.train(tiny_config(), *data["train"], out_dir=tmp_path / "run", max_iters=1, log=lambda _m: None)
+    ckpt = _load(tmp_path / "run" / "last.pt")
+    ckpt["cat_ids"] = [1, 2, 3]
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(CheckpointError, match="categories"):
+        engine.train(tiny_config(), *data["train"], out_dir=tmp_path / "run", resume=True, log=lambda _m: None)
