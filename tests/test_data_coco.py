@@ -218,6 +218,9 @@ def test_zero_area_masks_are_skipped(tmp_path):
     with pytest.warns(DataWarning, match=r"'img1.png' \(id 1\), annotation 14: mask has no pixels"):
         _, t = ds[0]
     assert t["labels"].tolist() == [0] and ds.skipped["zero_area"] == 4
+    with quiet():
+        ds[0]  # counted and warned once, not every epoch
+    assert ds.skipped["zero_area"] == 4
     assert torch.equal(t["masks"][0], torch.from_numpy(rect_mask(6, 6, 9, 9)))
 
 

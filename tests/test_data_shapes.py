@@ -122,6 +122,7 @@ def test_make_shapes_dataset_skips_complete_and_regenerates_incomplete(tmp_path)
     shapes.make_shapes_dataset(tmp_path, num_train=4, num_val=2, image_size=32, seed=5)
     assert out["val"][0].is_file()
 
-    shapes.make_shapes_dataset(tmp_path, num_train=5, num_val=2, image_size=32, seed=5)  # other params
-    assert len(json.loads(train_ann.read_text())["images"]) == 5
+    shapes.make_shapes_dataset(tmp_path, num_train=3, num_val=2, image_size=32, seed=5)  # other params
+    assert len(json.loads(train_ann.read_text())["images"]) == 3
+    assert sorted(p.name for p in train_dir.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert not list(tmp_path.rglob("*.tmp"))

@@ -107,6 +107,24 @@ def test_evaluate_returns_coco_results_at_original_size(data):
     assert all(r["segmentation"]["size"] == [64, 64] for r in results)
 
 
+def test_augmentation_depends_only_on_seed_epoch_and_index(data):
+    from isda.data import CocoInstanceDataset, build_transforms
+
+    dataset = CocoInstanceDataset(*data["train"], build_transforms(tiny_config().data, True), train=True)
+    samples = engine.SeededSamples(dataset, seed=1)
+    first = samples[3][0]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert torch.equal(samples[3][0], first)  # whatever the global generator's state ...
+    assert torch.equal(torch.get_rng_state(), state)  # ... which is left untouched
+    views = set()
+    for epoch in range(6):
+        samples.set_epoch(epoch)
+        image = samples[3][0]
+        views.add((*image.shape, round(float(image.sum()), 2)))
+    assert len(views) > 1  # a new augmentation each epoch
+
+
 def test_nonfinite_loss_skips_the_step_without_touching_weights(data, tmp_path, monkeypatch):
     snapshots: list[dict[str, torch.Tensor]] = []
     forward = ISDA.forward

@@ -474,6 +474,12 @@ def test_strict_and_partial(tmp_path):
     assert_one_line_error(e, "incomplete", "transformer.decoder.layers.2.linear1.weight", "strict=False")
     report = convert_state_dict(state, None, isda.build_model("isda_tiny"), strict=False)
     assert "transformer.decoder.2.ffn.linear1.weight" in report.left_at_init
+    # A model with fewer decoder layers than the checkpoint: refused unless strict=False.
+    with pytest.raises(WeightsError) as e:
+        convert_state_dict(state, None, isda.build_model("isda_tiny", dec_layers=2))
+    assert_one_line_error(e, "3 decoder layers, the model 2")
+    report = convert_state_dict(state, None, isda.build_model("isda_tiny", dec_layers=2), strict=False)
+    assert "transformer.decoder.layers.2.linear2.weight" in report.unused
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA) generator states as tensors/primitives (weights_only-safe)."""
+    """Python, NumPy, torch CPU (and current CUDA device) generator states as tensors/primitives
+    (weights_only-safe)."""
     version, py_state, gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -82,8 +83,9 @@ def capture_rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # The current GPU only: get_rng_state_all() would open a context on every visible GPU in every process.
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -95,4 +97,4 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])

@@ -19,6 +19,8 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
+        self.keep_sampling = False  # set to keep the last (locations, weights) for visualization
+        self.last_sampling: tuple[Tensor, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -57,6 +59,8 @@ class MSDeformAttn(nn.Module):
             v = v.masked_fill(value_padding_mask[..., None], 0.0)  # padded tokens contribute nothing
         v = v.view(B, S, self.num_heads, C // self.num_heads)
         locations, weights = self.sample(query, reference_points, spatial_shapes)
+        if self.keep_sampling:
+            self.last_sampling = (locations.detach(), weights.detach())
         # The core runs in float32 under autocast: half-precision sampling overflows (known peer bug).
         with torch.autocast(device_type=query.device.type, enabled=False):
             out = ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())

@@ -28,13 +28,15 @@ class ISDAHead(nn.Module):
             nn.Linear(dim, kernel_dim - 2 if kernel_position else kernel_dim),
         )
 
-    def forward(self, hidden: Tensor, reference_points: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
-        """hidden (layers, B, Q, C); reference (B, Q, 2); MFR (B, K, H, W) -> logits (layers, B, Q, classes),
-        mask logits (layers, B, Q, H, W)."""
-        logits = self.class_embed(hidden)
+    def classify(self, hidden: Tensor) -> Tensor:
+        """hidden (..., Q, C) -> class logits (..., Q, classes)."""
+        return self.class_embed(hidden)
+
+    def mask_logits(self, hidden: Tensor, reference_points: Tensor, mask_features: Tensor) -> Tensor:
+        """hidden (layers, B, Q, C); reference (B, Q, 2); MFR (B, K, H, W) -> (layers, B, Q, H, W): each
+        query's kernel applied as a 1x1 convolution to the MFR."""
         kernels = self.kernel_embed(hidden)
         if self.kernel_position:
             ref = inverse_sigmoid(reference_points).to(kernels.dtype).expand(hidden.shape[0], -1, -1, -1)
             kernels = torch.cat([kernels, ref], -1)
-        masks = torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)
-        return logits, masks
+        return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)

@@ -22,7 +22,8 @@ from .transformer import DeformableTransformer
 
 class ISDA(nn.Module):
     """``model(images, targets)`` -> dict of losses (train); ``model(images)`` -> list of per-image dicts
-    with ``scores``, ``labels``, ``masks`` (bool, the image's own size) and ``boxes`` (eval)."""
+    with ``scores``, ``labels``, ``masks`` (bool, the image's own size), ``boxes`` (xyxy, from the masks),
+    ``query_index`` and ``reference_points`` (the detection's query and its (x, y) in [0, 1]) (eval)."""
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> None:
         super().__init__()
@@ -55,14 +56,18 @@ class ISDA(nn.Module):
 
     # ---- network -----------------------------------------------------------------------------
     def forward_features(self, batch: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """Everything up to the head's outputs for a padded, normalized batch."""
+        """Everything up to the head's outputs for a padded, normalized batch (mask logits of every
+        decoder layer in training, of the last one in eval)."""
         feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
         pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
         out = self.transformer(feats[1:], masks[1:], pos)
         stride = self.cfg.mask_stride
         mfr_mask = resize_mask(mask, (batch.shape[-2] // stride, batch.shape[-1] // stride))
         mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
-        out["logits"], out["mask_logits"] = self.head(out["hidden"], out["reference_points"], mfr)
+        out["logits"] = self.head.classify(out["hidden"])
+        # Deep supervision needs every layer's masks; inference only the last layer's.
+        hidden = out["hidden"] if self.training else out["hidden"][-1:]
+        out["mask_logits"] = self.head.mask_logits(hidden, out["reference_points"], mfr)
         out["padding_mask"] = mfr_mask
         return out
 
@@ -102,8 +107,20 @@ class ISDA(nn.Module):
             scores, labels, probs, query = scores[order], labels[order], probs[order], query[order]
             masks = self.upsample_masks(probs, image_sizes[b], output_sizes[b])
             results.append({"scores": scores, "labels": labels, "masks": masks, "boxes": _boxes(masks),
-                            "query_index": query})
+                            "query_index": query, "reference_points": out["reference_points"][b, query]})
+            sampling = self.transformer.decoder[-1].cross_attn.last_sampling
+            if self.transformer.decoder[-1].cross_attn.keep_sampling and sampling is not None:
+                # Map from padded-map coordinates to the image's own [0, 1] coordinates.
+                locations = sampling[0][b, query] / out["valid_ratios"][b][None, None, :, None, :]
+                results[-1]["sampling_locations"], results[-1]["sampling_weights"] = locations, sampling[1][b, query]
         return results
+
+    def record_sampling(self, enabled: bool = True) -> None:
+        """Also return, per detection, where the last decoder layer's deformable attention sampled:
+        ``sampling_locations`` (K, heads, levels, points, 2) in image-normalized (x, y) and
+        ``sampling_weights`` (K, heads, levels, points)."""
+        attn = self.transformer.decoder[-1].cross_attn
+        attn.keep_sampling, attn.last_sampling = enabled, None
 
     def upsample_masks(self, probs: Tensor, image_size: tuple[int, int], output_size: tuple[int, int],
                        chunk: int = 25) -> Tensor:

@@ -118,4 +118,4 @@ class DeformableTransformer(nn.Module):
             tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, mask)
             hidden.append(tgt)
         return {"hidden": torch.stack(hidden), "reference_points": reference, "memory": memory,
-                "spatial_shapes": spatial_shapes}
+                "spatial_shapes": spatial_shapes, "valid_ratios": ratios}

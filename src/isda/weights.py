@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import tempfile
@@ -99,7 +100,7 @@ class ConversionReport:
 
     def __str__(self) -> str:
         src = f" {self.source}" if self.source else ""
-        lines = [f"ISDA weights from a {FORMAT_NAMES.get(self.fmt, self.fmt)} checkpoint{src}"]
+        lines = [f"ISDA weights from the {FORMAT_NAMES.get(self.fmt, self.fmt)} checkpoint{src}"]
         groups: dict[str, int] = {}
         for key in self.loaded:
             name = "class head" if key.startswith("head.class_embed.") else key.split(".")[0]
@@ -126,6 +127,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     are unwrapped and a DistributedDataParallel ``module.`` prefix is removed.
     """
     p = Path(path)
+    if p.is_dir():  # a Hugging Face model folder
+        found = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()]
+        if not found:
+            raise WeightsError(f"{p}: folder without model.safetensors or pytorch_model.bin")
+        p = found[0]
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
     if p.name.endswith(".safetensors"):
@@ -410,6 +416,8 @@ def convert_state_dict(src_state: Mapping[str, Any], fmt: str | None, model: ISD
 
     _check_unsupported(state, where)
     layout = detect_layout(state, fmt)
+    if strict:
+        _check_layer_counts(state, fmt, layout, model, where)
     report = ConversionReport(fmt=fmt, source=source, layout=layout)
     own = model.state_dict()
     converted: dict[str, Tensor] = {}
@@ -467,6 +475,16 @@ def _check_shape(where: str, sources: Sequence[str], tensor: Tensor, target: str
         src = sources[0] if len(sources) == 1 else "+".join(sources)
         raise WeightsError(f"{where}: shape mismatch: {src} has shape {tuple(tensor.shape)} in the checkpoint, "
                            f"the model's {target} has {tuple(own.shape)}")
+
+
+def _check_layer_counts(state: Mapping[str, Tensor], fmt: str, layout: Layout, model: ISDA, where: str) -> None:
+    tr = {"detr": "transformer.", "mmdet": "bbox_head.transformer.", "hf": layout.hf_prefix}[fmt]
+    for part, ours in (("encoder", model.cfg.enc_layers), ("decoder", model.cfg.dec_layers)):
+        pattern = re.compile(re.escape(f"{tr}{part}.layers.") + r"(\d+)\.")
+        found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+        if found and len(found) != ours:
+            raise WeightsError(f"{where}: the checkpoint has {len(found)} {part} layers, the model {ours} "
+                               "(strict=False loads the first ones)")
 
 
 def _check_unsupported(state: Mapping[str, Tensor], where: str) -> None:
@@ -556,6 +574,10 @@ def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: 
         converted[key] = value
         report.loaded[key] = (key,)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if not converted and not any(k in own for k in state):
+        other = _guess_format(state)
+        looks = f"; its keys look like the {other!r} format" if other and other != "isda" else ""
+        raise WeightsError(f"{where}: not an ISDA checkpoint (no key matches this model){looks}")
     if missing and strict:
         raise WeightsError(f"{where}: ISDA checkpoint lacks {len(missing)} of this model's tensors, e.g. "
                            f"{missing[0]!r} (another configuration?); strict=False leaves them at initialisation")
@@ -661,7 +683,7 @@ def save_converted(model_or_state: ISDA | Mapping[str, Tensor], path: str | os.P
                 from safetensors.torch import save_file
             except ImportError:
                 raise WeightsError(f"{path}: writing .safetensors files needs the 'safetensors' package") from None
-            save_file(state, tmp, metadata={k: str(v) for k, v in meta.items() if k != "model_config"})
+            save_file(state, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
         else:
             torch.save({"model": state, "meta": meta}, tmp)
         os.replace(tmp, path)
@@ -684,10 +706,14 @@ def _by_reason(table: Mapping[str, str]) -> dict[str, list[str]]:
 
 def _summarize(keys: list[str], max_patterns: int = 3) -> str:
     """Compact key list: numbers become '*', leaf names merge into {a,b}; many patterns -> common prefix."""
-    patterns: dict[str, int] = {}
+    groups: dict[str, list[str]] = {}
     for k in keys:
-        p = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", k)
-        patterns[p] = patterns.get(p, 0) + 1
+        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", k), []).append(k)
+    patterns: dict[str, int] = {}
+    for p, members in groups.items():  # keep a number where every key of the pattern has the same one
+        segs = [m.split(".") for m in members]
+        p = ".".join(s if s != "*" or len({m[i] for m in segs}) > 1 else segs[0][i] for i, s in enumerate(p.split(".")))
+        patterns[p] = len(members)
     merged: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     for p, n in patterns.items():

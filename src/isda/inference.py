@@ -1,0 +1,53 @@
+"""Inference from a checkpoint: rebuild the model it was trained as, resize like the test pipeline,
+return predictions at each image's original size."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .config import Config, ConfigError, from_dict
+from .data.transforms import short_side_size
+from .model import ISDA
+
+
+@dataclass
+class LoadedModel:
+    model: ISDA
+    cfg: Config
+    class_names: list[str]
+    cat_ids: list[int]
+
+
+def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """An isda checkpoint (``last.pt`` / ``best.pt``) -> the eval-mode model with its config and classes."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path}: no config stored; is this an isda training checkpoint?")
+    try:
+        cfg = from_dict(ckpt["config"]).validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is invalid ({e})") from None
+    cfg.model.backbone_weights = None  # the checkpoint already holds the trained backbone
+    model = ISDA(cfg.model, cfg.loss)
+    load_model_state(model, ckpt["model"], source=str(path))
+    names = list(ckpt.get("class_names") or [str(i) for i in range(cfg.model.num_classes)])
+    cat_ids = list(ckpt.get("cat_ids") or range(1, cfg.model.num_classes + 1))
+    return LoadedModel(model.to(device).eval(), cfg, names, cat_ids)
+
+
+@torch.no_grad()
+def predict(loaded: LoadedModel, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """images: float [3, H, W] in [0, 1] at any size. Resized to the config's test size, predicted,
+    masks returned at the original size."""
+    cfg, device = loaded.cfg.data, next(loaded.model.parameters()).device
+    resized = []
+    for im in images:
+        h, w = short_side_size(im.shape[1], im.shape[2], cfg.test_short_side, cfg.test_max_size)
+        resized.append(torch.nn.functional.interpolate(im[None].to(device), size=(h, w), mode="bilinear",
+                                                       antialias=True, align_corners=False)[0].clamp(0, 1))
+    return loaded.model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
