@@ -51,3 +51,13 @@ def predict(loaded: LoadedModel, images: list[Tensor]) -> list[dict[str, Tensor]
         resized.append(torch.nn.functional.interpolate(im[None].to(device), size=(h, w), mode="bilinear",
                                                        antialias=True, align_corners=False)[0].clamp(0, 1))
     return loaded.model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
+
+
+@torch.no_grad()
+def query_reference_points(loaded: LoadedModel, image: Tensor) -> tuple[Tensor, Tensor]:
+    """Every query's reference point (Q, 2) in image-normalized (x, y) and its best class score (Q,):
+    the data of the paper's "visualization of reference points" figure. image: float [3, H, W]."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    out = model.forward_features(*model.batch_images([image.to(device)]))
+    return out["reference_points"][0].cpu(), out["logits"][-1, 0].sigmoid().max(-1).values.cpu()

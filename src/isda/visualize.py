@@ -321,3 +321,13 @@ def save_grid(images: Sequence[torch.Tensor], path: str | os.PathLike[str], heig
     padded = [F.pad(im, (0, max_w - im.shape[2]), value=255) for im in resized]
     grid = make_grid(padded, nrow=len(padded), padding=padding, pad_value=255)
     save_png(grid, path)
+
+
+def detection_sampling_points(prediction: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per detection, its sampling points flattened over heads x levels x points, in the form
+    ``draw_predictions(sampling_points=...)`` takes (from ``model.record_sampling()`` predictions)."""
+    locations, weights = prediction["sampling_locations"], prediction["sampling_weights"]
+    heads, levels, points = weights.shape[1:]
+    level_of = torch.arange(levels).view(1, levels, 1).expand(heads, levels, points).reshape(-1)
+    return [{"points": loc.reshape(-1, 2), "weights": w.reshape(-1), "levels": level_of}
+            for loc, w in zip(locations, weights)]

@@ -1,0 +1,326 @@
+"""Command line: ``isda shapes | train | eval | predict | demo | convert``.
+
+Every user error (missing file, bad image, bad config key, checkpoint of another model) exits with
+status 2 and one line on stderr; ``ISDA_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = {
+    "shapes": """examples:
+  isda shapes data/shapes                          # 2000 train + 200 val images, 128 px
+  isda shapes data/shapes --num-train 200 --size 96 --seed 1""",
+    "train": """examples:
+  isda train --preset isda_tiny --data data/shapes --out runs/tiny
+  isda train --preset isda_r50_coco --data /datasets/coco --train-split train2017 --val-split val2017 \\
+             --set train.batch_size=2 --set train.lr=2.5e-5 --init deformable_detr_r50.pth --out runs/r50
+  isda train --config my.yaml --ann train.json --images imgs/ --val-ann val.json --val-images imgs/ --out runs/x
+  isda train --out runs/tiny --resume                # continue from runs/tiny/last.pt
+  torchrun --nproc_per_node=8 -m isda train --preset isda_r50_coco --data /datasets/coco --out runs/r50""",
+    "eval": """examples:
+  isda eval --weights runs/tiny/best.pt --data data/shapes --split val
+  isda eval --weights runs/r50/best.pt --ann val.json --images val/ --results runs/r50/results.json""",
+    "predict": """examples:
+  isda predict --weights runs/tiny/best.pt data/shapes/val/000001.png --out runs/pred
+  isda predict --weights runs/tiny/best.pt 'photos/*.jpg' folder/ --score-thr 0.5 --show-reference-points
+  isda predict --weights runs/tiny/best.pt img.png --show-sampling-points""",
+    "demo": """examples:
+  isda demo                                         # shapes -> train tiny (CPU) -> eval -> pictures in runs/demo
+  isda demo --minutes 3 --out runs/quick""",
+    "convert": """examples:
+  isda convert r50_deformable_detr-checkpoint.pth isda_init.pth         # format auto-detected
+  isda convert deformable-detr/model.safetensors isda_init.pth --from hf --num-classes 80""",
+}
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared argument handling
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="isda", description="ISDA instance segmentation: train, evaluate, predict.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,train,eval,predict,demo,convert}")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    s = add("shapes", "Generate the built-in COCO-format shapes dataset.")
+    s.add_argument("out", help="dataset root (gets train/, val/, annotations/)")
+    s.add_argument("--num-train", type=int, default=2000)
+    s.add_argument("--num-val", type=int, default=200)
+    s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+
+    t = add("train", "Train ISDA on a COCO-format dataset (works under torchrun).")
+    _config_args(t)
+    _dataset_args(t, splits=("train", "val"))
+    t.add_argument("--val-ann", help="validation annotation json (with --ann/--images)")
+    t.add_argument("--val-images", help="validation image folder (with --ann/--images)")
+    t.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, curves.png)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--init", help="initial weights: Deformable-DETR (hf/detr/mmdet) or an isda checkpoint")
+    t.add_argument("--max-iters", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+
+    e = add("eval", "Evaluate a checkpoint: COCO mask AP table and a results JSON.")
+    e.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt)")
+    _dataset_args(e, splits=("val",))
+    e.add_argument("--results", help="where to write the COCO results JSON (default: next to the weights)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device")
+
+    pr = add("predict", "Segment images: overlay PNGs and one COCO results JSON.")
+    pr.add_argument("--weights", required=True, help="isda checkpoint")
+    pr.add_argument("paths", nargs="+", help="image files, folders or globs")
+    pr.add_argument("--out", default="runs/predict", help="output folder")
+    pr.add_argument("--score-thr", type=float, default=0.3)
+    pr.add_argument("--show-reference-points", action="store_true",
+                    help="mark each detection's reference point; also write a figure of all queries' points")
+    pr.add_argument("--show-sampling-points", action="store_true",
+                    help="draw where the last decoder layer sampled for the top detections (size = weight)")
+    pr.add_argument("--device")
+
+    d = add("demo", "Generate shapes, train the tiny preset on CPU, evaluate, draw pictures.")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--data", default="data/shapes", help="where the shapes dataset lives / is generated")
+    d.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default: 9)")
+    d.add_argument("--device")
+
+    c = add("convert", "Convert Deformable-DETR weights (hf / detr / mmdet) to an isda initialisation file.")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--from", dest="fmt", choices=["hf", "detr", "mmdet"], help="source format (default: detect)")
+    c.add_argument("--preset", default="isda_r50_coco")
+    c.add_argument("--num-classes", type=int, default=None)
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="isda_tiny | isda_r50_coco (default: isda_tiny, or the run's config on --resume)")
+    g.add_argument("--config", help="YAML config (optionally 'preset: NAME' plus overrides)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. train.lr=1e-4 or model.mask_stride=8 (repeatable)")
+
+
+def _dataset_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
+    p.add_argument("--data", help="COCO root with annotations/instances_<split>.json and <split>/ images")
+    if "train" in splits:
+        p.add_argument("--train-split", default="train")
+        p.add_argument("--val-split", default="val", help="'' to train without validation")
+    else:
+        p.add_argument("--split", default="val")
+    p.add_argument("--ann", help="annotation json (instead of --data)")
+    p.add_argument("--images", help="image folder for --ann")
+
+
+def _resolve_config(args: argparse.Namespace, default_preset: str = "isda_tiny"):
+    from .config import apply_overrides, get_preset, load_config
+
+    cfg = load_config(args.config) if args.config else get_preset(args.preset or default_preset)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return apply_overrides(cfg, overrides).validate()
+
+
+def _split(args: argparse.Namespace, split: str) -> tuple[str, str]:
+    from .data import coco_split_paths
+
+    if args.ann or args.images:
+        if not (args.ann and args.images):
+            raise UserError("--ann and --images go together")
+        return args.ann, args.images
+    if not args.data:
+        raise UserError("give a dataset: --data ROOT (COCO layout) or --ann FILE --images DIR")
+    ann, images = coco_split_paths(args.data, split)
+    return str(ann), str(images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_shapes(args: argparse.Namespace) -> None:
+    from .data.shapes import make_shapes_dataset
+
+    t0 = time.time()
+    paths = make_shapes_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
+                                image_size=args.size, seed=args.seed)
+    for split, (ann, images) in paths.items():
+        print(f"{split}: {ann}  images: {images}")
+    print(f"done in {time.time() - t0:.1f}s")
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from . import engine
+
+    out = Path(args.out)
+    if args.resume and not args.config and not args.preset and (out / "config.yaml").is_file():
+        args.config = str(out / "config.yaml")  # resume with the run's own configuration
+    cfg = _resolve_config(args)
+    train_ann, train_images = _split(args, getattr(args, "train_split", "train"))
+    val_ann = val_images = None
+    if args.val_ann or args.val_images:
+        if not (args.val_ann and args.val_images):
+            raise UserError("--val-ann and --val-images go together")
+        val_ann, val_images = args.val_ann, args.val_images
+    elif args.data and args.val_split:
+        val_ann, val_images = _split(args, args.val_split)
+    summary = engine.train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, resume=args.resume,
+                           max_iters=args.max_iters, device=args.device, init=args.init)
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import CocoInstanceDataset, build_transforms
+    from .engine import evaluate
+    from .evaluation import write_results_json
+    from .inference import load_trained_model
+
+    loaded = load_trained_model(args.weights, _device(args.device))
+    ann, images = _split(args, args.split)
+    dataset = CocoInstanceDataset(ann, images, build_transforms(loaded.cfg.data, train=False), train=False)
+    if dataset.cat_ids != loaded.cat_ids:
+        raise UserError(f"{ann}: categories {dataset.cat_ids} differ from the checkpoint's {loaded.cat_ids}")
+    result, results = evaluate(loaded.model, dataset, _device(args.device), batch_size=args.batch_size)
+    path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
+    write_results_json(results, path)
+    print(result.table())
+    print(f"results: {path}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import load_rgb
+    from .evaluation import predictions_to_coco_results, write_results_json
+    from .inference import load_trained_model, predict, query_reference_points
+    from .visualize import detection_sampling_points, draw_predictions, plot_reference_points, save_png
+
+    files = _find_images(args.paths)
+    loaded = load_trained_model(args.weights, _device(args.device))
+    if args.show_sampling_points:
+        loaded.model.record_sampling()
+    out = Path(args.out)
+    results = []
+    for i, path in enumerate(files):
+        try:
+            array = load_rgb(path)
+        except Exception as e:  # unreadable / corrupt image: say which and go on with the others
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+            continue
+        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        (pred,) = predict(loaded, [image.float() / 255])
+        pred = {k: v.cpu() for k, v in pred.items()}
+        keep = pred["scores"] >= args.score_thr
+        sampling = None
+        if args.show_sampling_points:
+            sampling = detection_sampling_points(pred)
+        drawn = draw_predictions(image, pred, loaded.class_names, score_thr=args.score_thr,
+                                 reference_points=pred["reference_points"] if args.show_reference_points else None,
+                                 sampling_points=sampling)
+        stem = f"{Path(path).stem}"
+        save_png(drawn, out / f"{stem}_pred.png")
+        if args.show_reference_points:
+            points, scores = query_reference_points(loaded, image.float() / 255)
+            plot_reference_points(points, scores, out / f"{stem}_reference_points.png", image=image)
+        results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [i], loaded.cat_ids)
+        print(f"{path}: {int(keep.sum())} instances -> {out / f'{stem}_pred.png'}")
+    if not results and not any((out / f"{Path(f).stem}_pred.png").exists() for f in files):
+        raise UserError("none of the images could be read")
+    write_results_json(results, out / "results.json")
+    print(f"results: {out / 'results.json'} (image_id = index in the order listed above)")
+
+
+def _find_images(paths: list[str]) -> list[str]:
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(str(f) for f in Path(p).iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        elif any(ch in p for ch in "*?["):
+            files += sorted(f for f in glob.glob(p, recursive=True) if Path(f).suffix.lower() in IMAGE_EXTS)
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    if not files:
+        raise UserError(f"no images found in {' '.join(paths)} (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+    return files
+
+
+def _device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .model import build_model
+    from .weights import load_pretrained, save_converted
+
+    model = build_model(args.preset, num_classes=args.num_classes)
+    report = load_pretrained(args.src, model, fmt=args.fmt)
+    save_converted(model, args.dst, report)
+    print(report)
+    print(f"wrote {args.dst}  (use: isda train --init {args.dst} ...)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"shapes": cmd_shapes, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+                "convert": cmd_convert}
+    from .demo import cmd_demo
+
+    commands["demo"] = cmd_demo
+    try:
+        commands[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - turned into one line for the user errors below
+        if os.environ.get("ISDA_DEBUG") or not _is_user_error(e):
+            raise
+        print(f"isda {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .backbone import WeightsError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DatasetError
+
+    return isinstance(e, (UserError, ConfigError, DatasetError, CheckpointError, WeightsError,
+                          FileNotFoundError, FileExistsError, json.JSONDecodeError))
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    sys.exit(main())
