@@ -37,9 +37,9 @@ def _load(path: Path) -> dict:
 
 
 def test_resume_mid_epoch_gives_identical_weights(data, tmp_path):
-    # Random flips, scales and crops, gradient accumulation, warm-up and an lr step at epoch 1 (step 3):
-    # all must line up after resuming in the middle of epoch 1.
-    cfg = tiny_config(epochs=3, accumulate=2, warmup_iters=2)
+    # Random flips, scales and crops, dropout (the restored RNG state), gradient accumulation, warm-up and
+    # an lr step at epoch 1 (step 3): all must line up after resuming in the middle of epoch 1.
+    cfg = tiny_config(epochs=3, accumulate=2, warmup_iters=2, dropout=0.1)
     straight = engine.train(cfg, *data["train"], out_dir=tmp_path / "a", log=lambda _m: None)
     assert straight["iteration"] == 6 and straight["stopped"] == "completed"  # 8 images / (2 x 2) per step
 
@@ -72,10 +72,19 @@ def test_time_budget_stops_saves_and_evaluates(data, tmp_path):
     assert [r["iter"] for r in _rows(tmp_path, "val")] == [1]
 
 
-def test_run_directory_validation_and_best_checkpoint(data, tmp_path):
-    cfg = tiny_config(epochs=1, log_every=2)
+def test_run_directory_validation_and_best_checkpoint(data, tmp_path, monkeypatch):
+    saves: list[tuple[str, int]] = []
+    save = engine.save_checkpoint
+
+    def recording_save(state, path):
+        saves.append((Path(path).name, state["iteration"]))
+        save(state, path)
+
+    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    cfg = tiny_config(epochs=1, log_every=2, checkpoint_every=2)
     messages: list[str] = []
     summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append)
+    assert saves == [("last.pt", 2), ("last.pt", 4), ("best.pt", 4)]  # every 2 steps, at the epoch's end
     assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "results_val.json"} <= {
         p.name for p in tmp_path.iterdir()}
     assert not list(tmp_path.glob(".*.tmp"))

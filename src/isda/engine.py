@@ -65,7 +65,7 @@ from .distributed import (
 from .evaluation import EvalResult, evaluate_masks, gather_results, predictions_to_coco_results, write_results_json
 from .model import ISDA
 
-__all__ = ["NonFiniteLossError", "evaluate", "lr_factor", "param_groups", "train"]
+__all__ = ["NonFiniteLossError", "SeededSamples", "evaluate", "lr_factor", "param_groups", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
