@@ -231,7 +231,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-        (pred,) = predict(loaded, [image.float() / 255])
+        (pred,) = predict(loaded.model, loaded.cfg.data, [image.float() / 255])
         pred = {k: v.cpu() for k, v in pred.items()}
         keep = pred["scores"] >= args.score_thr
         sampling = None

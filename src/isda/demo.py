@@ -19,11 +19,11 @@ DEMO_MINUTES = 9.0  # training budget: the whole demo stays under 15 minutes on 
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .data import CocoInstanceDataset, build_transforms, load_rgb
+    from .data import CocoInstanceDataset, build_transforms
     from .data.shapes import make_shapes_dataset
     from .engine import evaluate, train
     from .evaluation import write_results_json
-    from .inference import load_trained_model, predict, query_reference_points
+    from .inference import draw_examples, load_trained_model, predict, query_reference_points
     from .visualize import detection_sampling_points, draw_predictions, plot_reference_points, save_grid, save_png
 
     t0 = time.time()
@@ -48,13 +48,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     print("[4/4] drawing predictions")
     loaded.model.record_sampling()
-    drawn = []
-    for image_id in val.ids[:6]:
-        info = val.coco.imgs[image_id]
-        image = torch.from_numpy(load_rgb(Path(paths["val"][1]) / info["file_name"])).permute(2, 0, 1).contiguous()
-        (pred,) = predict(loaded, [image.float() / 255])
-        drawn.append(draw_predictions(image, pred, loaded.class_names, score_thr=0.3,
-                                      reference_points=pred["reference_points"]))
+    drawn = draw_examples(loaded.model, loaded.cfg.data, val, loaded.class_names)
+    image = val.load(len(drawn) - 1)[0].as_subclass(torch.Tensor)
+    (pred,) = predict(loaded.model, loaded.cfg.data, [image.float() / 255])
     pictures = {"predictions": out / "predictions.png"}
     save_grid(drawn, pictures["predictions"])
     # The seed's figure: every query's reference point on the last image, coloured by its best score.

@@ -63,7 +63,10 @@ from .distributed import (
     is_main_process,
 )
 from .evaluation import EvalResult, evaluate_masks, gather_results, predictions_to_coco_results, write_results_json
+from .inference import draw_examples
 from .model import ISDA
+from .visualize import plot_curves, save_grid
+from .weights import load_pretrained
 
 __all__ = ["NonFiniteLossError", "SeededSamples", "evaluate", "lr_factor", "param_groups", "train"]
 
@@ -187,14 +190,16 @@ def evaluate(model: nn.Module, dataset: CocoInstanceDataset, device: torch.devic
 def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.PathLike,
           val_ann: str | os.PathLike | None = None, val_images: str | os.PathLike | None = None, *,
           out_dir: str | os.PathLike, resume: bool = False, max_iters: int | None = None,
-          device: str | None = None, log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+          device: str | None = None, init: str | os.PathLike | None = None,
+          log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
     """Train ISDA on a COCO-format dataset; returns a summary dict (see ``_Trainer.summary``).
 
     ``cfg.model.num_classes`` is taken from the training set. ``resume``: continue from
     ``out_dir/last.pt`` (a fresh start if there is none); without it an existing ``last.pt`` is an
     error, so a run is never overwritten by accident. ``max_iters``: stop after this many optimizer
     steps in total (counting those before a resume), save and evaluate. ``device``: "cuda", "cpu", ...
-    (default: cuda if available). Under torchrun every process calls this; only rank 0 writes files
+    (default: cuda if available). ``init``: initial weights for a fresh run (a Deformable-DETR checkpoint
+    in hf/detr/mmdet layout or an isda checkpoint, any class count; see isda.weights). Under torchrun every process calls this; only rank 0 writes files
     and calls ``log``.
     """
     cfg = copy.deepcopy(cfg).validate()
@@ -206,7 +211,7 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
                               "set train.amp=none to train on CPU")
         out = Path(out_dir)
         if not resume and (out / "last.pt").exists():
-            raise FileExistsError(f"{out} already holds a run (last.pt): pass resume=True or use a new out_dir")
+            raise FileExistsError(f"{out} already holds a run (last.pt): resume it (--resume) or choose another output directory")
         train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
         val_set = None
         if val_ann is not None:
@@ -218,11 +223,13 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
                                  f"{train_set.cat_ids}")
         cfg.model.num_classes = train_set.num_classes
         trainer = _Trainer(cfg, train_set, val_set, out, dev, log if is_main_process() else lambda _msg: None)
-        if resume:
-            if (out / "last.pt").exists():
-                trainer.load(out / "last.pt")
-            else:
+        if resume and (out / "last.pt").exists():
+            trainer.load(out / "last.pt")
+        else:
+            if resume:
                 trainer.log(f"resume: no checkpoint in {out}, starting from scratch")
+            if init is not None:
+                trainer.log(str(load_pretrained(init, trainer.model)))
         return trainer.run(max_iters)
     finally:
         if owns_group:
@@ -343,6 +350,8 @@ class _Trainer:
             improved = self.validate() if self.last_eval_step != self.step else False
             if improved or self.saved_step != self.step:
                 self.save(best=improved)
+        if is_main_process() and self.val_set is None:
+            self.draw()
         return self.summary(stopped or "completed")
 
     def should_stop(self, stop_at: int) -> str | None:
@@ -487,8 +496,16 @@ class _Trainer:
             self.write_metrics({"type": "val", "epoch": self.epoch, "iter": self.step, **result.stats,
                                 "per_category": result.per_category, "time": round(start - self.clock, 3)})
             self.log(f"validation at epoch {self.epoch}, step {self.step} (mask AP, %):\n{result.table()}")
+            self.draw()
         self.clock += time.perf_counter() - start  # evaluation is not training time
         return improved
+
+    def draw(self) -> None:
+        """curves.png (loss and AP so far) and val_predictions.png (a few validation images)."""
+        plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+        if self.val_set is not None:
+            images = draw_examples(self.model, self.cfg.data, self.val_set, self.train_set.class_names, count=4)
+            save_grid(images, self.out_dir / "val_predictions.png")
 
     def summary(self, stopped: str) -> dict[str, Any]:
         return {

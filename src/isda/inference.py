@@ -7,10 +7,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError, DataConfig, from_dict
 from .data.transforms import short_side_size
 from .model import ISDA
 
@@ -41,16 +42,21 @@ def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cp
 
 
 @torch.no_grad()
-def predict(loaded: LoadedModel, images: list[Tensor]) -> list[dict[str, Tensor]]:
-    """images: float [3, H, W] in [0, 1] at any size. Resized to the config's test size, predicted,
-    masks returned at the original size."""
-    cfg, device = loaded.cfg.data, next(loaded.model.parameters()).device
+def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """images: float [3, H, W] in [0, 1] at any size. Resized like the test pipeline (short side
+    ``data_cfg.test_short_side``), predicted, masks returned at the original size."""
+    device = next(model.parameters()).device
     resized = []
     for im in images:
-        h, w = short_side_size(im.shape[1], im.shape[2], cfg.test_short_side, cfg.test_max_size)
-        resized.append(torch.nn.functional.interpolate(im[None].to(device), size=(h, w), mode="bilinear",
-                                                       antialias=True, align_corners=False)[0].clamp(0, 1))
-    return loaded.model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
+        h, w = short_side_size(im.shape[1], im.shape[2], data_cfg.test_short_side, data_cfg.test_max_size)
+        resized.append(F.interpolate(im[None].to(device), size=(h, w), mode="bilinear", antialias=True,
+                                     align_corners=False)[0].clamp(0, 1))
+    was_training = model.training
+    model.eval()
+    try:
+        return model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -61,3 +67,19 @@ def query_reference_points(loaded: LoadedModel, image: Tensor) -> tuple[Tensor, 
     device = next(model.parameters()).device
     out = model.forward_features(*model.batch_images([image.to(device)]))
     return out["reference_points"][0].cpu(), out["logits"][-1, 0].sigmoid().max(-1).values.cpu()
+
+
+def draw_examples(model: ISDA, data_cfg: DataConfig, dataset, class_names: list[str], count: int = 6,
+                  score_thr: float = 0.3) -> list[Tensor]:
+    """The first ``count`` images of a CocoInstanceDataset with their predictions (masks, labels, scores,
+    reference points) drawn: uint8 [3, H, W] each."""
+    from .visualize import draw_predictions
+
+    drawn = []
+    for index in range(min(count, len(dataset))):
+        image = dataset.load(index)[0].as_subclass(Tensor)
+        (pred,) = predict(model, data_cfg, [image.float() / 255])
+        pred = {k: v.cpu() for k, v in pred.items()}
+        drawn.append(draw_predictions(image, pred, class_names, score_thr=score_thr,
+                                      reference_points=pred["reference_points"]))
+    return drawn

@@ -97,7 +97,7 @@ class ISDA(nn.Module):
         k = min(self.cfg.num_detections, Q * C)
         results = []
         for b in range(B):
-            scores, idx = logits[b].sigmoid().flatten().topk(k)
+            scores, idx = logits[b].float().sigmoid().flatten().topk(k)  # float: no AMP ties
             query, labels = idx // C, idx % C
             probs = mask_logits[b, query].sigmoid().float()
             binary = probs > self.cfg.mask_threshold
