@@ -107,14 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--from", dest="fmt", choices=["hf", "detr", "mmdet"], help="source format (default: detect)")
-    c.add_argument("--preset", default="isda_r50_coco")
+    _config_args(c)
     c.add_argument("--num-classes", type=int, default=None)
+    c.add_argument("--coco-classes", action="store_true",
+                   help="the source's class head is COCO's 91-id one (hf/detr): keep its 80 COCO rows")
     return p
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", help="isda_tiny | isda_r50_coco (default: isda_tiny, or the run's config on --resume)")
+    g.add_argument("--preset", help="isda_tiny | isda_r50_coco (train: default isda_tiny, or the run's config on "
+                                    "--resume; convert: default isda_r50_coco)")
     g.add_argument("--config", help="YAML config (optionally 'preset: NAME' plus overrides)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. train.lr=1e-4 or model.mask_stride=8 (repeatable)")
@@ -223,7 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.show_sampling_points:
         loaded.model.record_sampling()
     out = Path(args.out)
-    results = []
+    results, done = [], 0
     for i, path in enumerate(files):
         try:
             array = load_rgb(path)
@@ -246,9 +249,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
             points, scores = query_reference_points(loaded, image.float() / 255)
             plot_reference_points(points, scores, out / f"{stem}_reference_points.png", image=image)
         results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [i], loaded.cat_ids)
+        done += 1
         print(f"{path}: {int(keep.sum())} instances -> {out / f'{stem}_pred.png'}")
-    if not results and not any((out / f"{Path(f).stem}_pred.png").exists() for f in files):
-        raise UserError("none of the images could be read")
+    if done == 0:
+        raise UserError(f"none of the {len(files)} images could be read")
     write_results_json(results, out / "results.json")
     print(f"results: {out / 'results.json'} (image_id = index in the order listed above)")
 
@@ -276,11 +280,17 @@ def _device(name: str | None):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .model import build_model
-    from .weights import load_pretrained, save_converted
+    from .model import ISDA
+    from .weights import COCO_CATEGORY_IDS, load_pretrained, save_converted
 
-    model = build_model(args.preset, num_classes=args.num_classes)
-    report = load_pretrained(args.src, model, fmt=args.fmt)
+    if args.coco_classes and args.num_classes not in (None, 80):
+        raise UserError("--coco-classes keeps COCO's 80 classes: drop --num-classes or set it to 80")
+    cfg = _resolve_config(args, default_preset="isda_r50_coco")
+    if args.coco_classes or args.num_classes:
+        cfg.model.num_classes = 80 if args.coco_classes else args.num_classes
+    model = ISDA(cfg.model, cfg.loss)
+    report = load_pretrained(args.src, model, fmt=args.fmt,
+                             class_indices=COCO_CATEGORY_IDS if args.coco_classes else None)
     save_converted(model, args.dst, report)
     print(report)
     print(f"wrote {args.dst}  (use: isda train --init {args.dst} ...)")

@@ -1,0 +1,159 @@
+"""The CLI end to end on a tiny generated dataset, and its one-line user errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from engine_utils import SMALL, single_thread
+from isda.cli import main
+
+
+def small_sets(**extra):
+    args = []
+    for key, value in {**SMALL, **extra}.items():
+        value = ",".join(map(str, value)) if isinstance(value, list) else value
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """shapes -> train a few steps; shared by the tests below."""
+    root = tmp_path_factory.mktemp("cli")
+    with single_thread():
+        assert main(["shapes", str(root / "data"), "--num-train", "8", "--num-val", "4", "--size", "64"]) == 0
+        assert main(["train", "--preset", "isda_tiny", "--data", str(root / "data"), "--out", str(root / "run"),
+                     "--max-iters", "3", *small_sets()]) == 0
+    return root
+
+
+def test_train_writes_a_readable_run_directory(trained):
+    run = trained / "run"
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "results_val.json", "curves.png",
+                 "val_predictions.png"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["type"] == "train"] == [1, 2, 3]
+    assert any(r["type"] == "val" for r in rows)
+    assert "d0.loss_cls" in rows[0] and "grad_norm" in rows[0] and "lr" in rows[0]
+    torch.load(run / "best.pt", weights_only=True)
+    for png in ("curves.png", "val_predictions.png"):
+        Image.open(run / png).verify()
+
+
+def test_eval_prints_the_table_and_writes_loadable_results(trained, capsys):
+    out = trained / "eval.json"
+    with single_thread():
+        assert main(["eval", "--weights", str(trained / "run" / "best.pt"), "--data", str(trained / "data"),
+                     "--results", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "circle" in printed
+    gt = COCO(str(trained / "data" / "annotations" / "instances_val.json"))
+    results = json.loads(out.read_text())
+    if results:
+        gt.loadRes(str(out))
+
+
+def test_predict_writes_overlays_figures_and_results(trained, capsys):
+    out = trained / "pred"
+    val = trained / "data" / "val"
+    files = sorted(val.iterdir())
+    with single_thread():
+        assert main(["predict", "--weights", str(trained / "run" / "best.pt"), str(files[0]), str(val / "*.png"),
+                     "--out", str(out), "--score-thr", "0.0", "--show-reference-points",
+                     "--show-sampling-points"]) == 0
+    for f in files:
+        with Image.open(out / f"{f.stem}_pred.png") as im:
+            assert im.size == Image.open(f).size
+        Image.open(out / f"{f.stem}_reference_points.png").verify()
+    results = json.loads((out / "results.json").read_text())
+    assert results and {"image_id", "category_id", "segmentation", "score"} <= set(results[0])
+    # Ids index the listed images; the json is a valid COCO results file for matching ground truth.
+    gt = {"images": [{"id": i, "width": 64, "height": 64, "file_name": "x"} for i in range(len(files) + 1)],
+          "annotations": [], "categories": [{"id": c, "name": str(c)} for c in range(1, 6)]}
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    coco.loadRes(str(out / "results.json"))
+    # With a zero threshold every detection is drawn: the overlay differs from the input image.
+    assert not np.array_equal(np.asarray(Image.open(out / f"{files[0].stem}_pred.png")), np.asarray(Image.open(files[0])))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "isda", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_user_errors_exit_2_with_one_line(trained, tmp_path):
+    ckpt = str(trained / "run" / "best.pt")
+    data = str(trained / "data")
+    assert_one_line_error(run_cli("eval", "--weights", str(tmp_path / "missing.pt"), "--data", data), "missing.pt")
+    assert_one_line_error(run_cli("predict", "--weights", ckpt, str(tmp_path / "nothing*.png")), "no images found")
+    assert_one_line_error(run_cli("predict", "--weights", ckpt, str(tmp_path / "absent.png")), "absent.png")
+    assert_one_line_error(run_cli("train", "--data", data, "--out", str(tmp_path / "r"), "--set", "train.nope=1"),
+                          "train.nope")
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")),
+                          "instances_train.json")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  mask_stride: 16\n")
+    assert_one_line_error(run_cli("train", "--config", str(bad_yaml), "--data", data, "--out", str(tmp_path / "r")),
+                          "mask_stride")
+    # A corrupt image among good ones: warned about and skipped; alone: an error.
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    good = str(trained / "data" / "val" / "000000.png")
+    proc = run_cli("predict", "--weights", ckpt, str(corrupt), good, "--out", str(tmp_path / "p"))
+    assert proc.returncode == 0 and "skipping" in proc.stderr and "corrupt.png" in proc.stderr
+    assert (tmp_path / "p" / "000000_pred.png").is_file() and not (tmp_path / "p" / "corrupt_pred.png").exists()
+    proc = run_cli("predict", "--weights", ckpt, str(corrupt), "--out", str(tmp_path / "p"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("none of the 1 images could be read")
+    # A checkpoint of another model: an isda state dict with a different class count.
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["head.class_embed.weight"] = torch.zeros(7, state["model"]["head.class_embed.weight"].shape[1])
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    assert_one_line_error(run_cli("eval", "--weights", str(other), "--data", data), "other.pt", "class_embed")
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    assert_one_line_error(run_cli("predict", "--weights", str(not_a_checkpoint), data + "/val"), "notes.pt")
+
+
+def test_convert_then_train_from_the_converted_weights(trained, tmp_path, capsys):
+    """A Deformable-DETR (fundamentalvision layout) file -> isda convert -> isda train --init."""
+    from engine_utils import tiny_config
+    from isda.model import ISDA
+    from isda.weights import export_state_dict
+
+    cfg = tiny_config()
+    torch.manual_seed(1)
+    source = ISDA(cfg.model, cfg.loss)
+    detr = tmp_path / "r18_deformable_detr.pth"
+    torch.save({"model": export_state_dict(source, "detr")}, detr)
+    converted = tmp_path / "init.pth"
+    model_sets = small_sets()[: 2 * 8]  # the model fields of SMALL
+    assert main(["convert", str(detr), str(converted), "--preset", "isda_tiny", "--num-classes", "5", *model_sets]) == 0
+    report = capsys.readouterr().out
+    assert "mask_features" in report and "bbox_embed" not in report.split("left at")[-1]
+    assert main(["convert", str(detr), str(tmp_path / "x.pth"), "--preset", "isda_tiny"]) == 2  # sizes differ
+    assert "r18_deformable_detr.pth: the checkpoint has 1 encoder layers" in capsys.readouterr().err
+    with single_thread():
+        assert main(["train", "--preset", "isda_tiny", "--data", str(trained / "data"), "--out", str(tmp_path / "run"),
+                     "--max-iters", "1", "--init", str(converted), *small_sets()]) == 0
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    # Initialised from the file, then one small step: the transformer is close to the source's.
+    src = source.state_dict()["transformer.level_embed"]
+    assert (ckpt["transformer.level_embed"] - src).abs().max() < 1e-2
