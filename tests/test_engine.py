@@ -205,6 +205,13 @@ def test_lr_factor_warmup_then_steps():
     assert factors[9] == 1.0 and factors[10] == pytest.approx(0.1) and factors[15] == pytest.approx(0.01)
 
 
+def test_lr_schedule_follows_a_time_budget():
+    cfg = TrainConfig(epochs=10, lr_steps=(8,), lr_gamma=0.1, time_budget_s=100)
+    assert engine.lr_factor(0, 100, cfg, elapsed_s=79) == 1.0
+    assert engine.lr_factor(0, 100, cfg, elapsed_s=81) == pytest.approx(0.1)
+    assert engine.lr_factor(800, 100, cfg, elapsed_s=1) == pytest.approx(0.1)  # epochs still count
+
+
 def test_refusals(data, tmp_path):
     with pytest.raises(ConfigError, match="train.amp"):
         engine.train(tiny_config(amp="bf16"), *data["train"], out_dir=tmp_path / "amp", device="cpu")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from .fileio import atomic_open
 
 
 class CheckpointError(RuntimeError):
@@ -24,20 +25,8 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to a temp file in the target directory, then rename it over ``path``: a crash
     mid-write leaves the previous checkpoint intact and no partial file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp, whose files are private): the umask applies as usual.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure becomes a one-line CheckpointError."""

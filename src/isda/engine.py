@@ -96,10 +96,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based): x lr_gamma at each epoch of
-    lr_steps reached, times a linear warm-up from 1/warmup_iters to 1 over the first warmup_iters steps."""
-    epoch = step // steps_per_epoch
+    lr_steps reached, times a linear warm-up from 1/warmup_iters to 1 over the first warmup_iters steps.
+
+    With a time budget (``time_budget_s``) the schedule follows the budget too: the run is at epoch
+    ``epochs * elapsed / budget`` at the latest, so a short run still gets its lr drops, in proportion."""
+    epoch = step / steps_per_epoch
+    if cfg.time_budget_s > 0:
+        epoch = max(epoch, cfg.epochs * elapsed_s / cfg.time_budget_s)
     factor = cfg.lr_gamma ** sum(epoch >= milestone for milestone in cfg.lr_steps)
     if cfg.warmup_iters > 0:
         factor *= min(1.0, (step + 1) / cfg.warmup_iters)
@@ -259,8 +264,9 @@ class _Trainer:
                                           seed=self.tcfg.seed)
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.tcfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.accumulate)
+        self.clock = time.perf_counter()  # training time = now - clock (evaluation time is added to clock)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.steps_per_epoch, self.tcfg))
+            self.optimizer, lambda step: lr_factor(step, self.steps_per_epoch, self.tcfg, self.elapsed()))
 
         self.step = 0  # optimizer steps done (skipped ones included)
         self.epoch = 0
@@ -271,7 +277,6 @@ class _Trainer:
         self.last_eval_step = -1
         self.train_time = 0.0  # training seconds before this run (from a resumed checkpoint)
         self.saved_step = -1
-        self.clock = time.perf_counter()  # training time = now - clock (evaluation time is added to clock)
         self.window: dict[str, float] = {}  # sums of the logged values since the last train row
         # Different dropout streams per process; rank 0 draws what a single process would.
         _seed_all(self.tcfg.seed + self.rank)
@@ -428,7 +433,7 @@ class _Trainer:
                 for b, saved in zip(self.model.buffers(), buffers):
                     b.copy_(saved)
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.tcfg.lr * lr_factor(self.step, self.steps_per_epoch, self.tcfg)
+        lr = self.optimizer.param_groups[-1]["lr"]  # the 'other' group: the base lr
         with warnings.catch_warnings():
             # The schedule counts steps, skipped ones included, so a skipped first step is no misuse.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")

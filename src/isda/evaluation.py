@@ -12,10 +12,8 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,8 @@ import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from .fileio import atomic_open
 
 __all__ = [
     "STAT_NAMES",
@@ -161,19 +161,8 @@ def _per_category_ap(coco_gt: COCO, coco_eval: COCOeval) -> dict[str, float]:
 
 def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write results JSON atomically: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(list(results), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(list(results), f)
 
 
 def gather_results(results: list[Any]) -> list[Any]:

@@ -12,10 +12,8 @@ import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+from .fileio import atomic_open
 
 __all__ = [
     "draw_predictions",
@@ -51,20 +51,6 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font
         return ImageFont.load_default()
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _select(items: Any, keep: torch.Tensor, num_preds: int) -> list[Any]:
@@ -167,12 +153,14 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:
     """Save a uint8 [3, H, W] tensor as a PNG, atomically."""
     _check_image(image)
     pil = Image.fromarray(image.detach().cpu().permute(1, 2, 0).contiguous().numpy())
-    _atomic_write(path, lambda f: pil.save(f, format="PNG"))
+    with atomic_open(path, "wb") as f:
+        pil.save(f, format="PNG")
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> None:
     FigureCanvasAgg(fig)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
 
 
 def plot_reference_points(

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from isda.fileio import atomic_write_bytes
 
 try:
     import fcntl
@@ -278,17 +279,6 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _params(split: str, num_images: int, image_size: int | tuple[int, int], seed: int,
             knobs: dict[str, Any]) -> dict[str, Any]:
     h, w = _hw(image_size)
@@ -321,7 +311,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, num_images: int,
         buf = io.BytesIO()
         # Level 0: noisy images barely compress (~25%) and encoding/decoding is ~2x faster.
         Image.fromarray(image).save(buf, format="PNG", compress_level=0)
-        _atomic_write_bytes(image_dir / file_name, buf.getvalue())
+        atomic_write_bytes(image_dir / file_name, buf.getvalue())
         image_id = i + 1
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for label, mask in instances:
@@ -347,7 +337,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, num_images: int,
     for path in image_dir.iterdir():
         if _IMAGE_NAME.fullmatch(path.name) and int(path.name[:-4]) >= num_images:
             path.unlink(missing_ok=True)
-    _atomic_write_bytes(ann_file, json.dumps(data, separators=(",", ":")).encode())
+    atomic_write_bytes(ann_file, json.dumps(data, separators=(",", ":")).encode())
     return ann_file
 
 

@@ -1,0 +1,188 @@
+"""A benchmark worker: one model in a fresh process, driven line by line over stdin/stdout (JSON).
+
+The parent (:class:`benchmarks.procs.Worker`) keeps one worker per model alive and alternates them
+(``run`` to ISDA, ``run`` to Mask R-CNN, ...), so that machine noise hits both sides alike while each
+model's peak memory (``ru_maxrss``) stays its own.
+
+Commands: ``run`` (one timed inference or training step), ``components`` (one inference with a
+per-component breakdown from forward hooks: no change to the models), ``stats`` (peak RSS), ``quit``.
+
+    python -m benchmarks.worker --task infer --model isda --size 800x1216 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .common import (
+    MASKRCNN_INFER_KWARGS,
+    build_isda,
+    build_maskrcnn,
+    peak_rss_gib,
+    random_image,
+    set_threads,
+    shapes_batch,
+)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+class _Spans:
+    """Forward hooks that time module spans: name -> (first module's start, last module's end)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self.handles: list[Any] = []
+
+    def span(self, name: str, first: torch.nn.Module, last: torch.nn.Module | None = None) -> None:
+        last = last or first
+        self.handles.append(first.register_forward_pre_hook(lambda *_: self._mark(name + ".start")))
+        self.handles.append(last.register_forward_hook(lambda *_: self._mark(name + ".end")))
+
+    def _mark(self, key: str) -> None:
+        self.marks[key] = time.perf_counter()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def isda_components(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
+    """One inference; seconds in backbone, neck, encoder, decoder, mask features, then dynamic masks +
+    post-processing (head, 1x1 dynamic convolution, top-k, upsampling, boxes) and the rest."""
+    spans = _Spans()
+    t = model.transformer
+    spans.span("total", model)
+    spans.span("backbone", model.backbone)
+    spans.span("neck", model.neck)
+    spans.span("encoder", t.encoder[0], t.encoder[-1])
+    spans.span("decoder", t.decoder[0], t.decoder[-1])
+    spans.span("mask_features", model.mask_features)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        spans.remove()
+    m = spans.marks
+    out = {k: m[k + ".end"] - m[k + ".start"] for k in ("backbone", "neck", "encoder", "decoder", "mask_features")}
+    out["dynamic_masks_postprocess"] = m["total.end"] - m["mask_features.end"]
+    out["total"] = m["total.end"] - m["total.start"]
+    out["other"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+def maskrcnn_components(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
+    """One inference; seconds in backbone + FPN, RPN, RoI heads (box head, per-class NMS, mask head) and
+    the rest (normalize/resize, pasting the 28 x 28 masks into the image)."""
+    spans = _Spans()
+    spans.span("total", model)
+    spans.span("backbone_fpn", model.backbone)
+    spans.span("rpn", model.rpn)
+    spans.span("roi_heads", model.roi_heads)
+    spans.span("box_head", model.roi_heads.box_head)
+    spans.span("mask_head", model.roi_heads.mask_head)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        spans.remove()
+    m = spans.marks
+    out = {k: m[k + ".end"] - m[k + ".start"] for k in ("backbone_fpn", "rpn", "roi_heads", "box_head", "mask_head")}
+    out["total"] = m["total.end"] - m["total.start"]
+    out["other"] = out["total"] - out["backbone_fpn"] - out["rpn"] - out["roi_heads"]
+    return out
+
+
+class Task:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        size = parse_size(args.size)
+        if args.task == "infer":
+            self.images = [random_image(size, seed=args.seed)]
+            if args.model == "isda":
+                self.model = build_isda(args.preset, seed=args.seed).eval()
+            else:
+                kwargs = dict(MASKRCNN_INFER_KWARGS)
+                kwargs["min_size"], kwargs["max_size"] = min(size), max(max(size), kwargs["max_size"])
+                self.model = build_maskrcnn(seed=args.seed, frozen=args.model == "maskrcnn_frozen", **kwargs).eval()
+        else:
+            if args.model == "isda":
+                self.model = build_isda(args.preset, seed=args.seed).train()
+                num_classes = self.model.cfg.num_classes
+            else:
+                # Train at the given size as is (no resize to 800), like ISDA.
+                self.model = build_maskrcnn(seed=args.seed, frozen=args.model == "maskrcnn_frozen",
+                                            min_size=min(size), max_size=max(size)).train()
+                num_classes = 90
+            self.images, targets = shapes_batch(size, batch=args.batch, seed=args.seed, num_classes=num_classes)
+            if args.model != "isda":
+                for t in targets:
+                    t["labels"] = t["labels"] + 1  # 0 is Mask R-CNN's background
+                    t["masks"] = t["masks"].to(torch.uint8)
+            self.targets = targets
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        if self.args.task == "infer":
+            with torch.no_grad():
+                self.model(self.images)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = self.model(self.images, self.targets)
+            loss = losses["loss"] if "loss" in losses else sum(losses.values())
+            loss.backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+    def components(self) -> dict[str, float]:
+        if self.args.model == "isda":
+            return isda_components(self.model, self.images)
+        return maskrcnn_components(self.model, self.images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["infer", "train"], required=True)
+    p.add_argument("--model", choices=["isda", "maskrcnn", "maskrcnn_frozen"], required=True)
+    p.add_argument("--size", default="800x1216", help="HxW")
+    p.add_argument("--preset", default="isda_r50_coco")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    start = time.perf_counter()
+    task = Task(args)
+    reply({"ready": True, "build_s": time.perf_counter() - start, "rss_gib_after_build": peak_rss_gib()})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "run":
+            reply({"seconds": task.run()})
+        elif cmd == "components":
+            reply({"components": task.components()})
+        elif cmd == "stats":
+            reply({"peak_rss_gib": peak_rss_gib()})
+        elif cmd == "quit":
+            break
+        elif cmd:
+            reply({"error": f"unknown command {cmd!r}"})
+
+
+def reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
