@@ -75,9 +75,12 @@ def compare(specs: dict[str, list[str]], repeats: int, warmup: int = 1, componen
             for w in workers.values():
                 w.ask("run")
         times: dict[str, list[float]] = {name: [] for name in workers}
+        detections: dict[str, Any] = {}
         for i in range(repeats):
             for name, w in workers.items():
-                times[name].append(w.ask("run")["seconds"])
+                reply = w.ask("run")
+                times[name].append(reply["seconds"])
+                detections[name] = reply.get("detections")
             log("  run %d: %s" % (i + 1, ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items())))
         comps: dict[str, list[dict[str, float]]] = {name: [] for name in workers}
         for _ in range(components):
@@ -87,6 +90,8 @@ def compare(specs: dict[str, list[str]], repeats: int, warmup: int = 1, componen
         for name, w in workers.items():
             out[name] = {"time": summary(times[name]), "peak_rss_gib": w.ask("stats")["peak_rss_gib"],
                          "command": " ".join(["python", *w.command[1:]])}
+            if detections.get(name) is not None:
+                out[name]["detections"] = detections[name]
             if comps[name]:
                 keys = comps[name][0].keys()
                 out[name]["components"] = {k: summary([c[k] for c in comps[name]])["median"] for k in keys}

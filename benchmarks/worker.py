@@ -24,6 +24,7 @@ from .common import (
     MASKRCNN_INFER_KWARGS,
     build_isda,
     build_maskrcnn,
+    limit_candidates,
     peak_rss_gib,
     random_image,
     set_threads,
@@ -113,7 +114,8 @@ class Task:
             else:
                 kwargs = dict(MASKRCNN_INFER_KWARGS)
                 kwargs["min_size"], kwargs["max_size"] = min(size), max(max(size), kwargs["max_size"])
-                self.model = build_maskrcnn(seed=args.seed, frozen=args.model == "maskrcnn_frozen", **kwargs).eval()
+                self.model = limit_candidates(build_maskrcnn(seed=args.seed, frozen=args.model == "maskrcnn_frozen",
+                                                             **kwargs)).eval()
         else:
             if args.model == "isda":
                 self.model = build_isda(args.preset, seed=args.seed).train()
@@ -136,7 +138,8 @@ class Task:
         start = time.perf_counter()
         if self.args.task == "infer":
             with torch.no_grad():
-                self.model(self.images)
+                out = self.model(self.images)
+            self.detections = len(out[0]["scores"])
         else:
             self.optimizer.zero_grad(set_to_none=True)
             losses = self.model(self.images, self.targets)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":
-            reply({"seconds": task.run()})
+            reply({"seconds": task.run(), "detections": getattr(task, "detections", None)})
         elif cmd == "components":
             reply({"components": task.components()})
         elif cmd == "stats":

@@ -14,13 +14,7 @@ from PIL import Image
 from isda.data import CocoInstanceDataset, DataWarning, coco_split_paths, shapes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_round_trip_masks_equal_generator(tmp_path):

@@ -22,12 +22,7 @@ _EXAMPLES = int(os.environ.get("ISDA_HYPOTHESIS_EXAMPLES", "0"))
 FAST = settings(max_examples=_EXAMPLES or 20, deadline=None, derandomize=not _EXAMPLES, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coordinate_image(h: int, w: int) -> tv_tensors.Image:

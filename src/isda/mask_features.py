@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .masked_ops import masked_group_norm, masked_upsample2x, valid_of
+from .masked_ops import has_padding, masked_group_norm, masked_upsample2x, valid_of
 
 
 class ConvGNReLU(nn.Module):
@@ -17,8 +17,9 @@ class ConvGNReLU(nn.Module):
         self.norm = nn.GroupNorm(32, cout)
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
-        x = x * valid_of(padding_mask).to(x.dtype)  # the padded area looks like zero padding
-        return torch.relu(masked_group_norm(self.conv(x), padding_mask, self.norm))
+        if has_padding(padding_mask):
+            x = x * valid_of(padding_mask).to(x.dtype)  # the padded area looks like zero padding
+        return torch.relu_(masked_group_norm(self.conv(x), padding_mask, self.norm))
 
 
 def coordinate_map(padding_mask: Tensor) -> Tensor:

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def has_padding(padding_mask: Tensor | None) -> bool:
+    """Whether a padding mask marks any pixel as padding (an unpadded batch takes the plain, faster ops)."""
+    return padding_mask is not None and bool(padding_mask.any())
+
+
 def valid_of(padding_mask: Tensor) -> Tensor:
     """(B, H, W) bool padding mask (True = pad) -> (B, 1, H, W) float validity."""
     return (~padding_mask).unsqueeze(1).to(torch.float32)
@@ -23,7 +28,7 @@ def resize_mask(padding_mask: Tensor, size: tuple[int, int]) -> Tensor:
 
 def masked_group_norm(x: Tensor, padding_mask: Tensor | None, gn: nn.GroupNorm) -> Tensor:
     """GroupNorm whose statistics cover only valid pixels; padded pixels are zeroed."""
-    if padding_mask is None or not bool(padding_mask.any()):
+    if not has_padding(padding_mask):
         return gn(x)
     B, C, H, W = x.shape
     valid = valid_of(padding_mask).to(x.dtype)  # (B, 1, H, W)
@@ -43,10 +48,12 @@ def masked_upsample2x(x: Tensor, padding_mask: Tensor | None, out_mask: Tensor |
     """Bilinear 2x upsampling that interpolates valid pixels only (normalized interpolation).
 
     Inside the image this equals plain bilinear upsampling; at the image border it equals the edge
-    clamping the image alone would get, instead of blending in the padding.
+    clamping the image alone would get, instead of blending in the padding. Without padding it is plain
+    bilinear upsampling (the normalization would divide by interpolated ones).
     """
-    if padding_mask is None:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    if not has_padding(padding_mask):
+        out = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return out * valid_of(out_mask).to(x.dtype) if has_padding(out_mask) else out
     valid = valid_of(padding_mask).to(x.dtype)
     num = F.interpolate(x * valid, scale_factor=2, mode="bilinear", align_corners=False)
     den = F.interpolate(valid, scale_factor=2, mode="bilinear", align_corners=False)

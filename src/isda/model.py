@@ -7,7 +7,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import masks_to_boxes
 
 from .backbone import Backbone
 from .config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
@@ -124,7 +123,8 @@ class ISDA(nn.Module):
 
     def upsample_masks(self, probs: Tensor, image_size: tuple[int, int], output_size: tuple[int, int],
                        chunk: int = 25) -> Tensor:
-        """(K, h, w) probabilities at the mask stride -> (K, H, W) bool; chunked to bound memory."""
+        """(K, h, w) probabilities at the mask stride -> (K, H, W) bool; chunked to bound memory (the
+        threshold writes straight into the output: no float copy of the full-size masks is kept)."""
         h, w = image_size
         out = torch.empty((probs.shape[0], *output_size), dtype=torch.bool, device=probs.device)
         for i in range(0, probs.shape[0], chunk):
@@ -132,15 +132,24 @@ class ISDA(nn.Module):
                               align_corners=False)[:, :, :h, :w]
             if (h, w) != tuple(output_size):
                 p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
-            out[i : i + chunk] = p[:, 0] > self.cfg.mask_threshold
+            torch.gt(p[:, 0], self.cfg.mask_threshold, out=out[i : i + chunk])
         return out
 
 
 def _boxes(masks: Tensor) -> Tensor:
-    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
-    nonempty = masks.flatten(1).any(1)
-    if bool(nonempty.any()):
-        boxes[nonempty] = masks_to_boxes(masks[nonempty]).float()
+    """(K, H, W) bool -> (K, 4) xyxy boxes of the masks (pixel indices, as torchvision's masks_to_boxes),
+    zeros for empty masks; from the masks' row and column projections (two passes over the bytes)."""
+    K, H, W = masks.shape
+    boxes = torch.zeros(K, 4, device=masks.device)
+    if K == 0 or H == 0 or W == 0:
+        return boxes
+    flat = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
+    cols, rows = flat.amax(1), flat.amax(2)  # (K, W), (K, H): any pixel in each column / row
+    nonempty = rows.amax(1) > 0
+    # argmax returns the first maximal index: the first occupied column/row from either end.
+    x0, y0 = cols.argmax(1), rows.argmax(1)
+    x1, y1 = W - 1 - cols.flip(1).argmax(1), H - 1 - rows.flip(1).argmax(1)
+    boxes[nonempty] = torch.stack([x0, y0, x1, y1], 1)[nonempty].float()
     return boxes
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .masked_ops import masked_group_norm, resize_mask, valid_of
+from .masked_ops import has_padding, masked_group_norm, resize_mask, valid_of
 
 
 class Neck(nn.Module):
@@ -25,7 +25,9 @@ class Neck(nn.Module):
         masks = [resize_mask(padding_mask, f.shape[-2:]) for f in feats]
         outs = [masked_group_norm(conv(f), m, gn)
                 for f, m, conv, gn in zip(feats, masks, self.lateral, self.lateral_norm)]
-        c5 = feats[-1] * valid_of(masks[-1]).to(feats[-1].dtype)  # zeros outside, as the image alone sees
+        c5 = feats[-1]
+        if has_padding(masks[-1]):
+            c5 = c5 * valid_of(masks[-1]).to(c5.dtype)  # zeros outside, as the image alone sees
         p6 = self.extra(c5)
         m6 = resize_mask(padding_mask, p6.shape[-2:])
         outs.append(masked_group_norm(p6, m6, self.extra_norm))

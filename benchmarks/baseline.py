@@ -1,0 +1,116 @@
+"""The straightforward implementations ISDA had before the CPU optimisations, kept for two uses:
+the per-change before/after timings of ``docs/benchmarks.md`` (:mod:`benchmarks.bench_changes`) and the
+tests that prove the optimised code computes the same thing (tests/test_benchmarks.py).
+
+:func:`reverted` swaps them in (monkeypatching, restored on exit), one named change at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import masks_to_boxes
+
+import isda.deformable_attention
+import isda.mask_features
+import isda.model
+import isda.neck
+from isda.masked_ops import masked_group_norm, resize_mask, valid_of
+from isda.ops import ms_deform_attn
+
+
+# ---- change "msda_gather": the deformable attention core -------------------------------------------
+
+grid_sample_ms_deform_attn = functools.partial(ms_deform_attn, impl="grid_sample")
+
+
+# ---- change "unpadded_fast_path": masking ops that always masked, padding or not ------------------
+
+def masked_upsample2x(x: Tensor, padding_mask: Tensor | None, out_mask: Tensor | None) -> Tensor:
+    if padding_mask is None:
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    valid = valid_of(padding_mask).to(x.dtype)
+    num = F.interpolate(x * valid, scale_factor=2, mode="bilinear", align_corners=False)
+    den = F.interpolate(valid, scale_factor=2, mode="bilinear", align_corners=False)
+    out = num / den.clamp(min=1e-6)
+    return out * valid_of(out_mask).to(x.dtype) if out_mask is not None else out
+
+
+def conv_gn_relu_forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+    x = x * valid_of(padding_mask).to(x.dtype)
+    return torch.relu(masked_group_norm(self.conv(x), padding_mask, self.norm))
+
+
+def neck_forward(self, feats: list[Tensor], padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    masks = [resize_mask(padding_mask, f.shape[-2:]) for f in feats]
+    outs = [masked_group_norm(conv(f), m, gn) for f, m, conv, gn in zip(feats, masks, self.lateral, self.lateral_norm)]
+    c5 = feats[-1] * valid_of(masks[-1]).to(feats[-1].dtype)
+    p6 = self.extra(c5)
+    m6 = resize_mask(padding_mask, p6.shape[-2:])
+    outs.append(masked_group_norm(p6, m6, self.extra_norm))
+    return outs, masks + [m6]
+
+
+# ---- change "postprocess": full-size masks and their boxes ---------------------------------------
+
+def upsample_masks(self, probs: Tensor, image_size: tuple[int, int], output_size: tuple[int, int],
+                   chunk: int = 25) -> Tensor:
+    h, w = image_size
+    out = torch.empty((probs.shape[0], *output_size), dtype=torch.bool, device=probs.device)
+    for i in range(0, probs.shape[0], chunk):
+        p = F.interpolate(probs[i : i + chunk, None], scale_factor=self.cfg.mask_stride, mode="bilinear",
+                          align_corners=False)[:, :, :h, :w]
+        if (h, w) != tuple(output_size):
+            p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
+        out[i : i + chunk] = p[:, 0] > self.cfg.mask_threshold
+    return out
+
+
+def boxes(masks: Tensor) -> Tensor:
+    out = torch.zeros(masks.shape[0], 4, device=masks.device)
+    nonempty = masks.flatten(1).any(1)
+    if bool(nonempty.any()):
+        out[nonempty] = masks_to_boxes(masks[nonempty]).float()
+    return out
+
+
+# ---- switching -----------------------------------------------------------------------------------
+
+# change name -> [(object, attribute, baseline value)], in the order the changes were made.
+CHANGES: dict[str, list[tuple[object, str, object]]] = {
+    "msda_gather": [(isda.deformable_attention, "ms_deform_attn", grid_sample_ms_deform_attn)],
+    "unpadded_fast_path": [(isda.mask_features, "masked_upsample2x", masked_upsample2x),
+                           (isda.mask_features.ConvGNReLU, "forward", conv_gn_relu_forward),
+                           (isda.neck.Neck, "forward", neck_forward)],
+    "postprocess": [(isda.model.ISDA, "upsample_masks", upsample_masks), (isda.model, "_boxes", boxes)],
+}
+
+DESCRIPTIONS = {
+    "msda_gather": "deformable attention core as one weighted gather (embedding_bag) over a channels-last, "
+                   "zero-bordered value table, hand-written backward (was: grid_sample per level, heads in the "
+                   "batch, sampled x weights summed per level)",
+    "unpadded_fast_path": "masked ops skip the validity multiplications and the normalized (two-interpolation) "
+                          "upsampling when the batch has no padding",
+    "postprocess": "masks thresholded straight into the output; boxes from row/column projections instead of "
+                   "torchvision masks_to_boxes (a nonzero() per mask)",
+}
+
+
+@contextlib.contextmanager
+def reverted(changes: Iterable[str]) -> Iterator[None]:
+    """Within the block, the named changes are undone (the baseline implementations are patched in)."""
+    saved = []
+    try:
+        for name in changes:
+            for obj, attr, value in CHANGES[name]:
+                saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)

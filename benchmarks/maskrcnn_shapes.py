@@ -1,0 +1,164 @@
+"""torchvision Mask R-CNN trained from scratch on the shapes dataset, for the same-budget comparison.
+
+The model: Mask R-CNN with a ResNet-18-FPN backbone (the tiny ISDA preset's backbone), BatchNorm
+(``resnet_fpn_backbone``'s FrozenBatchNorm default would mean no normalization at all from scratch),
+every layer trainable, anchors sized for the objects (16..256 px, one size per FPN level, 3 ratios).
+
+The data: exactly what ISDA's trainer sees: the same COCO-format dataset and augmentation (the tiny
+preset's data config through :func:`isda.data.build_transforms`), the same per-sample seeding
+(:class:`isda.engine.SeededSamples`), batch size and number of loader workers. Mask R-CNN's own resize
+is switched off (the augmentation already chose the size); it still normalizes with ImageNet statistics
+and pads to a multiple of 32, as ISDA does.
+
+The loop: AdamW (lr, weight decay, batch, epoch-based step schedule and gradient clipping taken from
+the ISDA preset's train config unless overridden), a linear warm-up, a wall-clock training budget
+(evaluation time excluded) with COCO mask AP measured by :func:`isda.evaluation.evaluate_masks` at
+each requested budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from isda.config import Config
+from isda.data import CocoInstanceDataset, build_transforms, collate
+from isda.engine import SeededSamples, lr_factor
+from isda.evaluation import evaluate_masks, predictions_to_coco_results
+
+ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))
+
+
+def build_maskrcnn_r18(num_classes: int, min_size: int = 128, max_size: int = 192, detections: int = 100) -> nn.Module:
+    """Mask R-CNN R18-FPN (BatchNorm, all layers trainable, object-sized anchors) for ``num_classes``
+    foreground classes; no internal resizing (inputs arrive at their training/test size)."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5)
+    anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
+    model = MaskRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                     min_size=min_size, max_size=max_size, box_detections_per_img=detections)
+    model.transform.resize = _no_resize
+    return model
+
+
+def _no_resize(image, target=None):
+    return image, target
+
+
+def to_maskrcnn_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ISDA target (labels 0..C-1, bool masks) -> Mask R-CNN target (labels 1..C, uint8 masks, boxes as the
+    masks' pixel extent [x0, y0, x1 + 1, y1 + 1], so that one-pixel-wide instances keep a positive size)."""
+    masks = target["masks"]
+    if masks.shape[0]:
+        from torchvision.ops import masks_to_boxes
+
+        boxes = masks_to_boxes(masks).float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    else:
+        boxes = torch.zeros(0, 4)
+    return {"labels": target["labels"] + 1, "masks": masks.to(torch.uint8), "boxes": boxes}
+
+
+@torch.no_grad()
+def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size: int = 8,
+                      num_workers: int = 0) -> dict[str, float]:
+    """COCO mask AP (isda.evaluation.evaluate_masks) of Mask R-CNN on ``dataset`` (test transforms)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    results = []
+    for images, targets in loader:
+        outputs = model(images)
+        preds = []
+        for out, t in zip(outputs, targets):
+            masks = out["masks"][:, 0]
+            if tuple(masks.shape[-2:]) != tuple(t["orig_size"]):
+                masks = F.interpolate(masks[:, None], size=tuple(t["orig_size"]), mode="bilinear",
+                                      align_corners=False)[:, 0]
+            preds.append({"scores": out["scores"], "labels": out["labels"] - 1, "masks": masks > 0.5,
+                          "boxes": out["boxes"]})
+        results += predictions_to_coco_results(preds, [t["image_id"] for t in targets], dataset.cat_ids)
+    model.train(was_training)
+    return evaluate_masks(dataset.coco, results, image_ids=dataset.ids).stats
+
+
+def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path, val_ann: str | Path,
+                   val_images: str | Path, budgets_s: list[float], *, lr: float | None = None,
+                   optimizer: str = "adamw", momentum: float = 0.9, warmup_iters: int = 100,
+                   clip_max_norm: float | None = None, seed: int | None = None, log=print) -> dict[str, Any]:
+    """Train from scratch for max(budgets_s) seconds of training time; evaluate at each budget.
+    Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
+    epochs / lr steps, clipping. Returns {"ap": {budget: stats}, "iterations": {budget: n}, ...}."""
+    tcfg = cfg.train
+    seed = tcfg.seed if seed is None else seed
+    lr = tcfg.lr if lr is None else lr
+    if clip_max_norm is None:  # the preset's clipping with AdamW (which undoes most of its scale); none with SGD
+        clip_max_norm = tcfg.clip_max_norm if optimizer == "adamw" else 0.0
+    clip = clip_max_norm
+    torch.manual_seed(seed)
+    train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
+    val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(cfg.data, False), train=False)
+    model = build_maskrcnn_r18(train_set.num_classes, cfg.data.test_short_side, cfg.data.test_max_size).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=tcfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    samples = SeededSamples(train_set, seed)
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    steps_per_epoch = math.ceil(len(sampler) / tcfg.batch_size)
+
+    budgets = sorted(budgets_s)
+    results: dict[str, Any] = {"ap": {}, "iterations": {}, "epochs": {}, "lr": lr, "optimizer": optimizer,
+                               "clip_max_norm": clip, "warmup_iters": warmup_iters, "batch_size": tcfg.batch_size,
+                               "nonfinite_steps": 0}
+    step, epoch, trained = 0, 0, 0.0
+    start = time.perf_counter()
+    while budgets:
+        sampler.set_epoch(epoch)
+        samples.set_epoch(epoch)
+        loader = DataLoader(samples, batch_size=tcfg.batch_size, sampler=list(sampler), collate_fn=collate,
+                            num_workers=tcfg.num_workers, generator=torch.Generator().manual_seed(seed))
+        for images, targets in loader:
+            factor = lr_factor(step, steps_per_epoch, tcfg) * min(1.0, (step + 1) / max(warmup_iters, 1))
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+            losses = model(images, [to_maskrcnn_target(t) for t in targets])
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            if math.isfinite(float(loss)):
+                loss.backward()
+                if clip and clip > 0:
+                    nn.utils.clip_grad_norm_(params, clip)
+                opt.step()
+            else:
+                results["nonfinite_steps"] += 1
+            step += 1
+            trained = time.perf_counter() - start
+            if step % 50 == 0:
+                log(f"    mask r-cnn step {step} epoch {epoch} loss {float(loss):.3f} ({trained:.0f} s)")
+            if trained >= budgets[0]:
+                eval_start = time.perf_counter()
+                budget = budgets.pop(0)
+                results["ap"][str(int(budget))] = evaluate_maskrcnn(model, val_set, tcfg.batch_size)
+                results["iterations"][str(int(budget))] = step
+                results["epochs"][str(int(budget))] = step / steps_per_epoch
+                log(f"    mask r-cnn at {budget:.0f} s: mask AP {100 * results['ap'][str(int(budget))]['AP']:.1f} "
+                    f"({step} steps)")
+                start += time.perf_counter() - eval_start  # evaluation is not training time
+                if not budgets:
+                    break
+        epoch += 1
+    return results

@@ -1,0 +1,214 @@
+"""ISDA vs torchvision Mask R-CNN on CPU: ``make bench`` (quick) and ``make bench-full`` (writes the page).
+
+    python -m benchmarks.run --quick                 # a minute or two; prints, writes runs/bench/quick.json
+    python -m benchmarks.run --full                  # everything; writes docs/benchmarks.{md,json,png}
+    python -m benchmarks.run --full --skip accuracy  # the timing sections only (the page keeps the rest)
+    python -m benchmarks.run --render                # re-render docs/benchmarks.md from docs/benchmarks.json
+
+Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
+attention core vs the textbook implementation), changes (before/after of each optimisation), profile
+(torch.profiler top operators, before and after), accuracy (same CPU budget on the shapes dataset +
+the paper's ablations; full mode only unless --accuracy-budget is given).
+
+Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
+Timings are only meaningful on a quiet machine: the load average is recorded with each section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("inference", "train", "msda", "changes", "profile", "accuracy")
+QUICK = {"repeats": 3, "components": 1, "msda_repeats": 3, "changes_repeats": 3}
+FULL = {"repeats": 7, "components": 3, "msda_repeats": 7, "changes_repeats": 5}
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def _fmt_size(size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def section_inference(args, log) -> dict[str, Any]:
+    from .procs import compare
+
+    common = ["--task", "infer", "--size", _fmt_size(args.infer_size), "--threads", str(args.threads)]
+    specs = {"isda": [*common, "--model", "isda", "--preset", args.preset], "maskrcnn": [*common, "--model", "maskrcnn"]}
+    res = compare(specs, repeats=args.repeats, components=args.components, log=log)
+    res["ratio_latency"] = res["isda"]["time"]["median"] / res["maskrcnn"]["time"]["median"]
+    res["ratio_peak_rss"] = res["isda"]["peak_rss_gib"] / res["maskrcnn"]["peak_rss_gib"]
+    res["size"] = list(args.infer_size)
+    log(f"  inference ratio ISDA / Mask R-CNN: latency {res['ratio_latency']:.2f}, peak RSS {res['ratio_peak_rss']:.2f}")
+    return res
+
+
+def section_train(args, log) -> dict[str, Any]:
+    from .procs import compare
+
+    common = ["--task", "train", "--size", _fmt_size(args.train_size), "--batch", "2", "--threads", str(args.threads)]
+    specs = {"isda": [*common, "--model", "isda", "--preset", args.preset],
+             "maskrcnn_frozen": [*common, "--model", "maskrcnn_frozen"],
+             "maskrcnn": [*common, "--model", "maskrcnn"]}
+    if args.quick:
+        specs.pop("maskrcnn")
+    res = compare(specs, repeats=args.repeats, log=log)
+    for name in ("maskrcnn_frozen", "maskrcnn"):
+        if name in res:
+            res[f"ratio_{name}"] = res["isda"]["time"]["median"] / res[name]["time"]["median"]
+    res["size"] = list(args.train_size)
+    log("  train step ratio ISDA / Mask R-CNN: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in res.items() if k.startswith("ratio_")))
+    return res
+
+
+def section_msda(args, log) -> dict[str, Any]:
+    from . import bench_msda
+
+    return bench_msda.run(repeats=args.msda_repeats, log=log)
+
+
+def section_changes(args, log) -> dict[str, Any]:
+    from . import bench_changes
+
+    return bench_changes.run(repeats=args.changes_repeats, infer_size=args.infer_size, train_size=args.train_size,
+                             preset=args.preset, log=log)
+
+
+def section_profile(args, log) -> dict[str, Any]:
+    """torch.profiler of one ISDA inference with every optimisation reverted, then with all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import baseline
+    from .common import build_isda, random_image
+
+    model = build_isda(args.preset).eval()
+    images = [random_image(args.infer_size)]
+    out = {}
+    for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
+        with baseline.reverted(revert), torch.no_grad():
+            model(images)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                model(images)
+                wall = time.perf_counter() - start
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        out[name] = {"wall_s": wall, "self_cpu_s": total / 1e6,
+                     "top": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6,
+                              "share": e.self_cpu_time_total / total, "calls": e.count} for e in top]}
+        log(f"  profile {name}: {wall:.2f} s wall; top: " + ", ".join(
+            f"{t['op']} {100 * t['share']:.0f}%" for t in out[name]["top"][:6]))
+    return out
+
+
+def section_accuracy(args, log) -> dict[str, Any]:
+    from . import bench_accuracy
+
+    return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.ablation_budget,
+                              num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
+                              maskrcnn_optimizer=args.maskrcnn_optimizer, ablations=args.ablation_budget > 0, log=log)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repeats; no page (default)")
+    mode.add_argument("--full", action="store_true", help="all sections, more repeats, writes the page")
+    mode.add_argument("--render", action="store_true", help="only re-render the page from its JSON")
+    p.add_argument("--only", default="", help=f"comma-separated sections ({', '.join(SECTIONS)})")
+    p.add_argument("--skip", default="", help="comma-separated sections to leave out")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, help="timed runs per side (inference, train)")
+    p.add_argument("--components", type=int, help="component-breakdown runs per model")
+    p.add_argument("--msda-repeats", type=int)
+    p.add_argument("--changes-repeats", type=int)
+    p.add_argument("--infer-size", type=_size, default=INFER_SIZE, help="HxW (default 800x1216)")
+    p.add_argument("--train-size", type=_size, default=TRAIN_SIZE, help="HxW (default 512x512)")
+    p.add_argument("--preset", default="isda_r50_coco")
+    p.add_argument("--budgets", default="480,1800", help="accuracy: training-time budgets, seconds")
+    p.add_argument("--ablation-budget", type=float, default=480.0, help="accuracy: ablation budget, seconds (0: none)")
+    p.add_argument("--accuracy-budget", type=float, default=0.0,
+                   help="quick mode: run the accuracy section with this one budget (e.g. 30) on a small dataset")
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
+    p.add_argument("--maskrcnn-optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--json", type=Path, help="results file (default docs/benchmarks.json, quick: runs/bench/quick.json)")
+    p.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = p.parse_args(argv)
+    args.quick = not (args.full or args.render)
+    args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    json_path = args.json or (ROOT / "runs" / "bench" / "quick.json" if args.quick else args.page.with_suffix(".json"))
+
+    if args.render:
+        from .report import render
+
+        render(json.loads(json_path.read_text()), args.page)
+        print(f"wrote {args.page} and {args.page.with_suffix('.png')}")
+        return {}
+
+    sections = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
+    skip = {s for s in args.skip.split(",") if s}
+    unknown = (set(sections) | skip) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.quick and not args.only:
+        sections = [s for s in sections if s not in ("changes", "profile")]
+        if args.accuracy_budget <= 0:
+            sections.remove("accuracy")
+    if args.quick and args.accuracy_budget > 0:
+        args.budgets, args.ablation_budget = [args.accuracy_budget], 0.0
+        args.num_train, args.num_val = min(args.num_train, 200), min(args.num_val, 50)
+    sections = [s for s in sections if s not in skip]
+
+    set_threads(args.threads)
+    results: dict[str, Any] = {}
+    if json_path.exists() and not args.quick:
+        results = json.loads(json_path.read_text())  # keep the sections not rerun
+    results["machine"] = machine_info(args.threads)
+    results["mode"] = "quick" if args.quick else "full"
+    results.setdefault("sections", {})
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    load = os.getloadavg()[0]
+    print(f"benchmarks ({results['mode']}): {', '.join(sections)}; {args.threads} threads; "
+          f"{results['machine']['cpu']}; load average {load:.2f}")
+    if load > 1.5:
+        print(f"WARNING: load average {load:.2f} > 1.5: the machine is busy, timings will be noisy", file=sys.stderr)
+    for name in sections:
+        print(f"[{name}]")
+        start, load_before = time.time(), os.getloadavg()[0]
+        data = globals()[f"section_{name}"](args, print)
+        data["_meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - start, 1),
+                         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
+                         "command": f"python -m benchmarks.run {argv_text}".strip(), "threads": args.threads}
+        results["sections"][name] = data
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=1))
+    print(f"results: {json_path}")
+    if not args.quick:
+        from .report import render
+
+        render(results, args.page)
+        print(f"wrote {args.page} and {args.page.with_suffix('.png')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
