@@ -191,3 +191,27 @@ def test_backbone_weights_errors_name_the_file(tmp_path):
     torch.save(resnet50().state_dict(), r50)
     with pytest.raises(WeightsError, match="r50.pth"):
         isda.build_model("isda_tiny", backbone_weights=str(r50))  # resnet18 model, resnet50 file
+
+
+def test_padding_does_not_change_the_training_loss():
+    """Each image's loss is the same alone or padded next to a larger image (the dice loss and the matcher
+    must not see the padded pixels)."""
+    model = tiny().train()
+    small, large = torch.rand(3, 75, 90), torch.rand(3, 150, 170)
+    targets = []
+    for im, boxes in ((small, [(5, 40, 10, 50), (30, 70, 50, 85)]), (large, [(20, 100, 30, 120)])):
+        masks = torch.zeros(len(boxes), *im.shape[1:], dtype=torch.bool)
+        for m, (y0, y1, x0, x1) in zip(masks, boxes):
+            m[y0:y1, x0:x1] = True
+        targets.append({"labels": torch.arange(len(boxes)), "masks": masks})
+    inner = model.backbone.eval()  # running BatchNorm statistics: the backbone is the same per image
+
+    def loss(images, tgts):
+        model.backbone = PerImageBackbone(inner, [im.shape[1:] for im in images])
+        with torch.no_grad():
+            return model(images, tgts)["loss"].item()
+
+    alone = [loss([small], targets[:1]), loss([large], targets[1:])]
+    together = loss([small, large], targets)
+    # The loss is normalised by the number of instances in the batch: 2 and 1 alone, 3 together.
+    assert together == pytest.approx((2 * alone[0] + 1 * alone[1]) / 3, rel=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -17,6 +18,9 @@ from .masked_ops import resize_mask
 from .neck import Neck
 from .position_encoding import sine_position_encoding
 from .transformer import DeformableTransformer
+
+
+PADDING_LOGIT = -1e4  # sigmoid -> 0; finite (and within fp16 range) so that no loss sees inf
 
 
 class ISDA(nn.Module):
@@ -66,7 +70,10 @@ class ISDA(nn.Module):
         out["logits"] = self.head.classify(out["hidden"])
         # Deep supervision needs every layer's masks; inference only the last layer's.
         hidden = out["hidden"] if self.training else out["hidden"][-1:]
-        out["mask_logits"] = self.head.mask_logits(hidden, out["reference_points"], mfr)
+        # Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero
+        # there), which the dice loss and the matcher would count against every prediction.
+        out["mask_logits"] = self.head.mask_logits(hidden, out["reference_points"], mfr).masked_fill(
+            mfr_mask[None, :, None], PADDING_LOGIT)
         out["padding_mask"] = mfr_mask
         return out
 
@@ -190,7 +197,7 @@ def _check_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_c
 def build_model(preset: str | Config = "isda_r50_coco", num_classes: int | None = None, **overrides) -> ISDA:
     """Build an ISDA model from a preset name (or a Config), e.g. ``build_model("isda_tiny", num_classes=5)``.
     Overrides are model/loss fields, e.g. ``mask_stride=8`` or ``loss.dice_weight=5``."""
-    cfg = get_preset(preset) if isinstance(preset, str) else dataclasses.replace(preset)
+    cfg = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
     if num_classes is not None:
         overrides["model.num_classes"] = num_classes
     overrides = {k if "." in k else _section_of(k) + k: v for k, v in overrides.items()}
