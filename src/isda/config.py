@@ -161,10 +161,10 @@ def isda_tiny() -> Config:
             dec_layers=3,
             ffn_dim=512,
             dropout=0.0,
-            num_queries=30,
+            num_queries=100,  # measured: AP 0.9 vs 0.4 with 30 queries after 250 steps (more positions covered)
             mask_feat_channels=64,
             mask_out_channels=64,
-            num_detections=30,
+            num_detections=50,
         ),
         # One 128 px scale (a multiple of 32): no batch padding, the cheapest step on a CPU.
         data=DataConfig(
