@@ -36,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"      replacing the previous demo run in {out}")
         shutil.rmtree(out)
     budget = cfg.train.time_budget_s
-    print(f"[2/4] training isda_tiny from scratch for {budget / 60:.0f} min on {args.device or 'the default device'}")
+    print(f"[2/4] training isda_tiny from scratch for {budget / 60:.1f} min on {args.device or 'the default device'}")
     summary = train(cfg, *paths["train"], *paths["val"], out_dir=out, device=args.device)
 
     print("[3/4] evaluating best.pt on the held-out split")
