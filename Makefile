@@ -20,5 +20,13 @@ test: venv
 demo: venv
 	$(VENV)/bin/isda demo
 
+# ISDA vs torchvision Mask R-CNN on CPU (2 threads). Quick: prints a summary (a minute or two).
+bench: venv
+	$(PY) -m benchmarks.run --quick
+
+# Everything, incl. the same-budget accuracy runs (about 1.5 hours); writes docs/benchmarks.{md,json,png}.
+bench-full: venv
+	$(PY) -m benchmarks.run --full
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

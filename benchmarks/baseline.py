@@ -29,6 +29,24 @@ from isda.ops import ms_deform_attn
 grid_sample_ms_deform_attn = functools.partial(ms_deform_attn, impl="grid_sample")
 
 
+# ---- change "msda_pixel_path": the attention module feeds the core pixel positions --------------------
+
+def msda_forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+                 value_padding_mask: Tensor | None = None) -> Tensor:
+    B, S, C = value.shape
+    v = self.value_proj(value)
+    if value_padding_mask is not None:
+        v = v.masked_fill(value_padding_mask[..., None], 0.0)
+    v = v.view(B, S, self.num_heads, C // self.num_heads)
+    locations, weights = self.sample(query, reference_points, spatial_shapes)
+    if self.keep_sampling:
+        self.last_sampling = (locations.detach(), weights.detach())
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        # Looked up at call time: the "msda_gather" switch patches this module attribute.
+        out = isda.deformable_attention.ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
+    return self.output_proj(out.to(query.dtype))
+
+
 # ---- change "unpadded_fast_path": masking ops that always masked, padding or not ------------------
 
 def masked_upsample2x(x: Tensor, padding_mask: Tensor | None, out_mask: Tensor | None) -> Tensor:
@@ -54,6 +72,22 @@ def neck_forward(self, feats: list[Tensor], padding_mask: Tensor) -> tuple[list[
     m6 = resize_mask(padding_mask, p6.shape[-2:])
     outs.append(masked_group_norm(p6, m6, self.extra_norm))
     return outs, masks + [m6]
+
+
+# ---- change "channels_last": the batch (hence every feature map) in channels-last layout on CPU -----
+
+def batch_images(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
+    isda.model._check_images(images)
+    div = self.cfg.size_divisibility
+    H = -(-max(im.shape[1] for im in images) // div) * div
+    W = -(-max(im.shape[2] for im in images) // div) * div
+    batch = images[0].new_zeros(len(images), 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool, device=images[0].device)
+    for i, im in enumerate(images):
+        h, w = im.shape[1:]
+        batch[i, :, :h, :w] = (im - self.pixel_mean) / self.pixel_std
+        mask[i, :h, :w] = False
+    return batch, mask
 
 
 # ---- change "postprocess": full-size masks and their boxes ---------------------------------------
@@ -84,9 +118,11 @@ def boxes(masks: Tensor) -> Tensor:
 # change name -> [(object, attribute, baseline value)], in the order the changes were made.
 CHANGES: dict[str, list[tuple[object, str, object]]] = {
     "msda_gather": [(isda.deformable_attention, "ms_deform_attn", grid_sample_ms_deform_attn)],
+    "msda_pixel_path": [(isda.deformable_attention.MSDeformAttn, "forward", msda_forward)],
     "unpadded_fast_path": [(isda.mask_features, "masked_upsample2x", masked_upsample2x),
                            (isda.mask_features.ConvGNReLU, "forward", conv_gn_relu_forward),
                            (isda.neck.Neck, "forward", neck_forward)],
+    "channels_last": [(isda.model.ISDA, "batch_images", batch_images)],
     "postprocess": [(isda.model.ISDA, "upsample_masks", upsample_masks), (isda.model, "_boxes", boxes)],
 }
 
@@ -94,10 +130,16 @@ DESCRIPTIONS = {
     "msda_gather": "deformable attention core as one weighted gather (embedding_bag) over a channels-last, "
                    "zero-bordered value table, hand-written backward (was: grid_sample per level, heads in the "
                    "batch, sampled x weights summed per level)",
+    "msda_pixel_path": "the attention module hands the core pixel positions (reference x size + offset) instead "
+                       "of normalizing the offsets for the core to multiply back, and skips the value masking "
+                       "when nothing is padded",
     "unpadded_fast_path": "masked ops skip the validity multiplications and the normalized (two-interpolation) "
                           "upsampling when the batch has no padding",
-    "postprocess": "masks thresholded straight into the output; boxes from row/column projections instead of "
-                   "torchvision masks_to_boxes (a nonzero() per mask)",
+    "channels_last": "the batch is channels-last on CPU, so the backbone, neck and mask-feature convolutions "
+                     "run (and stay) in oneDNN's preferred layout",
+    "postprocess": "masks upsampled 8 at a time (was 25: cache-sized float temporaries) and thresholded straight "
+                   "into the output; boxes from row/column projections instead of torchvision masks_to_boxes "
+                   "(a nonzero() per mask)",
 }
 
 

@@ -37,7 +37,8 @@ def _train_step(model, optimizer, images, targets, revert):
 def run(repeats: int = 5, infer_size=INFER_SIZE, train_size=TRAIN_SIZE, preset: str = "isda_r50_coco",
         train: bool = True, log=print) -> dict[str, Any]:
     configs = _configs()
-    results: dict[str, Any] = {"changes": list(baseline.CHANGES), "descriptions": baseline.DESCRIPTIONS}
+    results: dict[str, Any] = {"changes": list(baseline.CHANGES), "descriptions": baseline.DESCRIPTIONS,
+                               "size": list(infer_size), "train_size": list(train_size)}
     model = build_isda(preset).eval()
     images = [random_image(infer_size)]
     stats = alternate({name: functools.partial(_infer, model, images, revert) for name, revert in configs}, repeats)

@@ -25,6 +25,10 @@ MRCNN_COMPONENTS = [("backbone_fpn", "backbone + FPN"), ("rpn", "RPN"), ("box_he
                     ("other", "other (normalize/resize, mask pasting)")]
 
 
+def _size(sec: dict[str, Any], default: str = "800x1216") -> str:
+    return "x".join(map(str, sec["size"])) if sec.get("size") else default
+
+
 def _s(x: float) -> str:
     return f"{x:.3f} s" if x >= 0.1 else f"{x * 1e3:.1f} ms"
 
@@ -62,7 +66,7 @@ def render(results: dict[str, Any], page: Path) -> None:
         out += ["## Summary", "", "| measure | ISDA | Mask R-CNN | ISDA / Mask R-CNN |", "|---|---|---|---|"]
         inf = secs.get("inference")
         if inf:
-            out.append(f"| inference latency, 800x1216, median | {_s(inf['isda']['time']['median'])} | "
+            out.append(f"| inference latency, {_size(inf)}, median | {_s(inf['isda']['time']['median'])} | "
                        f"{_s(inf['maskrcnn']['time']['median'])} | **{inf['ratio_latency']:.2f}** |")
             out.append(f"| inference peak memory (RSS) | {inf['isda']['peak_rss_gib']:.2f} GiB | "
                        f"{inf['maskrcnn']['peak_rss_gib']:.2f} GiB | **{inf['ratio_peak_rss']:.2f}** |")
@@ -70,7 +74,7 @@ def render(results: dict[str, Any], page: Path) -> None:
         if tr:
             for name, label in (("maskrcnn_frozen", "same frozen backbone recipe"), ("maskrcnn", "all layers, BatchNorm")):
                 if name in tr:
-                    out.append(f"| training step, batch 2, 512x512 (Mask R-CNN: {label}) | {_s(tr['isda']['time']['median'])} | "
+                    out.append(f"| training step, batch 2, {_size(tr, '512x512')} (Mask R-CNN: {label}) | {_s(tr['isda']['time']['median'])} | "
                                f"{_s(tr[name]['time']['median'])} | **{tr['ratio_' + name]:.2f}** |")
         ms = secs.get("msda")
         if ms:
@@ -97,6 +101,9 @@ def render(results: dict[str, Any], page: Path) -> None:
     pr = secs.get("profile")
     if pr:
         out += _profile(pr)
+    wi = secs.get("whatif")
+    if wi:
+        out += _whatif(wi, secs.get("inference"))
     out += _accuracy(secs.get("accuracy"))
     out += ["## Reproduce", "", REPRODUCE, ""]
     chart = page.with_suffix(".png")
@@ -107,10 +114,10 @@ def render(results: dict[str, Any], page: Path) -> None:
 
 def _inference(inf: dict[str, Any]) -> list[str]:
     i, m = inf["isda"], inf["maskrcnn"]
-    out = ["## Inference (one 800x1216 image)", "",
+    out = [f"## Inference (one {_size(inf)} image)", "",
            "`isda.build_model(\"isda_r50_coco\")` vs `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, "
            "min_size=800, max_size=1333, box_detections_per_img=100)`, both eval, float32, one random image kept at "
-           "800x1216, each model in its own fresh process (peak RSS = `ru_maxrss` of that process, model included). "
+           f"{_size(inf)}, each model in its own fresh process (peak RSS = `ru_maxrss` of that process, model included). "
            f"Mask R-CNN ran its mask head on {m.get('detections', '?')} detections, ISDA returned "
            f"{i.get('detections', '?')}: a random Mask R-CNN scores every class about 1/91, under the default "
            "threshold 0.05, so its score threshold is set per image to keep the 1,000 best (proposal, class) pairs "
@@ -144,8 +151,8 @@ def _inference(inf: dict[str, Any]) -> list[str]:
 
 
 def _train(tr: dict[str, Any]) -> list[str]:
-    out = ["## Training step (batch 2, 512x512)", "",
-           "One AdamW step (zero_grad, forward with losses, backward, step), two 512x512 images with 2-6 instances "
+    out = [f"## Training step (batch 2, {_size(tr, '512x512')})", "",
+           f"One AdamW step (zero_grad, forward with losses, backward, step), two {_size(tr, '512x512')} images with 2-6 instances "
            "each from the shapes generator (masks; Mask R-CNN also gets their boxes), no resizing. ISDA-R50 freezes the "
            "stem + stage 1 and uses FrozenBatchNorm (the paper's recipe); the first Mask R-CNN row uses the same backbone "
            "recipe (FrozenBatchNorm, `trainable_backbone_layers=3`, torchvision's COCO configuration), the second is "
@@ -186,7 +193,8 @@ def _changes(ch: dict[str, Any]) -> list[str]:
            "ISDA-R50, one process, configurations alternated run by run: each row adds one change to the row above "
            "(the first row is the code before any of them; `benchmarks/baseline.py` keeps it and switches it back in). "
            "Ratio = this row / the row above.", ""]
-    for part, label in (("inference", "inference, 800x1216"), ("train", "training step, batch 2, 512x512")):
+    for part, label in (("inference", f"inference, {_size(ch)}"),
+                        ("train", f"training step, batch 2, {'x'.join(map(str, ch.get('train_size', [512, 512])))}")):
         if part not in ch:
             continue
         stats = ch[part]
@@ -207,7 +215,7 @@ def _changes(ch: dict[str, Any]) -> list[str]:
 
 
 def _profile(pr: dict[str, Any]) -> list[str]:
-    out = ["## Profile (torch.profiler, one ISDA-R50 inference at 800x1216)", "",
+    out = [f"## Profile (torch.profiler, one ISDA-R50 inference at {_size(pr)})", "",
            "Self CPU time by operator, before the optimisations and after (the profiler adds some overhead).", ""]
     for name in ("before", "after"):
         if name not in pr:
@@ -219,6 +227,26 @@ def _profile(pr: dict[str, Any]) -> list[str]:
             out.append(f"| `{t['op']}` | {_s(t['self_cpu_s'])} | {100 * t['share']:.1f}% | {t['calls']} |")
         out.append("")
     out += [_meta(pr)]
+    return out
+
+
+def _whatif(wi: dict[str, Any], inf: dict[str, Any] | None) -> list[str]:
+    stats = wi["inference"]
+    keys = list(stats)
+    out = ["## What else would help (outside the optimised files; measured, not applied)", "",
+           "Patched in for this measurement only (`benchmarks/bench_whatif.py`), cumulative, alternated run by run "
+           "in one process:", "",
+           "| configuration | median | ratio to current |", "|---|---|---|"]
+    base = stats[keys[0]]["median"]
+    for key in keys:
+        label = " + ".join(f"`{k}`" if i else k for i, k in enumerate(key.split("+")))
+        out.append(f"| {label} | {_s(stats[key]['median'])} | "
+                   f"{stats[key]['median'] / base:.2f} |")
+    out += ["", "- `frozen_bn_single_pass` (`isda/backbone.py`): the backbone's torchvision FrozenBatchNorm2d computes "
+                "`x * scale + bias` (two passes over every activation); `F.batch_norm(..., training=False)` is one pass "
+                "and bit-identical.",
+            "- `ffn_inplace_relu` (`isda/transformer.py`): `torch.relu_` on the FFN's first linear output instead of "
+            "`torch.relu` (one tokens x 1024 tensor less written per layer).", "", _meta(wi)]
     return out
 
 
@@ -234,40 +262,48 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "augmentation (the preset's, Mask R-CNN's own resize switched off), same batch (8) and thread count; "
                 "COCO mask AP of both with `isda.evaluation.evaluate_masks` after 8 and 30 minutes of training time "
                 "(evaluation excluded); then the paper's ablations in miniature at 8 minutes: MP + KP vs neither, mask "
-                "stride 8 vs 4 vs 2. Mask R-CNN trains with AdamW at the ISDA preset's lr (2e-4), weight decay and "
-                "clipping, 100 warm-up iterations (`--maskrcnn-lr`, `--maskrcnn-optimizer sgd` to change).", ""]
+                "stride 8 vs 4 vs 2. Mask R-CNN trains with AdamW at the ISDA preset's lr, weight decay and "
+                "clipping, 100 warm-up iterations (`--maskrcnn-lr`, `--maskrcnn-optimizer sgd` to change); one fresh run "
+                "per budget and model, both lr schedules following the budget.", ""]
         return out
     budgets = [str(int(b)) for b in acc["budgets_s"]]
-    mr = acc["maskrcnn"]
+    r = acc["isda_recipe"]
+    mr = next(iter(acc["maskrcnn"].values()))
+    nan = float("nan")
     out += [f"{acc['num_train']:,} training / {acc['num_val']} validation images of {acc['image_size']} px (5 classes). "
-            f"ISDA: the `{acc['isda_preset']}` preset through `isda.engine.train` (its recipe: AdamW, lr 2e-4, batch "
-            f"{acc['batch_size']}, clipping 0.1). Mask R-CNN R18-FPN (BatchNorm, all layers, anchors 16..256 px) with "
-            f"{mr['optimizer']} lr {mr['lr']:g}, batch {mr['batch_size']}, clipping {mr['clip_max_norm']}, "
-            f"{mr['warmup_iters']} warm-up iterations, the same epoch schedule, data, augmentation and seeds "
-            "(`benchmarks/maskrcnn_shapes.py`). Budgets are training time; evaluation is excluded. COCO mask AP "
-            "by `isda.evaluation.evaluate_masks` for both.", "",
+            f"ISDA: the `{acc['isda_preset']}` preset ({r['num_queries']} queries, {r['num_detections']} detections) "
+            f"through `isda.engine.train` with its recipe: AdamW lr {r['lr']:g}, weight decay {r['weight_decay']:g}, "
+            f"batch {r['batch_size']}, clipping {r['clip_max_norm']}. Mask R-CNN R18-FPN (BatchNorm, all layers, anchors "
+            f"16..256 px, up to 100 detections): {mr['optimizer']} lr {mr['lr']:g}, batch {mr['batch_size']}, clipping "
+            f"{mr['clip_max_norm']}, {mr['warmup_iters']} warm-up iterations; same data, augmentation, seeds, loader "
+            "workers and thread count (`benchmarks/maskrcnn_shapes.py`). Every budget is a fresh run of each model "
+            "(both lr schedules follow the budget: `isda.engine.lr_factor`); budgets are training time, evaluation "
+            "excluded. COCO mask AP by `isda.evaluation.evaluate_masks` for both.", "",
             "| training time | ISDA tiny AP | AP50 | AP75 | steps | Mask R-CNN R18 AP | AP50 | AP75 | steps |",
             "|---|---|---|---|---|---|---|---|---|"]
     for b in budgets:
-        i, m = acc["isda"]["ap"].get(b) or {}, mr["ap"].get(b) or {}
-        out.append(f"| {int(b) / 60:g} min | **{100 * i.get('AP', float('nan')):.1f}** | {100 * i.get('AP50', float('nan')):.1f} | "
-                   f"{100 * i.get('AP75', float('nan')):.1f} | {acc['isda']['iterations'].get(b, '')} | "
-                   f"**{100 * m.get('AP', float('nan')):.1f}** | {100 * m.get('AP50', float('nan')):.1f} | "
-                   f"{100 * m.get('AP75', float('nan')):.1f} | {mr['iterations'].get(b, '')} |")
+        i, m = acc["isda"].get(b, {}), acc["maskrcnn"].get(b, {})
+        ia, ma = i.get("ap") or {}, m.get("ap") or {}
+        out.append(f"| {int(b) / 60:g} min | **{100 * ia.get('AP', nan):.1f}** | {100 * ia.get('AP50', nan):.1f} | "
+                   f"{100 * ia.get('AP75', nan):.1f} | {i.get('iterations', '')} | **{100 * ma.get('AP', nan):.1f}** | "
+                   f"{100 * ma.get('AP50', nan):.1f} | {100 * ma.get('AP75', nan):.1f} | {m.get('iterations', '')} |")
     out.append("")
     if acc.get("ablations"):
         b = str(int(acc["ablation_budget_s"]))
-        default = acc["isda"]["ap"].get(b)
+        default = acc["isda"].get(b)
         out += [f"### Ablations in miniature (ISDA tiny, {int(b) / 60:g} min each)", "",
+                "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
+                "1/4 36.5, 1/2 36.4 AP.", "",
                 "| variant | mask AP | AP50 | AP75 | steps |", "|---|---|---|---|---|"]
-        rows = [("MP + KP, mask stride 4 (default)", default, acc["isda"]["iterations"].get(b, ""))]
+        rows = [("MP + KP, mask stride 4 (default)", default)]
         labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
                   "mask_stride_2": "MP + KP, mask stride 2"}
-        for name, res in acc["ablations"].items():
-            rows.append((labels.get(name, name), res["ap"].get(b), res["iterations"].get(b, "")))
-        for label, stats, steps in rows:
-            if stats:
-                out.append(f"| {label} | {100 * stats['AP']:.1f} | {100 * stats['AP50']:.1f} | {100 * stats['AP75']:.1f} | {steps} |")
+        rows += [(labels.get(n, n), res) for n, res in acc["ablations"].items()]
+        for label, res in rows:
+            if res and res.get("ap"):
+                a = res["ap"]
+                out.append(f"| {label} | {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {100 * a['AP75']:.1f} | "
+                           f"{res.get('iterations', '')} |")
             else:
                 out.append(f"| {label} | (not run at this budget) | | | |")
         out.append("")
@@ -284,14 +320,14 @@ def _chart(secs: dict[str, Any], path: Path) -> bool:
     panels = []
     inf, tr, ms, ch = secs.get("inference"), secs.get("train"), secs.get("msda"), secs.get("changes")
     if inf:
-        panels.append(("Inference latency, 800x1216 (s)", ["ISDA-R50", "Mask R-CNN"],
+        panels.append((f"Inference latency, {_size(inf)} (s)", ["ISDA-R50", "Mask R-CNN"],
                        [inf["isda"]["time"]["median"], inf["maskrcnn"]["time"]["median"]]))
         panels.append(("Inference peak RSS (GiB)", ["ISDA-R50", "Mask R-CNN"],
                        [inf["isda"]["peak_rss_gib"], inf["maskrcnn"]["peak_rss_gib"]]))
     if tr:
         names = [n for n in ("isda", "maskrcnn_frozen", "maskrcnn") if n in tr]
         labels = {"isda": "ISDA-R50", "maskrcnn_frozen": "Mask R-CNN\n(frozen st.1)", "maskrcnn": "Mask R-CNN\n(all, BN)"}
-        panels.append(("Training step, batch 2, 512x512 (s)", [labels[n] for n in names],
+        panels.append((f"Training step, batch 2, {_size(tr, '512x512')} (s)", [labels[n] for n in names],
                        [tr[n]["time"]["median"] for n in names]))
     if ms:
         cases = list(ms["cases"])

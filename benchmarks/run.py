@@ -7,7 +7,8 @@
 
 Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
 attention core vs the textbook implementation), changes (before/after of each optimisation), profile
-(torch.profiler top operators, before and after), accuracy (same CPU budget on the shapes dataset +
+(torch.profiler top operators, before and after), whatif (changes outside the optimised files,
+patched in for the measurement only), accuracy (same CPU budget on the shapes dataset +
 the paper's ablations; full mode only unless --accuracy-budget is given).
 
 Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
@@ -29,7 +30,7 @@ import torch
 from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("inference", "train", "msda", "changes", "profile", "accuracy")
+SECTIONS = ("inference", "train", "msda", "changes", "profile", "whatif", "accuracy")
 QUICK = {"repeats": 3, "components": 1, "msda_repeats": 3, "changes_repeats": 3}
 FULL = {"repeats": 7, "components": 3, "msda_repeats": 7, "changes_repeats": 5}
 
@@ -87,6 +88,12 @@ def section_changes(args, log) -> dict[str, Any]:
                              preset=args.preset, log=log)
 
 
+def section_whatif(args, log) -> dict[str, Any]:
+    from . import bench_whatif
+
+    return bench_whatif.run(repeats=args.changes_repeats, infer_size=args.infer_size, preset=args.preset, log=log)
+
+
 def section_profile(args, log) -> dict[str, Any]:
     """torch.profiler of one ISDA inference with every optimisation reverted, then with all of them."""
     from torch.profiler import ProfilerActivity, profile
@@ -96,7 +103,7 @@ def section_profile(args, log) -> dict[str, Any]:
 
     model = build_isda(args.preset).eval()
     images = [random_image(args.infer_size)]
-    out = {}
+    out: dict[str, Any] = {"size": list(args.infer_size)}
     for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
         with baseline.reverted(revert), torch.no_grad():
             model(images)  # warm-up
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.quick and not args.only:
-        sections = [s for s in sections if s not in ("changes", "profile")]
+        sections = [s for s in sections if s not in ("changes", "profile", "whatif")]
         if args.accuracy_budget <= 0:
             sections.remove("accuracy")
     if args.quick and args.accuracy_budget > 0:

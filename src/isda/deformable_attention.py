@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import ms_deform_attn
+from .ops import gather_ms_deform_attn_pixels, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -55,13 +55,31 @@ class MSDeformAttn(nn.Module):
         """query (B, Q, C); reference_points (B, Q, L, 2) normalized; value (B, S, C); mask (B, S) True=pad."""
         B, S, C = value.shape
         v = self.value_proj(value)
-        if value_padding_mask is not None:
+        if value_padding_mask is not None and bool(value_padding_mask.any()):
             v = v.masked_fill(value_padding_mask[..., None], 0.0)  # padded tokens contribute nothing
         v = v.view(B, S, self.num_heads, C // self.num_heads)
-        locations, weights = self.sample(query, reference_points, spatial_shapes)
-        if self.keep_sampling:
-            self.last_sampling = (locations.detach(), weights.detach())
         # The core runs in float32 under autocast: half-precision sampling overflows (known peer bug).
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            out = ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
+        if query.device.type == "cpu" and not self.keep_sampling:
+            with torch.autocast(device_type="cpu", enabled=False):
+                out = self._gather(query, reference_points, v.float(), spatial_shapes)
+        else:
+            locations, weights = self.sample(query, reference_points, spatial_shapes)
+            if self.keep_sampling:
+                self.last_sampling = (locations.detach(), weights.detach())
+            with torch.autocast(device_type=query.device.type, enabled=False):
+                out = ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
         return self.output_proj(out.to(query.dtype))
+
+    def _gather(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor) -> Tensor:
+        """``sample`` + ``ms_deform_attn`` (gather implementation) in pixel units: a sample's position in a
+        level is reference * size + offset (what ``sample`` normalizes and the core multiplies back)."""
+        B, Q, _ = query.shape
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        offsets = self.sampling_offsets(query).float().view(B, Q, M, L, P, 2)
+        weights = F.softmax(self.attention_weights(query).float().view(B, Q, M, L * P), -1).view(B, Q, M, L, P)
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        size = offsets.new_tensor([[w, h] for h, w in shapes]).view(L, 2)
+        # (B, Q, L, 2) -> (B, Q, 1, L, P, 2) in the core's border pixels (pixel centres at 1..size).
+        ref = torch.addcmul(offsets.new_full((), 0.5), reference_points.float(), size)
+        pixels = offsets + ref[:, :, None, :, None, :].expand(B, Q, 1, L, P, 2).contiguous()
+        return gather_ms_deform_attn_pixels(value, shapes, pixels, weights)

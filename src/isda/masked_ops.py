@@ -33,7 +33,7 @@ def masked_group_norm(x: Tensor, padding_mask: Tensor | None, gn: nn.GroupNorm) 
     B, C, H, W = x.shape
     valid = valid_of(padding_mask).to(x.dtype)  # (B, 1, H, W)
     g = gn.num_groups
-    xg = (x * valid).view(B, g, C // g, H * W)
+    xg = (x * valid).reshape(B, g, C // g, H * W)  # reshape: x may be channels-last
     vg = valid.view(B, 1, 1, H * W)
     count = vg.sum(-1, keepdim=True).clamp(min=1) * (C // g)
     mean = xg.sum((-1, -2), keepdim=True) / count

@@ -86,78 +86,169 @@ def _grid_sample_ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], sa
 
 def _gather_ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor,
                            attention_weights: Tensor) -> Tensor:
+    L, P = sampling_locations.shape[3:5]
+    size = sampling_locations.new_tensor([[w, h] for h, w in shapes]).view(L, 1, 2).expand(L, P, 2).contiguous()
+    # Pixel coordinates with pixel centres at integers, shifted by the 1-pixel zero border.
+    pixels = torch.addcmul(sampling_locations.new_full((), 0.5), sampling_locations, size)
+    return gather_ms_deform_attn_pixels(value, shapes, pixels, attention_weights)
+
+
+def gather_ms_deform_attn_pixels(value: Tensor, shapes: list[tuple[int, int]], pixels: Tensor,
+                                 attention_weights: Tensor, chunk: int = 8192) -> Tensor:
+    """The gather implementation, from sampling positions in *border pixels*: ``x * W_l + 0.5`` (and
+    ``y * H_l + 0.5``) for a normalized (x, y), i.e. pixel centres at 1..W_l. Callers that have pixel
+    offsets (:class:`isda.deformable_attention.MSDeformAttn`) skip the normalization round trip.
+    Queries are processed ``chunk`` at a time (cache-sized temporaries)."""
+    shapes = tuple((int(h), int(w)) for h, w in shapes)
+    pixels, attention_weights = pixels.to(value.dtype), attention_weights.to(value.dtype)
+    if torch.is_grad_enabled() and (value.requires_grad or pixels.requires_grad or attention_weights.requires_grad):
+        return _GatherMSDeformAttn.apply(value, pixels, attention_weights, shapes, chunk)
+    return _gather_forward(value, pixels, attention_weights, shapes, chunk)
+
+
+def _gather_forward(value: Tensor, pixels: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...],
+                    chunk: int) -> Tensor:
     B, S, M, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    dev, dtype = value.device, value.dtype
-    # Channels-last value table, each level with a zero border (1 before, 2 after in x and y): clamping a
-    # coordinate to [0, size + 1] in padded pixels then gives exactly the zeros outside the map, and both
-    # corners of a clamped coordinate stay inside the level.
-    tables, starts, start, pos = [], [], 0, 0
-    for h, w in shapes:
-        level = value[:, start : start + h * w].reshape(B, h, w, M * D)
-        tables.append(F.pad(level, (0, 0, 1, 2, 1, 2)).reshape(B, (h + 3) * (w + 3), M * D))
-        starts.append(pos)
-        start, pos = start + h * w, pos + (h + 3) * (w + 3)
-    table = torch.cat(tables, 1).view(B * pos * M, D)  # row (b * Sp + token) * M + head
-    itype = torch.int32 if B * pos * M < 2**31 - 1 else torch.int64
+    table, rows, starts = _value_table(value, shapes)
+    outs = []
+    for q0 in range(0, pixels.shape[1], chunk):
+        idx, weights, _, _ = _corners(pixels[:, q0 : q0 + chunk], attn[:, q0 : q0 + chunk], shapes, rows, starts, M)
+        outs.append(F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum").view(B, -1, M * D))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
-    # Continuous padded-pixel coordinates (pixel centres at integers; the image's [0, 1] maps to [1, size+1]).
-    size = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=dev).view(L, 1, 2)
-    xy = torch.addcmul(torch.full((), 0.5, dtype=dtype, device=dev), sampling_locations.to(dtype), size)
-    xy = torch.clamp(xy, torch.zeros_like(size), size + 1)
+
+def _value_table(value: Tensor, shapes: tuple[tuple[int, int], ...]) -> tuple[Tensor, int, list[int]]:
+    """(B, S, M, D) -> channels-last table (B * rows * M, D), row (b * rows + padded pixel) * M + head, each
+    level with a zero border (1 pixel before, 2 after in x and y); returns it, rows, level start rows."""
+    B, S, M, D = value.shape
+    padded = [(h + 3) * (w + 3) for h, w in shapes]
+    starts = [sum(padded[:i]) for i in range(len(shapes))]
+    rows = sum(padded)
+    table = value.new_zeros(B, rows, M * D)
+    start = 0
+    for (h, w), p0, n in zip(shapes, starts, padded):
+        table[:, p0 : p0 + n].view(B, h + 3, w + 3, M * D)[:, 1 : h + 1, 1 : w + 1] = \
+            value[:, start : start + h * w].reshape(B, h, w, M * D)
+        start += h * w
+    return table.view(B * rows * M, D), rows, starts
+
+
+def _corner_offsets(shapes: tuple[tuple[int, int], ...], M: int) -> list[list[int]]:
+    """Table-row offset of each bilinear corner (y, x) = 00, 01, 10, 11 from the top-left one, per level."""
+    return [[0, M, (w + 3) * M, (w + 4) * M] for _, w in shapes]
+
+
+def _corners(pixels: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...], rows: int, starts: list[int],
+             M: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Table rows (B*Q*M, 4*L*P) and weights of every sample's 4 bilinear corners (corner order (y, x): 00,
+    01, 10, 11, then level, point), the fractional positions (B, Q, M, L, P, 2) and the top-left rows
+    (B, Q, M, L, P)."""
+    B, Q, _, L, P, _ = pixels.shape
+    dev, dtype = pixels.device, pixels.dtype
+    itype = torch.int32 if B * rows * M < 2**31 - 1 else torch.int64
+    # Per-(level, point, axis) constants, expanded so that every elementwise op below runs over a
+    # contiguous inner block (L * P [* 2]) instead of broadcasting inside a 2-element dimension.
+    hi = torch.tensor([[w + 1, h + 1] for h, w in shapes], dtype=dtype, device=dev).view(L, 1, 2).expand(L, P, 2)
+    xy = torch.clamp(pixels, torch.zeros_like(hi), hi.contiguous())
     xy0 = xy.floor()
-    frac = xy - xy0  # (B, Q, M, L, P, 2): weight of the +1 corner along x and y
+    frac = xy.sub_(xy0)  # weight of the +1 corner along x and y
     ixy = xy0.to(itype)
+    fx, fy = frac[..., 0], frac[..., 1]
 
-    # Table row of each sample's top-left corner; the other corners are +M (x + 1), +row (y + 1).
-    row = torch.tensor([(w + 3) * M for _, w in shapes], dtype=itype, device=dev).view(L, 1)
-    base = ((torch.arange(B, dtype=itype, device=dev).view(B, 1, 1, 1, 1) * pos
-             + torch.tensor(starts, dtype=itype, device=dev).view(1, 1, 1, L, 1)) * M
-            + torch.arange(M, dtype=itype, device=dev).view(1, 1, M, 1, 1))  # (B, 1, M, L, 1)
-    top_left = torch.addcmul(base, ixy[..., 1], row).add_(ixy[..., 0], alpha=M)  # (B, Q, M, L, P)
-    corner = torch.stack([torch.zeros_like(row), torch.full_like(row, M), row, row + M])  # (4, L, 1)
-    idx = top_left.unsqueeze(3) + corner  # (B, Q, M, 4, L, P), corners (y, x): 00, 01, 10, 11
+    row = torch.tensor([(w + 3) * M for _, w in shapes], dtype=itype, device=dev).view(L, 1).expand(L, P)
+    base = ((torch.arange(B, dtype=itype, device=dev).view(B, 1, 1, 1) * rows
+             + torch.tensor(starts, dtype=itype, device=dev).view(1, 1, L, 1)) * M
+            + torch.arange(M, dtype=itype, device=dev).view(1, M, 1, 1)).expand(B, M, L, P).unsqueeze(1)
+    top_left = ixy[..., 1] * row.contiguous()  # (B, Q, M, L, P)
+    top_left.add_(ixy[..., 0], alpha=M).add_(base.contiguous())
+    corner = torch.tensor(_corner_offsets(shapes, M), dtype=itype, device=dev).t()  # (4, L)
+    idx = torch.empty(B, Q, M, 4, L, P, dtype=itype, device=dev)
+    torch.add(top_left.unsqueeze(3), corner.unsqueeze(-1).expand(4, L, P).contiguous(), out=idx)
 
-    wy = torch.stack([1 - frac[..., 1], frac[..., 1]], 3) * attention_weights.to(dtype).unsqueeze(3)
-    wx = torch.stack([1 - frac[..., 0], frac[..., 0]], 3)  # (B, Q, M, 2, L, P)
-    weights = wy.unsqueeze(4) * wx.unsqueeze(3)  # (B, Q, M, 2, 2, L, P)
+    wy = torch.empty(B, Q, M, 2, L, P, dtype=dtype, device=dev)  # attn * (1 - fy, fy)
+    torch.mul(fy, attn, out=wy[:, :, :, 1])
+    torch.sub(attn, wy[:, :, :, 1], out=wy[:, :, :, 0])
+    wx = torch.empty(B, Q, M, 2, L, P, dtype=dtype, device=dev)  # (1 - fx, fx)
+    wx[:, :, :, 1] = fx
+    torch.sub(1, fx, out=wx[:, :, :, 0])
+    weights = torch.empty(B, Q, M, 2, 2, L, P, dtype=dtype, device=dev)
+    torch.mul(wy.unsqueeze(4), wx.unsqueeze(3), out=weights)
     K = 4 * L * P
-    out = _WeightedGatherSum.apply(table, idx.view(B * Q * M, K), weights.view(B * Q * M, K))
-    return out.view(B, Q, M * D)
+    return idx.view(B * Q * M, K), weights.view(B * Q * M, K), frac, top_left
 
 
-class _WeightedGatherSum(torch.autograd.Function):
-    """out[i] = sum_k weights[i, k] * table[index[i, k]] (embedding_bag "sum" with per-sample weights),
-    with a backward that is much faster on CPU than embedding_bag's own (no per-row scatter)."""
+class _GatherMSDeformAttn(torch.autograd.Function):
+    """Forward: :func:`_gather_forward` (value table, corners, one ``embedding_bag`` per query chunk);
+    only the inputs are kept, the corners are recomputed in the backward (less memory held per layer).
+
+    Backward: the value gradient is the transposed gather. The entries are grouped by their top-left
+    table row (a stable sort of one key per sample, not four), each corner's weighted sum of output
+    gradients per row is an ``embedding_bag`` over those groups, and the corners' sums are added in at
+    their row offsets (+1 pixel in x, +1 row in y: the same for every sample of a level). The
+    corner-weight gradient is a dense-dense product sampled at the gathered rows; the location and
+    attention-weight gradients follow from the bilinear weights in closed form."""
 
     @staticmethod
-    def forward(ctx, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(table, index, weights)
-        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+    def forward(ctx, value: Tensor, pixels: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...],
+                chunk: int) -> Tensor:
+        ctx.shapes = shapes
+        ctx.save_for_backward(value, pixels, attn)
+        return _gather_forward(value, pixels, attn, shapes, chunk)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        table, index, weights = ctx.saved_tensors
-        n, K = index.shape
-        grad = grad.contiguous()
-        grad_table = grad_weights = None
+        value, pixels, attn = ctx.saved_tensors
+        shapes = ctx.shapes
+        B, S, M, D = value.shape
+        _, Q, _, L, P, _ = pixels.shape
+        table, rows, starts = _value_table(value, shapes)
+        idx, weights, frac, top_left = _corners(pixels, attn, shapes, rows, starts, M)
+        n, K = idx.shape
+        grad = grad.reshape(n, D).contiguous()
+        grad_value = grad_pixels = grad_attn = None
         if ctx.needs_input_grad[0]:
-            # Transposed gather: group the (bag, k) entries by table row (stable sort keeps each row's
-            # entries in bag order), then each row's gradient is a weighted sum of its bags' gradients.
-            flat = index.reshape(-1)
-            order = torch.sort(flat, stable=True)[1]
+            flat = top_left.reshape(-1)
+            order = torch.sort(flat, stable=True)[1]  # samples grouped by top-left row, in bag order
             counts = torch.bincount(flat, minlength=table.shape[0])
             offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            bags = torch.div(order, K, rounding_mode="floor")
-            grad_table = F.embedding_bag(bags, grad, offsets, mode="sum", include_last_offset=True,
-                                         per_sample_weights=weights.reshape(-1).index_select(0, order))
-        if ctx.needs_input_grad[2]:
-            # d out[i] / d weights[i, k] = table[index[i, k]]: a dense-dense product sampled at the index
-            # pattern (a CSR matrix whose row i holds the K columns index[i]).
-            crow = torch.arange(0, n * K + 1, K, dtype=index.dtype, device=index.device)
+            bags = torch.div(order, L * P, rounding_mode="floor")
+            # Position of each sorted sample's corner-00 weight in weights (n, 4, L*P); corner c is + c*L*P.
+            position = order.add(bags, alpha=3 * L * P)
+            grad_table = None
+            for c in range(4):
+                w = weights.view(-1).index_select(0, position if c == 0 else position + c * L * P)
+                g = F.embedding_bag(bags, grad, offsets, mode="sum", include_last_offset=True, per_sample_weights=w)
+                if grad_table is None:  # corner 00: no offset
+                    grad_table = g.view(B, rows * M, D)
+                    continue
+                g = g.view(B, rows * M, D)
+                for (h, w_), p0, offs in zip(shapes, starts, _corner_offsets(shapes, M)):
+                    lo, hi, o = p0 * M, (p0 + (h + 3) * (w_ + 3)) * M, offs[c]
+                    grad_table[:, lo + o : hi] += g[:, lo : hi - o]
+            grad_value = torch.cat([grad_table[:, p0 * M : (p0 + (h + 3) * (w + 3)) * M].view(B, h + 3, w + 3, M * D)
+                                    [:, 1 : h + 1, 1 : w + 1].reshape(B, h * w, M * D)
+                                    for (h, w), p0 in zip(shapes, starts)], 1).view(B, S, M, D)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # d out / d weights[i, k] = table[idx[i, k]]: a dense-dense product sampled at the index pattern
+            # (a CSR matrix whose row i holds the K columns idx[i]).
+            crow = torch.arange(0, n * K + 1, K, dtype=idx.dtype, device=idx.device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                pattern = torch.sparse_csr_tensor(crow, index.reshape(-1), weights.reshape(-1), (n, table.shape[0]),
+                pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), weights.reshape(-1), (n, table.shape[0]),
                                                   check_invariants=False)
-                grad_weights = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view(n, K)
-        return grad_table, None, grad_weights
+                gw = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values()
+            gw = gw.view(B, Q, M, 2, 2, L, P)
+            g00, g01, g10, g11 = gw[:, :, :, 0, 0], gw[:, :, :, 0, 1], gw[:, :, :, 1, 0], gw[:, :, :, 1, 1]
+            fx, fy = frac[..., 0], frac[..., 1]
+            # weights = attn * wy * wx with wy = (1 - fy, fy), wx = (1 - fx, fx).
+            top = torch.lerp(g00, g01, fx)  # sum over x corners of g * wx, top row
+            bottom = torch.lerp(g10, g11, fx)
+            if ctx.needs_input_grad[2]:
+                grad_attn = torch.lerp(top, bottom, fy)
+            if ctx.needs_input_grad[1]:
+                gx = torch.lerp(g01 - g00, g11 - g10, fy).mul_(attn)
+                gy = (bottom - top).mul_(attn)
+                hi = pixels.new_tensor([[w + 1, h + 1] for h, w in shapes]).view(L, 1, 2).expand(L, P, 2).contiguous()
+                inside = (pixels >= 0) & (pixels <= hi)  # clamp passes the gradient inside its bounds
+                grad_pixels = torch.stack([gx, gy], -1).mul_(inside)
+        return grad_value, grad_pixels, grad_attn, None, None
