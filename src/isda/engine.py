@@ -507,7 +507,8 @@ class _Trainer:
 
     def draw(self) -> None:
         """curves.png (loss and AP so far) and val_predictions.png (a few validation images)."""
-        plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+        if (self.out_dir / "metrics.jsonl").exists():  # nothing logged yet after a zero-step run
+            plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         if self.val_set is not None:
             images = draw_examples(self.model, self.cfg.data, self.val_set, self.train_set.class_names, count=4)
             save_grid(images, self.out_dir / "val_predictions.png")
