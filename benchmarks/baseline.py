@@ -119,6 +119,7 @@ def boxes(masks: Tensor) -> Tensor:
 CHANGES: dict[str, list[tuple[object, str, object]]] = {
     "msda_gather": [(isda.deformable_attention, "ms_deform_attn", grid_sample_ms_deform_attn)],
     "msda_pixel_path": [(isda.deformable_attention.MSDeformAttn, "forward", msda_forward)],
+    "decoder_project_after": [(isda.deformable_attention.MSDeformAttn, "auto_project_after", False)],
     "unpadded_fast_path": [(isda.mask_features, "masked_upsample2x", masked_upsample2x),
                            (isda.mask_features.ConvGNReLU, "forward", conv_gn_relu_forward),
                            (isda.neck.Neck, "forward", neck_forward)],
@@ -133,6 +134,9 @@ DESCRIPTIONS = {
     "msda_pixel_path": "the attention module hands the core pixel positions (reference x size + offset) instead "
                        "of normalizing the offsets for the core to multiply back, and skips the value masking "
                        "when nothing is padded",
+    "decoder_project_after": "the decoder's cross-attention (300 queries on 20k tokens) samples the input map and "
+                             "applies value_proj to the samples only, instead of projecting all 20k tokens "
+                             "(value_proj is linear; its bias is weighted by the in-map sample weights)",
     "unpadded_fast_path": "masked ops skip the validity multiplications and the normalized (two-interpolation) "
                           "upsampling when the batch has no padding",
     "channels_last": "the batch is channels-last on CPU, so the backbone, neck and mask-feature convolutions "

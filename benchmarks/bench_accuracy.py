@@ -44,7 +44,7 @@ def _isda_run(cfg, data, out_dir: Path, budget: float, log) -> dict[str, Any]:
 
 def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None, num_train: int = 2000,
         num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
-        ablations: bool = True, log=print) -> dict[str, Any]:
+        maskrcnn_roi_batch: int = 128, ablations: bool = True, log=print) -> dict[str, Any]:
     """Each budget is a separate pair of fresh runs (ISDA, then Mask R-CNN), so that both get their whole
     budget-following lr schedule; the ablations are fresh ISDA runs at ``ablation_budget_s``."""
     out_root = Path(out_root)
@@ -66,7 +66,8 @@ def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None,
         results["isda"][key] = _isda_run(cfg, data, out_root / f"isda_{key}s_{stamp}", budget, log)
         log(f"  accuracy: Mask R-CNN R18-FPN, budget {budget:.0f} s")
         results["maskrcnn"][key] = train_maskrcnn(cfg, *data["train"], *data["val"], budget, lr=maskrcnn_lr,
-                                                  optimizer=maskrcnn_optimizer, log=log)
+                                                  optimizer=maskrcnn_optimizer, roi_batch=maskrcnn_roi_batch,
+                                                  log=log)
     if ablations and ablation_budget_s:
         results["ablation_budget_s"] = ablation_budget_s
         results["ablations"] = {}

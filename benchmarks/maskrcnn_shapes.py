@@ -36,9 +36,12 @@ from isda.evaluation import evaluate_masks, predictions_to_coco_results
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))
 
 
-def build_maskrcnn_r18(num_classes: int, min_size: int = 128, max_size: int = 192, detections: int = 100) -> nn.Module:
+def build_maskrcnn_r18(num_classes: int, min_size: int = 128, max_size: int = 192, detections: int = 100,
+                       roi_batch: int = 128) -> nn.Module:
     """Mask R-CNN R18-FPN (BatchNorm, all layers trainable, object-sized anchors) for ``num_classes``
-    foreground classes; no internal resizing (inputs arrive at their training/test size)."""
+    foreground classes; no internal resizing (inputs arrive at their training/test size). ``roi_batch``:
+    RoIs sampled per image for the box/mask heads (torchvision's default 512 is for COCO's crowded images;
+    with 2-6 objects per image 128 keeps the positives and halves the step)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -47,7 +50,8 @@ def build_maskrcnn_r18(num_classes: int, min_size: int = 128, max_size: int = 19
                                    trainable_layers=5)
     anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
     model = MaskRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
-                     min_size=min_size, max_size=max_size, box_detections_per_img=detections)
+                     min_size=min_size, max_size=max_size, box_detections_per_img=detections,
+                     box_batch_size_per_image=roi_batch)
     model.transform.resize = _no_resize
     return model
 
@@ -95,7 +99,8 @@ def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size
 def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path, val_ann: str | Path,
                    val_images: str | Path, budget_s: float, *, lr: float | None = None,
                    optimizer: str = "adamw", momentum: float = 0.9, warmup_iters: int = 100,
-                   clip_max_norm: float | None = None, seed: int | None = None, log=print) -> dict[str, Any]:
+                   clip_max_norm: float | None = None, roi_batch: int = 128, detections: int = 100,
+                   seed: int | None = None, log=print) -> dict[str, Any]:
     """Train from scratch for ``budget_s`` seconds of training time, then evaluate (COCO mask AP).
     Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
     epochs / lr steps, clipping; the lr schedule follows the budget exactly as ISDA's trainer does
@@ -109,7 +114,8 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     torch.manual_seed(seed)
     train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
     val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(cfg.data, False), train=False)
-    model = build_maskrcnn_r18(train_set.num_classes, cfg.data.test_short_side, cfg.data.test_max_size).train()
+    model = build_maskrcnn_r18(train_set.num_classes, cfg.data.test_short_side, cfg.data.test_max_size,
+                               detections=detections, roi_batch=roi_batch).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
@@ -122,7 +128,8 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     steps_per_epoch = math.ceil(len(sampler) / tcfg.batch_size)
 
     result: dict[str, Any] = {"lr": lr, "optimizer": optimizer, "clip_max_norm": clip_max_norm,
-                              "warmup_iters": warmup_iters, "batch_size": tcfg.batch_size, "nonfinite_steps": 0}
+                              "warmup_iters": warmup_iters, "batch_size": tcfg.batch_size, "roi_batch": roi_batch,
+                              "nonfinite_steps": 0}
     step, epoch, trained = 0, 0, 0.0
     start = time.perf_counter()
     while trained < budget_s:

@@ -24,7 +24,14 @@ class Worker:
         self.command = [sys.executable, "-m", "benchmarks.worker", *args]
         self.proc = subprocess.Popen(self.command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1)
-        self.ready = self._read()
+        self._ready: dict[str, Any] | None = None
+
+    @property
+    def ready(self) -> dict[str, Any]:
+        """The worker's first reply (model built); waits for it."""
+        if self._ready is None:
+            self._ready = self._read()
+        return self._ready
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
@@ -68,9 +75,10 @@ def compare(specs: dict[str, list[str]], repeats: int, warmup: int = 1, componen
     worker: timing summary, peak RSS (GiB), median component times, the command line."""
     workers: dict[str, Worker] = {}
     try:
-        for name, args in specs.items():
+        for name, args in specs.items():  # started together: the builds overlap, the timed runs do not
             workers[name] = Worker(name, args)
-            log(f"  {name}: built in {workers[name].ready['build_s']:.1f} s")
+        for name, w in workers.items():
+            log(f"  {name}: built in {w.ready['build_s']:.1f} s")
         for _ in range(warmup):
             for w in workers.values():
                 w.ask("run")

@@ -127,7 +127,8 @@ def section_accuracy(args, log) -> dict[str, Any]:
 
     return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.ablation_budget,
                               num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
-                              maskrcnn_optimizer=args.maskrcnn_optimizer, ablations=args.ablation_budget > 0, log=log)
+                              maskrcnn_optimizer=args.maskrcnn_optimizer, maskrcnn_roi_batch=args.maskrcnn_roi_batch,
+                              ablations=args.ablation_budget > 0, log=log)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
     p.add_argument("--maskrcnn-optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--maskrcnn-roi-batch", type=int, default=128, help="RoIs per image for the box/mask heads")
     p.add_argument("--json", type=Path, help="results file (default docs/benchmarks.json, quick: runs/bench/quick.json)")
     p.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)

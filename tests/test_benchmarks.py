@@ -69,6 +69,58 @@ def test_ms_deform_attn_gather_chunks_queries_without_grad():
     torch.testing.assert_close(whole, reference_ms_deform_attn(value, ss, loc, w), rtol=1e-12, atol=1e-12)
 
 
+def test_gather_with_one_map_shared_by_all_heads():
+    """value (B, S, 1, D) sampled by every head == the same map repeated per head (forward and gradients)."""
+    from isda.ops import gather_ms_deform_attn_pixels
+
+    _, ss, loc, w = msda_problem(6, SMALL_LEVELS, batch=2, heads=3, head_dim=5, points=2, dtype=torch.float64,
+                                 requires_grad=True)
+    shared = torch.randn(2, int((ss[:, 0] * ss[:, 1]).sum()), 1, 5, dtype=torch.float64, requires_grad=True)
+    size = torch.tensor([[wd, h] for h, wd in SMALL_LEVELS], dtype=torch.float64).view(4, 1, 2)
+    out = gather_ms_deform_attn_pixels(shared, SMALL_LEVELS, loc * size + 0.5, w)
+    ref = reference_ms_deform_attn(shared.expand(-1, -1, 3, -1), ss, loc, w)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (shared, loc, w), g), torch.autograd.grad(ref, (shared, loc, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.autograd.gradcheck(lambda v, l, a: gather_ms_deform_attn_pixels(v, SMALL_LEVELS[:2], l, a),
+                             (shared[:1, :152].detach().requires_grad_(), (loc[:1, :2, :, :2] * size[:2] + 0.5).detach()
+                              .requires_grad_(), w[:1, :2, :, :2].detach().requires_grad_()), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_projecting_after_sampling_equals_projecting_before(padded):
+    """MSDeformAttn's decoder path (value_proj applied to the sampled input rows) vs the encoder path
+    (value_proj on the whole map, then sampling): same outputs and gradients."""
+    from isda.deformable_attention import MSDeformAttn
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(dim=64, num_levels=4, num_heads=4, num_points=3)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
+    torch.nn.init.normal_(attn.attention_weights.weight, std=0.3)
+    torch.nn.init.normal_(attn.value_proj.bias, std=0.5)
+    ss = torch.tensor(SMALL_LEVELS)
+    S = int((ss[:, 0] * ss[:, 1]).sum())
+    query, value = torch.randn(2, 7, 64), torch.randn(2, S, 64)
+    ref_points = torch.rand(2, 7, 4, 2)
+    mask = torch.zeros(2, S, dtype=torch.bool)
+    if padded:
+        mask[1, ::3] = True
+    results = []
+    for after in (True, False):
+        attn.project_after = after
+        attn.zero_grad()
+        v = value.clone().requires_grad_(True)
+        out = attn(query, ref_points, v, ss, mask)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), v.grad, {n: p.grad.clone() for n, p in attn.named_parameters()}))
+    (o1, gv1, gp1), (o2, gv2, gp2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv1, gv2, rtol=1e-4, atol=1e-5)
+    for n in gp1:
+        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-4, atol=1e-4, msg=n)
+
+
 def test_ms_deform_attn_gradcheck_gather():
     value, ss, loc, w = msda_problem(3, ((4, 3), (2, 2)), heads=2, head_dim=2, points=2, dtype=torch.float64,
                                      requires_grad=True)
@@ -94,9 +146,21 @@ def _tiny():
     return isda.build_model("isda_tiny", num_classes=3)
 
 
-@pytest.mark.parametrize("sizes", [[(64, 96)], [(45, 70), (96, 80)]], ids=["unpadded", "padded_batch"])
+@pytest.mark.parametrize("sizes", [[(192, 256)], [(45, 70), (96, 80)]], ids=["unpadded", "padded_batch"])
 def test_inference_equals_straightforward_code(sizes):
     model = _tiny().eval()
+    if sizes == [(192, 256)]:  # large enough that the decoder projects after sampling
+        from isda.deformable_attention import MSDeformAttn
+
+        calls = []
+        original = MSDeformAttn._gather_then_project
+        MSDeformAttn._gather_then_project = lambda self, *a: calls.append(1) or original(self, *a)
+        try:
+            with torch.no_grad():
+                model([torch.rand(3, *sizes[0])])
+        finally:
+            MSDeformAttn._gather_then_project = original
+        assert len(calls) == model.cfg.dec_layers
     images = [torch.rand(3, *s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sizes)]
     batch, mask = model.batch_images(images)
     with torch.no_grad():
@@ -202,3 +266,24 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     assert "ISDA / Mask R-CNN" in page and "Deformable attention core" in page and "not measured" in page.lower()
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
+
+
+def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
+    from benchmarks.maskrcnn_shapes import to_maskrcnn_target, train_maskrcnn
+    from isda.config import apply_overrides, get_preset
+    from isda.data import make_shapes_dataset
+
+    masks = torch.zeros(2, 20, 30, dtype=torch.bool)
+    masks[0, 3, 4:9] = True  # one pixel high: the box must still have a positive size
+    masks[1, 5:15, 10:11] = True
+    t = to_maskrcnn_target({"labels": torch.tensor([0, 4]), "masks": masks})
+    assert t["labels"].tolist() == [1, 5] and t["masks"].dtype == torch.uint8
+    assert t["boxes"].tolist() == [[4.0, 3.0, 9.0, 4.0], [10.0, 5.0, 11.0, 15.0]]
+
+    data = make_shapes_dataset(tmp_path / "shapes", num_train=4, num_val=2, image_size=64, seed=0)
+    cfg = apply_overrides(get_preset("isda_tiny"), {"batch_size": 2, "num_workers": 0, "test_short_side": 64,
+                                                    "train_short_sides": [64], "test_max_size": 64})
+    res = train_maskrcnn(cfg, *data["train"], *data["val"], budget_s=0.01, warmup_iters=1, roi_batch=32, detections=10,
+                         log=lambda m: None)
+    assert res["iterations"] == 1 and res["nonfinite_steps"] == 0
+    assert set(res["ap"]) >= {"AP", "AP50", "AP75"} and 0.0 <= res["ap"]["AP"] <= 1.0

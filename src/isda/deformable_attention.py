@@ -12,6 +12,9 @@ from .ops import gather_ms_deform_attn_pixels, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
+    # CPU: with project_after None, project after sampling when that gathers and multiplies less.
+    auto_project_after = True
+
     def __init__(self, dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4) -> None:
         super().__init__()
         self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
@@ -21,6 +24,8 @@ class MSDeformAttn(nn.Module):
         self.output_proj = nn.Linear(dim, dim)
         self.keep_sampling = False  # set to keep the last (locations, weights) for visualization
         self.last_sampling: tuple[Tensor, Tensor] | None = None
+        # CPU: project the values after sampling them (True), before (False), or whichever gathers less (None).
+        self.project_after: bool | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -54,32 +59,77 @@ class MSDeformAttn(nn.Module):
                 value_padding_mask: Tensor | None = None) -> Tensor:
         """query (B, Q, C); reference_points (B, Q, L, 2) normalized; value (B, S, C); mask (B, S) True=pad."""
         B, S, C = value.shape
-        v = self.value_proj(value)
-        if value_padding_mask is not None and bool(value_padding_mask.any()):
-            v = v.masked_fill(value_padding_mask[..., None], 0.0)  # padded tokens contribute nothing
-        v = v.view(B, S, self.num_heads, C // self.num_heads)
+        padded = value_padding_mask is not None and bool(value_padding_mask.any())
+        M, Q = self.num_heads, query.shape[1]
         # The core runs in float32 under autocast: half-precision sampling overflows (known peer bug).
         if query.device.type == "cpu" and not self.keep_sampling:
-            with torch.autocast(device_type="cpu", enabled=False):
-                out = self._gather(query, reference_points, v.float(), spatial_shapes)
-        else:
-            locations, weights = self.sample(query, reference_points, spatial_shapes)
-            if self.keep_sampling:
-                self.last_sampling = (locations.detach(), weights.detach())
-            with torch.autocast(device_type=query.device.type, enabled=False):
-                out = ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
+            samples = Q * M * 4 * self.num_levels * self.num_points  # rows gathered
+            auto = self.auto_project_after and samples + Q * C < S * C
+            if self.project_after if self.project_after is not None else auto:
+                # Few queries on a large map (the decoder): sample the input map, project only the samples.
+                out = self._gather_then_project(query, reference_points, value, spatial_shapes,
+                                                 value_padding_mask if padded else None)
+                return self.output_proj(out.to(query.dtype))
+            v = self.value_proj(value)
+            if padded:
+                v = v.masked_fill(value_padding_mask[..., None], 0.0)  # padded tokens contribute nothing
+            out = self._gather(query, reference_points, v.view(B, S, M, C // M), spatial_shapes)
+            return self.output_proj(out.to(query.dtype))
+        v = self.value_proj(value)
+        if padded:
+            v = v.masked_fill(value_padding_mask[..., None], 0.0)  # padded tokens contribute nothing
+        v = v.view(B, S, M, C // M)
+        locations, weights = self.sample(query, reference_points, spatial_shapes)
+        if self.keep_sampling:
+            self.last_sampling = (locations.detach(), weights.detach())
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            out = ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
         return self.output_proj(out.to(query.dtype))
 
-    def _gather(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor) -> Tensor:
-        """``sample`` + ``ms_deform_attn`` (gather implementation) in pixel units: a sample's position in a
-        level is reference * size + offset (what ``sample`` normalizes and the core multiplies back)."""
+    def _pixels_and_weights(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor
+                            ) -> tuple[list[tuple[int, int]], Tensor, Tensor]:
+        """``sample`` in the gather core's units: a sample's position in a level is reference * size + offset
+        (which ``sample`` divides by the size and the core multiplies back), + 0.5 for the zero border."""
         B, Q, _ = query.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
-        offsets = self.sampling_offsets(query).float().view(B, Q, M, L, P, 2)
-        weights = F.softmax(self.attention_weights(query).float().view(B, Q, M, L * P), -1).view(B, Q, M, L, P)
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        size = offsets.new_tensor([[w, h] for h, w in shapes]).view(L, 2)
-        # (B, Q, L, 2) -> (B, Q, 1, L, P, 2) in the core's border pixels (pixel centres at 1..size).
-        ref = torch.addcmul(offsets.new_full((), 0.5), reference_points.float(), size)
-        pixels = offsets + ref[:, :, None, :, None, :].expand(B, Q, 1, L, P, 2).contiguous()
-        return gather_ms_deform_attn_pixels(value, shapes, pixels, weights)
+        offsets = self.sampling_offsets(query)
+        logits = self.attention_weights(query)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            weights = F.softmax(logits.float().view(B, Q, M, L * P), -1).view(B, Q, M, L, P)
+            shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+            size = weights.new_tensor([[w, h] for h, w in shapes]).view(L, 2)
+            # (B, Q, L, 2) -> (B, Q, 1, L, P, 2) in the core's border pixels (pixel centres at 1..size).
+            ref = torch.addcmul(weights.new_full((), 0.5), reference_points.float(), size)
+            pixels = offsets.float().view(B, Q, M, L, P, 2) + ref[:, :, None, :, None, :].expand(B, Q, 1, L, P, 2).contiguous()
+        return shapes, pixels, weights
+
+    def _gather(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor) -> Tensor:
+        """``sample`` + ``ms_deform_attn`` (gather implementation) on projected values (B, S, heads, head_dim)."""
+        shapes, pixels, weights = self._pixels_and_weights(query, reference_points, spatial_shapes)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            return gather_ms_deform_attn_pixels(value.float(), shapes, pixels, weights)
+
+    def _gather_then_project(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+                             padding_mask: Tensor | None) -> Tensor:
+        """The same result with value_proj moved after the sampling (it is linear, and bilinear sampling and the
+        weighted sum are linear): every head samples the *input* map, and each head's weighted sum of input
+        rows goes through that head's slice of value_proj. The bias counts with the total weight of the
+        samples inside the map (outside ones read the zero padding of the projected map, bias included), so a
+        column of ones (zeros for padded tokens) rides along. Cheaper when queries x heads x samples is small
+        next to the map (the decoder: 300 queries on 20k tokens)."""
+        B, S, C = value.shape
+        M = self.num_heads
+        shapes, pixels, weights = self._pixels_and_weights(query, reference_points, spatial_shapes)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            x = value.float()
+            inside = x.new_ones(B, S, 1)
+            if padding_mask is not None:
+                x = x.masked_fill(padding_mask[..., None], 0.0)
+                inside = inside.masked_fill(padding_mask[..., None], 0.0)
+            table = torch.cat([x, inside], -1).view(B, S, 1, C + 1)
+            sampled = gather_ms_deform_attn_pixels(table, shapes, pixels, weights).view(B * pixels.shape[1], M, C + 1)
+            w = self.value_proj.weight.float().view(M, C // M, C)
+            b = self.value_proj.bias.float().view(M, C // M)
+            out = torch.bmm(sampled[..., :C].transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # (B*Q, M, C/M)
+            out = torch.addcmul(out, sampled[..., C:], b)
+        return out.reshape(B, -1, C)

@@ -8,10 +8,11 @@ Two implementations of the same function, chosen by device (``impl="auto"``):
   (grid_sample reads each channel from a different plane), the weighted sum over levels, points and
   corners happens inside the kernel (no ``sampled * weights`` temporaries) and the output comes out in
   the ``(B, Q, heads * head_dim)`` layout directly. Each level is stored with a zero border (1 pixel
-  before, 2 after), so clamping the continuous coordinate replaces the per-corner bounds checks.
-  The backward is hand-written (:class:`_WeightedGatherSum`): value gradient as the transposed gather
-  (a stable sort of the rows, then ``embedding_bag`` again), weight gradient as a sampled
-  dense-dense product.
+  before, 2 after), so clamping the continuous coordinate replaces the per-corner bounds checks, and
+  queries go through in chunks (cache-sized temporaries). The backward (:class:`_GatherMSDeformAttn`)
+  recomputes the corners instead of keeping them, takes the value gradient as the transposed gather (one
+  stable sort of the samples' top-left rows, then ``embedding_bag`` per corner), the corner-weight
+  gradient as a sampled dense-dense product, and the location / weight gradients in closed form.
 * ``"grid_sample"`` (other devices): ``F.grid_sample`` per level with the heads folded into the batch.
 
 Both agree with a dense float64 reference to ~1e-12 (tests/test_ops.py, tests/test_benchmarks.py).
@@ -98,7 +99,9 @@ def gather_ms_deform_attn_pixels(value: Tensor, shapes: list[tuple[int, int]], p
     """The gather implementation, from sampling positions in *border pixels*: ``x * W_l + 0.5`` (and
     ``y * H_l + 0.5``) for a normalized (x, y), i.e. pixel centres at 1..W_l. Callers that have pixel
     offsets (:class:`isda.deformable_attention.MSDeformAttn`) skip the normalization round trip.
-    Queries are processed ``chunk`` at a time (cache-sized temporaries)."""
+    ``value`` is (B, S, heads, D) as for :func:`ms_deform_attn`, or (B, S, 1, D): one map that every
+    head samples (the output is then (B, Q, heads * D)). Queries are processed ``chunk`` at a time
+    (cache-sized temporaries)."""
     shapes = tuple((int(h), int(w)) for h, w in shapes)
     pixels, attention_weights = pixels.to(value.dtype), attention_weights.to(value.dtype)
     if torch.is_grad_enabled() and (value.requires_grad or pixels.requires_grad or attention_weights.requires_grad):
@@ -108,11 +111,12 @@ def gather_ms_deform_attn_pixels(value: Tensor, shapes: list[tuple[int, int]], p
 
 def _gather_forward(value: Tensor, pixels: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...],
                     chunk: int) -> Tensor:
-    B, S, M, D = value.shape
+    B, S, Mv, D = value.shape
+    M = pixels.shape[2]
     table, rows, starts = _value_table(value, shapes)
     outs = []
     for q0 in range(0, pixels.shape[1], chunk):
-        idx, weights, _, _ = _corners(pixels[:, q0 : q0 + chunk], attn[:, q0 : q0 + chunk], shapes, rows, starts, M)
+        idx, weights, _, _ = _corners(pixels[:, q0 : q0 + chunk], attn[:, q0 : q0 + chunk], shapes, rows, starts, Mv)
         outs.append(F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum").view(B, -1, M * D))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
@@ -139,13 +143,14 @@ def _corner_offsets(shapes: tuple[tuple[int, int], ...], M: int) -> list[list[in
 
 
 def _corners(pixels: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...], rows: int, starts: list[int],
-             M: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             table_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Table rows (B*Q*M, 4*L*P) and weights of every sample's 4 bilinear corners (corner order (y, x): 00,
     01, 10, 11, then level, point), the fractional positions (B, Q, M, L, P, 2) and the top-left rows
-    (B, Q, M, L, P)."""
-    B, Q, _, L, P, _ = pixels.shape
+    (B, Q, M, L, P). ``table_heads``: M (a value map per head) or 1 (one map shared by every head)."""
+    B, Q, M, L, P, _ = pixels.shape
+    Mv = table_heads
     dev, dtype = pixels.device, pixels.dtype
-    itype = torch.int32 if B * rows * M < 2**31 - 1 else torch.int64
+    itype = torch.int32 if B * rows * Mv < 2**31 - 1 else torch.int64
     # Per-(level, point, axis) constants, expanded so that every elementwise op below runs over a
     # contiguous inner block (L * P [* 2]) instead of broadcasting inside a 2-element dimension.
     hi = torch.tensor([[w + 1, h + 1] for h, w in shapes], dtype=dtype, device=dev).view(L, 1, 2).expand(L, P, 2)
@@ -155,13 +160,14 @@ def _corners(pixels: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...], 
     ixy = xy0.to(itype)
     fx, fy = frac[..., 0], frac[..., 1]
 
-    row = torch.tensor([(w + 3) * M for _, w in shapes], dtype=itype, device=dev).view(L, 1).expand(L, P)
+    row = torch.tensor([(w + 3) * Mv for _, w in shapes], dtype=itype, device=dev).view(L, 1).expand(L, P)
+    head = torch.arange(M, dtype=itype, device=dev) if Mv == M else torch.zeros(M, dtype=itype, device=dev)
     base = ((torch.arange(B, dtype=itype, device=dev).view(B, 1, 1, 1) * rows
-             + torch.tensor(starts, dtype=itype, device=dev).view(1, 1, L, 1)) * M
-            + torch.arange(M, dtype=itype, device=dev).view(1, M, 1, 1)).expand(B, M, L, P).unsqueeze(1)
+             + torch.tensor(starts, dtype=itype, device=dev).view(1, 1, L, 1)) * Mv
+            + head.view(1, M, 1, 1)).expand(B, M, L, P).unsqueeze(1)
     top_left = ixy[..., 1] * row.contiguous()  # (B, Q, M, L, P)
-    top_left.add_(ixy[..., 0], alpha=M).add_(base.contiguous())
-    corner = torch.tensor(_corner_offsets(shapes, M), dtype=itype, device=dev).t()  # (4, L)
+    top_left.add_(ixy[..., 0], alpha=Mv).add_(base.contiguous())
+    corner = torch.tensor(_corner_offsets(shapes, Mv), dtype=itype, device=dev).t()  # (4, L)
     idx = torch.empty(B, Q, M, 4, L, P, dtype=itype, device=dev)
     torch.add(top_left.unsqueeze(3), corner.unsqueeze(-1).expand(4, L, P).contiguous(), out=idx)
 
@@ -199,10 +205,10 @@ class _GatherMSDeformAttn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         value, pixels, attn = ctx.saved_tensors
         shapes = ctx.shapes
-        B, S, M, D = value.shape
-        _, Q, _, L, P, _ = pixels.shape
+        B, S, Mv, D = value.shape
+        _, Q, M, L, P, _ = pixels.shape
         table, rows, starts = _value_table(value, shapes)
-        idx, weights, frac, top_left = _corners(pixels, attn, shapes, rows, starts, M)
+        idx, weights, frac, top_left = _corners(pixels, attn, shapes, rows, starts, Mv)
         n, K = idx.shape
         grad = grad.reshape(n, D).contiguous()
         grad_value = grad_pixels = grad_attn = None
@@ -219,15 +225,15 @@ class _GatherMSDeformAttn(torch.autograd.Function):
                 w = weights.view(-1).index_select(0, position if c == 0 else position + c * L * P)
                 g = F.embedding_bag(bags, grad, offsets, mode="sum", include_last_offset=True, per_sample_weights=w)
                 if grad_table is None:  # corner 00: no offset
-                    grad_table = g.view(B, rows * M, D)
+                    grad_table = g.view(B, rows * Mv, D)
                     continue
-                g = g.view(B, rows * M, D)
-                for (h, w_), p0, offs in zip(shapes, starts, _corner_offsets(shapes, M)):
-                    lo, hi, o = p0 * M, (p0 + (h + 3) * (w_ + 3)) * M, offs[c]
+                g = g.view(B, rows * Mv, D)
+                for (h, w_), p0, offs in zip(shapes, starts, _corner_offsets(shapes, Mv)):
+                    lo, hi, o = p0 * Mv, (p0 + (h + 3) * (w_ + 3)) * Mv, offs[c]
                     grad_table[:, lo + o : hi] += g[:, lo : hi - o]
-            grad_value = torch.cat([grad_table[:, p0 * M : (p0 + (h + 3) * (w + 3)) * M].view(B, h + 3, w + 3, M * D)
-                                    [:, 1 : h + 1, 1 : w + 1].reshape(B, h * w, M * D)
-                                    for (h, w), p0 in zip(shapes, starts)], 1).view(B, S, M, D)
+            grad_value = torch.cat([grad_table[:, p0 * Mv : (p0 + (h + 3) * (w + 3)) * Mv].view(B, h + 3, w + 3, Mv * D)
+                                    [:, 1 : h + 1, 1 : w + 1].reshape(B, h * w, Mv * D)
+                                    for (h, w), p0 in zip(shapes, starts)], 1).view(B, S, Mv, D)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # d out / d weights[i, k] = table[idx[i, k]]: a dense-dense product sampled at the index pattern
             # (a CSR matrix whose row i holds the K columns idx[i]).
