@@ -502,7 +502,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     torch.save({"model": export_state_dict(isda.build_model("isda_tiny"), "detr")}, path)
     with pytest.raises(WeightsError) as e:
         load_pretrained(path, isda.build_model("isda_tiny", num_queries=20))
-    assert_one_line_error(e, str(path), "query_embed.weight", "(30, 256)", "(20, 256)")
+    assert_one_line_error(e, str(path), "query_embed.weight", "(100, 256)", "(20, 256)")
 
 
 class _RunsCode:
