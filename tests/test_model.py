@@ -112,8 +112,9 @@ class PerImageBackbone(nn.Module):
                            for f in per_image]) for lvl, ref in enumerate(self.inner(x))]
 
 
-def test_padding_does_not_change_predictions():
-    model = tiny().eval()
+@pytest.mark.parametrize("query_selection", [False, True])
+def test_padding_does_not_change_predictions(query_selection):
+    model = tiny(query_selection=query_selection).eval()
     small, large = torch.rand(3, 75, 90), torch.rand(3, 150, 170)
     inner = model.backbone
     with torch.no_grad():

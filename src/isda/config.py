@@ -38,6 +38,11 @@ class ModelConfig:
     ffn_dim: int = 1024
     dropout: float = 0.1
     num_queries: int = 300
+    # Opt-in, not in the paper: reference points from the top-scoring encoder tokens (see transformer.py).
+    query_selection: bool = False
+    # Opt-in, training only (H-DETR hybrid matching): extra queries matched one-to-many to the ground truth
+    # repeated loss.hybrid_repeats times; not built at inference, so the model stays NMS-free.
+    hybrid_queries: int = 0
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -63,6 +68,7 @@ class ModelConfig:
         _check(self.hidden_dim % 2 == 0, "model.hidden_dim", "must be even (sine encoding)")
         _check(self.num_levels == 4, "model.num_levels", "ISDA uses the 4 maps P3..P6")
         _check(self.num_queries >= 1, "model.num_queries", "must be >= 1")
+        _check(self.hybrid_queries >= 0, "model.hybrid_queries", "must be >= 0")
         _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
         _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
         _check(self.hidden_dim % 32 == 0 and self.mask_feat_channels % 32 == 0, "model.hidden_dim",
@@ -78,6 +84,8 @@ class LossConfig:
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
+    hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
+    hybrid_weight: float = 1.0  # weight of the one-to-many branch's losses
 
 
 @dataclass
@@ -127,6 +135,7 @@ class Config:
         self.model.validate()
         _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
         _check(self.train.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.train.eval_every >= 1, "train.eval_every", "must be >= 1")

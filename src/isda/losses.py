@@ -22,7 +22,11 @@ def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
 
 def num_instances(targets: list[dict[str, Tensor]], device: torch.device) -> float:
     """Instances per process, averaged over processes when distributed (the normalizer of both losses)."""
-    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    return _mean_over_processes(float(sum(len(t["labels"]) for t in targets)), device)
+
+
+def _mean_over_processes(count: float, device: torch.device) -> float:
+    n = torch.tensor(count, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(n)
         n = n / dist.get_world_size()
@@ -55,6 +59,26 @@ class SetCriterion:
         losses["loss"] = sum(self.cfg.class_weight * v if k.endswith("cls") else self.cfg.dice_weight * v
                              for k, v in losses.items())
         return losses
+
+    def encoder_loss(self, logits: Tensor, centers: Tensor, padding: Tensor, targets: list[dict[str, Tensor]],
+                     masks: list[Tensor]) -> Tensor:
+        """Query selection's token classifier: logits (B, S, C); token centres (S, 2) in [0, 1] of the padded
+        batch; padding (B, S); masks[b] (N_b, H, W) bool, padded to the batch. A token is positive for the
+        class of every instance whose mask holds its centre. Focal loss over the real tokens, normalized by
+        the positive tokens (as dense detectors do)."""
+        target = torch.zeros_like(logits)
+        for b, (t, m) in enumerate(zip(targets, masks)):
+            if len(t["labels"]):
+                H, W = m.shape[-2:]
+                x = (centers[:, 0] * W).long().clamp(max=W - 1)
+                y = (centers[:, 1] * H).long().clamp(max=H - 1)
+                inside = m[:, y, x].T.float()  # (S, N)
+                onehot = F.one_hot(t["labels"], logits.shape[-1]).float()
+                target[b] = (inside @ onehot).clamp(max=1)
+        valid = ~padding
+        norm = _mean_over_processes(float(target[valid].amax(-1).sum()), logits.device)
+        return sigmoid_focal_loss(logits[valid], target[valid], self.cfg.focal_alpha, self.cfg.focal_gamma,
+                                  reduction="sum") / norm
 
     def layer_losses(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                      target_masks: list[Tensor], norm: float) -> tuple[Tensor, Tensor]:

@@ -91,8 +91,22 @@ class ISDA(nn.Module):
         out = self.forward_features(batch, mask)
         if self.training:
             size = out["mask_logits"].shape[-2:]
-            target_masks = [downsample_masks(_pad_masks(t["masks"], batch.shape[-2:]), size) for t in targets]
-            return self.criterion(out["logits"], out["mask_logits"], targets, target_masks)
+            padded = [_pad_masks(t["masks"], batch.shape[-2:]) for t in targets]
+            small = [downsample_masks(m, size) for m in padded]
+            Q = self.cfg.num_queries
+            losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small)
+            if self.cfg.hybrid_queries:
+                k = self.criterion.cfg.hybrid_repeats
+                repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
+                hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
+                                        [m.repeat(k, 1, 1) for m in small])
+                losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
+                losses.update({f"h.{name}": value for name, value in hybrid.items()})
+            if "enc_logits" in out:
+                losses["enc.loss_cls"] = self.criterion.encoder_loss(
+                    out["enc_logits"], out["token_centers"], out["token_padding"], targets, padded)
+                losses["loss"] = losses["loss"] + self.criterion.cfg.class_weight * losses["enc.loss_cls"]
+            return losses
         sizes = [tuple(im.shape[1:]) for im in images]
         return self.postprocess(out, sizes, output_sizes or sizes)
 

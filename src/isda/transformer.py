@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import Tensor, nn
@@ -46,9 +47,10 @@ class DecoderLayer(nn.Module):
         self.ffn = FFN(d, cfg.ffn_dim, cfg.dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, memory_padding_mask: Tensor) -> Tensor:
+                spatial_shapes: Tensor, memory_padding_mask: Tensor, self_attn_mask: Tensor | None = None) -> Tensor:
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                                            need_weights=False)[0]))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         return self.ffn(self.norm2(tgt + self.dropout2(attn)))
 
@@ -66,16 +68,57 @@ def valid_ratios(padding_mask: Tensor) -> Tensor:
     return torch.stack([w, h], -1)
 
 
-def encoder_reference_points(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
-    """Pixel centres of every level, normalized by the valid region -> (B, S, L, 2)."""
-    refs = []
-    for lvl, (h, w) in enumerate(spatial_shapes):
-        ys, xs = torch.meshgrid(torch.arange(h, device=ratios.device) + 0.5,
-                                torch.arange(w, device=ratios.device) + 0.5, indexing="ij")
-        ys = ys.reshape(1, -1) / (ratios[:, None, lvl, 1] * h)
-        xs = xs.reshape(1, -1) / (ratios[:, None, lvl, 0] * w)
-        refs.append(torch.stack([xs, ys], -1))
-    return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
+def token_centers(spatial_shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """(x, y) centre of every token of every level, normalized by its (padded) map size -> (S, 2)."""
+    centers = []
+    for h, w in spatial_shapes:
+        ys, xs = torch.meshgrid((torch.arange(h, device=device) + 0.5) / h,
+                                (torch.arange(w, device=device) + 0.5) / w, indexing="ij")
+        centers.append(torch.stack([xs.flatten(), ys.flatten()], -1))
+    return torch.cat(centers)
+
+
+def token_level_ratios(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
+    """(B, L, 2) valid ratios -> (B, S, 2): each token's own level's ratio."""
+    counts = torch.tensor([h * w for h, w in spatial_shapes], device=ratios.device)
+    return ratios.repeat_interleave(counts, dim=1)
+
+
+class QuerySelection(nn.Module):
+    """Opt-in, not in the paper (``model.query_selection``): image-dependent reference points. Every encoder
+    token is classified by its own head; the top-Q tokens' centres become the decoder queries' reference
+    points and, through a sine encoding + MLP, their position embeddings; the content stays learned (DINO's
+    "mixed" query selection). The paper's image-independent points are what make DETR-style training slow."""
+
+    def __init__(self, dim: int, num_classes: int, prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.output = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.class_embed = nn.Linear(dim, num_classes)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.pos_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, memory: Tensor, padding_mask: Tensor, positions: Tensor, num_queries: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """memory (B, S, C), padding (B, S), token positions (B, S, 2) normalized to the valid region ->
+        token class logits (B, S, classes), reference points (B, Q, 2) and query positions (B, Q, C)."""
+        logits = self.class_embed(self.norm(self.output(memory)))
+        score = logits.detach().amax(-1).masked_fill(padding_mask, float("-inf"))
+        k = min(num_queries, score.shape[1])
+        index = score.topk(k, dim=1).indices
+        if k < num_queries:  # a map smaller than the query count: tokens are reused
+            index = index.repeat(1, -(-num_queries // k))[:, :num_queries]
+        reference = positions.gather(1, index[..., None].expand(-1, -1, 2)).clamp(0, 1)
+        return logits, reference, self.pos_mlp(point_encoding(reference, memory.shape[-1]))
+
+
+def point_encoding(points: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """(..., 2) points in [0, 1] -> (..., dim) sine encoding, [y features, x features] as the maps' own."""
+    dim_t = torch.arange(dim // 2, dtype=torch.float32, device=points.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / (dim // 2))
+    pos = points.float()[..., None] * (2 * math.pi) / dim_t  # (..., 2, dim/2)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), -1).flatten(-2)
+    return torch.cat((pos[..., 1, :], pos[..., 0, :]), -1).to(points.dtype)
 
 
 class DeformableTransformer(nn.Module):
@@ -84,15 +127,23 @@ class DeformableTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.hidden_dim
+        self.num_queries, self.hybrid_queries = cfg.num_queries, cfg.hybrid_queries
+        total = cfg.num_queries + cfg.hybrid_queries
         self.level_embed = nn.Parameter(torch.empty(cfg.num_levels, d))
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        # Each query: a learned (position, content) pair; its reference point is predicted from the position.
-        self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
-        self.reference_points = nn.Linear(d, 2)
         nn.init.normal_(self.level_embed)
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
+        if cfg.query_selection:
+            self.query_selection = QuerySelection(d, cfg.num_classes)
+            self.query_content = nn.Embedding(total, d)
+        else:
+            # The paper: each query a learned (position, content) pair; its reference point is predicted
+            # from the position.
+            self.query_selection = None
+            self.query_embed = nn.Embedding(total, 2 * d)
+            self.reference_points = nn.Linear(d, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> dict[str, Tensor]:
         shapes = [tuple(s.shape[-2:]) for s in srcs]
@@ -102,19 +153,32 @@ class DeformableTransformer(nn.Module):
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos_embed = _flatten_levels([p + self.level_embed[i].view(1, -1, 1, 1) for i, p in enumerate(pos)])
 
-        ref = encoder_reference_points(shapes, ratios)
+        centers = token_centers(shapes, src.device)  # (S, 2) in padded-map coordinates
+        positions = centers / token_level_ratios(shapes, ratios)  # (B, S, 2) in valid-region coordinates
         memory = src
         for layer in self.encoder:
-            memory = layer(memory, pos_embed, ref, spatial_shapes, mask)
+            memory = layer(memory, pos_embed, positions[:, :, None] * ratios[:, None], spatial_shapes, mask)
 
         B = memory.shape[0]
-        query_pos, tgt = self.query_embed.weight.split(memory.shape[-1], dim=1)
-        query_pos, tgt = query_pos.expand(B, -1, -1), tgt.expand(B, -1, -1)
-        reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2), normalized to the valid region
+        # Training-only one-to-many queries (H-DETR) follow the one-to-one queries; at inference they are not built.
+        hybrid = self.hybrid_queries if self.training else 0
+        total = self.num_queries + hybrid
+        out = {"memory": memory, "spatial_shapes": spatial_shapes, "valid_ratios": ratios}
+        if self.query_selection is not None:
+            out["enc_logits"], reference, query_pos = self.query_selection(memory, mask, positions, total)
+            out["token_centers"], out["token_padding"] = centers, mask
+            tgt = self.query_content.weight[:total].expand(B, -1, -1)
+        else:
+            query_pos, tgt = self.query_embed.weight[:total].split(memory.shape[-1], dim=1)
+            query_pos, tgt = query_pos.expand(B, -1, -1), tgt.expand(B, -1, -1)
+            reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2), normalized to the valid region
         ref_input = reference[:, :, None] * ratios[:, None]
+        attn_mask = None
+        if hybrid:  # the two query sets do not see each other (True = blocked)
+            one = torch.arange(total, device=memory.device) < self.num_queries
+            attn_mask = one[:, None] != one[None, :]
         hidden = []
         for layer in self.decoder:
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, mask)
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, mask, attn_mask)
             hidden.append(tgt)
-        return {"hidden": torch.stack(hidden), "reference_points": reference, "memory": memory,
-                "spatial_shapes": spatial_shapes, "valid_ratios": ratios}
+        return {**out, "hidden": torch.stack(hidden), "reference_points": reference}
