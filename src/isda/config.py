@@ -81,6 +81,7 @@ class LossConfig:
     focal_gamma: float = 2.0
     class_weight: float = 2.0
     dice_weight: float = 3.0
+    mask_bce_weight: float = 0.0  # opt-in, not in the paper: + binary cross-entropy on matched masks
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)

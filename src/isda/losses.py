@@ -47,17 +47,19 @@ class SetCriterion:
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                  target_masks: list[Tensor]) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
-        at the mask stride. Returns losses for the last layer (``loss_cls``, ``loss_dice``), the other
-        layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
+        at the mask stride. Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce``
+        when ``mask_bce_weight``), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
         layers = range(logits.shape[0]) if self.cfg.aux_loss else [logits.shape[0] - 1]
         losses: dict[str, Tensor] = {}
         for layer in layers:
-            cls, dice = self.layer_losses(logits[layer], mask_logits[layer], targets, target_masks, norm)
             prefix = "" if layer == logits.shape[0] - 1 else f"d{layer}."
-            losses[f"{prefix}loss_cls"], losses[f"{prefix}loss_dice"] = cls, dice
-        losses["loss"] = sum(self.cfg.class_weight * v if k.endswith("cls") else self.cfg.dice_weight * v
-                             for k, v in losses.items())
+            for name, value in self.layer_losses(logits[layer], mask_logits[layer], targets, target_masks,
+                                                 norm).items():
+                losses[prefix + name] = value
+        weights = {"loss_cls": self.cfg.class_weight, "loss_dice": self.cfg.dice_weight,
+                   "loss_bce": self.cfg.mask_bce_weight}
+        losses["loss"] = sum(weights[k.rpartition(".")[2]] * v for k, v in losses.items())
         return losses
 
     def encoder_loss(self, logits: Tensor, centers: Tensor, padding: Tensor, targets: list[dict[str, Tensor]],
@@ -81,7 +83,7 @@ class SetCriterion:
                                   reduction="sum") / norm
 
     def layer_losses(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
-                     target_masks: list[Tensor], norm: float) -> tuple[Tensor, Tensor]:
+                     target_masks: list[Tensor], norm: float) -> dict[str, Tensor]:
         B, Q, C = logits.shape
         cls_target = torch.zeros_like(logits)
         matched_pred, matched_gt = [], []
@@ -93,5 +95,9 @@ class SetCriterion:
             matched_gt.append(tm[ti].flatten(1))
         loss_cls = sigmoid_focal_loss(logits, cls_target, self.cfg.focal_alpha, self.cfg.focal_gamma,
                                       reduction="sum") / norm
-        loss_dice = dice_loss(torch.cat(matched_pred), torch.cat(matched_gt)).sum() / norm
-        return loss_cls, loss_dice
+        pred, gt = torch.cat(matched_pred), torch.cat(matched_gt)
+        losses = {"loss_cls": loss_cls, "loss_dice": dice_loss(pred, gt).sum() / norm}
+        if self.cfg.mask_bce_weight:
+            # A dense per-pixel gradient next to dice's global one; the padding (logit -1e4, target 0) adds 0.
+            losses["loss_bce"] = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(-1).sum() / norm
+        return losses
