@@ -50,16 +50,43 @@ class SetCriterion:
         at the mask stride. Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce``
         when ``mask_bce_weight``), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
-        layers = range(logits.shape[0]) if self.cfg.aux_loss else [logits.shape[0] - 1]
-        losses: dict[str, Tensor] = {}
-        for layer in layers:
-            prefix = "" if layer == logits.shape[0] - 1 else f"d{layer}."
-            for name, value in self.layer_losses(logits[layer], mask_logits[layer], targets, target_masks,
-                                                 norm).items():
-                losses[prefix + name] = value
+        last = logits.shape[0] - 1
+        layers = list(range(logits.shape[0])) if self.cfg.aux_loss else [last]
+        cls_target = torch.zeros_like(logits[layers])
+        match_layer, match_image, match_query, matched_gt = [], [], [], []
+        for i, layer in enumerate(layers):
+            for b, (t, tm) in enumerate(zip(targets, target_masks)):
+                qi, ti = hungarian_match(logits[layer, b], mask_logits[layer, b].flatten(1), t["labels"],
+                                         tm.flatten(1), self.cfg)
+                qi, ti = qi.to(logits.device), ti.to(logits.device)
+                cls_target[i, b, qi, t["labels"][ti]] = 1.0
+                match_layer.append(torch.full_like(qi, i))
+                match_image.append(torch.full_like(qi, b))
+                match_query.append(qi)
+                matched_gt.append(tm[ti].flatten(1))
+        at = torch.cat(match_layer)
+        # One gather for every layer and image: its backward fills one zero gradient of the mask logits,
+        # not one per (layer, image), which cost more than the masks themselves with many queries.
+        pred = mask_logits[torch.tensor(layers, device=at.device)[at], torch.cat(match_image),
+                           torch.cat(match_query)].flatten(1)
+        gt = torch.cat(matched_gt)
+
+        def per_layer(values: Tensor) -> Tensor:  # (matches,) -> (layers,) sums, normalized
+            return values.new_zeros(len(layers)).index_add(0, at, values) / norm
+
+        terms = {"loss_cls": sigmoid_focal_loss(logits[layers], cls_target, self.cfg.focal_alpha,
+                                                self.cfg.focal_gamma, reduction="none").sum((1, 2, 3)) / norm,
+                 "loss_dice": per_layer(dice_loss(pred, gt))}
+        if self.cfg.mask_bce_weight:
+            # A dense per-pixel gradient next to dice's global one; the padding (logit -1e4, target 0) adds 0.
+            terms["loss_bce"] = per_layer(F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(-1))
         weights = {"loss_cls": self.cfg.class_weight, "loss_dice": self.cfg.dice_weight,
                    "loss_bce": self.cfg.mask_bce_weight}
-        losses["loss"] = sum(weights[k.rpartition(".")[2]] * v for k, v in losses.items())
+        losses: dict[str, Tensor] = {}
+        for i, layer in enumerate(layers):
+            prefix = "" if layer == last else f"d{layer}."
+            losses.update({prefix + name: value[i] for name, value in terms.items()})
+        losses["loss"] = sum(weights[name] * value.sum() for name, value in terms.items())
         return losses
 
     def encoder_loss(self, logits: Tensor, centers: Tensor, padding: Tensor, targets: list[dict[str, Tensor]],
@@ -81,23 +108,3 @@ class SetCriterion:
         norm = _mean_over_processes(float(target[valid].amax(-1).sum()), logits.device)
         return sigmoid_focal_loss(logits[valid], target[valid], self.cfg.focal_alpha, self.cfg.focal_gamma,
                                   reduction="sum") / norm
-
-    def layer_losses(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
-                     target_masks: list[Tensor], norm: float) -> dict[str, Tensor]:
-        B, Q, C = logits.shape
-        cls_target = torch.zeros_like(logits)
-        matched_pred, matched_gt = [], []
-        for b, (t, tm) in enumerate(zip(targets, target_masks)):
-            qi, ti = hungarian_match(logits[b], mask_logits[b].flatten(1), t["labels"], tm.flatten(1), self.cfg)
-            qi, ti = qi.to(logits.device), ti.to(logits.device)
-            cls_target[b, qi, t["labels"][ti]] = 1.0
-            matched_pred.append(mask_logits[b, qi].flatten(1))
-            matched_gt.append(tm[ti].flatten(1))
-        loss_cls = sigmoid_focal_loss(logits, cls_target, self.cfg.focal_alpha, self.cfg.focal_gamma,
-                                      reduction="sum") / norm
-        pred, gt = torch.cat(matched_pred), torch.cat(matched_gt)
-        losses = {"loss_cls": loss_cls, "loss_dice": dice_loss(pred, gt).sum() / norm}
-        if self.cfg.mask_bce_weight:
-            # A dense per-pixel gradient next to dice's global one; the padding (logit -1e4, target 0) adds 0.
-            losses["loss_bce"] = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(-1).sum() / norm
-        return losses
