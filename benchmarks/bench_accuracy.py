@@ -26,6 +26,12 @@ ABLATIONS = {
     "mask_stride_8": {"model.mask_stride": 8},
     "mask_stride_2": {"model.mask_stride": 2},
 }
+# Issue 7's convergence levers, each switched on alone over the tiny preset (at the ablation budget).
+LEVERS = {
+    "query_selection": {"model.query_selection": True},
+    "hybrid_matching": {"model.hybrid_queries": 200},
+    "mask_bce": {"loss.mask_bce_weight": 3.0},
+}
 
 
 def _isda_run(cfg, data, out_dir: Path, budget: float, log) -> dict[str, Any]:
@@ -39,41 +45,82 @@ def _isda_run(cfg, data, out_dir: Path, budget: float, log) -> dict[str, Any]:
                     log=lambda m: log("    " + m.replace("\n", "\n    ")))
     log(f"    isda at {budget:.0f} s: mask AP {100 * summary['val']['AP']:.1f} ({summary['iteration']} steps)")
     return {"ap": summary["val"], "iterations": summary["iteration"], "epochs": summary["epoch"],
-            "train_time_s": summary["train_time_s"], "wall_s": time.perf_counter() - start}
+            "train_time_s": summary["train_time_s"], "wall_s": time.perf_counter() - start,
+            "seconds_per_step": summary["train_time_s"] / max(summary["iteration"], 1)}
+
+
+def _job(job: dict[str, Any]) -> dict[str, Any]:
+    """One fresh training run (in this process or a worker process with ``job['threads']`` threads)."""
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    name = job["name"]
+
+    def log(message: str) -> None:
+        print(f"[{name}] {message}", flush=True)
+
+    cfg = apply_overrides(get_preset("isda_tiny"), dict(job.get("overrides", {}))).validate()
+    if job["model"] == "maskrcnn":
+        kw = job["maskrcnn"]
+        return train_maskrcnn(cfg, *job["data"]["train"], *job["data"]["val"], job["budget"], lr=kw["lr"],
+                              optimizer=kw["optimizer"], roi_batch=kw["roi_batch"], log=log)
+    return _isda_run(cfg, job["data"], Path(job["out_dir"]), job["budget"], log)
 
 
 def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None, num_train: int = 2000,
         num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
-        maskrcnn_roi_batch: int = 128, ablations: bool = True, log=print) -> dict[str, Any]:
-    """Each budget is a separate pair of fresh runs (ISDA, then Mask R-CNN), so that both get their whole
-    budget-following lr schedule; the ablations are fresh ISDA runs at ``ablation_budget_s``."""
+        maskrcnn_roi_batch: int = 128, ablations: bool = True, levers: bool = True, jobs: int = 1,
+        threads: int = 2, log=print) -> dict[str, Any]:
+    """Each budget is a separate pair of fresh runs (ISDA, Mask R-CNN), so that both get their whole
+    budget-following lr schedule; the ablations and the levers are fresh ISDA runs at ``ablation_budget_s``.
+    ``jobs`` > 1 runs that many at once in separate processes, ``threads // jobs`` threads each (every run
+    then gets the same share of the machine, and the comparison stays like for like)."""
     out_root = Path(out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data = make_shapes_dataset(out_root / f"shapes_{num_train}_{num_val}", num_train=num_train, num_val=num_val,
                                image_size=128, seed=0)
+    data = {k: [str(p) for p in v] for k, v in data.items()}
     cfg = get_preset("isda_tiny")
     t = cfg.train
+    per_job_threads = max(1, threads // jobs)
     results: dict[str, Any] = {
         "budgets_s": sorted(budgets_s), "num_train": num_train, "num_val": num_val, "image_size": 128,
+        "jobs": jobs, "threads_per_run": per_job_threads,
         "isda_preset": "isda_tiny", "isda_recipe": {"optimizer": "adamw", "lr": t.lr, "batch_size": t.batch_size,
                                                     "clip_max_norm": t.clip_max_norm, "weight_decay": t.weight_decay,
                                                     "num_queries": cfg.model.num_queries,
                                                     "num_detections": cfg.model.num_detections},
         "isda": {}, "maskrcnn": {}}
+    maskrcnn = {"lr": maskrcnn_lr, "optimizer": maskrcnn_optimizer, "roi_batch": maskrcnn_roi_batch}
+    todo: list[tuple[tuple[str, str], dict[str, Any]]] = []
     for budget in sorted(budgets_s):
         key = str(int(budget))
-        log(f"  accuracy: ISDA tiny, budget {budget:.0f} s")
-        results["isda"][key] = _isda_run(cfg, data, out_root / f"isda_{key}s_{stamp}", budget, log)
-        log(f"  accuracy: Mask R-CNN R18-FPN, budget {budget:.0f} s")
-        results["maskrcnn"][key] = train_maskrcnn(cfg, *data["train"], *data["val"], budget, lr=maskrcnn_lr,
-                                                  optimizer=maskrcnn_optimizer, roi_batch=maskrcnn_roi_batch,
-                                                  log=log)
-    if ablations and ablation_budget_s:
+        base = {"data": data, "budget": budget, "threads": per_job_threads}
+        todo.append((("isda", key), {**base, "model": "isda", "name": f"isda {key}s",
+                                     "out_dir": str(out_root / f"isda_{key}s_{stamp}")}))
+        todo.append((("maskrcnn", key), {**base, "model": "maskrcnn", "name": f"maskrcnn {key}s",
+                                         "maskrcnn": maskrcnn}))
+    extra = {**(ABLATIONS if ablations else {}), **(LEVERS if levers else {})}
+    if extra and ablation_budget_s:
         results["ablation_budget_s"] = ablation_budget_s
-        results["ablations"] = {}
-        for name, overrides in ABLATIONS.items():
-            log(f"  ablation {name}: {overrides}, budget {ablation_budget_s:.0f} s")
-            c = apply_overrides(get_preset("isda_tiny"), dict(overrides)).validate()
-            res = _isda_run(c, data, out_root / f"isda_{name}_{stamp}", ablation_budget_s, log)
-            results["ablations"][name] = {**res, "overrides": overrides}
+        for name, overrides in extra.items():
+            section = "ablations" if name in ABLATIONS else "levers"
+            results.setdefault(section, {})
+            todo.append(((section, name), {"data": data, "budget": ablation_budget_s, "threads": per_job_threads,
+                                           "model": "isda", "name": name, "overrides": overrides,
+                                           "out_dir": str(out_root / f"isda_{name}_{stamp}")}))
+    log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
+    if jobs == 1:
+        finished = [(where, _job(job)) for where, job in todo]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [(where, pool.submit(_job, job)) for where, job in todo]
+            finished = [(where, f.result()) for where, f in futures]
+    for (section, key), res in finished:
+        overrides = next(job.get("overrides") for w, job in todo if w == (section, key))
+        results[section][key] = {**res, "overrides": overrides} if overrides else res
     return results

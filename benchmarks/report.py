@@ -323,7 +323,8 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
             f"{mr['clip_max_norm']}, {mr['warmup_iters']} warm-up iterations; same data, augmentation, seeds, loader "
             "workers and thread count (`benchmarks/maskrcnn_shapes.py`). Every budget is a fresh run of each model "
             "(both lr schedules follow the budget: `isda.engine.lr_factor`); budgets are training time, evaluation "
-            "excluded. COCO mask AP by `isda.evaluation.evaluate_masks` for both.", "",
+            "excluded. COCO mask AP by `isda.evaluation.evaluate_masks` for both. "
+            f"{acc.get('jobs', 1)} run(s) at a time, {acc.get('threads_per_run', 'all')} thread(s) each.", "",
             "| training time | ISDA tiny AP | AP50 | AP75 | steps | Mask R-CNN R18 AP | AP50 | AP75 | steps |",
             "|---|---|---|---|---|---|---|---|---|"]
     for b in budgets:
@@ -352,8 +353,27 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
             else:
                 out.append(f"| {label} | (not run at this budget) | | | |")
         out.append("")
+    if acc.get("levers"):
+        b = str(int(acc["ablation_budget_s"]))
+        default = acc["isda"].get(b)
+        out += [f"### Convergence levers (issue 7; ISDA tiny, {int(b) / 60:g} min each)", "",
+                "Each lever switched on alone over the preset; seconds per step on this machine at the run's thread "
+                "count.", "", "| variant | mask AP | AP50 | AP75 | steps | s / step |", "|---|---|---|---|---|---|"]
+        for label, res in [("the tiny preset", default)] + [(f"+ {n} (`{_overrides(r)}`)", r)
+                                                               for n, r in acc["levers"].items()]:
+            if res and res.get("ap"):
+                a = res["ap"]
+                out.append(f"| {label} | {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {100 * a['AP75']:.1f} | "
+                           f"{res.get('iterations', '')} | {res['train_time_s'] / max(res['iterations'], 1):.2f} |")
+            else:
+                out.append(f"| {label} | (not run at this budget) | | | | |")
+        out.append("")
     out += [_meta(acc)]
     return out
+
+
+def _overrides(res: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in (res.get("overrides") or {}).items())
 
 
 def _chart(secs: dict[str, Any], path: Path) -> bool:

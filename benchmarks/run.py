@@ -128,7 +128,8 @@ def section_accuracy(args, log) -> dict[str, Any]:
     return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.ablation_budget,
                               num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
                               maskrcnn_optimizer=args.maskrcnn_optimizer, maskrcnn_roi_batch=args.maskrcnn_roi_batch,
-                              ablations=args.ablation_budget > 0, log=log)
+                              ablations=args.ablation_budget > 0, levers=args.ablation_budget > 0,
+                              jobs=args.jobs, threads=args.threads, log=log)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ablation-budget", type=float, default=480.0, help="accuracy: ablation budget, seconds (0: none)")
     p.add_argument("--accuracy-budget", type=float, default=0.0,
                    help="quick mode: run the accuracy section with this one budget (e.g. 30) on a small dataset")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="accuracy: training runs at once, threads/jobs threads each (e.g. 2 on 2 cores: 1 thread each)")
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
