@@ -12,12 +12,13 @@ import torch
 from isda.config import Config, apply_overrides, get_preset
 from isda.data.shapes import make_shapes_dataset
 
-# isda_tiny, smaller still: 64 px images, a one-layer encoder, two decoder layers, ten queries.
+# isda_tiny, smaller still: 64 px images, a one-layer encoder, two decoder layers, ten queries (and twenty
+# training-only hybrid ones); multi-scale and crops (padded batches).
 SMALL = {
-    "hidden_dim": 64, "enc_layers": 1, "dec_layers": 2, "ffn_dim": 128, "num_queries": 10,
+    "hidden_dim": 64, "enc_layers": 1, "dec_layers": 2, "ffn_dim": 128, "num_queries": 10, "hybrid_queries": 20,
     "mask_feat_channels": 32, "mask_out_channels": 32, "num_detections": 10,
     "train_short_sides": [56, 64], "train_max_size": 64, "crop_resize_short_sides": [64, 72],
-    "crop_size": [48, 64], "test_short_side": 64, "test_max_size": 64,
+    "crop_size": [48, 64], "crop_prob": 0.5, "test_short_side": 64, "test_max_size": 64,
     "batch_size": 2, "num_workers": 0, "epochs": 2, "lr_steps": [1], "log_every": 1,
 }
 

@@ -262,15 +262,20 @@ def test_hf_hub_layout_from_safetensors_and_class_mismatch(tmp_path):
     hub = OrderedDict((k, v) for k, v in hub.items() if not re.match(r"(class|bbox)_embed\.[1-9]", k))
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in hub.items()}, str(path))
-    a = isda.build_model("isda_tiny")  # 5 classes: the 91-way head does not fit and stays at init
-    b = isda.build_model("isda_tiny")
+    # 5 classes: the 91-way head does not fit and stays at init. With 200 training-only hybrid queries after the
+    # 100 one-to-one queries: those keep each model's own initialisation.
+    a = isda.build_model("isda_tiny", hybrid_queries=200)
+    b = isda.build_model("isda_tiny", hybrid_queries=200)
+    queries = a.cfg.num_queries
     head_before = a.head.class_embed.weight.clone()
     rep_a = load_pretrained(path, a)
     rep_b = convert_state_dict(new, "hf", b)
     assert rep_a.layout == Layout(hf_prefix="model.", hf_timm_backbone=True, hf_legacy_names=True)
     sa, sb = a.state_dict(), b.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in rep_b.loaded)
+    assert all(torch.equal(sa[k][:queries] if "query_embed" in k else sa[k], sb[k][:queries] if "query_embed" in k
+                           else sb[k]) for k in rep_b.loaded)
     assert torch.equal(a.head.class_embed.weight, head_before)
+    assert any("200 one-to-many (hybrid) queries keep their initialisation" in n for n in rep_a.notes)
     assert set(rep_a.left_at_init) == isda_only_keys(a) | {"head.class_embed.weight", "head.class_embed.bias"}
     assert "class count differs: checkpoint 91, model 5" in rep_a.left_at_init["head.class_embed.weight"]
     assert set(rep_a.unused) == {k for k in hub if k.startswith(("bbox_embed.", "class_embed."))}
@@ -501,7 +506,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     path = tmp_path / "detr.pth"
     torch.save({"model": export_state_dict(isda.build_model("isda_tiny"), "detr")}, path)
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path, isda.build_model("isda_tiny", num_queries=20))
+        load_pretrained(path, isda.build_model("isda_tiny", num_queries=20, hybrid_queries=0))
     assert_one_line_error(e, str(path), "query_embed.weight", "(100, 256)", "(20, 256)")
 
 

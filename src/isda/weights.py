@@ -435,6 +435,8 @@ def convert_state_dict(src_state: Mapping[str, Any], fmt: str | None, model: ISD
             continue
         parts = [state[s] for s in e.sources]
         tensor = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+        if e.target == "transformer.query_embed.weight":
+            tensor = _with_hybrid_queries(tensor, own[e.target], model.cfg.num_queries, report)
         _check_shape(where, e.sources, tensor, e.target, own[e.target])
         converted[e.target] = tensor
         report.loaded[e.target] = e.sources
@@ -468,6 +470,16 @@ def convert_state_dict(src_state: Mapping[str, Any], fmt: str | None, model: ISD
         if key not in converted and key not in report.left_at_init and not key.endswith("num_batches_tracked"):
             report.left_at_init[key] = _init_reason(key)
     return report
+
+
+def _with_hybrid_queries(tensor: Tensor, own: Tensor, num_queries: int, report: ConversionReport) -> Tensor:
+    """The checkpoint's queries become the one-to-one queries; the training-only one-to-many queries
+    (``model.hybrid_queries``) keep their initialisation, as when H-DETR starts from a DETR checkpoint."""
+    if tensor.shape[0] == num_queries < own.shape[0] and tensor.shape[1:] == own.shape[1:]:
+        report.notes.append(f"the checkpoint's {num_queries} queries load as the one-to-one queries; the "
+                            f"{own.shape[0] - num_queries} one-to-many (hybrid) queries keep their initialisation")
+        return torch.cat([tensor, own[num_queries:]])
+    return tensor
 
 
 def _check_shape(where: str, sources: Sequence[str], tensor: Tensor, target: str, own: Tensor) -> None:
@@ -618,6 +630,8 @@ def export_state_dict(model: ISDA, fmt: str, layout: Layout | None = None, *,
         if e.target not in own:
             continue
         value = own[e.target].detach()
+        if e.target == "transformer.query_embed.weight":  # the inference queries, not the training-only hybrid ones
+            value = value[: model.cfg.num_queries]
         if e.optional == "skip" and fmt != "mmdet":  # BN step counters: only mmdetection's BatchNorm2d has them
             continue
         if e.optional == "zero":  # mmdetection's bias-free conv before GroupNorm
