@@ -353,6 +353,12 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
             else:
                 out.append(f"| {label} | (not run at this budget) | | | |")
         out.append("")
+    for name, res in (acc.get("seeds") or {}).items():
+        b = str(int(acc["ablation_budget_s"]))
+        if res.get("ap") and acc["isda"].get(b, {}).get("ap"):
+            out += [f"The ISDA tiny run again with `{_overrides(res)}` at {int(b) / 60:g} min: mask AP "
+                    f"**{100 * res['ap']['AP']:.1f}** (AP50 {100 * res['ap']['AP50']:.1f}, {res['iterations']} steps), "
+                    f"against {100 * acc['isda'][b]['ap']['AP']:.1f} with the preset's seed.", ""]
     if acc.get("levers"):
         b = str(int(acc["ablation_budget_s"]))
         default = acc["isda"].get(b)
