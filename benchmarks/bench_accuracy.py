@@ -73,10 +73,10 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None, num_train: int = 2000,
         num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
         maskrcnn_roi_batch: int = 128, ablations: bool = True, levers: bool = True, jobs: int = 1,
-        threads: int = 2, log=print) -> dict[str, Any]:
+        threads: int = 2, variants: list[str] | None = None, log=print) -> dict[str, Any]:
     """Each budget is a separate pair of fresh runs (ISDA, Mask R-CNN), so that both get their whole
     budget-following lr schedule; the ablations and the levers are fresh ISDA runs at ``ablation_budget_s``.
-    ``jobs`` > 1 runs that many at once in separate processes, ``threads // jobs`` threads each (every run
+    ``variants``: only these of the ablation, lever and seed runs. ``jobs`` > 1 runs that many at once in separate processes, ``threads // jobs`` threads each (every run
     then gets the same share of the machine, and the comparison stays like for like)."""
     out_root = Path(out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -104,6 +104,8 @@ def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None,
         todo.append((("maskrcnn", key), {**base, "model": "maskrcnn", "name": f"maskrcnn {key}s",
                                          "maskrcnn": maskrcnn}))
     extra = {**(ABLATIONS if ablations else {}), **(LEVERS if levers else {}), **(SEEDS if levers else {})}
+    if variants is not None:  # a subset of the ablation / lever / seed runs, by name
+        extra = {name: overrides for name, overrides in extra.items() if name in variants}
     if extra and ablation_budget_s:
         results["ablation_budget_s"] = ablation_budget_s
         for name, overrides in extra.items():

@@ -334,49 +334,42 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                    f"{100 * ia.get('AP75', nan):.1f} | {i.get('iterations', '')} | **{100 * ma.get('AP', nan):.1f}** | "
                    f"{100 * ma.get('AP50', nan):.1f} | {100 * ma.get('AP75', nan):.1f} | {m.get('iterations', '')} |")
     out.append("")
+    b = str(int(acc.get("ablation_budget_s", 0)))
+    default = acc["isda"].get(b)
     if acc.get("ablations"):
-        b = str(int(acc["ablation_budget_s"]))
-        default = acc["isda"].get(b)
-        out += [f"### Ablations in miniature (ISDA tiny, {int(b) / 60:g} min each)", "",
-                "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
-                "1/4 36.5, 1/2 36.4 AP.", "",
-                "| variant | mask AP | AP50 | AP75 | steps |", "|---|---|---|---|---|"]
-        rows = [("MP + KP, mask stride 4 (default)", default)]
         labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
                   "mask_stride_2": "MP + KP, mask stride 2"}
-        rows += [(labels.get(n, n), res) for n, res in acc["ablations"].items()]
-        for label, res in rows:
-            if res and res.get("ap"):
-                a = res["ap"]
-                out.append(f"| {label} | {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {100 * a['AP75']:.1f} | "
-                           f"{res.get('iterations', '')} |")
-            else:
-                out.append(f"| {label} | (not run at this budget) | | | |")
-        out.append("")
+        out += [f"### Ablations in miniature (ISDA tiny, {int(b) / 60:g} min each)", "",
+                "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
+                "1/4 36.5, 1/2 36.4 AP.", ""]
+        out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
+                              + [(labels.get(n, n), res) for n, res in acc["ablations"].items()])
     for name, res in (acc.get("seeds") or {}).items():
-        b = str(int(acc["ablation_budget_s"]))
-        if res.get("ap") and acc["isda"].get(b, {}).get("ap"):
+        if res.get("ap") and (default or {}).get("ap"):
             out += [f"The ISDA tiny run again with `{_overrides(res)}` at {int(b) / 60:g} min: mask AP "
                     f"**{100 * res['ap']['AP']:.1f}** (AP50 {100 * res['ap']['AP50']:.1f}, {res['iterations']} steps), "
-                    f"against {100 * acc['isda'][b]['ap']['AP']:.1f} with the preset's seed.", ""]
+                    f"against {100 * default['ap']['AP']:.1f} with the preset's seed.", ""]
     if acc.get("levers"):
-        b = str(int(acc["ablation_budget_s"]))
-        default = acc["isda"].get(b)
         out += [f"### Convergence levers (issue 7; ISDA tiny, {int(b) / 60:g} min each)", "",
                 "Each lever switched off (the preset's levers) or on (the others) alone; seconds per step on this "
-                "machine at the run's thread count.", "",
-                "| variant | mask AP | AP50 | AP75 | steps | s / step |", "|---|---|---|---|---|---|"]
-        for label, res in [("the tiny preset", default)] + [(f"{n} (`{_overrides(r)}`)", r)
-                                                               for n, r in acc["levers"].items()]:
-            if res and res.get("ap"):
-                a = res["ap"]
-                out.append(f"| {label} | {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {100 * a['AP75']:.1f} | "
-                           f"{res.get('iterations', '')} | {res['train_time_s'] / max(res['iterations'], 1):.2f} |")
-            else:
-                out.append(f"| {label} | (not run at this budget) | | | | |")
-        out.append("")
+                "machine at the run's thread count.", ""]
+        out += _variant_table([("the tiny preset", default)] + [(f"{n} (`{_overrides(r)}`)", r)
+                                                                for n, r in acc["levers"].items()])
     out += [_meta(acc)]
     return out
+
+
+def _variant_table(rows: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
+    """Mask AP, AP50, AP75, steps and seconds per step of each (label, run result)."""
+    out = ["| variant | mask AP | AP50 | AP75 | steps | s / step |", "|---|---|---|---|---|---|"]
+    for label, res in rows:
+        if res and res.get("ap"):
+            a, steps = res["ap"], res.get("iterations", 0)
+            out.append(f"| {label} | {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {100 * a['AP75']:.1f} | {steps} | "
+                       f"{res['train_time_s'] / max(steps, 1):.2f} |")
+        else:
+            out.append(f"| {label} | (not run at this budget) | | | | |")
+    return out + [""]
 
 
 def _overrides(res: dict[str, Any]) -> str:

@@ -129,7 +129,8 @@ def section_accuracy(args, log) -> dict[str, Any]:
                               num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
                               maskrcnn_optimizer=args.maskrcnn_optimizer, maskrcnn_roi_batch=args.maskrcnn_roi_batch,
                               ablations=args.ablation_budget > 0, levers=args.ablation_budget > 0,
-                              jobs=args.jobs, threads=args.threads, log=log)
+                              jobs=args.jobs, threads=args.threads,
+                              variants=args.variants.split(",") if args.variants else None, log=log)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="quick mode: run the accuracy section with this one budget (e.g. 30) on a small dataset")
     p.add_argument("--jobs", type=int, default=1,
                    help="accuracy: training runs at once, threads/jobs threads each (e.g. 2 on 2 cores: 1 thread each)")
+    p.add_argument("--variants", default="", help="accuracy: only these ablation/lever/seed runs (comma-separated "
+                   "names from benchmarks/bench_accuracy.py), e.g. hybrid_matching,no_mask_bce")
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
