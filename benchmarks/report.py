@@ -334,8 +334,16 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                    f"{100 * ia.get('AP75', nan):.1f} | {i.get('iterations', '')} | **{100 * ma.get('AP', nan):.1f}** | "
                    f"{100 * ma.get('AP50', nan):.1f} | {100 * ma.get('AP75', nan):.1f} | {m.get('iterations', '')} |")
     out.append("")
+    for b in budgets:
+        i, m = acc["isda"].get(b, {}), acc["maskrcnn"].get(b, {})
+        if i.get("iterations") and m.get("iterations"):
+            out += [f"Seconds per training step at {int(b) / 60:g} min: ISDA tiny "
+                    f"{i['train_time_s'] / i['iterations']:.2f}, Mask R-CNN {m['train_time_s'] / m['iterations']:.2f}.", ""]
     b = str(int(acc.get("ablation_budget_s", 0)))
     default = acc["isda"].get(b)
+    if not acc.get("ablations"):
+        out += ["The paper's ablations in miniature (MP + KP vs neither, mask stride 8 / 4 / 2) were not run in this "
+                "revision of the page: `--variants no_mp_no_kp,mask_stride_8,mask_stride_2`.", ""]
     if acc.get("ablations"):
         labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
                   "mask_stride_2": "MP + KP, mask stride 2"}
