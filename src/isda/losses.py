@@ -45,9 +45,9 @@ class SetCriterion:
         self.cfg = cfg
 
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
-                 target_masks: list[Tensor]) -> dict[str, Tensor]:
+                 target_masks: list[Tensor], valid_pixels: Tensor | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
-        at the mask stride. Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce``
+        at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w). Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce``
         when ``mask_bce_weight``), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
         last = logits.shape[0] - 1
@@ -64,11 +64,10 @@ class SetCriterion:
                 match_image.append(torch.full_like(qi, b))
                 match_query.append(qi)
                 matched_gt.append(tm[ti].flatten(1))
-        at = torch.cat(match_layer)
+        at, image = torch.cat(match_layer), torch.cat(match_image)
         # One gather for every layer and image: its backward fills one zero gradient of the mask logits,
         # not one per (layer, image), which cost more than the masks themselves with many queries.
-        pred = mask_logits[torch.tensor(layers, device=at.device)[at], torch.cat(match_image),
-                           torch.cat(match_query)].flatten(1)
+        pred = mask_logits[torch.tensor(layers, device=at.device)[at], image, torch.cat(match_query)].flatten(1)
         gt = torch.cat(matched_gt)
 
         def per_layer(values: Tensor) -> Tensor:  # (matches,) -> (layers,) sums, normalized
@@ -78,8 +77,12 @@ class SetCriterion:
                                                 self.cfg.focal_gamma, reduction="none").sum((1, 2, 3)) / norm,
                  "loss_dice": per_layer(dice_loss(pred, gt))}
         if self.cfg.mask_bce_weight:
-            # A dense per-pixel gradient next to dice's global one; the padding (logit -1e4, target 0) adds 0.
-            terms["loss_bce"] = per_layer(F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(-1))
+            # A dense per-pixel gradient next to dice's global one. The padding (logit -1e4, target 0) adds 0 to
+            # the sum, and the mean is over the image's own pixels: the loss does not depend on the batch.
+            pixels = (valid_pixels.to(pred.dtype)[image] if valid_pixels is not None
+                      else pred.new_full((pred.shape[0],), pred.shape[1]))
+            bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").sum(-1) / pixels
+            terms["loss_bce"] = per_layer(bce)
         weights = {"loss_cls": self.cfg.class_weight, "loss_dice": self.cfg.dice_weight,
                    "loss_bce": self.cfg.mask_bce_weight}
         losses: dict[str, Tensor] = {}

@@ -93,13 +93,14 @@ class ISDA(nn.Module):
             size = out["mask_logits"].shape[-2:]
             padded = [_pad_masks(t["masks"], batch.shape[-2:]) for t in targets]
             small = [downsample_masks(m, size) for m in padded]
+            valid = (~out["padding_mask"]).flatten(1).sum(1)
             Q = self.cfg.num_queries
-            losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small)
+            losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid)
             if self.cfg.hybrid_queries:
                 k = self.criterion.cfg.hybrid_repeats
                 repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
                 hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
-                                        [m.repeat(k, 1, 1) for m in small])
+                                        [m.repeat(k, 1, 1) for m in small], valid)
                 losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
                 losses.update({f"h.{name}": value for name, value in hybrid.items()})
             if "enc_logits" in out:
