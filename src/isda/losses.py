@@ -47,8 +47,9 @@ class SetCriterion:
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
-        at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w). Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce``
-        when ``mask_bce_weight``), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
+        at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w).
+        Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce`` when
+        ``mask_bce_weight``), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
         last = logits.shape[0] - 1
         layers = list(range(logits.shape[0])) if self.cfg.aux_loss else [last]

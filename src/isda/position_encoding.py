@@ -17,11 +17,19 @@ def sine_position_encoding(padding_mask: Tensor, num_feats: int = 128, temperatu
     scale = 2 * math.pi
     y = (y + offset) / (y[:, -1:, :] + eps) * scale
     x = (x + offset) / (x[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=padding_mask.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos_x = x[..., None] / dim_t
-    pos_y = y[..., None] / dim_t
-    # Interleave sin (even features) and cos (odd features).
-    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    pos_x, pos_y = _interleaved_sine(x, num_feats, temperature), _interleaved_sine(y, num_feats, temperature)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def point_encoding(points: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """(..., 2) points (x, y) in [0, 1] -> (..., dim): the same encoding, [y features, x features]."""
+    pos = _interleaved_sine(points.float() * (2 * math.pi), dim // 2, temperature)  # (..., 2, dim/2)
+    return torch.cat((pos[..., 1, :], pos[..., 0, :]), -1).to(points.dtype)
+
+
+def _interleaved_sine(x: Tensor, num_feats: int, temperature: float) -> Tensor:
+    """(...) positions scaled to [0, 2*pi] -> (..., num_feats): sin on even features, cos on odd ones."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=x.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos = x[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .deformable_attention import MSDeformAttn
+from .position_encoding import point_encoding
 
 
 class FFN(nn.Module):
@@ -110,15 +111,6 @@ class QuerySelection(nn.Module):
             index = index.repeat(1, -(-num_queries // k))[:, :num_queries]
         reference = positions.gather(1, index[..., None].expand(-1, -1, 2)).clamp(0, 1)
         return logits, reference, self.pos_mlp(point_encoding(reference, memory.shape[-1]))
-
-
-def point_encoding(points: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """(..., 2) points in [0, 1] -> (..., dim) sine encoding, [y features, x features] as the maps' own."""
-    dim_t = torch.arange(dim // 2, dtype=torch.float32, device=points.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / (dim // 2))
-    pos = points.float()[..., None] * (2 * math.pi) / dim_t  # (..., 2, dim/2)
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), -1).flatten(-2)
-    return torch.cat((pos[..., 1, :], pos[..., 0, :]), -1).to(points.dtype)
 
 
 class DeformableTransformer(nn.Module):
