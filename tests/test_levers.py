@@ -1,5 +1,6 @@
-"""Faster-convergence levers (issue 7): query selection and hybrid (one-to-many) matching. Each lever's
-training path runs and reaches its parameters; the training-only lever leaves inference unchanged."""
+"""Faster-convergence levers (issue 7): query selection, hybrid (one-to-many) matching, point refinement and
+the varifocal class loss. Each lever's training path runs and reaches its parameters; the training-only levers
+leave inference unchanged."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 import isda
 from isda.config import LossConfig
-from isda.losses import SetCriterion
+from isda.losses import SetCriterion, mask_centroids, varifocal_loss
 
 
 def tiny(**overrides):
@@ -28,7 +29,8 @@ def batch():
 
 
 @pytest.mark.parametrize("levers", [{"query_selection": True}, {"hybrid_queries": 40},
-                                    {"query_selection": True, "hybrid_queries": 40}])
+                                    {"query_selection": True, "hybrid_queries": 40}, {"refine_points": True},
+                                    {"refine_points": True, "hybrid_queries": 40}])
 def test_lever_training_path_runs_and_reaches_its_parameters(levers):
     model = tiny(**levers).train()
     losses = model(*batch())
@@ -37,6 +39,8 @@ def test_lever_training_path_runs_and_reaches_its_parameters(levers):
         assert {"h.loss_cls", "h.loss_dice", "h.d0.loss_cls", "h.d0.loss_dice"} <= names
     if levers.get("query_selection"):
         assert "enc.loss_cls" in names
+    if levers.get("refine_points"):
+        assert {"loss_point", "d0.loss_point"} <= names and ("h.loss_point" in names) == bool(levers.get("hybrid_queries"))
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
     t = model.transformer
@@ -45,6 +49,8 @@ def test_lever_training_path_runs_and_reaches_its_parameters(levers):
     assert (rows > 0).all()  # one-to-one and (when on) the one-to-many queries all get gradient
     if levers.get("query_selection"):
         assert t.query_selection.class_embed.weight.grad.abs().sum() > 0
+    if levers.get("refine_points"):
+        assert all(mlp[-1].weight.grad.abs().sum() > 0 for mlp in t.point_refine)
 
 
 @pytest.mark.parametrize("query_selection", [False, True])
@@ -101,3 +107,64 @@ def test_encoder_loss_marks_tokens_inside_masks_positive():
     target[0, 2] = 1.0
     expected = sigmoid_focal_loss(logits[0, :3], target, 0.25, 2.0, reduction="sum") / 1.0
     torch.testing.assert_close(loss, expected)
+
+
+def test_point_refinement_starts_as_the_paper_model_and_learns_the_centroids():
+    """Its corrections start at zero: at initialisation the model predicts what the paper's model with the same
+    weights predicts (up to sigmoid(logit(x)) rounding). Trained on one batch, its points move onto the
+    instances' mask centroids."""
+    refine, plain = tiny(refine_points=True), tiny()
+    plain.load_state_dict({k: v for k, v in refine.state_dict().items() if "point_refine" not in k})
+    images, targets = batch()
+    with torch.no_grad():
+        a, b = refine.eval()(images), plain.eval()(images)
+    for x, y in zip(a, b):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key])
+    refine.train()
+    optimizer = torch.optim.AdamW(refine.parameters(), lr=1e-3)
+    first = None
+    for _ in range(25):
+        losses = refine(images, targets)
+        first = first if first is not None else losses["loss_point"].item()
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert losses["loss_point"].item() < 0.5 * first
+
+
+def test_point_loss_is_the_l1_distance_of_the_matched_query_to_the_centroid():
+    criterion = SetCriterion(LossConfig(aux_loss=False))
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :2, 2:] = 1.0  # top-right quadrant: centroid (0.75, 0.25)
+    mask_logits = torch.full((1, 1, 3, 4, 4), -10.0)
+    mask_logits[0, 0, 1] = mask[0] * 20 - 10  # query 1 predicts the mask exactly: the matcher picks it
+    points = torch.tensor([[[[0.5, 0.5], [0.7, 0.4], [0.75, 0.25]]]])
+    target = mask_centroids(mask.bool())
+    torch.testing.assert_close(target, torch.tensor([[0.75, 0.25]]))
+    losses = criterion(torch.zeros(1, 1, 3, 2), mask_logits, [{"labels": torch.tensor([0])}], [mask],
+                       points=points, target_points=[target])
+    torch.testing.assert_close(losses["loss_point"], torch.tensor(0.05 + 0.15))
+
+
+def test_varifocal_loss_by_hand():
+    logits = torch.tensor([[0.3, -1.2]])
+    quality = torch.tensor([[0.6, 0.0]])  # a positive of IoU 0.6 and a negative
+    p = logits.sigmoid()[0]
+    positive = -0.6 * (0.6 * p[0].log() + 0.4 * (1 - p[0]).log())
+    negative = -(1 - 0.25) * p[1] ** 2 * (1 - p[1]).log()
+    torch.testing.assert_close(varifocal_loss(logits, quality, 0.25, 2.0)[0], torch.stack([positive, negative]))
+
+
+def test_varifocal_class_target_is_the_matched_masks_iou():
+    """The matched query's target for its class is the IoU of its thresholded mask with the ground truth."""
+    criterion = SetCriterion(LossConfig(aux_loss=False, class_loss="varifocal"))
+    gt = torch.zeros(1, 4, 4)
+    gt[0, :2] = 1.0  # top half: 8 pixels
+    mask_logits = torch.full((1, 1, 2, 4, 4), -10.0)
+    mask_logits[0, 0, 0, :2, :3] = 10.0  # query 0: 6 of the 8 pixels and nothing else -> IoU 0.75
+    logits = torch.randn(1, 1, 2, 3)
+    losses = criterion(logits, mask_logits, [{"labels": torch.tensor([2])}], [gt])
+    quality = torch.zeros(2, 3)
+    quality[0, 2] = 0.75
+    torch.testing.assert_close(losses["loss_cls"], varifocal_loss(logits[0, 0], quality, 0.25, 2.0).sum())

@@ -43,6 +43,10 @@ class ModelConfig:
     # Opt-in, training only (H-DETR hybrid matching): extra queries matched one-to-many to the ground truth
     # repeated loss.hybrid_repeats times; not built at inference, so the model stays NMS-free.
     hybrid_queries: int = 0
+    # Opt-in, not in the paper: every decoder layer corrects its queries' points (Deformable DETR's iterative
+    # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
+    # the next layer samples around the corrected point and KP uses it.
+    refine_points: bool = False
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -79,9 +83,13 @@ class ModelConfig:
 class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # focal (paper): matched query's class target 1. varifocal (opt-in, VarifocalNet): target = the IoU of its
+    # predicted mask with the ground truth, so that scores rank masks by quality.
+    class_loss: str = "focal"
     class_weight: float = 2.0
     dice_weight: float = 3.0
     mask_bce_weight: float = 0.0  # opt-in, not in the paper: + binary cross-entropy on matched masks
+    point_weight: float = 5.0  # L1 to the mask centroid, with model.refine_points (DETR's box L1 weight)
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
@@ -136,6 +144,7 @@ class Config:
         self.model.validate()
         _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.loss.class_loss in ("focal", "varifocal"), "loss.class_loss", "must be focal or varifocal")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
         _check(self.train.log_every >= 1, "train.log_every", "must be >= 1")

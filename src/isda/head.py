@@ -33,10 +33,10 @@ class ISDAHead(nn.Module):
         return self.class_embed(hidden)
 
     def mask_logits(self, hidden: Tensor, reference_points: Tensor, mask_features: Tensor) -> Tensor:
-        """hidden (layers, B, Q, C); reference (B, Q, 2); MFR (B, K, H, W) -> (layers, B, Q, H, W): each
-        query's kernel applied as a 1x1 convolution to the MFR."""
+        """hidden (layers, B, Q, C); reference (layers, B, Q, 2); MFR (B, K, H, W) -> (layers, B, Q, H, W):
+        each query's kernel applied as a 1x1 convolution to the MFR."""
         kernels = self.kernel_embed(hidden)
         if self.kernel_position:
-            ref = inverse_sigmoid(reference_points).to(kernels.dtype).expand(hidden.shape[0], -1, -1, -1)
+            ref = inverse_sigmoid(reference_points).to(kernels.dtype)
             kernels = torch.cat([kernels, ref], -1)
         return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,6 +22,19 @@ def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
     return 1 - (num + 1) / (den + 1)
 
 
+def varifocal_loss(logits: Tensor, quality: Tensor, alpha: float, gamma: float) -> Tensor:
+    """VarifocalNet's loss, elementwise: positives (quality q > 0) binary cross-entropy towards q weighted by
+    q; negatives down-weighted by (1 - alpha) * p^gamma, as the focal loss with the same alpha weighs them."""
+    weight = torch.where(quality > 0, quality, (1 - alpha) * logits.sigmoid().detach().pow(gamma))
+    return F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * weight
+
+
+def mask_iou(mask_logits: Tensor, targets: Tensor) -> Tensor:
+    """(M, HW) logits and (M, HW) soft targets -> (M,) IoU of the thresholded masks (matched pairs)."""
+    pred, gt = mask_logits > 0, targets > 0.5
+    return (pred & gt).sum(-1) / (pred | gt).sum(-1).clamp(min=1)
+
+
 def num_instances(targets: list[dict[str, Tensor]], device: torch.device) -> float:
     """Instances per process, averaged over processes when distributed (the normalizer of both losses)."""
     return _mean_over_processes(float(sum(len(t["labels"]) for t in targets)), device)
@@ -31,6 +46,16 @@ def _mean_over_processes(count: float, device: torch.device) -> float:
         dist.all_reduce(n)
         n = n / dist.get_world_size()
     return max(n.item(), 1.0)
+
+
+def mask_centroids(masks: Tensor) -> Tensor:
+    """(N, H, W) bool -> (N, 2) centre of mass (x, y) of each mask, normalized by the image size."""
+    N, H, W = masks.shape
+    m = masks.float()
+    area = m.sum((1, 2)).clamp(min=1)
+    x = (m.sum(1) @ (torch.arange(W, device=m.device) + 0.5)) / area / W
+    y = (m.sum(2) @ (torch.arange(H, device=m.device) + 0.5)) / area / H
+    return torch.stack([x, y], -1)
 
 
 def downsample_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -45,37 +70,46 @@ class SetCriterion:
         self.cfg = cfg
 
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
-                 target_masks: list[Tensor], valid_pixels: Tensor | None = None) -> dict[str, Tensor]:
+                 target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
+                 target_points: list[Tensor] | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
-        at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w).
-        Returns losses for the last layer (``loss_cls``, ``loss_dice``, and ``loss_bce`` when
-        ``mask_bce_weight``), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
+        at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w);
+        with point refinement, points (layers, B, Q, 2) and target_points[b] (N_b, 2) (mask centroids).
+        Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
+        ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
         last = logits.shape[0] - 1
         layers = list(range(logits.shape[0])) if self.cfg.aux_loss else [last]
         cls_target = torch.zeros_like(logits[layers])
-        match_layer, match_image, match_query, matched_gt = [], [], [], []
+        match_layer, match_image, match_query, match_label, matched_gt, matched_points = [], [], [], [], [], []
         for i, layer in enumerate(layers):
             for b, (t, tm) in enumerate(zip(targets, target_masks)):
                 qi, ti = hungarian_match(logits[layer, b], mask_logits[layer, b].flatten(1), t["labels"],
                                          tm.flatten(1), self.cfg)
                 qi, ti = qi.to(logits.device), ti.to(logits.device)
-                cls_target[i, b, qi, t["labels"][ti]] = 1.0
+                match_label.append(t["labels"][ti])
                 match_layer.append(torch.full_like(qi, i))
                 match_image.append(torch.full_like(qi, b))
                 match_query.append(qi)
                 matched_gt.append(tm[ti].flatten(1))
-        at, image = torch.cat(match_layer), torch.cat(match_image)
+                if points is not None:
+                    matched_points.append(target_points[b][ti])
+        at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
+        layer_index = torch.tensor(layers, device=at.device)[at]
         # One gather for every layer and image: its backward fills one zero gradient of the mask logits,
         # not one per (layer, image), which cost more than the masks themselves with many queries.
-        pred = mask_logits[torch.tensor(layers, device=at.device)[at], image, torch.cat(match_query)].flatten(1)
+        pred = mask_logits[layer_index, image, query].flatten(1)
         gt = torch.cat(matched_gt)
+        varifocal = self.cfg.class_loss == "varifocal"
+        cls_target[at, image, query, torch.cat(match_label)] = (
+            mask_iou(pred.detach(), gt).to(cls_target.dtype) if varifocal else 1.0)
 
         def per_layer(values: Tensor) -> Tensor:  # (matches,) -> (layers,) sums, normalized
             return values.new_zeros(len(layers)).index_add(0, at, values) / norm
 
-        terms = {"loss_cls": sigmoid_focal_loss(logits[layers], cls_target, self.cfg.focal_alpha,
-                                                self.cfg.focal_gamma, reduction="none").sum((1, 2, 3)) / norm,
+        class_loss = varifocal_loss if varifocal else partial(sigmoid_focal_loss, reduction="none")
+        terms = {"loss_cls": class_loss(logits[layers], cls_target, self.cfg.focal_alpha,
+                                        self.cfg.focal_gamma).sum((1, 2, 3)) / norm,
                  "loss_dice": per_layer(dice_loss(pred, gt))}
         if self.cfg.mask_bce_weight:
             # A dense per-pixel gradient next to dice's global one. The padding (logit -1e4, target 0) adds 0 to
@@ -84,8 +118,10 @@ class SetCriterion:
                       else pred.new_full((pred.shape[0],), pred.shape[1]))
             bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").sum(-1) / pixels
             terms["loss_bce"] = per_layer(bce)
+        if points is not None:
+            terms["loss_point"] = per_layer((points[layer_index, image, query] - torch.cat(matched_points)).abs().sum(-1))
         weights = {"loss_cls": self.cfg.class_weight, "loss_dice": self.cfg.dice_weight,
-                   "loss_bce": self.cfg.mask_bce_weight}
+                   "loss_bce": self.cfg.mask_bce_weight, "loss_point": self.cfg.point_weight}
         losses: dict[str, Tensor] = {}
         for i, layer in enumerate(layers):
             prefix = "" if layer == last else f"d{layer}."

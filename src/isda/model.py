@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .backbone import Backbone
 from .config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
 from .head import ISDAHead
-from .losses import SetCriterion, downsample_masks
+from .losses import SetCriterion, downsample_masks, mask_centroids
 from .mask_features import MaskFeatures
 from .masked_ops import resize_mask
 from .neck import Neck
@@ -73,10 +73,10 @@ class ISDA(nn.Module):
         mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
         out["logits"] = self.head.classify(out["hidden"])
         # Deep supervision needs every layer's masks; inference only the last layer's.
-        hidden = out["hidden"] if self.training else out["hidden"][-1:]
+        layers = slice(None) if self.training else slice(-1, None)
         # Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero
         # there), which the dice loss and the matcher would count against every prediction.
-        out["mask_logits"] = self.head.mask_logits(hidden, out["reference_points"], mfr).masked_fill(
+        out["mask_logits"] = self.head.mask_logits(out["hidden"][layers], out["points"][layers], mfr).masked_fill(
             mfr_mask[None, :, None], PADDING_LOGIT)
         out["padding_mask"] = mfr_mask
         return out
@@ -95,12 +95,17 @@ class ISDA(nn.Module):
             small = [downsample_masks(m, size) for m in padded]
             valid = (~out["padding_mask"]).flatten(1).sum(1)
             Q = self.cfg.num_queries
-            losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid)
+            refine = self.cfg.refine_points
+            centroids = [mask_centroids(t["masks"]) for t in targets] if refine else None
+            losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid,
+                                    out["points"][:, :, :Q] if refine else None, centroids)
             if self.cfg.hybrid_queries:
                 k = self.criterion.cfg.hybrid_repeats
                 repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
                 hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
-                                        [m.repeat(k, 1, 1) for m in small], valid)
+                                        [m.repeat(k, 1, 1) for m in small], valid,
+                                        out["points"][:, :, Q:] if refine else None,
+                                        [c.repeat(k, 1) for c in centroids] if refine else None)
                 losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
                 losses.update({f"h.{name}": value for name, value in hybrid.items()})
             if "enc_logits" in out:

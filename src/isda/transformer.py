@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .deformable_attention import MSDeformAttn
+from .head import inverse_sigmoid
 from .position_encoding import point_encoding
 
 
@@ -125,6 +126,7 @@ class DeformableTransformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         nn.init.normal_(self.level_embed)
+        self.point_refine = nn.ModuleList(_point_mlp(d) for _ in range(cfg.dec_layers)) if cfg.refine_points else None
         if cfg.query_selection:
             self.query_selection = QuerySelection(d, cfg.num_classes)
             self.query_content = nn.Embedding(total, d)
@@ -164,13 +166,26 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = self.query_embed.weight[:total].split(memory.shape[-1], dim=1)
             query_pos, tgt = query_pos.expand(B, -1, -1), tgt.expand(B, -1, -1)
             reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2), normalized to the valid region
-        ref_input = reference[:, :, None] * ratios[:, None]
         attn_mask = None
         if hybrid:  # the two query sets do not see each other (True = blocked)
             one = torch.arange(total, device=memory.device) < self.num_queries
             attn_mask = one[:, None] != one[None, :]
-        hidden = []
-        for layer in self.decoder:
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, mask, attn_mask)
+        hidden, points = [], []
+        for i, layer in enumerate(self.decoder):
+            tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, mask,
+                        attn_mask)
             hidden.append(tgt)
-        return {**out, "hidden": torch.stack(hidden), "reference_points": reference}
+            if self.point_refine is not None:
+                point = (inverse_sigmoid(reference) + self.point_refine[i](tgt)).sigmoid()
+                reference = point.detach()  # each layer's correction is learned from its own loss (Deformable DETR)
+            points.append(point if self.point_refine is not None else reference)
+        # points: each layer's query points (its mask kernels' KP input); reference_points: the last layer's.
+        return {**out, "hidden": torch.stack(hidden), "points": torch.stack(points), "reference_points": points[-1]}
+
+
+def _point_mlp(dim: int) -> nn.Sequential:
+    """Predicts a query's point correction in logit space; zero at initialisation (no correction)."""
+    mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 2))
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.zeros_(mlp[-1].bias)
+    return mlp
