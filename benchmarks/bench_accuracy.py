@@ -30,7 +30,9 @@ ABLATIONS = {
 LEVERS = {
     "hybrid_matching": {"model.hybrid_queries": 200},
     "no_mask_bce": {"loss.mask_bce_weight": 0.0},
+    "no_varifocal": {"loss.class_loss": "focal"},
     "query_selection": {"model.query_selection": True},
+    "refine_points": {"model.refine_points": True},
 }
 # The preset again with other seeds (the spread of a single run's AP).
 SEEDS = {"seed_2": {"train.seed": 2}}

@@ -10,7 +10,7 @@ import torch
 
 import isda.engine as engine
 from isda.checkpoint import CheckpointError
-from isda.config import ConfigError, TrainConfig
+from isda.config import ConfigError, TrainConfig, apply_overrides, get_preset
 from isda.model import ISDA
 
 from engine_utils import shapes, single_thread, tiny_config
@@ -203,6 +203,12 @@ def test_lr_factor_warmup_then_steps():
     factors = [engine.lr_factor(step, 5, cfg) for step in range(20)]
     assert factors[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert factors[9] == 1.0 and factors[10] == pytest.approx(0.1) and factors[15] == pytest.approx(0.01)
+
+
+def test_lr_steps_may_fall_within_an_epoch():
+    cfg = apply_overrides(get_preset("isda_tiny"), {"train.lr_steps": "[1.6]", "train.warmup_iters": 0}).train
+    assert cfg.lr_steps == (1.6,)
+    assert engine.lr_factor(399, 250, cfg) == 1.0 and engine.lr_factor(400, 250, cfg) == pytest.approx(0.1)
 
 
 def test_lr_schedule_follows_a_time_budget():

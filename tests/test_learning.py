@@ -1,8 +1,8 @@
-"""Learning: the tiny preset trained from scratch on the built-in shapes dataset learns to segment its
-held-out split. A fixed number of steps (not a time budget) so that a slower machine takes longer instead
-of failing; a constant lr. Measured with these settings (one thread, 250 steps): mask AP 2.3 (AP50 6.6),
-against 1.1 without the preset's mask BCE lever; a random model scores 0.0. The 8-minute figures are in
-docs/benchmarks.md."""
+"""Learning (issue 3): the tiny preset trained from scratch on the built-in shapes dataset reaches mask AP >= 5
+on its held-out split in what 8 minutes of this 2-core CPU train: 500 steps of 8 images (about 0.9 s each at
+two threads), the lr dropping x0.1 at 80 % of them as a time-budgeted run's does. A fixed number of steps, not a
+time budget, so that a slower machine takes longer instead of failing. Measured with these settings: see
+docs/convergence.md (a random model scores 0.0)."""
 
 import time
 
@@ -12,12 +12,12 @@ from isda.config import apply_overrides, get_preset
 from isda.data.shapes import make_shapes_dataset
 from isda.engine import train
 
-STEPS = 300  # batches of 8: 1.2 epochs of the 2000 training images
+STEPS = 500  # two epochs of the 2000 training images
 
 
 def test_tiny_preset_learns_shapes(tmp_path):
     paths = make_shapes_dataset(tmp_path / "shapes")  # the default dataset: 2000 train + 200 val images
-    cfg = apply_overrides(get_preset("isda_tiny"), {"train.epochs": 2, "train.lr_steps": "[99]",
+    cfg = apply_overrides(get_preset("isda_tiny"), {"train.epochs": 2, "train.lr_steps": "[1.6]",
                                                     "train.eval_every": 2})
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -31,4 +31,4 @@ def test_tiny_preset_learns_shapes(tmp_path):
     print(f"tiny preset, {STEPS} steps in {time.perf_counter() - start:.0f}s "
           f"(training {summary['train_time_s']:.0f}s): mask AP {ap:.1f}, AP50 {summary['val']['AP50'] * 100:.1f}")
     assert summary["iteration"] == STEPS
-    assert ap >= 1.5
+    assert ap >= 5.0

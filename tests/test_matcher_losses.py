@@ -13,8 +13,10 @@ from isda.matcher import dice_cost, focal_class_cost, hungarian_match
 CFG = LossConfig()
 
 
-def total_cost(logits, mask_logits, labels, masks, rows, cols):
+def total_cost(logits, mask_logits, labels, masks, rows, cols, points=()):
     cost = 2 * focal_class_cost(logits, labels, 0.25, 2.0) + 3 * dice_cost(mask_logits, masks)
+    if points:  # model.refine_points: + 5 x L1 distance of the query's point to the instance's centroid
+        cost = cost + 5 * (points[0][:, None] - points[1][None]).abs().sum(-1)
     return float(cost[rows, cols].sum())
 
 
@@ -27,11 +29,12 @@ def test_matcher_equals_brute_force(seed):
     mask_logits = torch.randn(Q, HW, generator=g) * 3
     labels = torch.randint(0, C, (N,), generator=g)
     masks = (torch.rand(N, HW, generator=g) > 0.5).float()
-    rows, cols = hungarian_match(logits, mask_logits, labels, masks, CFG)
+    points = (torch.rand(Q, 2, generator=g), torch.rand(N, 2, generator=g)) if seed % 2 else ()
+    rows, cols = hungarian_match(logits, mask_logits, labels, masks, CFG, *points)
     assert len(rows) == N and sorted(cols.tolist()) == list(range(N)) and len(set(rows.tolist())) == N
-    best = min(total_cost(logits, mask_logits, labels, masks, list(perm), list(range(N)))
+    best = min(total_cost(logits, mask_logits, labels, masks, list(perm), list(range(N)), points)
                for perm in itertools.permutations(range(Q), N))
-    assert total_cost(logits, mask_logits, labels, masks, rows, cols) == pytest.approx(best, abs=1e-5)
+    assert total_cost(logits, mask_logits, labels, masks, rows, cols, points) == pytest.approx(best, abs=1e-5)
 
 
 def test_matcher_survives_non_finite_costs():

@@ -47,6 +47,10 @@ class ModelConfig:
     # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
     # the next layer samples around the corrected point and KP uses it.
     refine_points: bool = False
+    # Opt-in architecture variant, not in the paper: after every decoder layer but the last, the centroid of each
+    # query's predicted mask (thresholded at 0.5; unchanged where empty) becomes its point for the next layer,
+    # so later layers sample on the instance they segment. Changes inference.
+    mask_points: bool = False
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -72,6 +76,8 @@ class ModelConfig:
         _check(self.hidden_dim % 2 == 0, "model.hidden_dim", "must be even (sine encoding)")
         _check(self.num_levels == 4, "model.num_levels", "ISDA uses the 4 maps P3..P6")
         _check(self.num_queries >= 1, "model.num_queries", "must be >= 1")
+        _check(not (self.refine_points and self.mask_points), "model.mask_points",
+               "and model.refine_points both move the points: choose one")
         _check(self.hybrid_queries >= 0, "model.hybrid_queries", "must be >= 0")
         _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
         _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
@@ -89,7 +95,7 @@ class LossConfig:
     class_weight: float = 2.0
     dice_weight: float = 3.0
     mask_bce_weight: float = 0.0  # opt-in, not in the paper: + binary cross-entropy on matched masks
-    point_weight: float = 5.0  # L1 to the mask centroid, with model.refine_points (DETR's box L1 weight)
+    point_weight: float = 5.0  # L1 to the mask centroid in loss and matching, with model.refine_points (DETR's box L1)
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
@@ -118,7 +124,7 @@ class TrainConfig:
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference-point projection
     clip_max_norm: float = 0.1
     epochs: int = 42
-    lr_steps: tuple[int, ...] = (27, 33, 35, 36, 37)
+    lr_steps: tuple[float, ...] = (27.0, 33.0, 35.0, 36.0, 37.0)  # epochs (fractions allowed) where lr *= lr_gamma
     lr_gamma: float = 0.1
     warmup_iters: int = 0
     batch_size: int = 1  # per process
@@ -198,7 +204,7 @@ def isda_tiny() -> Config:
             test_max_size=192,
         ),
         # From scratch the backbone learns at the full lr (the paper's x0.1 protects ImageNet weights).
-        train=TrainConfig(lr=2e-4, lr_backbone_mult=1.0, epochs=30, lr_steps=(24,), batch_size=8,
+        train=TrainConfig(lr=2e-4, lr_backbone_mult=1.0, epochs=30, lr_steps=(24.0,), batch_size=8,
                           clip_max_norm=0.1, num_workers=1),
     )
 

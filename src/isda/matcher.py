@@ -27,14 +27,18 @@ def dice_cost(mask_logits: Tensor, targets: Tensor) -> Tensor:
 
 @torch.no_grad()
 def hungarian_match(logits: Tensor, mask_logits: Tensor, labels: Tensor, target_masks: Tensor,
-                    cfg: LossConfig) -> tuple[Tensor, Tensor]:
-    """One image: logits (Q, C), mask logits (Q, HW), labels (N,), target masks (N, HW) at the same scale.
+                    cfg: LossConfig, points: Tensor | None = None, target_points: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """One image: logits (Q, C), mask logits (Q, HW), labels (N,), target masks (N, HW) at the same scale;
+    with point refinement, points (Q, 2) and target points (N, 2) add an L1 cost (DETR's box L1 cost).
     Returns (query indices, target indices), each (min(Q, N),)."""
     if labels.numel() == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
     cost = (cfg.match_class_cost * focal_class_cost(logits.float(), labels, cfg.focal_alpha, cfg.focal_gamma)
             + cfg.match_mask_cost * dice_cost(mask_logits.float(), target_masks.float()))
+    if points is not None:
+        cost = cost + cfg.point_weight * torch.cdist(points.float(), target_points.float(), p=1)
     # A NaN/inf cost must not crash the solver (a known DETR-family failure): make it the worst finite cost.
     cost = cost.cpu().double()
     finite = torch.isfinite(cost)
