@@ -49,7 +49,7 @@ def test_training_returns_losses_for_every_decoder_layer_and_empty_images():
                {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 80, 48, dtype=torch.bool)}]
     losses = model(images, targets)
     L = model.cfg.dec_layers
-    weights = {"cls": 2.0, "dice": 3.0, "bce": 3.0}  # the tiny preset adds the mask BCE lever
+    weights = {"cls": 2.0, "dice": 3.0, "bce": 3.0, "point": 5.0}  # the tiny preset: + mask BCE, point refinement
     assert {"loss"} | {f"{p}loss_{k}" for p in ["", *(f"d{i}." for i in range(L - 1))] for k in weights} == set(losses)
     expected = sum(weights[k.rpartition("_")[2]] * v for k, v in losses.items() if k != "loss")
     torch.testing.assert_close(losses["loss"], expected)

@@ -42,7 +42,8 @@ needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not 
 TOL = 1e-4
 
 # ISDA tensors that no Deformable-DETR checkpoint provides (R50 paper preset and the tiny preset alike).
-ISDA_ONLY = re.compile(r"^(mask_features\.|head\.kernel_embed\.|neck\.lateral\.0\.|neck\.lateral_norm\.0\.)")
+ISDA_ONLY = re.compile(r"^(mask_features\.|head\.kernel_embed\.|neck\.lateral\.0\.|neck\.lateral_norm\.0\.|"
+                       r"transformer\.point_refine\.)")
 
 
 def isda_only_keys(model):

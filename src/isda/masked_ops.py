@@ -61,13 +61,11 @@ def masked_upsample2x(x: Tensor, padding_mask: Tensor | None, out_mask: Tensor |
     return out * valid_of(out_mask).to(x.dtype) if out_mask is not None else out
 
 
-def mask_centroids(masks: Tensor, size: Tensor | None = None) -> Tensor:
-    """(..., H, W) bool -> (..., 2) centre of mass (x, y) of each mask in pixel-centre coordinates divided by
-    ``size`` (..., 2) = (width, height) of the region they are normalized to (default (W, H)); 0 when empty."""
-    H, W = masks.shape[-2:]
+def mask_centroids(masks: Tensor) -> Tensor:
+    """(N, H, W) bool -> (N, 2) centre of mass (x, y) of each mask, normalized by the image size; 0 when empty."""
+    N, H, W = masks.shape
     m = masks.float()
-    area = m.sum((-2, -1)).clamp(min=1)
-    x = (m.sum(-2) @ (torch.arange(W, device=m.device) + 0.5)) / area
-    y = (m.sum(-1) @ (torch.arange(H, device=m.device) + 0.5)) / area
-    size = torch.tensor([W, H], device=m.device) if size is None else size
-    return torch.stack([x, y], -1) / size
+    area = m.sum((1, 2)).clamp(min=1)
+    x = (m.sum(1) @ (torch.arange(W, device=m.device) + 0.5)) / area / W
+    y = (m.sum(2) @ (torch.arange(H, device=m.device) + 0.5)) / area / H
+    return torch.stack([x, y], -1)

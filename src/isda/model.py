@@ -67,18 +67,10 @@ class ISDA(nn.Module):
         decoder layer in training, of the last one in eval)."""
         feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
         pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
+        out = self.transformer(feats[1:], masks[1:], pos)
         stride = self.cfg.mask_stride
         mfr_mask = resize_mask(mask, (batch.shape[-2] // stride, batch.shape[-1] // stride))
         mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
-
-        def centroids_of_masks(hidden: Tensor, points: Tensor) -> Tensor:  # model.mask_points; not differentiated
-            with torch.no_grad():
-                masks = (self.head.mask_logits(hidden[None], points[None], mfr)[0] > 0) & ~mfr_mask[:, None]
-                valid_size = torch.stack([(~mfr_mask[:, 0]).sum(1), (~mfr_mask[:, :, 0]).sum(1)], -1)  # (B, 2) w, h
-                centroids = mask_centroids(masks, valid_size[:, None])
-                return torch.where(masks.flatten(2).any(-1, keepdim=True), centroids.clamp(0, 1), points)
-
-        out = self.transformer(feats[1:], masks[1:], pos, centroids_of_masks if self.cfg.mask_points else None)
         out["logits"] = self.head.classify(out["hidden"])
         # Deep supervision needs every layer's masks; inference only the last layer's.
         layers = slice(None) if self.training else slice(-1, None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -140,10 +139,7 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
 
-    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor],
-                next_points: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-        """``next_points(hidden, points)``, when given, maps a layer's output (B, Q, C) and points (B, Q, 2) to
-        the next layer's points (``model.mask_points``)."""
+    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> dict[str, Tensor]:
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
@@ -182,11 +178,7 @@ class DeformableTransformer(nn.Module):
             if self.point_refine is not None:
                 point = (inverse_sigmoid(reference) + self.point_refine[i](tgt)).sigmoid()
                 reference = point.detach()  # each layer's correction is learned from its own loss (Deformable DETR)
-                points.append(point)
-                continue
-            points.append(reference)
-            if next_points is not None and i + 1 < len(self.decoder):
-                reference = next_points(tgt, reference)
+            points.append(point if self.point_refine is not None else reference)
         # points: each layer's query points (its mask kernels' KP input); reference_points: the last layer's.
         return {**out, "hidden": torch.stack(hidden), "points": torch.stack(points), "reference_points": points[-1]}
 

@@ -388,6 +388,8 @@ def _init_reason(key: str) -> str:
         return "dynamic-kernel branch (ISDA only)"
     if key.startswith(("neck.lateral.0.", "neck.lateral_norm.0.")):
         return "P2 lateral (Deformable DETR's projections start at C3)"
+    if key.startswith("transformer.point_refine."):
+        return "point refinement (model.refine_points; ISDA only)"
     return "missing from the checkpoint"
 
 
@@ -463,8 +465,9 @@ def convert_state_dict(src_state: Mapping[str, Any], fmt: str | None, model: ISD
     if any(e.optional == "zero" and not report.loaded[e.target] for e in entries if e.target in report.loaded):
         report.notes.append("neck conv biases set to zero (mmdetection's convs before GroupNorm have none)")
     if any("decoder.bbox_embed." in k for k in state):
-        report.notes.append("the checkpoint was trained with box refinement (per-layer reference points); "
-                            "ISDA keeps each query's reference point fixed")
+        report.notes.append("the checkpoint was trained with box refinement (per-layer reference points); " + (
+            "this model's point refinement (model.refine_points) keeps its initialisation" if model.cfg.refine_points
+            else "ISDA keeps each query's reference point fixed"))
     _load_into(model, converted, where)
     for key in own:
         if key not in converted and key not in report.left_at_init and not key.endswith("num_batches_tracked"):
