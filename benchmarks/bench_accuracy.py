@@ -32,7 +32,7 @@ LEVERS = {
     "no_mask_bce": {"loss.mask_bce_weight": 0.0},
     "no_varifocal": {"loss.class_loss": "focal"},
     "query_selection": {"model.query_selection": True},
-    "refine_points": {"model.refine_points": True},
+    "no_refine_points": {"model.refine_points": False},
 }
 # The preset again with other seeds (the spread of a single run's AP).
 SEEDS = {"seed_2": {"train.seed": 2}}
