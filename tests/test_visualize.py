@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isda.visualize import draw_predictions, plot_curves, plot_reference_points, save_grid, save_png
+from isda.visualize import (draw_predictions, plot_curves, plot_reference_points, save_grid, save_png,
+                            validation_points)
 
 H, W = 100, 160
 NAMES = ["person", "car"]
@@ -130,6 +131,14 @@ def test_plot_curves(tmp_path: Path, with_val: bool, per_epoch_iter: bool) -> No
     plot_curves(metrics, out)
     with Image.open(out) as pil:
         assert pil.format == "PNG" and pil.size == (1100, 400)
+
+
+def test_validation_points_keep_a_mid_epoch_evaluation_and_the_last_of_a_repeat():
+    rows = [{"epoch": 1, "iter": 250, "AP": 0.1}, {"epoch": 2, "iter": 500, "AP": 0.2},
+            {"epoch": 2, "iter": 685, "AP": 0.3}, {"epoch": 2, "iter": 500, "AP": 0.25}]  # budget stop, then a resume
+    assert [(x, r["AP"]) for x, r in validation_points(rows)] == [(250, 0.1), (500, 0.25), (685, 0.3)]
+    no_iter = [{"epoch": 1, "AP": 0.1}, {"epoch": 1, "AP": 0.2}]
+    assert [(x, r["AP"]) for x, r in validation_points(no_iter)] == [(1, 0.2)]
 
 
 def test_plot_curves_empty_file(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "plot_reference_points",
     "save_grid",
     "save_png",
+    "validation_points",
 ]
 
 # Sampling-point colours per feature level (P3..P6), cycled if there are more levels.
@@ -235,7 +236,7 @@ def _finite(v: Any) -> bool:
 
 
 def plot_curves(metrics_jsonl_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """Two-panel PNG: training loss vs iteration (raw + smoothed) and mask AP (x100) vs epoch.
+    """Two-panel PNG: training loss vs iteration (raw + smoothed) and mask AP (x100) at each validation.
 
     Reads JSON lines with ``{"type": "train", "epoch", "iter", "loss", ...}`` and
     ``{"type": "val", "epoch", "iter", "AP", "AP50", ...}`` (AP on the 0-1 scale). If ``iter``
@@ -264,24 +265,31 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike[str], path: str | os.PathL
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
 
+    by_iter = all(_finite(r.get("iter")) for r in val)
     if val:
-        # Last row wins when an epoch was evaluated twice (e.g. a resumed run).
-        by_epoch = {r["epoch"]: r for r in val}
-        epochs = sorted(by_epoch)
+        points = validation_points(val)
         for key, style in (("AP", "o-"), ("AP50", "s--"), ("AP75", "^--")):
-            pts = [(e, 100.0 * by_epoch[e][key]) for e in epochs if _finite(by_epoch[e].get(key))]
+            pts = [(x, 100.0 * r[key]) for x, r in points if _finite(r.get(key))]
             if pts:
                 ax_ap.plot(*zip(*pts), style, label=f"mask {key}", markersize=4)
         ax_ap.legend(loc="lower right")
     else:
         ax_ap.text(0.5, 0.5, "no validation rows yet", ha="center", va="center", transform=ax_ap.transAxes)
     ax_ap.set_title("Validation mask AP")
-    ax_ap.set_xlabel("epoch")
+    ax_ap.set_xlabel("iteration" if by_iter else "epoch")
     ax_ap.set_ylabel("AP (x100)")
     ax_ap.grid(alpha=0.3)
 
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def validation_points(val: list[dict]) -> list[tuple[float, dict]]:
+    """(x, row) per validation, sorted: x is the iteration when every row has one (a time-budgeted run also
+    validates mid-epoch), else the epoch. The last row wins when a point was evaluated twice (a resumed run)."""
+    key = "iter" if all(_finite(r.get("iter")) for r in val) else "epoch"
+    latest = {r[key]: r for r in val}
+    return sorted(latest.items(), key=lambda item: item[0])
 
 
 def save_grid(images: Sequence[torch.Tensor], path: str | os.PathLike[str], height: int | None = None,
