@@ -8,8 +8,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 import isda
 from isda.config import LossConfig
-from isda.losses import SetCriterion, varifocal_loss
-from isda.masked_ops import mask_centroids
+from isda.losses import SetCriterion, mask_centroids, varifocal_loss
 
 
 def tiny(**overrides):

@@ -48,6 +48,16 @@ def _mean_over_processes(count: float, device: torch.device) -> float:
     return max(n.item(), 1.0)
 
 
+def mask_centroids(masks: Tensor) -> Tensor:
+    """(N, H, W) bool -> (N, 2) centre of mass (x, y) of each mask, normalized by the image size; 0 when empty."""
+    N, H, W = masks.shape
+    m = masks.float()
+    area = m.sum((1, 2)).clamp(min=1)
+    x = (m.sum(1) @ (torch.arange(W, device=m.device) + 0.5)) / area / W
+    y = (m.sum(2) @ (torch.arange(H, device=m.device) + 0.5)) / area / H
+    return torch.stack([x, y], -1)
+
+
 def downsample_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """(N, H, W) bool -> (N, h, w) float, bilinear (soft targets at the mask stride)."""
     if masks.shape[0] == 0:

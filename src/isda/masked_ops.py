@@ -60,12 +60,3 @@ def masked_upsample2x(x: Tensor, padding_mask: Tensor | None, out_mask: Tensor |
     out = num / den.clamp(min=1e-6)
     return out * valid_of(out_mask).to(x.dtype) if out_mask is not None else out
 
-
-def mask_centroids(masks: Tensor) -> Tensor:
-    """(N, H, W) bool -> (N, 2) centre of mass (x, y) of each mask, normalized by the image size; 0 when empty."""
-    N, H, W = masks.shape
-    m = masks.float()
-    area = m.sum((1, 2)).clamp(min=1)
-    x = (m.sum(1) @ (torch.arange(W, device=m.device) + 0.5)) / area / W
-    y = (m.sum(2) @ (torch.arange(H, device=m.device) + 0.5)) / area / H
-    return torch.stack([x, y], -1)

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from .backbone import Backbone
 from .config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
 from .head import ISDAHead
-from .losses import SetCriterion, downsample_masks
-from .masked_ops import mask_centroids, resize_mask
+from .losses import SetCriterion, downsample_masks, mask_centroids
+from .masked_ops import resize_mask
 from .mask_features import MaskFeatures
 from .neck import Neck
 from .position_encoding import sine_position_encoding
@@ -95,17 +95,18 @@ class ISDA(nn.Module):
             small = [downsample_masks(m, size) for m in padded]
             valid = (~out["padding_mask"]).flatten(1).sum(1)
             Q = self.cfg.num_queries
-            refine = self.cfg.refine_points
-            centroids = [mask_centroids(t["masks"]) for t in targets] if refine else None
+            # Point refinement's supervision: each query's points against its instance's mask centroid.
+            points = out["points"] if self.cfg.refine_points else None
+            centroids = [mask_centroids(t["masks"]) for t in targets] if points is not None else None
             losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid,
-                                    out["points"][:, :, :Q] if refine else None, centroids)
+                                    None if points is None else points[:, :, :Q], centroids)
             if self.cfg.hybrid_queries:
                 k = self.criterion.cfg.hybrid_repeats
                 repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
                 hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
                                         [m.repeat(k, 1, 1) for m in small], valid,
-                                        out["points"][:, :, Q:] if refine else None,
-                                        [c.repeat(k, 1) for c in centroids] if refine else None)
+                                        None if points is None else points[:, :, Q:],
+                                        None if points is None else [c.repeat(k, 1) for c in centroids])
                 losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
                 losses.update({f"h.{name}": value for name, value in hybrid.items()})
             if "enc_logits" in out:

@@ -175,10 +175,12 @@ class DeformableTransformer(nn.Module):
             tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, mask,
                         attn_mask)
             hidden.append(tgt)
-            if self.point_refine is not None:
-                point = (inverse_sigmoid(reference) + self.point_refine[i](tgt)).sigmoid()
-                reference = point.detach()  # each layer's correction is learned from its own loss (Deformable DETR)
-            points.append(point if self.point_refine is not None else reference)
+            if self.point_refine is None:
+                points.append(reference)
+                continue
+            point = (inverse_sigmoid(reference) + self.point_refine[i](tgt)).sigmoid()
+            points.append(point)
+            reference = point.detach()  # each layer's correction is learned from its own loss (Deformable DETR)
         # points: each layer's query points (its mask kernels' KP input); reference_points: the last layer's.
         return {**out, "hidden": torch.stack(hidden), "points": torch.stack(points), "reference_points": points[-1]}
 

@@ -265,7 +265,6 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike[str], path: str | os.PathL
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
 
-    by_iter = all(_finite(r.get("iter")) for r in val)
     if val:
         points = validation_points(val)
         for key, style in (("AP", "o-"), ("AP50", "s--"), ("AP75", "^--")):
@@ -276,7 +275,7 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike[str], path: str | os.PathL
     else:
         ax_ap.text(0.5, 0.5, "no validation rows yet", ha="center", va="center", transform=ax_ap.transAxes)
     ax_ap.set_title("Validation mask AP")
-    ax_ap.set_xlabel("iteration" if by_iter else "epoch")
+    ax_ap.set_xlabel("iteration" if _validation_x(val) == "iter" else "epoch")
     ax_ap.set_ylabel("AP (x100)")
     ax_ap.grid(alpha=0.3)
 
@@ -284,10 +283,14 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike[str], path: str | os.PathL
     _save_figure(fig, path)
 
 
+def _validation_x(val: list[dict]) -> str:
+    return "iter" if all(_finite(r.get("iter")) for r in val) else "epoch"
+
+
 def validation_points(val: list[dict]) -> list[tuple[float, dict]]:
     """(x, row) per validation, sorted: x is the iteration when every row has one (a time-budgeted run also
     validates mid-epoch), else the epoch. The last row wins when a point was evaluated twice (a resumed run)."""
-    key = "iter" if all(_finite(r.get("iter")) for r in val) else "epoch"
+    key = _validation_x(val)
     latest = {r[key]: r for r in val}
     return sorted(latest.items(), key=lambda item: item[0])
 
