@@ -59,4 +59,3 @@ def masked_upsample2x(x: Tensor, padding_mask: Tensor | None, out_mask: Tensor |
     den = F.interpolate(valid, scale_factor=2, mode="bilinear", align_corners=False)
     out = num / den.clamp(min=1e-6)
     return out * valid_of(out_mask).to(x.dtype) if out_mask is not None else out
-
