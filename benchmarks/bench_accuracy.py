@@ -19,7 +19,7 @@ from typing import Any
 from isda.config import apply_overrides, get_preset
 from isda.data import make_shapes_dataset
 
-from .maskrcnn_shapes import train_maskrcnn
+from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
 
 ABLATIONS = {
     "no_mp_no_kp": {"model.mask_position": False, "model.kernel_position": False},
@@ -74,7 +74,7 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 
 def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None, num_train: int = 2000,
         num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
-        maskrcnn_roi_batch: int = 128, ablations: bool = True, levers: bool = True, jobs: int = 1,
+        maskrcnn_roi_batch: int | None = None, ablations: bool = True, levers: bool = True, jobs: int = 1,
         threads: int = 2, variants: list[str] | None = None, log=print) -> dict[str, Any]:
     """Each budget is a separate pair of fresh runs (ISDA, Mask R-CNN), so that both get their whole
     budget-following lr schedule; the ablations and the levers are fresh ISDA runs at ``ablation_budget_s``.
@@ -96,7 +96,7 @@ def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None,
                                                     "num_queries": cfg.model.num_queries,
                                                     "num_detections": cfg.model.num_detections},
         "isda": {}, "maskrcnn": {}}
-    maskrcnn = {"lr": maskrcnn_lr, "optimizer": maskrcnn_optimizer, "roi_batch": maskrcnn_roi_batch}
+    maskrcnn = {"lr": maskrcnn_lr, "optimizer": maskrcnn_optimizer, "roi_batch": maskrcnn_roi_batch or ROI_BATCH}
     todo: list[tuple[tuple[str, str], dict[str, Any]]] = []
     for budget in sorted(budgets_s):
         key = str(int(budget))

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
     p.add_argument("--maskrcnn-optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--maskrcnn-roi-batch", type=int, default=128, help="RoIs per image for the box/mask heads")
+    p.add_argument("--maskrcnn-roi-batch", type=int, default=None,
+                   help="RoIs per image for the box/mask heads (default: ROI_BATCH in benchmarks/maskrcnn_shapes.py)")
     p.add_argument("--json", type=Path, help="results file (default docs/benchmarks.json, quick: runs/bench/quick.json)")
     p.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
