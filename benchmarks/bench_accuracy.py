@@ -5,14 +5,18 @@
   augmentation and the same thread count; COCO mask AP (``isda.evaluation.evaluate_masks``) of each at
   every budget (default 8 and 30 minutes of training time, evaluation excluded; one fresh run per
   budget and model, since both lr schedules follow the budget).
-* The paper's two ablations in miniature, ISDA tiny at the first budget: MP + KP vs neither, and mask
-  stride 8 vs 4 vs 2 (the default, MP + KP at stride 4, is the main run's result at that budget).
+* Variants of ISDA tiny at each variant budget: the paper's two ablations in miniature (MP + KP vs neither,
+  mask stride 8 vs 4 vs 2), issue 7's convergence levers one at a time, and the preset with another seed;
+  the default they are compared with is the main ISDA run at the same budget.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ ABLATIONS = {
     "mask_stride_8": {"model.mask_stride": 8},
     "mask_stride_2": {"model.mask_stride": 2},
 }
-# Issue 7's convergence levers, each switched off (the preset's) or on (the others) alone, at the ablation budget.
+# Issue 7's convergence levers, each switched off (the preset's) or on (the others) alone.
 LEVERS = {
     "hybrid_matching": {"model.hybrid_queries": 200},
     "no_mask_bce": {"loss.mask_bce_weight": 0.0},
@@ -72,14 +76,26 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
     return _isda_run(cfg, job["data"], Path(job["out_dir"]), job["budget"], log)
 
 
-def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None, num_train: int = 2000,
+def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
         num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
-        maskrcnn_roi_batch: int | None = None, ablations: bool = True, levers: bool = True, jobs: int = 1,
-        threads: int = 2, variants: list[str] | None = None, log=print) -> dict[str, Any]:
-    """Each budget is a separate pair of fresh runs (ISDA, Mask R-CNN), so that both get their whole
-    budget-following lr schedule; the ablations and the levers are fresh ISDA runs at ``ablation_budget_s``.
-    ``variants``: only these of the ablation, lever and seed runs. ``jobs`` > 1 runs that many at once in separate processes, ``threads // jobs`` threads each (every run
-    then gets the same share of the machine, and the comparison stays like for like)."""
+        maskrcnn_roi_batch: int | None = None, jobs: int = 1, threads: int = 2, variants: list[str] | None = None,
+        previous: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
+        log=print) -> dict[str, Any]:
+    """Each budget in ``budgets_s`` is a separate pair of fresh runs (ISDA, Mask R-CNN), so that both get their
+    whole budget-following lr schedule; the ablation, lever and seed runs are fresh ISDA runs at each of
+    ``variant_budgets_s`` (``variants``: only these, by name; ``name@seconds``: that one at that budget only). ``jobs`` > 1 runs that many at once in
+    separate processes, ``threads // jobs`` threads each (every run then gets the same share of the machine,
+    and the comparison stays like for like). The results are merged into ``previous`` (an earlier
+    invocation's, kept where this one does not re-run them) when both measured the same thing
+    (:func:`merge`); ``save`` gets the merged results after every finished run, so that a long invocation
+    that is stopped keeps what it finished."""
+    extra = {**ABLATIONS, **LEVERS, **SEEDS}
+    wanted = [(name, float(at) if at else None) for name, _, at in (v.partition("@") for v in variants or extra)]
+    unknown = {name for name, _ in wanted} - set(extra)
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(extra)}")
+    variant_runs = {(name, at) for name, at in wanted if at} | {(name, b) for name, at in wanted if not at
+                                                                 for b in variant_budgets_s}
     out_root = Path(out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data = make_shapes_dataset(out_root / f"shapes_{num_train}_{num_val}", num_train=num_train, num_val=num_val,
@@ -88,45 +104,80 @@ def run(out_root: Path, budgets_s: list[float], ablation_budget_s: float | None,
     cfg = get_preset("isda_tiny")
     t = cfg.train
     per_job_threads = max(1, threads // jobs)
+    maskrcnn = {"lr": maskrcnn_lr, "optimizer": maskrcnn_optimizer, "roi_batch": maskrcnn_roi_batch or ROI_BATCH}
     results: dict[str, Any] = {
-        "budgets_s": sorted(budgets_s), "num_train": num_train, "num_val": num_val, "image_size": 128,
-        "jobs": jobs, "threads_per_run": per_job_threads,
+        "budgets_s": sorted(budgets_s), "variant_budgets_s": sorted({b for _, b in variant_runs}), "num_train": num_train,
+        "num_val": num_val, "image_size": 128, "jobs": jobs, "threads_per_run": per_job_threads,
         "isda_preset": "isda_tiny", "isda_recipe": {"optimizer": "adamw", "lr": t.lr, "batch_size": t.batch_size,
                                                     "clip_max_norm": t.clip_max_norm, "weight_decay": t.weight_decay,
                                                     "num_queries": cfg.model.num_queries,
                                                     "num_detections": cfg.model.num_detections},
+        "isda_config": json.loads(json.dumps(dataclasses.asdict(cfg))), "maskrcnn_settings": maskrcnn,
         "isda": {}, "maskrcnn": {}}
-    maskrcnn = {"lr": maskrcnn_lr, "optimizer": maskrcnn_optimizer, "roi_batch": maskrcnn_roi_batch or ROI_BATCH}
-    todo: list[tuple[tuple[str, str], dict[str, Any]]] = []
+    todo: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
     for budget in sorted(budgets_s):
         key = str(int(budget))
         base = {"data": data, "budget": budget, "threads": per_job_threads}
-        todo.append((("isda", key), {**base, "model": "isda", "name": f"isda {key}s",
-                                     "out_dir": str(out_root / f"isda_{key}s_{stamp}")}))
-        todo.append((("maskrcnn", key), {**base, "model": "maskrcnn", "name": f"maskrcnn {key}s",
-                                         "maskrcnn": maskrcnn}))
-    extra = {**(ABLATIONS if ablations else {}), **(LEVERS if levers else {}), **(SEEDS if levers else {})}
-    if variants is not None:  # a subset of the ablation / lever / seed runs, by name
-        extra = {name: overrides for name, overrides in extra.items() if name in variants}
-    if extra and ablation_budget_s:
-        results["ablation_budget_s"] = ablation_budget_s
-        for name, overrides in extra.items():
-            section = "ablations" if name in ABLATIONS else "levers" if name in LEVERS else "seeds"
-            results.setdefault(section, {})
-            todo.append(((section, name), {"data": data, "budget": ablation_budget_s, "threads": per_job_threads,
-                                           "model": "isda", "name": name, "overrides": overrides,
-                                           "out_dir": str(out_root / f"isda_{name}_{stamp}")}))
+        todo.append((("isda", key, ""), {**base, "model": "isda", "name": f"isda {key}s",
+                                         "out_dir": str(out_root / f"isda_{key}s_{stamp}")}))
+        todo.append((("maskrcnn", key, ""), {**base, "model": "maskrcnn", "name": f"maskrcnn {key}s",
+                                             "maskrcnn": maskrcnn}))
+    names = list(extra)  # the longest first (the shorter ones fill in beside them), then in the table's order
+    for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
+        key = str(int(budget))
+        section = "ablations" if name in ABLATIONS else "levers" if name in LEVERS else "seeds"
+        todo.append(((section, name, key), {"data": data, "budget": budget, "threads": per_job_threads,
+                                            "model": "isda", "name": f"{name} {key}s", "overrides": extra[name],
+                                            "out_dir": str(out_root / f"isda_{name}_{key}s_{stamp}")}))
+    results = merge(previous, results)
+
+    def record(where: tuple[str, str, str], job: dict[str, Any], res: dict[str, Any]) -> None:
+        section, name, key = where
+        if section in ("isda", "maskrcnn"):
+            results[section][name] = res
+        else:
+            entry = results.setdefault(section, {}).setdefault(name, {"overrides": job["overrides"], "runs": {}})
+            entry["overrides"] = job["overrides"]
+            entry["runs"][key] = res
+        if save is not None:
+            save(results)
+
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     if jobs == 1:
-        finished = [(where, _job(job)) for where, job in todo]
+        for where, job in todo:
+            record(where, job, _job(job))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [(where, pool.submit(_job, job)) for where, job in todo]
-            finished = [(where, f.result()) for where, f in futures]
-    for (section, key), res in finished:
-        overrides = next(job.get("overrides") for w, job in todo if w == (section, key))
-        results[section][key] = {**res, "overrides": overrides} if overrides else res
+            futures = {pool.submit(_job, job): (where, job) for where, job in todo}
+            for future in as_completed(futures):
+                record(*futures[future], future.result())
     return results
+
+
+# What two invocations must share for their results to sit in one table.
+_SAME = ("num_train", "num_val", "image_size", "threads_per_run", "isda_preset", "isda_recipe", "isda_config",
+         "maskrcnn_settings")
+
+
+def merge(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the runs of ``previous`` that it does not re-run, when both measured the same thing (same
+    dataset, thread share, ISDA preset configuration and Mask R-CNN settings; a field that only one of them
+    recorded is not compared); otherwise ``new`` alone."""
+    old_format = any("runs" not in e for sec in ("ablations", "levers", "seeds") for e in (previous or {}).get(sec, {}).values())
+    if not previous or old_format or any(k in previous and k in new and previous[k] != new[k] for k in _SAME):
+        return new
+    merged = {**{k: v for k, v in previous.items() if k != "_meta"},
+              **{k: v for k, v in new.items() if k not in ("isda", "maskrcnn")}}
+    merged["earlier"] = previous.get("earlier", []) + ([previous["_meta"]] if "_meta" in previous else [])
+    for section in ("isda", "maskrcnn"):
+        merged[section] = {**previous.get(section, {}), **new.get(section, {})}
+    for key in ("budgets_s", "variant_budgets_s"):
+        merged[key] = sorted(set(previous.get(key, [])) | set(new.get(key, [])))
+    for section in ("ablations", "levers", "seeds"):
+        for name, entry in new.get(section, {}).items():
+            old = previous.get(section, {}).get(name, {})
+            merged.setdefault(section, {})[name] = {**entry, "runs": {**old.get("runs", {}), **entry["runs"]}}
+    return merged

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from isda.fileio import atomic_write_text
+
 REPRODUCE = """```sh
 make bench        # quick: inference, training step, deformable attention core (a minute or two; prints only)
 make bench-full   # everything below, rewrites this page (the accuracy section takes about 1.5 hours)
 # sections one at a time (the page keeps the others), e.g. the timings only, or a shorter accuracy run:
 .venv/bin/python -m benchmarks.run --full --skip accuracy
-.venv/bin/python -m benchmarks.run --full --only accuracy --budgets 480,1800 --ablation-budget 480
+.venv/bin/python -m benchmarks.run --full --only accuracy --budgets 480,1800 --variant-budgets 480
+# only some variants, at other budgets (merged into the page's earlier runs of the same configuration):
+.venv/bin/python -m benchmarks.run --full --only accuracy --budgets '' --variant-budgets 1800 --variants no_varifocal
 .venv/bin/python -m benchmarks.run --render  # re-render this page from docs/benchmarks.json
 ```"""
 
@@ -110,7 +114,7 @@ def render(results: dict[str, Any], page: Path) -> None:
     chart = page.with_suffix(".png")
     if _chart(secs, chart):
         out.insert(out.index("## Machine"), f"![benchmarks]({chart.name})\n")
-    page.write_text("\n".join(out))
+    atomic_write_text(page, "\n".join(out))
 
 
 def _inference(inf: dict[str, Any]) -> list[str]:
@@ -305,8 +309,8 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "norm_layer=nn.BatchNorm2d, trainable_layers=5)`, anchors 16..256 px, 32 RoIs per image), both from scratch, same data, same "
                 "augmentation (the preset's, Mask R-CNN's own resize switched off), same batch (8) and thread count; "
                 "COCO mask AP of both with `isda.evaluation.evaluate_masks` after 8 and 30 minutes of training time "
-                "(evaluation excluded); then the paper's ablations in miniature at 8 minutes: MP + KP vs neither, mask "
-                "stride 8 vs 4 vs 2. Mask R-CNN trains with AdamW at the ISDA preset's lr, weight decay and "
+                "(evaluation excluded); then the paper's ablations in miniature and issue 7's convergence levers one at "
+                "a time, at 8 minutes (`--variant-budgets`): MP + KP vs neither, mask stride 8 vs 4 vs 2. Mask R-CNN trains with AdamW at the ISDA preset's lr, weight decay and "
                 "clipping, 100 warm-up iterations (`--maskrcnn-lr`, `--maskrcnn-optimizer sgd` to change); one fresh run "
                 "per budget and model, both lr schedules following the budget.", ""]
         return out
@@ -340,44 +344,51 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
         if i.get("iterations") and m.get("iterations"):
             out += [f"Seconds per training step at {int(b) / 60:g} min: ISDA tiny "
                     f"{i['train_time_s'] / i['iterations']:.2f}, Mask R-CNN {m['train_time_s'] / m['iterations']:.2f}.", ""]
-    b = str(int(acc.get("ablation_budget_s", 0)))
-    default = acc["isda"].get(b)
+    vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
+    default = {v: acc["isda"].get(v) for v in vbudgets}
     if not acc.get("ablations"):
         out += ["The paper's ablations in miniature (MP + KP vs neither, mask stride 8 / 4 / 2) were not run in this "
                 "revision of the page: `--variants no_mp_no_kp,mask_stride_8,mask_stride_2`.", ""]
-    if acc.get("ablations"):
+    else:
         labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
                   "mask_stride_2": "MP + KP, mask stride 2"}
-        out += [f"### Ablations in miniature (ISDA tiny, {int(b) / 60:g} min each)", "",
+        out += ["### Ablations in miniature (ISDA tiny)", "",
                 "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
                 "1/4 36.5, 1/2 36.4 AP.", ""]
         out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
-                              + [(labels.get(n, n), res) for n, res in acc["ablations"].items()])
-    for name, res in (acc.get("seeds") or {}).items():
-        if res.get("ap") and (default or {}).get("ap"):
-            out += [f"The ISDA tiny run again with `{_overrides(res)}` at {int(b) / 60:g} min: mask AP "
-                    f"**{100 * res['ap']['AP']:.1f}** (AP50 {100 * res['ap']['AP50']:.1f}, {res['iterations']} steps), "
-                    f"against {100 * default['ap']['AP']:.1f} with the preset's seed.", ""]
+                              + [(labels.get(n, n), e["runs"]) for n, e in acc["ablations"].items()], vbudgets)
+    for name, entry in (acc.get("seeds") or {}).items():
+        for v, res in sorted(entry["runs"].items(), key=lambda kv: int(kv[0])):
+            base = default.get(v) or acc["isda"].get(v) or {}
+            if res.get("ap") and base.get("ap"):
+                out += [f"The ISDA tiny run again with `{_overrides(entry)}` at {int(v) / 60:g} min: mask AP "
+                        f"**{100 * res['ap']['AP']:.1f}** (AP50 {100 * res['ap']['AP50']:.1f}, {res['iterations']} "
+                        f"steps), against {100 * base['ap']['AP']:.1f} with the preset's seed.", ""]
     if acc.get("levers"):
-        out += [f"### Convergence levers (issue 7; ISDA tiny, {int(b) / 60:g} min each)", "",
-                "Each lever switched off (the preset's levers) or on (the others) alone; seconds per step on this "
-                "machine at the run's thread count.", ""]
-        out += _variant_table([("the tiny preset", default)] + [(f"{n} (`{_overrides(r)}`)", r)
-                                                                for n, r in acc["levers"].items()])
-    out += [_meta(acc)]
+        out += ["### Convergence levers (issue 7; ISDA tiny)", "",
+                "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget; seconds "
+                "per step on this machine at the run's thread count.", ""]
+        out += _variant_table([("the tiny preset", default)] + [(f"{n} (`{_overrides(e)}`)", e["runs"])
+                                                                for n, e in acc["levers"].items()], vbudgets)
+    out += [_meta(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
     return out
 
 
-def _variant_table(rows: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
-    """Mask AP, AP50, AP75, steps and seconds per step of each (label, run result)."""
-    out = ["| variant | mask AP | AP50 | AP75 | steps | s / step |", "|---|---|---|---|---|---|"]
-    for label, res in rows:
-        if res and res.get("ap"):
-            a, steps = res["ap"], res.get("iterations", 0)
-            out.append(f"| {label} | {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {100 * a['AP75']:.1f} | {steps} | "
-                       f"{res['train_time_s'] / max(steps, 1):.2f} |")
-        else:
-            out.append(f"| {label} | (not run at this budget) | | | | |")
+def _variant_table(rows: list[tuple[str, dict[str, dict[str, Any] | None]]], budgets: list[str]) -> list[str]:
+    """Mask AP, AP50, steps and seconds per step at each budget of each (label, {budget: run result})."""
+    head = "| variant |" + "".join(f" AP, {int(b) / 60:g} min | AP50 | steps | s / step |" for b in budgets)
+    out = [head, "|---|" + "---|---|---|---|" * len(budgets)]
+    for label, runs in rows:
+        cells = []
+        for b in budgets:
+            res = runs.get(b) or {}
+            if res.get("ap"):
+                a, steps = res["ap"], res.get("iterations", 0)
+                cells.append(f" {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {steps} | "
+                             f"{res['train_time_s'] / max(steps, 1):.2f} |")
+            else:
+                cells.append(" (not run) | | | |")
+        out.append(f"| {label} |" + "".join(cells))
     return out + [""]
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from isda.fileio import atomic_write_text
+
 from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,15 +124,15 @@ def section_profile(args, log) -> dict[str, Any]:
     return out
 
 
-def section_accuracy(args, log) -> dict[str, Any]:
+def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=None) -> dict[str, Any]:
     from . import bench_accuracy
 
-    return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.ablation_budget,
+    return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.variant_budgets,
                               num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
                               maskrcnn_optimizer=args.maskrcnn_optimizer, maskrcnn_roi_batch=args.maskrcnn_roi_batch,
-                              ablations=args.ablation_budget > 0, levers=args.ablation_budget > 0,
                               jobs=args.jobs, threads=args.threads,
-                              variants=args.variants.split(",") if args.variants else None, log=log)
+                              variants=args.variants.split(",") if args.variants else None, previous=previous,
+                              save=save, log=log)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -150,13 +152,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-size", type=_size, default=TRAIN_SIZE, help="HxW (default 512x512)")
     p.add_argument("--preset", default="isda_r50_coco")
     p.add_argument("--budgets", default="480,1800", help="accuracy: training-time budgets, seconds")
-    p.add_argument("--ablation-budget", type=float, default=480.0, help="accuracy: ablation budget, seconds (0: none)")
+    p.add_argument("--variant-budgets", default="480", help="accuracy: budgets of the ablation, lever and seed runs, "
+                   "seconds (comma-separated; empty: none)")
     p.add_argument("--accuracy-budget", type=float, default=0.0,
                    help="quick mode: run the accuracy section with this one budget (e.g. 30) on a small dataset")
     p.add_argument("--jobs", type=int, default=1,
                    help="accuracy: training runs at once, threads/jobs threads each (e.g. 2 on 2 cores: 1 thread each)")
     p.add_argument("--variants", default="", help="accuracy: only these ablation/lever/seed runs (comma-separated "
-                   "names from benchmarks/bench_accuracy.py), e.g. hybrid_matching,no_mask_bce")
+                   "names from benchmarks/bench_accuracy.py; name@seconds: at that budget only), e.g. hybrid_matching,no_mask_bce@1800")
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     args.quick = not (args.full or args.render)
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    args.variant_budgets = [float(b) for b in args.variant_budgets.split(",") if b.strip() and float(b) > 0]
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.accuracy_budget <= 0:
             sections.remove("accuracy")
     if args.quick and args.accuracy_budget > 0:
-        args.budgets, args.ablation_budget = [args.accuracy_budget], 0.0
+        args.budgets, args.variant_budgets = [args.accuracy_budget], []
         args.num_train, args.num_val = min(args.num_train, 200), min(args.num_val, 50)
     sections = [s for s in sections if s not in skip]
 
@@ -207,16 +211,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{results['machine']['cpu']}; load average {load:.2f}")
     if load > 1.5:
         print(f"WARNING: load average {load:.2f} > 1.5: the machine is busy, timings will be noisy", file=sys.stderr)
-    for name in sections:
-        print(f"[{name}]")
-        start, load_before = time.time(), os.getloadavg()[0]
-        data = globals()[f"section_{name}"](args, print)
+
+    def store(name: str, data: dict[str, Any], start: float, load_before: float) -> None:
         data["_meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - start, 1),
                          "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
                          "command": f"python -m benchmarks.run {argv_text}".strip(), "threads": args.threads}
         results["sections"][name] = data
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1))
+        atomic_write_text(json_path, json.dumps(results, indent=1))
+
+    for name in sections:
+        print(f"[{name}]")
+        start, load_before = time.time(), os.getloadavg()[0]
+        extra = {}
+        if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
+            extra = {"previous": results["sections"].get("accuracy"),
+                     "save": lambda data, name=name, start=start, load=load_before: store(name, data, start, load)}
+        store(name, globals()[f"section_{name}"](args, print, **extra), start, load_before)
     print(f"results: {json_path}")
     if not args.quick:
         from .report import render

@@ -3,6 +3,7 @@ benchmark harness runs end to end at a tiny size."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -287,3 +288,59 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
                          log=lambda m: None)
     assert res["iterations"] == 1 and res["nonfinite_steps"] == 0
     assert set(res["ap"]) >= {"AP", "AP50", "AP75"} and 0.0 <= res["ap"]["AP"] <= 1.0
+
+
+def _acc_run(ap: float, steps: int = 10) -> dict:
+    return {"ap": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}, "iterations": steps, "train_time_s": 2.0 * steps}
+
+
+def test_accuracy_invocations_merge_and_render_per_budget(tmp_path):
+    from benchmarks import bench_accuracy
+    from benchmarks.report import render
+
+    # An earlier invocation: the main pair at 8 minutes and one lever at 8 minutes, the way run() records them.
+    previous = {"num_train": 4, "num_val": 2, "image_size": 128, "threads_per_run": 1, "isda_preset": "isda_tiny",
+                "isda_recipe": {"lr": 1e-4, "weight_decay": 1e-4, "batch_size": 8, "clip_max_norm": 0.1,
+                                "num_queries": 100, "num_detections": 50},
+                "budgets_s": [480.0], "variant_budgets_s": [480.0], "isda": {"480": _acc_run(0.10)},
+                "maskrcnn": {"480": {**_acc_run(0.05), "optimizer": "adamw", "lr": 1e-4, "batch_size": 8,
+                                     "clip_max_norm": 0.1, "warmup_iters": 100}},
+                "levers": {"no_varifocal": {"overrides": {"loss.class_loss": "focal"}, "runs": {"480": _acc_run(0.07)}}},
+                "_meta": {"command": "python -m benchmarks.run first"}}
+    # This invocation re-runs nothing of it and adds the lever at 30 minutes on the default ISDA run of 30 minutes.
+    new = {**{k: previous[k] for k in bench_accuracy._SAME if k in previous}, "budgets_s": [1800.0],
+           "variant_budgets_s": [1800.0], "isda": {"1800": _acc_run(0.30)}, "maskrcnn": {},
+           "levers": {"no_varifocal": {"overrides": {"loss.class_loss": "focal"}, "runs": {"1800": _acc_run(0.2)}}},
+           "_meta": {"command": "python -m benchmarks.run second"}}
+    merged = bench_accuracy.merge(previous, new)
+    assert merged["budgets_s"] == [480.0, 1800.0] and merged["variant_budgets_s"] == [480.0, 1800.0]
+    assert set(merged["isda"]) == {"480", "1800"} and merged["maskrcnn"] == {"480": previous["maskrcnn"]["480"]}
+    assert set(merged["levers"]["no_varifocal"]["runs"]) == {"480", "1800"}
+    assert merged["earlier"] == [previous["_meta"]] and merged["_meta"] == new["_meta"]
+    # Another configuration of the preset is another experiment: nothing of the earlier one is kept.
+    other = {**new, "isda_recipe": {**new["isda_recipe"], "lr": 2e-4}}
+    assert bench_accuracy.merge(previous, other) == other
+
+    render({"machine": {"cpu": "test"}, "sections": {"accuracy": merged}}, tmp_path / "b.md")
+    page = (tmp_path / "b.md").read_text()
+    lines = [line for line in page.splitlines() if line.startswith("| no_varifocal")]
+    assert lines == ["| no_varifocal (`loss.class_loss=focal`) | 7.0 | 14.0 | 10 | 2.00 | 20.0 | 40.0 | 10 | 2.00 |"]
+    assert "| the tiny preset | 10.0 | 20.0 | 10 | 2.00 | 30.0 | 60.0 | 10 | 2.00 |" in page
+    assert "benchmarks.run first" in page and "benchmarks.run second" in page
+
+
+def test_accuracy_run_saves_each_finished_run_and_keeps_earlier_ones(tmp_path):
+    from benchmarks import bench_accuracy
+
+    saved = []
+    earlier = {"threads_per_run": 1, "num_train": 4, "num_val": 2, "image_size": 128, "budgets_s": [1.0],
+               "isda": {"1": _acc_run(0.1)}, "maskrcnn": {"1": _acc_run(0.05)}}
+    with pytest.raises(ValueError, match="no_such_lever"):
+        bench_accuracy.run(tmp_path, [], [1.0], variants=["no_such_lever"], threads=1)
+    res = bench_accuracy.run(tmp_path, [], [], num_train=4, num_val=2, threads=1, variants=["no_varifocal@1"],
+                             previous=earlier, save=lambda r: saved.append(copy.deepcopy(r)), log=lambda m: None)
+    assert len(saved) == 1 and saved[0] == res
+    run = res["levers"]["no_varifocal"]
+    assert run["overrides"] == {"loss.class_loss": "focal"} and run["runs"]["1"]["iterations"] >= 1
+    assert res["isda"] == earlier["isda"] and res["maskrcnn"] == earlier["maskrcnn"]  # kept, not re-run
+    assert res["variant_budgets_s"] == [1.0] and res["isda_config"]["loss"]["class_loss"] == "varifocal"
