@@ -326,6 +326,7 @@ def test_accuracy_invocations_merge_and_render_per_budget(tmp_path):
     lines = [line for line in page.splitlines() if line.startswith("| no_varifocal")]
     assert lines == ["| no_varifocal (`loss.class_loss=focal`) | 7.0 | 14.0 | 10 | 2.00 | 20.0 | 40.0 | 10 | 2.00 |"]
     assert "| the tiny preset | 10.0 | 20.0 | 10 | 2.00 | 30.0 | 60.0 | 10 | 2.00 |" in page
+    assert "At 8 min: ISDA tiny − Mask R-CNN **+5.0** AP" in page and "At 30 min" not in page  # no Mask R-CNN at 30
     assert "benchmarks.run first" in page and "benchmarks.run second" in page
 
 
