@@ -368,7 +368,9 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
     if acc.get("levers"):
         out += ["### Convergence levers (issue 7; ISDA tiny)", "",
                 "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget; seconds "
-                "per step on this machine at the run's thread count.", ""]
+                "per step on this machine at the run's thread count. With two runs at a time, a run's seconds per step "
+                "also depend on what ran beside it (they share the memory bandwidth): read AP together with steps "
+                "(`docs/convergence.md` compares the levers at equal step counts).", ""]
         out += _variant_table([("the tiny preset", default)] + [(f"{n} (`{_overrides(e)}`)", e["runs"])
                                                                 for n, e in acc["levers"].items()], vbudgets)
     out += [_meta(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]

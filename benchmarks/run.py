@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["machine"] = machine_info(args.threads)
     results["mode"] = "quick" if args.quick else "full"
     results.setdefault("sections", {})
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
     load = os.getloadavg()[0]
     print(f"benchmarks ({results['mode']}): {', '.join(sections)}; {args.threads} threads; "
           f"{results['machine']['cpu']}; load average {load:.2f}")
