@@ -76,6 +76,22 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
     return _isda_run(cfg, job["data"], Path(job["out_dir"]), job["budget"], log)
 
 
+def plan_variants(variants: list[str] | None, variant_budgets_s: list[float]) -> set[tuple[str, float]]:
+    """The (variant, budget) runs that ``variants`` asks for (names, or ``name@seconds`` for one budget; None: all
+    at every budget); ValueError naming the entry for an unknown name or a budget that is not a number."""
+    names = {**ABLATIONS, **LEVERS, **SEEDS}
+    runs: set[tuple[str, float]] = set()
+    for entry in variants or names:
+        name, _, at = entry.partition("@")
+        if name not in names:
+            raise ValueError(f"unknown variant {name!r} in --variants; choose from {', '.join(names)}")
+        try:
+            runs |= {(name, float(at))} if at else {(name, b) for b in variant_budgets_s}
+        except ValueError:
+            raise ValueError(f"--variants {entry!r}: the budget after @ must be seconds, e.g. {name}@1800") from None
+    return runs
+
+
 def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
         num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
         maskrcnn_roi_batch: int | None = None, jobs: int = 1, threads: int = 2, variants: list[str] | None = None,
@@ -90,12 +106,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     (:func:`merge`); ``save`` gets the merged results after every finished run, so that a long invocation
     that is stopped keeps what it finished."""
     extra = {**ABLATIONS, **LEVERS, **SEEDS}
-    wanted = [(name, float(at) if at else None) for name, _, at in (v.partition("@") for v in variants or extra)]
-    unknown = {name for name, _ in wanted} - set(extra)
-    if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(extra)}")
-    variant_runs = {(name, at) for name, at in wanted if at} | {(name, b) for name, at in wanted if not at
-                                                                 for b in variant_budgets_s}
+    variant_runs = plan_variants(variants, variant_budgets_s)
     out_root = Path(out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data = make_shapes_dataset(out_root / f"shapes_{num_train}_{num_val}", num_train=num_train, num_val=num_val,

@@ -198,6 +198,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.budgets, args.variant_budgets = [args.accuracy_budget], []
         args.num_train, args.num_val = min(args.num_train, 200), min(args.num_val, 50)
     sections = [s for s in sections if s not in skip]
+    if "accuracy" in sections:
+        from .bench_accuracy import plan_variants
+
+        try:  # a typo in --variants is a usage error now, not a traceback after an hour of training
+            plan_variants(args.variants.split(",") if args.variants else None, args.variant_budgets)
+        except ValueError as e:
+            p.error(str(e))
 
     set_threads(args.threads)
     results: dict[str, Any] = {}
