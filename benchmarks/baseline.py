@@ -14,12 +14,14 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import masks_to_boxes
+from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 
+import isda.backbone
 import isda.deformable_attention
 import isda.mask_features
 import isda.model
 import isda.neck
+import isda.transformer
 from isda.masked_ops import masked_group_norm, resize_mask, valid_of
 from isda.ops import ms_deform_attn
 
@@ -113,6 +115,18 @@ def boxes(masks: Tensor) -> Tensor:
     return out
 
 
+# ---- change "frozen_bn_fold": the backbone's frozen BatchNorm as its own two passes over the activations ---
+
+frozen_bn_conv_forward = torch.nn.Conv2d.forward
+folded_bn_forward = FrozenBatchNorm2d.forward
+
+
+# ---- change "ffn_inplace_relu": the FFN's ReLU writes a second tokens x ffn_dim tensor -------------------
+
+def ffn_forward(self, x: Tensor) -> Tensor:
+    return self.norm(x + self.dropout2(self.linear2(self.dropout1(torch.relu(self.linear1(x))))))
+
+
 # ---- switching -----------------------------------------------------------------------------------
 
 # change name -> [(object, attribute, baseline value)], in the order the changes were made.
@@ -125,6 +139,10 @@ CHANGES: dict[str, list[tuple[object, str, object]]] = {
                            (isda.neck.Neck, "forward", neck_forward)],
     "channels_last": [(isda.model.ISDA, "batch_images", batch_images)],
     "postprocess": [(isda.model.ISDA, "upsample_masks", upsample_masks), (isda.model, "_boxes", boxes)],
+    "matched_mask_grads": [(isda.model.ISDA, "matched_mask_grads", False)],
+    "frozen_bn_fold": [(isda.backbone.FrozenBNConv2d, "forward", frozen_bn_conv_forward),
+                       (isda.backbone.FoldedFrozenBatchNorm2d, "forward", folded_bn_forward)],
+    "ffn_inplace_relu": [(isda.transformer.FFN, "forward", ffn_forward)],
 }
 
 DESCRIPTIONS = {
@@ -144,6 +162,14 @@ DESCRIPTIONS = {
     "postprocess": "masks upsampled 8 at a time (was 25: cache-sized float temporaries) and thresholded straight "
                    "into the output; boxes from row/column projections instead of torchvision masks_to_boxes "
                    "(a nonzero() per mask)",
+    "matched_mask_grads": "training computes every query's masks (for the matcher) without autograd and the matched "
+                          "ones again with it: the mask losses see matched queries only (was: backward through the "
+                          "masks of all layers x images x queries, two GEMMs over rows of zero gradient)",
+    "frozen_bn_fold": "the backbone's frozen BatchNorm folded into the convolution before it, at every call (was: "
+                      "torchvision FrozenBatchNorm2d, x * scale + bias: two passes over every activation forward, "
+                      "one backward)",
+    "ffn_inplace_relu": "the transformer FFN's ReLU in place on the first linear's output (was: a second "
+                        "tokens x 1024 tensor written per layer)",
 }
 
 

@@ -106,9 +106,6 @@ def render(results: dict[str, Any], page: Path) -> None:
     pr = secs.get("profile")
     if pr:
         out += _profile(pr)
-    wi = secs.get("whatif")
-    if wi:
-        out += _whatif(wi, secs.get("inference"))
     out += _accuracy(secs.get("accuracy"))
     out += ["## Reproduce", "", REPRODUCE, ""]
     chart = page.with_suffix(".png")
@@ -225,7 +222,7 @@ DENSE = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "at
 def _analysis(secs: dict[str, Any]) -> list[str]:
     """The goal (ISDA <= 0.9 x Mask R-CNN latency, memory no higher, training step no slower) against the
     measurements, and what bounds it (from the profile)."""
-    inf, tr, pr, wi = secs.get("inference"), secs.get("train"), secs.get("profile"), secs.get("whatif")
+    inf, tr, pr = secs.get("inference"), secs.get("train"), secs.get("profile")
     if not inf:
         return []
     goal = 0.9 * inf["maskrcnn"]["time"]["median"]
@@ -241,60 +238,35 @@ def _analysis(secs: dict[str, Any]) -> list[str]:
                 out.append(f"- Training step vs Mask R-CNN ({label}): ratio **{r:.2f}** (goal <= 1.00): "
                            + ("met." if r <= 1.0 else "not met."))
     if pr and "after" in pr:
-        top = {t["op"]: t["self_cpu_s"] for t in pr["after"]["top"]}
-        dense = sum(v for k, v in top.items() if k in DENSE)
-        total = pr["after"]["self_cpu_s"]
-        out += ["", f"In the profile after the optimisations, dense compute (GEMMs and convolutions: "
-                    f"{', '.join('`' + d + '`' for d in DENSE)}) is {_s(dense)} of {_s(total)} of operator time "
-                    f"({100 * dense / total:.0f}%), already at a good fraction of the CPU's peak: the backbone, the neck "
-                    "and mask-feature convolutions and the transformer's linear layers (the encoder runs its six layers "
-                    "over all 20,197 tokens of P3..P6) are fixed by the paper's architecture. The rest is memory-bound "
-                    "elementwise work, much of it outside the files this optimisation could change (the backbone's "
-                    "FrozenBatchNorm, the transformer FFN's ReLU and dropout, the losses' mask bookkeeping in training); "
-                    "see the what-if measurements below for the two largest."]
-    if wi:
-        stats = wi["inference"]
-        keys = list(stats)
-        best = stats[keys[-1]]["median"] / stats[keys[0]]["median"]
-        out.append(f"Patched in together, those two would take ISDA's latency to x{best:.2f} of its current value, "
-                   f"i.e. about {inf['ratio_latency'] * best:.2f} of Mask R-CNN's.")
+        out.append("")
+        for key, label in (("after", "inference"), ("train_after", "training step")):
+            if key in pr:
+                top = {t["op"]: t["self_cpu_s"] for t in pr[key]["top"]}
+                dense = sum(v for k, v in top.items() if k in DENSE)
+                total = pr[key]["self_cpu_s"]
+                out.append(f"- Profile of the {label} after the optimisations: dense compute (GEMMs and convolutions: "
+                           f"{', '.join('`' + d + '`' for d in DENSE)}) is {_s(dense)} of {_s(total)} of operator "
+                           f"time ({100 * dense / total:.0f}%).")
     out.append("")
     return out
 
 
 def _profile(pr: dict[str, Any]) -> list[str]:
-    out = [f"## Profile (torch.profiler, one ISDA-R50 inference at {_size(pr)})", "",
+    out = [f"## Profile (torch.profiler: one ISDA-R50 inference at {_size(pr)}, one training step)", "",
            "Self CPU time by operator, before the optimisations and after (the profiler adds some overhead).", ""]
-    for name in ("before", "after"):
+    train = "x".join(map(str, pr.get("train_size", ())))
+    for name, label in (("before", "inference, before"), ("after", "inference, after"),
+                        ("train_before", f"training step (batch 2, {train}), before"),
+                        ("train_after", f"training step (batch 2, {train}), after")):
         if name not in pr:
             continue
         p = pr[name]
-        out += [f"**{name}**: {p['wall_s']:.2f} s wall, {p['self_cpu_s']:.2f} s self CPU", "",
+        out += [f"**{label}**: {p['wall_s']:.2f} s wall, {p['self_cpu_s']:.2f} s self CPU", "",
                 "| operator | self CPU | share | calls |", "|---|---|---|---|"]
         for t in p["top"][:12]:
             out.append(f"| `{t['op']}` | {_s(t['self_cpu_s'])} | {100 * t['share']:.1f}% | {t['calls']} |")
         out.append("")
     out += [_meta(pr)]
-    return out
-
-
-def _whatif(wi: dict[str, Any], inf: dict[str, Any] | None) -> list[str]:
-    stats = wi["inference"]
-    keys = list(stats)
-    out = ["## What else would help (outside the optimised files; measured, not applied)", "",
-           "Patched in for this measurement only (`benchmarks/bench_whatif.py`), cumulative, alternated run by run "
-           "in one process:", "",
-           "| configuration | median | ratio to current |", "|---|---|---|"]
-    base = stats[keys[0]]["median"]
-    for key in keys:
-        label = " + ".join(f"`{k}`" if i else k for i, k in enumerate(key.split("+")))
-        out.append(f"| {label} | {_s(stats[key]['median'])} | "
-                   f"{stats[key]['median'] / base:.2f} |")
-    out += ["", "- `frozen_bn_single_pass` (`isda/backbone.py`): the backbone's torchvision FrozenBatchNorm2d computes "
-                "`x * scale + bias` (two passes over every activation); `F.batch_norm(..., training=False)` is one pass "
-                "and bit-identical.",
-            "- `ffn_inplace_relu` (`isda/transformer.py`): `torch.relu_` on the FFN's first linear output instead of "
-            "`torch.relu` (one tokens x 1024 tensor less written per layer).", "", _meta(wi)]
     return out
 
 

@@ -7,9 +7,8 @@
 
 Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
 attention core vs the textbook implementation), changes (before/after of each optimisation), profile
-(torch.profiler top operators, before and after), whatif (changes outside the optimised files,
-patched in for the measurement only), accuracy (same CPU budget on the shapes dataset +
-the paper's ablations; full mode only unless --accuracy-budget is given).
+(torch.profiler top operators of an inference and a training step, before and after), accuracy (same CPU
+budget on the shapes dataset + the paper's ablations; full mode only unless --accuracy-budget is given).
 
 Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
 Timings are only meaningful on a quiet machine: the load average is recorded with each section.
@@ -33,7 +32,7 @@ from isda.fileio import atomic_write_text
 from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("inference", "train", "msda", "changes", "profile", "whatif", "accuracy")
+SECTIONS = ("inference", "train", "msda", "changes", "profile", "accuracy")
 QUICK = {"repeats": 3, "components": 1, "msda_repeats": 3, "changes_repeats": 3}
 FULL = {"repeats": 7, "components": 3, "msda_repeats": 7, "changes_repeats": 5}
 
@@ -91,38 +90,62 @@ def section_changes(args, log) -> dict[str, Any]:
                              preset=args.preset, log=log)
 
 
-def section_whatif(args, log) -> dict[str, Any]:
-    from . import bench_whatif
-
-    return bench_whatif.run(repeats=args.changes_repeats, infer_size=args.infer_size, preset=args.preset, log=log)
-
-
 def section_profile(args, log) -> dict[str, Any]:
-    """torch.profiler of one ISDA inference with every optimisation reverted, then with all of them."""
+    """torch.profiler of one ISDA inference and one training step, each with every optimisation reverted,
+    then with all of them."""
+    from . import baseline
+    from .common import build_isda, random_image, shapes_batch
+
+    out: dict[str, Any] = {"size": list(args.infer_size), "train_size": list(TRAIN_SIZE)}
+    model = build_isda(args.preset).eval()
+    images = [random_image(args.infer_size)]
+
+    def infer():
+        with torch.no_grad():
+            model(images)
+
+    for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
+        out[name] = _profile_top(infer, revert)
+        log(f"  profile inference {name}: {_top_line(out[name])}")
+    model = build_isda(args.preset).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    images, targets = shapes_batch(TRAIN_SIZE, batch=2, num_classes=model.cfg.num_classes)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(images, targets)["loss"].backward()
+        optimizer.step()
+
+    for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
+        out["train_" + name] = _profile_top(step, revert)
+        log(f"  profile training step {name}: {_top_line(out['train_' + name])}")
+    return out
+
+
+def _profile_top(fn, revert: list[str], top: int = 15) -> dict[str, Any]:
+    """One warm-up call, then one profiled call of ``fn`` with the named changes reverted: wall time, total
+    self CPU time and the operators with the most self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     from . import baseline
-    from .common import build_isda, random_image
 
-    model = build_isda(args.preset).eval()
-    images = [random_image(args.infer_size)]
-    out: dict[str, Any] = {"size": list(args.infer_size)}
-    for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
-        with baseline.reverted(revert), torch.no_grad():
-            model(images)  # warm-up
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                start = time.perf_counter()
-                model(images)
-                wall = time.perf_counter() - start
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-        out[name] = {"wall_s": wall, "self_cpu_s": total / 1e6,
-                     "top": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6,
-                              "share": e.self_cpu_time_total / total, "calls": e.count} for e in top]}
-        log(f"  profile {name}: {wall:.2f} s wall; top: " + ", ".join(
-            f"{t['op']} {100 * t['share']:.0f}%" for t in out[name]["top"][:6]))
-    return out
+    with baseline.reverted(revert):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - start
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"wall_s": wall, "self_cpu_s": total / 1e6,
+            "top": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+                     "calls": e.count} for e in ranked]}
+
+
+def _top_line(profile: dict[str, Any]) -> str:
+    return f"{profile['wall_s']:.2f} s wall; top: " + ", ".join(
+        f"{t['op']} {100 * t['share']:.0f}%" for t in profile["top"][:6])
 
 
 def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=None) -> dict[str, Any]:
@@ -191,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.quick and not args.only:
-        sections = [s for s in sections if s not in ("changes", "profile", "whatif")]
+        sections = [s for s in sections if s not in ("changes", "profile")]
         if args.accuracy_budget <= 0:
             sections.remove("accuracy")
     if args.quick and args.accuracy_budget > 0:

@@ -217,3 +217,32 @@ def test_padding_does_not_change_the_training_loss():
     together = loss([small, large], targets)
     # The loss is normalised by the number of instances in the batch: 2 and 1 alone, 3 together.
     assert together == pytest.approx((2 * alone[0] + 1 * alone[1]) / 3, rel=1e-4)
+
+
+@pytest.mark.parametrize("hybrid", [0, 20])
+def test_matched_mask_gradients_equal_backpropagating_through_every_mask(hybrid):
+    """Training computes all masks without autograd and the matched ones again with it; the losses and every
+    parameter's gradient equal those of backpropagating through every query's mask (padded batch, empty
+    image, one-to-many branch)."""
+    model = tiny(hybrid_queries=hybrid).train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 80, 48), torch.rand(3, 40, 40)]
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 5:30, 5:30] = masks[1, 30:60, 20:50] = True
+    other = torch.zeros(1, 80, 48, dtype=torch.bool)
+    other[0, 10:70, 5:40] = True
+    targets = [{"labels": torch.tensor([0, 2]), "masks": masks}, {"labels": torch.tensor([1]), "masks": other},
+               {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 40, 40, dtype=torch.bool)}]
+    results = []
+    for matched in (True, False):
+        model.matched_mask_grads = matched
+        model.zero_grad()
+        losses = model(images, targets)
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (full, full_grads) = results
+    assert fast.keys() == full.keys() and fast_grads.keys() == full_grads.keys()
+    for k in fast:
+        torch.testing.assert_close(fast[k], full[k], rtol=1e-5, atol=1e-6)
+    assert fast_grads["mask_features.fuse.conv.weight"].abs().sum() > 0
+    for n in fast_grads:
+        torch.testing.assert_close(fast_grads[n], full_grads[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -32,11 +32,27 @@ class ISDAHead(nn.Module):
         """hidden (..., Q, C) -> class logits (..., Q, classes)."""
         return self.class_embed(hidden)
 
-    def mask_logits(self, hidden: Tensor, reference_points: Tensor, mask_features: Tensor) -> Tensor:
-        """hidden (layers, B, Q, C); reference (layers, B, Q, 2); MFR (B, K, H, W) -> (layers, B, Q, H, W):
-        each query's kernel applied as a 1x1 convolution to the MFR."""
+    def kernels(self, hidden: Tensor, reference_points: Tensor) -> Tensor:
+        """hidden (layers, B, Q, C); reference (layers, B, Q, 2) -> dynamic 1x1 kernels (layers, B, Q, K)."""
         kernels = self.kernel_embed(hidden)
         if self.kernel_position:
             ref = inverse_sigmoid(reference_points).to(kernels.dtype)
             kernels = torch.cat([kernels, ref], -1)
-        return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)
+        return kernels
+
+
+def apply_kernels(kernels: Tensor, mask_features: Tensor) -> Tensor:
+    """kernels (layers, B, Q, K), MFR (B, K, H, W) -> mask logits (layers, B, Q, H, W)."""
+    return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)
+
+
+def select_mask_logits(kernels: Tensor, mask_features: Tensor, layer: Tensor, image: Tensor, query: Tensor) -> Tensor:
+    """``apply_kernels(kernels, mask_features)[layer, image, query]`` (n, H, W), computing those n rows only:
+    one product per image, the rows put back in the given order."""
+    B, K, H, W = mask_features.shape
+    rows = kernels[layer, image, query]
+    order = torch.argsort(image, stable=True)  # boolean selection below keeps each image's rows in order
+    parts = torch.cat([rows[image == b] @ mask_features[b].reshape(K, H * W) for b in range(B)])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return parts[inverse].view(-1, H, W)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -71,10 +72,13 @@ class SetCriterion:
 
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
-                 target_points: list[Tensor] | None = None) -> dict[str, Tensor]:
+                 target_points: list[Tensor] | None = None,
+                 select: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
         at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w);
         with point refinement, points (layers, B, Q, 2) and target_points[b] (N_b, 2) (mask centroids).
+        ``select(layer, image, query)``: the mask logits of those matches (n, h, w) with autograd, when
+        ``mask_logits`` has none (default: indexed from ``mask_logits``).
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
@@ -99,7 +103,8 @@ class SetCriterion:
         layer_index = torch.tensor(layers, device=at.device)[at]
         # One gather for every layer and image: its backward fills one zero gradient of the mask logits,
         # not one per (layer, image), which cost more than the masks themselves with many queries.
-        pred = mask_logits[layer_index, image, query].flatten(1)
+        pred = (mask_logits[layer_index, image, query] if select is None
+                else select(layer_index, image, query)).flatten(1)
         gt = torch.cat(matched_gt)
         varifocal = self.cfg.class_loss == "varifocal"
         cls_target[at, image, query, torch.cat(match_label)] = (

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone
 from .config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
-from .head import ISDAHead
+from .head import ISDAHead, apply_kernels, select_mask_logits
 from .losses import SetCriterion, downsample_masks, mask_centroids
 from .masked_ops import resize_mask
 from .mask_features import MaskFeatures
@@ -74,12 +76,22 @@ class ISDA(nn.Module):
         out["logits"] = self.head.classify(out["hidden"])
         # Deep supervision needs every layer's masks; inference only the last layer's.
         layers = slice(None) if self.training else slice(-1, None)
-        # Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero
-        # there), which the dice loss and the matcher would count against every prediction.
-        out["mask_logits"] = self.head.mask_logits(out["hidden"][layers], out["points"][layers], mfr).masked_fill(
-            mfr_mask[None, :, None], PADDING_LOGIT)
-        out["padding_mask"] = mfr_mask
+        out["kernels"], out["mask_features"], out["padding_mask"] = (
+            self.head.kernels(out["hidden"][layers], out["points"][layers]), mfr, mfr_mask)
+        # The mask losses see matched queries only, so in training every query's masks (for the matcher) are
+        # computed without autograd and the matched ones again with it (matched_mask_logits): the backward of the
+        # full product was two GEMMs over (layers x batch x queries) rows of zero gradient.
+        with torch.no_grad() if self.training and self.matched_mask_grads else contextlib.nullcontext():
+            out["mask_logits"] = _mask_padding(apply_kernels(out["kernels"], mfr), mfr_mask[None, :, None])
         return out
+
+    # Switch for the before/after benchmark and the gradient test: False backpropagates through every mask.
+    matched_mask_grads = True
+
+    def matched_mask_logits(self, out: dict[str, Tensor], layer: Tensor, image: Tensor, query: Tensor) -> Tensor:
+        """``out["mask_logits"][layer, image, query]`` with autograd, computed for those rows only."""
+        logits = select_mask_logits(out["kernels"], out["mask_features"], layer, image, query)
+        return _mask_padding(logits, out["padding_mask"][image])
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
                 output_sizes: list[tuple[int, int]] | None = None):
@@ -98,15 +110,18 @@ class ISDA(nn.Module):
             # Point refinement's supervision: each query's points against its instance's mask centroid.
             points = out["points"] if self.cfg.refine_points else None
             centroids = [mask_centroids(t["masks"]) for t in targets] if points is not None else None
+            select = functools.partial(self.matched_mask_logits, out) if self.matched_mask_grads else None
             losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid,
-                                    None if points is None else points[:, :, :Q], centroids)
+                                    None if points is None else points[:, :, :Q], centroids, select)
             if self.cfg.hybrid_queries:
                 k = self.criterion.cfg.hybrid_repeats
                 repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
                 hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
                                         [m.repeat(k, 1, 1) for m in small], valid,
                                         None if points is None else points[:, :, Q:],
-                                        None if points is None else [c.repeat(k, 1) for c in centroids])
+                                        None if points is None else [c.repeat(k, 1) for c in centroids],
+                                        None if select is None else
+                                        lambda layer, image, query: select(layer, image, query + Q))
                 losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
                 losses.update({f"h.{name}": value for name, value in hybrid.items()})
             if "enc_logits" in out:
@@ -166,6 +181,12 @@ class ISDA(nn.Module):
                 p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
             torch.gt(p[:, 0], self.cfg.mask_threshold, out=out[i : i + chunk])
         return out
+
+
+def _mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
+    """Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero there),
+    which the dice loss and the matcher would count against every prediction."""
+    return mask_logits.masked_fill(padding, PADDING_LOGIT) if bool(padding.any()) else mask_logits
 
 
 def _boxes(masks: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ class FFN(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout2(self.linear2(self.dropout1(torch.relu(self.linear1(x))))))
+        return self.norm(x + self.dropout2(self.linear2(self.dropout1(self.linear1(x).relu_()))))
 
 
 class EncoderLayer(nn.Module):
