@@ -168,8 +168,8 @@ DESCRIPTIONS = {
     "frozen_bn_fold": "the backbone's frozen BatchNorm folded into the convolution before it, at every call (was: "
                       "torchvision FrozenBatchNorm2d, x * scale + bias: two passes over every activation forward, "
                       "one backward)",
-    "ffn_inplace_relu": "the transformer FFN's ReLU in place on the first linear's output (was: a second "
-                        "tokens x 1024 tensor written per layer)",
+    "ffn_inplace_relu": "without autograd (inference), the transformer FFN's ReLU in place on the first linear's "
+                        "output (was: a second tokens x 1024 tensor written per layer)",
 }
 
 

@@ -20,7 +20,7 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float)
 def dice_cost(mask_logits: Tensor, targets: Tensor) -> Tensor:
     """(Q, HW) logits, (N, HW) float targets -> (Q, N) 1 - dice coefficient."""
     p = mask_logits.sigmoid()
-    num = 2 * p @ targets.T
+    num = 2 * (p @ targets.T)  # not (2 * p): that scales all Q x HW probabilities first
     den = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (num + 1) / (den + 1)
 

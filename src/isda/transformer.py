@@ -21,7 +21,11 @@ class FFN(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout2(self.linear2(self.dropout1(self.linear1(x).relu_()))))
+        h = self.linear1(x)
+        # In place without autograd only: the linear's output is a view (3-D input), and an in-place op on it
+        # would make the backward copy the whole tokens x ffn_dim gradient (CopySlices).
+        h = torch.relu(h) if h.requires_grad else h.relu_()
+        return self.norm(x + self.dropout2(self.linear2(self.dropout1(h))))
 
 
 class EncoderLayer(nn.Module):
