@@ -92,33 +92,22 @@ def section_changes(args, log) -> dict[str, Any]:
 
 def section_profile(args, log) -> dict[str, Any]:
     """torch.profiler of one ISDA inference and one training step, each with every optimisation reverted,
-    then with all of them."""
+    then with all of them; and of one training step of Mask R-CNN (same frozen-backbone recipe)."""
     from . import baseline
-    from .common import build_isda, random_image, shapes_batch
+    from .worker import Task
 
+    size = "x".join(map(str, args.infer_size))
     out: dict[str, Any] = {"size": list(args.infer_size), "train_size": list(TRAIN_SIZE)}
-    model = build_isda(args.preset).eval()
-    images = [random_image(args.infer_size)]
-
-    def infer():
-        with torch.no_grad():
-            model(images)
-
-    for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
-        out[name] = _profile_top(infer, revert)
-        log(f"  profile inference {name}: {_top_line(out[name])}")
-    model = build_isda(args.preset).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
-    images, targets = shapes_batch(TRAIN_SIZE, batch=2, num_classes=model.cfg.num_classes)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(images, targets)["loss"].backward()
-        optimizer.step()
-
-    for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
-        out["train_" + name] = _profile_top(step, revert)
-        log(f"  profile training step {name}: {_top_line(out['train_' + name])}")
+    tasks = {"": ("infer", "isda", size), "train_": ("train", "isda", "x".join(map(str, TRAIN_SIZE)))}
+    for prefix, (task, model, at) in tasks.items():
+        run = Task(argparse.Namespace(task=task, model=model, size=at, preset=args.preset, batch=2, seed=0)).run
+        for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
+            out[prefix + name] = _profile_top(run, revert)
+            log(f"  profile {task} {name}: {_top_line(out[prefix + name])}")
+    run = Task(argparse.Namespace(task="train", model="maskrcnn_frozen", size="x".join(map(str, TRAIN_SIZE)),
+                                  preset=args.preset, batch=2, seed=0)).run
+    out["train_maskrcnn_frozen"] = _profile_top(run, [])
+    log(f"  profile train maskrcnn_frozen: {_top_line(out['train_maskrcnn_frozen'])}")
     return out
 
 
