@@ -66,7 +66,8 @@ class ISDA(nn.Module):
     # ---- network -----------------------------------------------------------------------------
     def forward_features(self, batch: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Everything up to the head's outputs for a padded, normalized batch (mask logits of every
-        decoder layer in training, of the last one in eval)."""
+        decoder layer in training, of the last one in eval). In training the mask logits carry no autograd
+        graph (``matched_mask_grads``): gradients reach the masks through :meth:`matched_mask_logits`."""
         feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
         pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
         out = self.transformer(feats[1:], masks[1:], pos)
