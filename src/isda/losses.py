@@ -101,8 +101,8 @@ class SetCriterion:
                     matched_points.append(target_points[b][ti])
         at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
         layer_index = torch.tensor(layers, device=at.device)[at]
-        # One gather for every layer and image: its backward fills one zero gradient of the mask logits,
-        # not one per (layer, image), which cost more than the masks themselves with many queries.
+        # One gather (or one select) for every layer and image, not one per (layer, image): a gather's backward
+        # fills a zero gradient of all the mask logits, which cost more than the masks themselves.
         pred = (mask_logits[layer_index, image, query] if select is None
                 else select(layer_index, image, query)).flatten(1)
         gt = torch.cat(matched_gt)
