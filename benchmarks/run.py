@@ -96,18 +96,18 @@ def section_profile(args, log) -> dict[str, Any]:
     from . import baseline
     from .worker import Task
 
-    size = "x".join(map(str, args.infer_size))
-    out: dict[str, Any] = {"size": list(args.infer_size), "train_size": list(TRAIN_SIZE)}
-    tasks = {"": ("infer", "isda", size), "train_": ("train", "isda", "x".join(map(str, TRAIN_SIZE)))}
-    for prefix, (task, model, at) in tasks.items():
-        run = Task(argparse.Namespace(task=task, model=model, size=at, preset=args.preset, batch=2, seed=0)).run
-        for name, revert in (("before", list(baseline.CHANGES)), ("after", [])):
-            out[prefix + name] = _profile_top(run, revert)
-            log(f"  profile {task} {name}: {_top_line(out[prefix + name])}")
-    run = Task(argparse.Namespace(task="train", model="maskrcnn_frozen", size="x".join(map(str, TRAIN_SIZE)),
-                                  preset=args.preset, batch=2, seed=0)).run
-    out["train_maskrcnn_frozen"] = _profile_top(run, [])
-    log(f"  profile train maskrcnn_frozen: {_top_line(out['train_maskrcnn_frozen'])}")
+    def step(task: str, model: str, size) -> Any:
+        return Task(argparse.Namespace(task=task, model=model, size=_fmt_size(size), preset=args.preset, batch=2,
+                                       seed=0)).run
+
+    infer, train = step("infer", "isda", args.infer_size), step("train", "isda", args.train_size)
+    everything = list(baseline.CHANGES)
+    runs = {"before": (infer, everything), "after": (infer, []), "train_before": (train, everything),
+            "train_after": (train, []), "train_maskrcnn_frozen": (step("train", "maskrcnn_frozen", args.train_size), [])}
+    out: dict[str, Any] = {"size": list(args.infer_size), "train_size": list(args.train_size)}
+    for name, (fn, revert) in runs.items():
+        out[name] = _profile_top(fn, revert)
+        log(f"  profile {name}: {_top_line(out[name])}")
     return out
 
 
@@ -144,7 +144,7 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=Non
                               num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
                               maskrcnn_optimizer=args.maskrcnn_optimizer, maskrcnn_roi_batch=args.maskrcnn_roi_batch,
                               jobs=args.jobs, threads=args.threads,
-                              variants=args.variants.split(",") if args.variants else None, previous=previous,
+                              variants=args.variants, previous=previous,
                               save=save, log=log)
 
 
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.quick = not (args.full or args.render)
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     args.variant_budgets = [float(b) for b in args.variant_budgets.split(",") if b.strip() and float(b) > 0]
+    args.variants = args.variants.split(",") if args.variants else None
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from .bench_accuracy import plan_variants
 
         try:  # a typo in --variants is a usage error now, not a traceback after an hour of training
-            plan_variants(args.variants.split(",") if args.variants else None, args.variant_budgets)
+            plan_variants(args.variants, args.variant_budgets)
         except ValueError as e:
             p.error(str(e))
 
