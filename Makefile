@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv test demo bench bench-full clean
+.PHONY: venv test demo bench bench-full gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: venv
 # Everything, incl. the same-budget accuracy runs (about 1.5 hours); writes docs/benchmarks.{md,json,png}.
 bench-full: venv
 	$(PY) -m benchmarks.run --full
+
+# On a CUDA machine: the GPU path's checks and measurements (about 5 minutes on an H200); writes docs/gpu.md.
+gpu-check: venv
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -23,6 +23,10 @@ def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def get_backend() -> str | None:
+    return dist.get_backend() if is_distributed() else None
+
+
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
@@ -38,12 +42,14 @@ def init_distributed(device: str | None = None) -> torch.device:
     with CUDA every process takes the GPU of its LOCAL_RANK.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # A torchrun launch joins its process group even with one process (DDP over nccl/gloo as with more).
+    launched = world_size > 1 or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available (use device='cpu')")
-    if world_size > 1:
+    if launched:
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dev)

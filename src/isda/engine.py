@@ -57,6 +57,7 @@ from .distributed import (
     broadcast_object,
     cleanup_distributed,
     get_rank,
+    get_backend,
     get_world_size,
     init_distributed,
     is_distributed,
@@ -254,7 +255,7 @@ class _Trainer:
         # Every trainable parameter reaches the loss (all decoder layers feed the last one), so DDP
         # needs no unused-parameter search.
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-                    if self.world_size > 1 else None)
+                    if is_distributed() else None)
         # foreach: one multi-tensor update instead of a Python loop over ~300 tensors (the CPU default).
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg), lr=self.tcfg.lr,
                                            weight_decay=self.tcfg.weight_decay, foreach=True)
@@ -343,7 +344,8 @@ class _Trainer:
         stop_at = min(total, max_iters) if max_iters is not None else total
         self.log(f"training on {len(self.train_set)} images, {self.world_size} process(es) x batch "
                  f"{self.tcfg.batch_size} x accumulate {self.tcfg.accumulate}, {self.steps_per_epoch} steps/epoch, "
-                 f"steps {self.step} -> {stop_at} on {self.device}")
+                 f"steps {self.step} -> {stop_at} on {self.device}"
+                 + (f" (DDP, backend {get_backend()})" if self.ddp is not None else ""))
         self.clock = time.perf_counter() - self.train_time
         stopped = None
         bar = tqdm(total=stop_at, initial=self.step, dynamic_ncols=True, disable=not is_main_process())
