@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 
-import isda.backbone
-import isda.deformable_attention
-import isda.mask_features
-import isda.model
-import isda.neck
-import isda.transformer
-from isda.masked_ops import masked_group_norm, resize_mask, valid_of
+import isda.models.backbone
+import isda.models.deformable_attention
+import isda.models.mask_features
+import isda.models.isda
+import isda.models.neck
+import isda.models.transformer
+from isda.models.masked_ops import masked_group_norm, resize_mask, valid_of
 from isda.ops import ms_deform_attn
 
 
@@ -45,7 +45,7 @@ def msda_forward(self, query: Tensor, reference_points: Tensor, value: Tensor, s
         self.last_sampling = (locations.detach(), weights.detach())
     with torch.autocast(device_type=query.device.type, enabled=False):
         # Looked up at call time: the "msda_gather" switch patches this module attribute.
-        out = isda.deformable_attention.ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
+        out = isda.models.deformable_attention.ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
     return self.output_proj(out.to(query.dtype))
 
 
@@ -79,7 +79,7 @@ def neck_forward(self, feats: list[Tensor], padding_mask: Tensor) -> tuple[list[
 # ---- change "channels_last": the batch (hence every feature map) in channels-last layout on CPU -----
 
 def batch_images(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    isda.model._check_images(images)
+    isda.models.isda._check_images(images)
     div = self.cfg.size_divisibility
     H = -(-max(im.shape[1] for im in images) // div) * div
     W = -(-max(im.shape[2] for im in images) // div) * div
@@ -131,18 +131,18 @@ def ffn_forward(self, x: Tensor) -> Tensor:
 
 # change name -> [(object, attribute, baseline value)], in the order the changes were made.
 CHANGES: dict[str, list[tuple[object, str, object]]] = {
-    "msda_gather": [(isda.deformable_attention, "ms_deform_attn", grid_sample_ms_deform_attn)],
-    "msda_pixel_path": [(isda.deformable_attention.MSDeformAttn, "forward", msda_forward)],
-    "decoder_project_after": [(isda.deformable_attention.MSDeformAttn, "auto_project_after", False)],
-    "unpadded_fast_path": [(isda.mask_features, "masked_upsample2x", masked_upsample2x),
-                           (isda.mask_features.ConvGNReLU, "forward", conv_gn_relu_forward),
-                           (isda.neck.Neck, "forward", neck_forward)],
-    "channels_last": [(isda.model.ISDA, "batch_images", batch_images)],
-    "postprocess": [(isda.model.ISDA, "upsample_masks", upsample_masks), (isda.model, "_boxes", boxes)],
-    "matched_mask_grads": [(isda.model.ISDA, "matched_mask_grads", False)],
-    "frozen_bn_fold": [(isda.backbone.FrozenBNConv2d, "forward", frozen_bn_conv_forward),
-                       (isda.backbone.FoldedFrozenBatchNorm2d, "forward", folded_bn_forward)],
-    "ffn_inplace_relu": [(isda.transformer.FFN, "forward", ffn_forward)],
+    "msda_gather": [(isda.models.deformable_attention, "ms_deform_attn", grid_sample_ms_deform_attn)],
+    "msda_pixel_path": [(isda.models.deformable_attention.MSDeformAttn, "forward", msda_forward)],
+    "decoder_project_after": [(isda.models.deformable_attention.MSDeformAttn, "auto_project_after", False)],
+    "unpadded_fast_path": [(isda.models.mask_features, "masked_upsample2x", masked_upsample2x),
+                           (isda.models.mask_features.ConvGNReLU, "forward", conv_gn_relu_forward),
+                           (isda.models.neck.Neck, "forward", neck_forward)],
+    "channels_last": [(isda.models.isda.ISDA, "batch_images", batch_images)],
+    "postprocess": [(isda.models.isda.ISDA, "upsample_masks", upsample_masks), (isda.models.isda, "_boxes", boxes)],
+    "matched_mask_grads": [(isda.models.isda.ISDA, "matched_mask_grads", False)],
+    "frozen_bn_fold": [(isda.models.backbone.FrozenBNConv2d, "forward", frozen_bn_conv_forward),
+                       (isda.models.backbone.FoldedFrozenBatchNorm2d, "forward", folded_bn_forward)],
+    "ffn_inplace_relu": [(isda.models.transformer.FFN, "forward", ffn_forward)],
 }
 
 DESCRIPTIONS = {

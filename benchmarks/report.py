@@ -300,7 +300,7 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "with the same ResNet-18 backbone (`resnet_fpn_backbone(backbone_name=\"resnet18\", weights=None, "
                 "norm_layer=nn.BatchNorm2d, trainable_layers=5)`, anchors 16..256 px, 32 RoIs per image), both from scratch, same data, same "
                 "augmentation (the preset's, Mask R-CNN's own resize switched off), same batch (8) and thread count; "
-                "COCO mask AP of both with `isda.evaluation.evaluate_masks` after 8 and 30 minutes of training time "
+                "COCO mask AP of both with `isda.engine.evaluation.evaluate_masks` after 8 and 30 minutes of training time "
                 "(evaluation excluded); then the paper's ablations in miniature and issue 7's convergence levers one at "
                 "a time, at 8 minutes (`--variant-budgets`): MP + KP vs neither, mask stride 8 vs 4 vs 2. Mask R-CNN trains with AdamW at the ISDA preset's lr, weight decay and "
                 "clipping, 100 warm-up iterations (`--maskrcnn-lr`, `--maskrcnn-optimizer sgd` to change); one fresh run "
@@ -320,7 +320,7 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
             f"{mr['clip_max_norm']}, {mr['warmup_iters']} warm-up iterations; same data, augmentation, seeds, loader "
             "workers and thread count (`benchmarks/maskrcnn_shapes.py`). Every budget is a fresh run of each model "
             "(both lr schedules follow the budget: `isda.engine.lr_factor`); budgets are training time, evaluation "
-            "excluded. COCO mask AP by `isda.evaluation.evaluate_masks` for both. "
+            "excluded. COCO mask AP by `isda.engine.evaluation.evaluate_masks` for both. "
             f"{acc.get('jobs', 1)} run(s) at a time, {acc.get('threads_per_run', 'all')} thread(s) each.", "",
             "| training time | ISDA tiny AP | AP50 | AP75 | steps | Mask R-CNN R18 AP | AP50 | AP75 | steps |",
             "|---|---|---|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ import isda  # noqa: E402
 import isda.config  # noqa: E402
 from benchmarks import baseline  # noqa: E402
 from benchmarks.common import msda_problem, reference_ms_deform_attn  # noqa: E402
-from isda.model import _boxes  # noqa: E402
+from isda.models.isda import _boxes  # noqa: E402
 from isda.ops import ms_deform_attn  # noqa: E402
 
 SMALL_LEVELS = ((9, 13), (5, 7), (3, 4), (1, 2))
@@ -93,7 +93,7 @@ def test_gather_with_one_map_shared_by_all_heads():
 def test_attention_projecting_after_sampling_equals_projecting_before(padded):
     """MSDeformAttn's decoder path (value_proj applied to the sampled input rows) vs the encoder path
     (value_proj on the whole map, then sampling): same outputs and gradients."""
-    from isda.deformable_attention import MSDeformAttn
+    from isda.models.deformable_attention import MSDeformAttn
 
     torch.manual_seed(0)
     attn = MSDeformAttn(dim=64, num_levels=4, num_heads=4, num_points=3)
@@ -151,7 +151,7 @@ def _tiny():
 def test_inference_equals_straightforward_code(sizes):
     model = _tiny().eval()
     if sizes == [(192, 256)]:  # large enough that the decoder projects after sampling
-        from isda.deformable_attention import MSDeformAttn
+        from isda.models.deformable_attention import MSDeformAttn
 
         calls = []
         original = MSDeformAttn._gather_then_project
@@ -235,7 +235,7 @@ def test_upsample_masks_equals_straightforward_code(image_size, output_size):
 def test_reverted_restores_everything():
     before = {(id(o), a): getattr(o, a) for changes in baseline.CHANGES.values() for o, a, _ in changes}
     with baseline.reverted(baseline.CHANGES):
-        assert isda.model._boxes is baseline.boxes
+        assert isda.models.isda._boxes is baseline.boxes
     after = {(id(o), a): getattr(o, a) for changes in baseline.CHANGES.values() for o, a, _ in changes}
     assert before == after
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import isda.engine as engine
-from isda.checkpoint import CheckpointError
+import isda.engine.trainer
+from isda.engine.checkpoint import CheckpointError
 from isda.config import ConfigError, TrainConfig, apply_overrides, get_preset
-from isda.model import ISDA
+from isda.models.isda import ISDA
 
 from engine_utils import shapes, single_thread, tiny_config
 
@@ -74,13 +75,13 @@ def test_time_budget_stops_saves_and_evaluates(data, tmp_path):
 
 def test_run_directory_validation_and_best_checkpoint(data, tmp_path, monkeypatch):
     saves: list[tuple[str, int]] = []
-    save = engine.save_checkpoint
+    save = isda.engine.trainer.save_checkpoint
 
     def recording_save(state, path):
         saves.append((Path(path).name, state["iteration"]))
         save(state, path)
 
-    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    monkeypatch.setattr(isda.engine.trainer, "save_checkpoint", recording_save)
     cfg = tiny_config(epochs=1, log_every=2, checkpoint_every=2)
     messages: list[str] = []
     summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append)

@@ -8,7 +8,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 import isda
 from isda.config import LossConfig
-from isda.losses import SetCriterion, mask_centroids, varifocal_loss
+from isda.models.losses import SetCriterion, mask_centroids, varifocal_loss
 
 
 def tiny(**overrides):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import gather_ms_deform_attn_pixels, ms_deform_attn
+from ..ops import gather_ms_deform_attn_pixels, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
