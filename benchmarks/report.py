@@ -7,6 +7,8 @@ from typing import Any
 
 from isda.fileio import atomic_write_text
 
+from .bench_changes import PER_CHANGE_RECORDED_AT
+
 REPRODUCE = """```sh
 make bench        # quick: inference, training step, deformable attention core (a minute or two; prints only)
 make bench-full   # everything below, rewrites this page (the accuracy section takes about 1.5 hours)
@@ -102,6 +104,9 @@ def render(results: dict[str, Any], page: Path) -> None:
     ch = secs.get("changes")
     if ch:
         out += _changes(ch)
+    ba = secs.get("before_after")
+    if ba:
+        out += _before_after(ba)
     out += _analysis(secs)
     pr = secs.get("profile")
     if pr:
@@ -193,8 +198,9 @@ def _changes(ch: dict[str, Any]) -> list[str]:
     names = ch["changes"]
     out = ["## Optimisations, one at a time", "",
            "ISDA-R50, one process, configurations alternated run by run: each row adds one change to the row above "
-           "(the first row is the code before any of them; `benchmarks/baseline.py` keeps it and switches it back in). "
-           "Ratio = this row / the row above.", ""]
+           "(the first row is the code before any of them). Ratio = this row / the row above. Recorded figures: "
+           f"measured at revision {PER_CHANGE_RECORDED_AT}, which kept the code before each change and switched it back "
+           "in; the whole set is re-measured against a git revision by the `before_after` section.", ""]
     for part, label in (("inference", f"inference, {_size(ch)}"),
                         ("train", f"training step, batch 2, {'x'.join(map(str, ch.get('train_size', [512, 512])))}")):
         if part not in ch:
@@ -213,6 +219,20 @@ def _changes(ch: dict[str, Any]) -> list[str]:
     for n in names:
         out.append(f"- `{n}`: {ch['descriptions'][n]}")
     out += ["", _meta(ch)]
+    return out
+
+
+def _before_after(ba: dict[str, Any]) -> list[str]:
+    out = [f"## Before and after the optimisations (revision {ba['before']} vs {ba['after']})", "",
+           f"{ba['preset']}, each side in its own worker process importing isda from its revision, runs alternated. "
+           "Ratio = after / before.", "", "| | before | after | ratio |", "|---|---|---|---|"]
+    for part, label in (("inference", f"inference, {_size(ba)}"),
+                        ("train", f"training step, batch 2, {'x'.join(map(str, ba['train_size']))}")):
+        if part in ba:
+            r = ba[part]
+            out.append(f"| {label} | {_s(r['before']['time']['median'])} | {_s(r['after']['time']['median'])} | "
+                       f"**{r['ratio']:.2f}** |")
+    out += ["", _meta(ba)]
     return out
 
 
@@ -271,7 +291,8 @@ def _analysis(secs: dict[str, Any]) -> list[str]:
 
 def _profile(pr: dict[str, Any]) -> list[str]:
     out = [f"## Profile (torch.profiler: one ISDA-R50 inference at {_size(pr)}, one training step each)", "",
-           "Self CPU time by operator, before the optimisations and after (the profiler adds some overhead).", ""]
+           "Self CPU time by operator, before the optimisations (recorded figures, measured at revision "
+           f"{PER_CHANGE_RECORDED_AT}) and after (the profiler adds some overhead).", ""]
     train = "x".join(map(str, pr.get("train_size", ())))
     for name, label in (("before", "inference, before"), ("after", "inference, after"),
                         ("train_before", f"training step (batch 2, {train}), before"),

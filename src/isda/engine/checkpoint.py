@@ -31,7 +31,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure becomes a one-line CheckpointError."""
-    state = load_torch_file(path, "checkpoint", map_location)
+    state = load_torch_file(path, "checkpoint", "readable checkpoint", map_location)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not an isda checkpoint (no 'model' state dict)")
     return state

@@ -1,5 +1,5 @@
-"""Per-sample seeding: augmentation that depends on neither the number of workers, of processes, nor
-where training resumed."""
+"""Seeding: every RNG at once, and per-sample seeds so that augmentation depends on neither the number of
+workers, of processes, nor where training resumed."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ class SeededSamples(Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -17,31 +17,31 @@ optimizer step, i.e. ``train.accumulate`` batches of ``train.batch_size`` images
 
 AMP (``train.amp`` bf16/fp16) needs CUDA: on CPU ``train`` refuses it with a ConfigError rather than
 silently training in another precision than the config says.
+
+Why one file of about 400 lines: the loop, the checkpoint state and validation all read and update the
+same counters (step, epoch, clock, best AP, non-finite streak) of one trainer object; the recipe's parts
+that stand alone live next to it (schedule, sampling, metrics, evaluation, checkpoint files).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
-import random
-import resource
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, atomic_write_text, save_config
+from ..config import Config, ConfigError, save_config
 from ..data import CocoInstanceDataset, build_transforms, collate
 from ..models.isda import ISDA
 from ..weights import load_pretrained
@@ -66,7 +66,8 @@ from .distributed import (
     is_main_process,
 )
 from .evaluation import evaluate, write_results_json
-from .sampling import SeededSamples
+from .metrics import MetricsLog, memory_gb
+from .sampling import SeededSamples, seed_all
 from .schedule import lr_factor, param_groups
 
 # Called on rank 0 with (run directory, model, validation set or None) after each validation, and at the
@@ -152,7 +153,7 @@ class _Trainer:
         self.out_dir, self.device, self.log = out_dir, device, log
         self.rank, self.world_size = get_rank(), get_world_size()
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
-        _seed_all(self.tcfg.seed)
+        seed_all(self.tcfg.seed)
         self.model = ISDA(cfg.model, cfg.loss).to(device)
         # Every trainable parameter reaches the loss (all decoder layers feed the last one), so DDP
         # needs no unused-parameter search.
@@ -181,9 +182,9 @@ class _Trainer:
         self.last_eval_step = -1
         self.train_time = 0.0  # training seconds before this run (from a resumed checkpoint)
         self.saved_step = -1
-        self.window: dict[str, float] = {}  # sums of the logged values since the last train row
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl", is_main_process())
         # Different dropout streams per process; rank 0 draws what a single process would.
-        _seed_all(self.tcfg.seed + self.rank)
+        seed_all(self.tcfg.seed + self.rank)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -241,7 +242,7 @@ class _Trainer:
         if is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
-            _trim_metrics(self.out_dir / "metrics.jsonl", self.step)
+            self.metrics.trim(self.step)
         total = self.tcfg.epochs * self.steps_per_epoch
         stop_at = min(total, max_iters) if max_iters is not None else total
         self.log(f"training on {len(self.train_set)} images, {self.world_size} process(es) x batch "
@@ -354,20 +355,16 @@ class _Trainer:
     # ---- logging ----------------------------------------------------------------------------------
     def record_train(self, values: dict[str, float], grad_norm: float, lr: float, bar: tqdm) -> None:
         """Progress bar every step; a metrics row (means since the last row) every log_every steps."""
-        for k, v in {**values, "grad_norm": grad_norm, "count": 1.0}.items():
-            self.window[k] = self.window.get(k, 0.0) + v
+        self.metrics.accumulate({**values, "grad_norm": grad_norm})
         bar.set_postfix(epoch=self.epoch, loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
-                        mem=f"{_memory_gb(self.device):.2f}G", refresh=False)
+                        mem=f"{memory_gb(self.device):.2f}G", refresh=False)
         if self.step % self.tcfg.log_every == 0:
-            count = self.window.pop("count")
-            self.write_metrics({"type": "train", "epoch": self.epoch, "iter": self.step,
-                                **{k: v / count for k, v in self.window.items()}, "lr": lr,
-                                "time": round(self.elapsed(), 3)})
-            self.window = {}
+            self.metrics.write_means({"type": "train", "epoch": self.epoch, "iter": self.step},
+                                     {"lr": lr, "time": round(self.elapsed(), 3)})
 
     def record_skip(self) -> None:
         self.nonfinite += 1
-        self.write_metrics({"type": "skip", "epoch": self.epoch, "iter": self.step, "reason": "non-finite loss",
+        self.metrics.write({"type": "skip", "epoch": self.epoch, "iter": self.step, "reason": "non-finite loss",
                             "consecutive": self.nonfinite, "time": round(self.elapsed(), 3)})
         self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
                  f"({self.nonfinite}/{self.tcfg.max_nonfinite} in a row)")
@@ -376,13 +373,6 @@ class _Trainer:
                 f"training stopped at step {self.step}: the loss was non-finite for {self.nonfinite} steps in a "
                 f"row (train.max_nonfinite); lower train.lr, raise train.warmup_iters or check the data "
                 f"(last checkpoint: {self.out_dir / 'last.pt'})")
-
-    def write_metrics(self, row: dict[str, Any]) -> None:
-        if is_main_process():
-            # null instead of NaN/Infinity (e.g. an fp16 overflow's grad norm): those are not JSON.
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
 
     def elapsed(self) -> float:
         """Training seconds so far, over all resumes, validation excluded."""
@@ -402,7 +392,7 @@ class _Trainer:
         self.best_ap = max(self.best_ap, result.stats["AP"])
         if is_main_process():
             write_results_json(results, self.out_dir / "results_val.json")
-            self.write_metrics({"type": "val", "epoch": self.epoch, "iter": self.step, **result.stats,
+            self.metrics.write({"type": "val", "epoch": self.epoch, "iter": self.step, **result.stats,
                                 "per_category": result.per_category, "time": round(start - self.clock, 3)})
             self.log(f"validation at epoch {self.epoch}, step {self.step} (mask AP, %):\n{result.table()}")
             if self.on_validation is not None:
@@ -421,31 +411,3 @@ class _Trainer:
             "out_dir": str(self.out_dir),
             "last_checkpoint": str(self.out_dir / "last.pt"),
         }
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _memory_gb(device: torch.device) -> float:
-    """Peak memory: CUDA allocations on GPU, the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the rows up to ``step``: after a resume, rows logged past the checkpoint would repeat (and a
-    row cut short by a crash is dropped)."""
-    if not path.exists():
-        return
-
-    def keep(line: str) -> bool:
-        try:
-            return json.loads(line)["iter"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    atomic_write_text(path, "".join(line + "\n" for line in path.read_text().splitlines() if keep(line)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
@@ -46,7 +45,7 @@ class Backbone(nn.Module):
         # Imported here: isda.weights' key tables import this module (to_torchvision_key).
         from ..weights.io import WeightsError, load_torch_file
 
-        state = load_torch_file(path, "backbone weights file")
+        state = load_torch_file(path, "backbone weights file", "loadable torch state dict")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

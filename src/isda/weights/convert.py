@@ -12,6 +12,7 @@ initialisation. :class:`ConversionReport` lists both.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,16 @@ import torch
 from torch import Tensor
 
 from .formats import (
+    FORMAT_NAMES,
+    UNUSED_BN_COUNTER,
+    Layout,
     class_head_prefix,
     key_table,
     init_reason,
     unused_reason,
     detect_format,
     detect_layout,
+    guess_format,
     normalize_format,
 )
 from .io import WeightsError, read_checkpoint, unwrap_state_dict
@@ -84,7 +89,7 @@ def convert_state_dict(src_state: Mapping[str, Any], fmt: str | None, model: ISD
     if missing:
         expected = sum(1 for e in entries if e.optional is None)
         if len(missing) == expected:
-            other = _guess_format(state)
+            other = guess_format(state)
             looks = f"; its keys look like the {other!r} format" if other and other != fmt else ""
             raise WeightsError(f"{where}: not a {FORMAT_NAMES[fmt]} checkpoint (none of the {expected} expected "
                                f"keys found, e.g. {missing[0][1]!r}){looks}")
@@ -215,7 +220,7 @@ def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: 
         report.notes.append(f"class head: {len(idx)} of the checkpoint's {n} classes taken by class_indices")
     for key, value in state.items():
         if key not in own:
-            report.unused[key] = (_UNUSED_BN_COUNTER if key.endswith("num_batches_tracked")
+            report.unused[key] = (UNUSED_BN_COUNTER if key.endswith("num_batches_tracked")
                                   else "not a tensor of this model")
             continue
         if key in heads and value.shape[1:] == own[key].shape[1:] and value.shape[0] != own[key].shape[0]:
@@ -227,7 +232,7 @@ def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: 
         report.loaded[key] = (key,)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if not converted and not any(k in own for k in state):
-        other = _guess_format(state)
+        other = guess_format(state)
         looks = f"; its keys look like the {other!r} format" if other and other != "isda" else ""
         raise WeightsError(f"{where}: not an ISDA checkpoint (no key matches this model){looks}")
     if missing and strict:

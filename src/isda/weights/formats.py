@@ -44,7 +44,7 @@ COCO_CATEGORY_IDS = (
 )
 
 _UNUSED_BOX = "box regression head (ISDA predicts masks, not boxes)"
-_UNUSED_BN_COUNTER = "BatchNorm step counter (not a weight; this backbone has frozen BatchNorm)"
+UNUSED_BN_COUNTER = "BatchNorm step counter (not a weight; this backbone has frozen BatchNorm)"
 _UNUSED_OTHER = "no counterpart in ISDA"
 
 
@@ -73,7 +73,7 @@ def normalize_format(fmt: str) -> str:
 
 def detect_format(state: Mapping[str, Any], where: str = "checkpoint") -> str:
     """'hf', 'detr', 'mmdet' or 'isda' from a state dict's key names; WeightsError if none fits."""
-    fmt = _guess_format(state)
+    fmt = guess_format(state)
     if fmt is not None:
         return fmt
     keys = list(state)
@@ -85,7 +85,7 @@ def detect_format(state: Mapping[str, Any], where: str = "checkpoint") -> str:
                        f"(first keys: {shown}); pass the format explicitly if it is one")
 
 
-def _guess_format(state: Mapping[str, Any]) -> str | None:
+def guess_format(state: Mapping[str, Any]) -> str | None:
     keys = list(state)
 
     def has(pred) -> bool:
@@ -238,7 +238,7 @@ def class_head_prefix(fmt: str, layout: Layout) -> str | None:
 
 def unused_reason(key: str) -> str:
     if key.endswith("num_batches_tracked"):
-        return _UNUSED_BN_COUNTER
+        return UNUSED_BN_COUNTER
     if re.search(r"(^|\.)(bbox_embed|reg_branches)\.", key):
         return _UNUSED_BOX
     return _UNUSED_OTHER

@@ -21,23 +21,21 @@ class WeightsError(ValueError):
     does not fit the model: one line that names the file."""
 
 
-def load_torch_file(path: str | os.PathLike, what: str, map_location: str | torch.device = "cpu") -> Any:
+def load_torch_file(path: str | os.PathLike, name: str, kind: str, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: no pickled code runs. A missing file or any failure is a
-    one-line WeightsError naming the file and ``what`` it should have been (e.g. "checkpoint")."""
+    one-line WeightsError naming the file: "<name> not found: <path>", "<path>: not a <kind> (<why>)"."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{what} not found: {path}")
+        raise WeightsError(f"{name} not found: {path}")
     try:
         # Deformable-DETR checkpoints carry their argparse options ("args"): a harmless plain-attribute class.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickled code, not a torch file
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise WeightsError(f"{path}: not a readable {what}: refused to unpickle the Python object "
-                               f"{found.group(1)} (weights are read with weights_only=True: only tensors and "
-                               "plain containers are accepted)") from None
-        raise WeightsError(f"{path}: not a readable {what} ({type(e).__name__}: {first_line(e)})") from None
+        why = (f"refused to unpickle the Python object {found.group(1)}: weights are read with weights_only=True, "
+               "only tensors and plain containers are accepted" if found else f"{type(e).__name__}: {first_line(e)}")
+        raise WeightsError(f"{path}: not a {kind} ({why})") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -66,7 +64,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as e:  # truncated, not a safetensors file
             raise WeightsError(f"{p}: not a readable safetensors file ({type(e).__name__}: {first_line(e)})") from None
     else:
-        obj = load_torch_file(p, "torch weights file")
+        obj = load_torch_file(p, "weights file", "loadable torch weights file")
     return unwrap_state_dict(obj, str(p))
 
 
