@@ -182,7 +182,7 @@ def _msda(ms: dict[str, Any]) -> list[str]:
            f"Levels {', '.join('x'.join(map(str, s)) for s in ms['shapes'])} (strides 8..64 of 800x1216), 8 heads x 32 "
            f"dims, 4 points, batch 1; encoder: {q['encoder']:,} queries (every token), decoder: {q['decoder']} queries. "
            "*textbook*: per level `grid_sample`, stack all levels, multiply by the weights, sum "
-           "(`benchmarks.common.reference_ms_deform_attn`, also the reference of tests/test_benchmarks.py); "
+           "(`benchmarks.common.reference_ms_deform_attn`, also the reference of tests/test_ops_reference.py); "
            "*ISDA before*: the previous implementation (per-level `grid_sample` accumulated, `impl=\"grid_sample\"`, "
            "still the default off CPU); *ISDA*: the CPU default (`impl=\"gather\"`).", "",
            "| case | textbook | ISDA before | ISDA | speed-up vs textbook | vs before |", "|---|---|---|---|---|---|"]

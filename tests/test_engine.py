@@ -84,8 +84,12 @@ def test_run_directory_validation_and_best_checkpoint(data, tmp_path, monkeypatc
     monkeypatch.setattr(isda.engine.trainer, "save_checkpoint", recording_save)
     cfg = tiny_config(epochs=1, log_every=2, checkpoint_every=2)
     messages: list[str] = []
-    summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append)
+    drawn = []
+    summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append,
+                           on_validation=lambda out, model, val: drawn.append((out, model.training, len(val))))
     assert saves == [("last.pt", 2), ("last.pt", 4), ("best.pt", 4)]  # every 2 steps, at the epoch's end
+    assert drawn == [(tmp_path, True, 4)]  # after the one validation; the loop itself draws nothing
+    assert not list(tmp_path.glob("*.png"))
     assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "results_val.json"} <= {
         p.name for p in tmp_path.iterdir()}
     assert not list(tmp_path.glob(".*.tmp"))

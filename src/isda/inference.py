@@ -1,5 +1,6 @@
 """Inference from a checkpoint: rebuild the model it was trained as, resize like the test pipeline,
-return predictions at each image's original size."""
+return predictions at each image's original size; predict one image and draw it (``predict``, the demo,
+a training run's pictures)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import Config, ConfigError, DataConfig, from_dict
 from .data.transforms import short_side_size
+from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .models.isda import ISDA
 
 

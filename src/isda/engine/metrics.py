@@ -15,6 +15,8 @@ from ..fileio import atomic_write_text
 
 
 class MetricsLog:
+    """Appends rows to ``path`` when ``enabled`` (rank 0); averages the train values between train rows."""
+
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         self.window: dict[str, float] = {}  # sums of the logged values since the last train row

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
 from ..config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
+from .backbone import Backbone
 from .head import ISDAHead, apply_kernels, mask_padding
 from .losses import SetCriterion, downsample_masks, mask_centroids
 from .masked_ops import resize_mask
@@ -96,13 +96,13 @@ class ISDA(nn.Module):
         sizes = [tuple(im.shape[1:]) for im in images]
         return self.postprocess(out, sizes, output_sizes or sizes)
 
-    def losses(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], batch_size: tuple[int, int]
+    def losses(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], padded_size: tuple[int, int]
                ) -> dict[str, Tensor]:
-        """The training losses of :meth:`forward_features`' outputs for a padded batch of ``batch_size``:
+        """The training losses of :meth:`forward_features`' outputs for a batch padded to ``padded_size`` (H, W):
         the set criterion on the one-to-one queries, on the one-to-many ones (``hybrid_queries``) and the
         encoder's token classifier (query selection)."""
         size = out["mask_logits"].shape[-2:]
-        padded = [_pad_masks(t["masks"], batch_size) for t in targets]
+        padded = [_pad_masks(t["masks"], padded_size) for t in targets]
         small = [downsample_masks(m, size) for m in padded]
         valid = (~out["padding_mask"]).flatten(1).sum(1)
         Q = self.cfg.num_queries
