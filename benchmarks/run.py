@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from isda.fileio import atomic_write_text
 
 from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
