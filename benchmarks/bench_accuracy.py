@@ -2,7 +2,7 @@
 
 * ISDA tiny (``isda.engine.train`` with ``train.time_budget_s``; its preset recipe) against torchvision
   Mask R-CNN R18-FPN (:mod:`benchmarks.maskrcnn_shapes`), both from scratch on the same data, same
-  augmentation and the same thread count; COCO mask AP (``isda.evaluation.evaluate_masks``) of each at
+  augmentation and the same thread count; COCO mask AP (``isda.engine.evaluation.evaluate_masks``) of each at
   every budget (default 8 and 30 minutes of training time, evaluation excluded; one fresh run per
   budget and model, since both lr schedules follow the budget).
 * Variants of ISDA tiny at each variant budget: the paper's two ablations in miniature (MP + KP vs neither,

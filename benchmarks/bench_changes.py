@@ -1,55 +1,60 @@
-"""Before/after of each CPU optimisation, ISDA-R50 at 800 x 1216 (inference) and one training step
-(batch 2, 512 x 512): one model in one process, configurations alternated run by run.
+"""Before/after of the CPU optimisations as a whole: ISDA inference at 800 x 1216 and one training step (batch
+2, 512 x 512), this tree against the code of a git revision, each side in its own worker process, alternated
+run by run (:func:`benchmarks.procs.compare`).
 
-Configuration k has the first k changes of :data:`benchmarks.baseline.CHANGES` applied and the others
-reverted to the straightforward code (k = 0: ISDA before any optimisation); each change's ratio is
-configuration k / configuration k-1.
+The "before" side is a revision of this repository (:data:`BEFORE_OPTIMISATIONS` by default: the last one
+before the first optimisation), extracted with ``git archive``; no copy of old code lives next to the new.
+The per-change table of docs/benchmarks.md is a recorded figure (see :data:`PER_CHANGE_RECORDED_AT`).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import torch
+from .common import INFER_SIZE, TRAIN_SIZE
+from .procs import ROOT, compare
 
-from . import baseline
-from .common import INFER_SIZE, TRAIN_SIZE, alternate, build_isda, random_image, shapes_batch
-
-
-def _configs() -> list[tuple[str, list[str]]]:
-    names = list(baseline.CHANGES)
-    return [("+".join(["baseline", *names[:k]]) if k else "baseline", names[k:]) for k in range(len(names) + 1)]
-
-
-def _infer(model, images, revert):
-    with baseline.reverted(revert), torch.no_grad():
-        model(images)
+# The last revision before the CPU optimisations (grid_sample deformable attention, NCHW everywhere, ...).
+BEFORE_OPTIMISATIONS = "929957d"
+# The revision whose benchmarks/baseline.py still switched the old code back in change by change: the per-change
+# table (the "changes" section of docs/benchmarks.json) was measured with it and is kept as a recorded figure.
+PER_CHANGE_RECORDED_AT = "9ffb381"
 
 
-def _train_step(model, optimizer, images, targets, revert):
-    with baseline.reverted(revert):
-        optimizer.zero_grad(set_to_none=True)
-        model(images, targets)["loss"].backward()
-        optimizer.step()
+@contextlib.contextmanager
+def source_of(revision: str) -> Iterator[Path]:
+    """The ``src`` folder of ``revision`` of this repository, extracted into a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="isda-src-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp) / "src"
 
 
-def run(repeats: int = 5, infer_size=INFER_SIZE, train_size=TRAIN_SIZE, preset: str = "isda_r50_coco",
-        train: bool = True, log=print) -> dict[str, Any]:
-    configs = _configs()
-    results: dict[str, Any] = {"changes": list(baseline.CHANGES), "descriptions": baseline.DESCRIPTIONS,
+def describe(revision: str = "HEAD") -> str:
+    """Short hash of a revision (``HEAD``: with ``-dirty`` when the working tree has changes)."""
+    args = ["describe", "--always", "--dirty"] if revision == "HEAD" else ["rev-parse", "--short", revision]
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def run(before: str = BEFORE_OPTIMISATIONS, repeats: int = 5, infer_size=INFER_SIZE, train_size=TRAIN_SIZE,
+        preset: str = "isda_r50_coco", threads: int = 2, train: bool = True, log=print) -> dict[str, Any]:
+    """Median time of each side and the ratio after / before, for inference and (``train``) a training step."""
+    results: dict[str, Any] = {"before": describe(before), "after": describe(), "preset": preset,
                                "size": list(infer_size), "train_size": list(train_size)}
-    model = build_isda(preset).eval()
-    images = [random_image(infer_size)]
-    stats = alternate({name: functools.partial(_infer, model, images, revert) for name, revert in configs}, repeats)
-    results["inference"] = stats
-    log("  inference: " + ", ".join(f"{n} {s['median']:.3f} s" for n, s in stats.items()))
+    tasks = {"inference": ["--task", "infer", "--size", "x".join(map(str, infer_size))]}
     if train:
-        model = build_isda(preset).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
-        images, targets = shapes_batch(train_size, batch=2, num_classes=model.cfg.num_classes)
-        stats = alternate({name: functools.partial(_train_step, model, optimizer, images, targets, revert)
-                           for name, revert in configs}, repeats)
-        results["train"] = stats
-        log("  train step: " + ", ".join(f"{n} {s['median']:.3f} s" for n, s in stats.items()))
+        tasks["train"] = ["--task", "train", "--size", "x".join(map(str, train_size)), "--batch", "2"]
+    with source_of(before) as src:
+        for part, task in tasks.items():
+            args = [*task, "--threads", str(threads), "--model", "isda", "--preset", preset]
+            res = compare({"before": args, "after": args}, repeats=repeats, sources={"before": src}, log=log)
+            res["ratio"] = res["after"]["time"]["median"] / res["before"]["time"]["median"]
+            log(f"  {part}: after / before {res['ratio']:.2f}")
+            results[part] = res
     return results

@@ -12,7 +12,7 @@ and pads to a multiple of 32, as ISDA does.
 
 The loop: AdamW (lr, weight decay, batch, epoch-based step schedule and gradient clipping taken from
 the ISDA preset's train config unless overridden), a linear warm-up, a wall-clock training budget
-then COCO mask AP measured by :func:`isda.evaluation.evaluate_masks`.
+then COCO mask AP measured by :func:`isda.engine.evaluation.evaluate_masks`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from isda.config import Config
 from isda.data import CocoInstanceDataset, build_transforms, collate
 from isda.engine import SeededSamples, lr_factor
-from isda.evaluation import evaluate_masks, predictions_to_coco_results
+from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))
 # RoIs sampled per image for the box/mask heads (a quarter of them positive at most). torchvision's 512 is for
@@ -80,7 +80,7 @@ def to_maskrcnn_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size: int = 8,
                       num_workers: int = 0) -> dict[str, float]:
-    """COCO mask AP (isda.evaluation.evaluate_masks) of Mask R-CNN on ``dataset`` (test transforms)."""
+    """COCO mask AP (isda.engine.evaluation.evaluate_masks) of Mask R-CNN on ``dataset`` (test transforms)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class Worker:
     """One model in its own fresh Python process (so its peak RSS is its own)."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], src: Path | None = None) -> None:
+        """``src``: the folder to import isda from (default: this tree's ``src``; e.g. an older revision's)."""
         self.name = name
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(src or ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.command = [sys.executable, "-m", "benchmarks.worker", *args]
         self.proc = subprocess.Popen(self.command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1)
@@ -69,14 +71,14 @@ class Worker:
 
 
 def compare(specs: dict[str, list[str]], repeats: int, warmup: int = 1, components: int = 0,
-            log=print) -> dict[str, Any]:
-    """Start one worker per spec, then ``warmup`` untimed and ``repeats`` timed runs, alternating the
+            sources: Mapping[str, Path] | None = None, log=print) -> dict[str, Any]:
+    """Start one worker per spec (importing isda from ``sources[name]`` where given), then ``warmup`` untimed and ``repeats`` timed runs, alternating the
     workers run by run; optionally ``components`` breakdown runs each (also alternating). Returns, per
     worker: timing summary, peak RSS (GiB), median component times, the command line."""
     workers: dict[str, Worker] = {}
     try:
         for name, args in specs.items():  # started together: the builds overlap, the timed runs do not
-            workers[name] = Worker(name, args)
+            workers[name] = Worker(name, args, (sources or {}).get(name))
         for name, w in workers.items():
             log(f"  {name}: built in {w.ready['build_s']:.1f} s")
         for _ in range(warmup):

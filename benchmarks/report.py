@@ -7,6 +7,8 @@ from typing import Any
 
 from isda.fileio import atomic_write_text
 
+from .bench_changes import PER_CHANGE_RECORDED_AT
+
 REPRODUCE = """```sh
 make bench        # quick: inference, training step, deformable attention core (a minute or two; prints only)
 make bench-full   # everything below, rewrites this page (the accuracy section takes about 1.5 hours)
@@ -102,6 +104,9 @@ def render(results: dict[str, Any], page: Path) -> None:
     ch = secs.get("changes")
     if ch:
         out += _changes(ch)
+    ba = secs.get("before_after")
+    if ba:
+        out += _before_after(ba)
     out += _analysis(secs)
     pr = secs.get("profile")
     if pr:
@@ -177,7 +182,7 @@ def _msda(ms: dict[str, Any]) -> list[str]:
            f"Levels {', '.join('x'.join(map(str, s)) for s in ms['shapes'])} (strides 8..64 of 800x1216), 8 heads x 32 "
            f"dims, 4 points, batch 1; encoder: {q['encoder']:,} queries (every token), decoder: {q['decoder']} queries. "
            "*textbook*: per level `grid_sample`, stack all levels, multiply by the weights, sum "
-           "(`benchmarks.common.reference_ms_deform_attn`, also the reference of tests/test_benchmarks.py); "
+           "(`benchmarks.common.reference_ms_deform_attn`, also the reference of tests/test_ops_reference.py); "
            "*ISDA before*: the previous implementation (per-level `grid_sample` accumulated, `impl=\"grid_sample\"`, "
            "still the default off CPU); *ISDA*: the CPU default (`impl=\"gather\"`).", "",
            "| case | textbook | ISDA before | ISDA | speed-up vs textbook | vs before |", "|---|---|---|---|---|---|"]
@@ -193,8 +198,9 @@ def _changes(ch: dict[str, Any]) -> list[str]:
     names = ch["changes"]
     out = ["## Optimisations, one at a time", "",
            "ISDA-R50, one process, configurations alternated run by run: each row adds one change to the row above "
-           "(the first row is the code before any of them; `benchmarks/baseline.py` keeps it and switches it back in). "
-           "Ratio = this row / the row above.", ""]
+           "(the first row is the code before any of them). Ratio = this row / the row above. Recorded figures: "
+           f"measured at revision {PER_CHANGE_RECORDED_AT}, which kept the code before each change and switched it back "
+           "in; the whole set is re-measured against a git revision by the `before_after` section.", ""]
     for part, label in (("inference", f"inference, {_size(ch)}"),
                         ("train", f"training step, batch 2, {'x'.join(map(str, ch.get('train_size', [512, 512])))}")):
         if part not in ch:
@@ -213,6 +219,20 @@ def _changes(ch: dict[str, Any]) -> list[str]:
     for n in names:
         out.append(f"- `{n}`: {ch['descriptions'][n]}")
     out += ["", _meta(ch)]
+    return out
+
+
+def _before_after(ba: dict[str, Any]) -> list[str]:
+    out = [f"## Before and after the optimisations (revision {ba['before']} vs {ba['after']})", "",
+           f"{ba['preset']}, each side in its own worker process importing isda from its revision, runs alternated. "
+           "Ratio = after / before.", "", "| | before | after | ratio |", "|---|---|---|---|"]
+    for part, label in (("inference", f"inference, {_size(ba)}"),
+                        ("train", f"training step, batch 2, {'x'.join(map(str, ba['train_size']))}")):
+        if part in ba:
+            r = ba[part]
+            out.append(f"| {label} | {_s(r['before']['time']['median'])} | {_s(r['after']['time']['median'])} | "
+                       f"**{r['ratio']:.2f}** |")
+    out += ["", _meta(ba)]
     return out
 
 
@@ -271,7 +291,8 @@ def _analysis(secs: dict[str, Any]) -> list[str]:
 
 def _profile(pr: dict[str, Any]) -> list[str]:
     out = [f"## Profile (torch.profiler: one ISDA-R50 inference at {_size(pr)}, one training step each)", "",
-           "Self CPU time by operator, before the optimisations and after (the profiler adds some overhead).", ""]
+           "Self CPU time by operator, before the optimisations (recorded figures, measured at revision "
+           f"{PER_CHANGE_RECORDED_AT}) and after (the profiler adds some overhead).", ""]
     train = "x".join(map(str, pr.get("train_size", ())))
     for name, label in (("before", "inference, before"), ("after", "inference, after"),
                         ("train_before", f"training step (batch 2, {train}), before"),
@@ -300,7 +321,7 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "with the same ResNet-18 backbone (`resnet_fpn_backbone(backbone_name=\"resnet18\", weights=None, "
                 "norm_layer=nn.BatchNorm2d, trainable_layers=5)`, anchors 16..256 px, 32 RoIs per image), both from scratch, same data, same "
                 "augmentation (the preset's, Mask R-CNN's own resize switched off), same batch (8) and thread count; "
-                "COCO mask AP of both with `isda.evaluation.evaluate_masks` after 8 and 30 minutes of training time "
+                "COCO mask AP of both with `isda.engine.evaluation.evaluate_masks` after 8 and 30 minutes of training time "
                 "(evaluation excluded); then the paper's ablations in miniature and issue 7's convergence levers one at "
                 "a time, at 8 minutes (`--variant-budgets`): MP + KP vs neither, mask stride 8 vs 4 vs 2. Mask R-CNN trains with AdamW at the ISDA preset's lr, weight decay and "
                 "clipping, 100 warm-up iterations (`--maskrcnn-lr`, `--maskrcnn-optimizer sgd` to change); one fresh run "
@@ -320,7 +341,7 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
             f"{mr['clip_max_norm']}, {mr['warmup_iters']} warm-up iterations; same data, augmentation, seeds, loader "
             "workers and thread count (`benchmarks/maskrcnn_shapes.py`). Every budget is a fresh run of each model "
             "(both lr schedules follow the budget: `isda.engine.lr_factor`); budgets are training time, evaluation "
-            "excluded. COCO mask AP by `isda.evaluation.evaluate_masks` for both. "
+            "excluded. COCO mask AP by `isda.engine.evaluation.evaluate_masks` for both. "
             f"{acc.get('jobs', 1)} run(s) at a time, {acc.get('threads_per_run', 'all')} thread(s) each.", "",
             "| training time | ISDA tiny AP | AP50 | AP75 | steps | Mask R-CNN R18 AP | AP50 | AP75 | steps |",
             "|---|---|---|---|---|---|---|---|---|"]

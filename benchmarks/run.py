@@ -6,9 +6,11 @@
     python -m benchmarks.run --render                # re-render docs/benchmarks.md from docs/benchmarks.json
 
 Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
-attention core vs the textbook implementation), changes (before/after of each optimisation), profile
-(torch.profiler top operators of an inference and a training step, before and after), accuracy (same CPU
-budget on the shapes dataset + the paper's ablations; full mode only unless --accuracy-budget is given).
+attention core vs the textbook implementation), before_after (this tree against the git revision before
+the optimisations, ``--before REV``), profile (torch.profiler top operators of an inference and a training
+step; the profiles before the optimisations are recorded figures), accuracy (same CPU budget on the shapes
+dataset + the paper's ablations; full mode only unless --accuracy-budget is given). The per-change table
+of the page ("changes") is a recorded figure: no section re-measures it.
 
 Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
 Timings are only meaningful on a quiet machine: the load average is recorded with each section.
@@ -25,16 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from isda.fileio import atomic_write_text
 
 from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("inference", "train", "msda", "changes", "profile", "accuracy")
-QUICK = {"repeats": 3, "components": 1, "msda_repeats": 3, "changes_repeats": 3}
-FULL = {"repeats": 7, "components": 3, "msda_repeats": 7, "changes_repeats": 5}
+SECTIONS = ("inference", "train", "msda", "before_after", "profile", "accuracy")
+QUICK = {"repeats": 3, "components": 1, "msda_repeats": 3, "before_after_repeats": 3}
+FULL = {"repeats": 7, "components": 3, "msda_repeats": 7, "before_after_repeats": 5}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -83,47 +83,43 @@ def section_msda(args, log) -> dict[str, Any]:
     return bench_msda.run(repeats=args.msda_repeats, log=log)
 
 
-def section_changes(args, log) -> dict[str, Any]:
+def section_before_after(args, log) -> dict[str, Any]:
     from . import bench_changes
 
-    return bench_changes.run(repeats=args.changes_repeats, infer_size=args.infer_size, train_size=args.train_size,
-                             preset=args.preset, log=log)
+    return bench_changes.run(args.before or bench_changes.BEFORE_OPTIMISATIONS, repeats=args.before_after_repeats, infer_size=args.infer_size,
+                             train_size=args.train_size, preset=args.preset, threads=args.threads, log=log)
 
 
-def section_profile(args, log) -> dict[str, Any]:
-    """torch.profiler of one ISDA inference and one training step, each with every optimisation reverted,
-    then with all of them; and of one training step of Mask R-CNN (same frozen-backbone recipe)."""
-    from . import baseline
+def section_profile(args, log, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """torch.profiler of one ISDA inference and one training step, and of one training step of Mask R-CNN
+    (same frozen-backbone recipe). The profiles before the optimisations ("before", "train_before") are
+    recorded figures, kept from the earlier results."""
     from .worker import Task
 
     def step(task: str, model: str, size) -> Any:
         return Task(argparse.Namespace(task=task, model=model, size=_fmt_size(size), preset=args.preset, batch=2,
                                        seed=0)).run
 
-    infer, train = step("infer", "isda", args.infer_size), step("train", "isda", args.train_size)
-    everything = list(baseline.CHANGES)
-    runs = {"before": (infer, everything), "after": (infer, []), "train_before": (train, everything),
-            "train_after": (train, []), "train_maskrcnn_frozen": (step("train", "maskrcnn_frozen", args.train_size), [])}
+    runs = {"after": step("infer", "isda", args.infer_size), "train_after": step("train", "isda", args.train_size),
+            "train_maskrcnn_frozen": step("train", "maskrcnn_frozen", args.train_size)}
     out: dict[str, Any] = {"size": list(args.infer_size), "train_size": list(args.train_size)}
-    for name, (fn, revert) in runs.items():
-        out[name] = _profile_top(fn, revert)
+    out.update({k: v for k, v in (previous or {}).items() if k in ("before", "train_before")})
+    for name, fn in runs.items():
+        out[name] = _profile_top(fn)
         log(f"  profile {name}: {_top_line(out[name])}")
     return out
 
 
-def _profile_top(fn, revert: list[str], top: int = 15) -> dict[str, Any]:
-    """One warm-up call, then one profiled call of ``fn`` with the named changes reverted: wall time, total
-    self CPU time and the operators with the most self CPU time."""
+def _profile_top(fn, top: int = 15) -> dict[str, Any]:
+    """One warm-up call, then one profiled call of ``fn``: wall time, total self CPU time and the operators
+    with the most self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from . import baseline
-
-    with baseline.reverted(revert):
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         fn()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            fn()
-            wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
@@ -160,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, help="timed runs per side (inference, train)")
     p.add_argument("--components", type=int, help="component-breakdown runs per model")
     p.add_argument("--msda-repeats", type=int)
-    p.add_argument("--changes-repeats", type=int)
+    p.add_argument("--before-after-repeats", type=int)
+    p.add_argument("--before", default=None, help="before_after: the git revision to compare this tree with "
+                   "(default: benchmarks.bench_changes.BEFORE_OPTIMISATIONS)")
     p.add_argument("--infer-size", type=_size, default=INFER_SIZE, help="HxW (default 800x1216)")
     p.add_argument("--train-size", type=_size, default=TRAIN_SIZE, help="HxW (default 512x512)")
     p.add_argument("--preset", default="isda_r50_coco")
@@ -204,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.quick and not args.only:
-        sections = [s for s in sections if s not in ("changes", "profile")]
+        sections = [s for s in sections if s not in ("before_after", "profile")]
         if args.accuracy_budget <= 0:
             sections.remove("accuracy")
     if args.quick and args.accuracy_budget > 0:
@@ -248,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
             extra = {"previous": results["sections"].get("accuracy"),
                      "save": lambda data, name=name, start=start, load=load_before: store(name, data, start, load)}
+        elif name == "profile":  # keeps the recorded profiles of the code before the optimisations
+            extra = {"previous": results["sections"].get("profile")}
         store(name, globals()[f"section_{name}"](args, print, **extra), start, load_before)
     print(f"results: {json_path}")
     if not args.quick:

@@ -5,7 +5,7 @@ import torch
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-from isda.backbone import Backbone, FoldedFrozenBatchNorm2d, FrozenBNConv2d, _to_ours
+from isda.models.backbone import Backbone, FoldedFrozenBatchNorm2d, FrozenBNConv2d, _to_ours
 from isda.config import ModelConfig
 
 

@@ -1,246 +1,23 @@
-"""The CPU optimisations compute what the straightforward code computes (within float tolerance), and the
-benchmark harness runs end to end at a tiny size."""
+"""The benchmark harness runs end to end at a tiny size: the ISDA / Mask R-CNN workers and the page, the
+before/after section against a git revision, the accuracy runs and their merging."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.ops import masks_to_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 
-import isda  # noqa: E402
 import isda.config  # noqa: E402
-from benchmarks import baseline  # noqa: E402
-from benchmarks.common import msda_problem, reference_ms_deform_attn  # noqa: E402
-from isda.model import _boxes  # noqa: E402
-from isda.ops import ms_deform_attn  # noqa: E402
 
 SMALL_LEVELS = ((9, 13), (5, 7), (3, 4), (1, 2))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's few cores are shared: one thread is much faster than oversubscribing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# ---- deformable attention core ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("impl", ["gather", "grid_sample"])
-@pytest.mark.parametrize("batch,queries", [(1, 7), (3, 5)])
-def test_ms_deform_attn_matches_textbook_reference_float64(impl, batch, queries):
-    value, ss, loc, w = msda_problem(queries, SMALL_LEVELS, batch=batch, heads=3, head_dim=4, points=2,
-                                     dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        loc[0, 0, 0, 0, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)  # image corners, and far outside
-        loc[0, -1, -1, -1, -1] = torch.tensor([3.0, -2.0], dtype=torch.float64)
-    out = ms_deform_attn(value, ss, loc, w, impl=impl)
-    ref = reference_ms_deform_attn(value, ss, loc, w)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (value, loc, w), g)
-    want = torch.autograd.grad(ref, (value, loc, w), g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-def test_ms_deform_attn_float32_at_encoder_like_size():
-    value, ss, loc, w = msda_problem(2000, ((40, 60), (20, 30), (10, 15), (5, 8)))
-    torch.testing.assert_close(ms_deform_attn(value, ss, loc, w), reference_ms_deform_attn(value, ss, loc, w),
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_ms_deform_attn_gather_chunks_queries_without_grad():
-    from isda.ops import gather_ms_deform_attn_pixels
-
-    value, ss, loc, w = msda_problem(11, SMALL_LEVELS, batch=2, heads=2, head_dim=4, points=3, dtype=torch.float64)
-    size = torch.tensor([[wd, h] for h, wd in SMALL_LEVELS], dtype=torch.float64).view(4, 1, 2)
-    pixels = loc * size + 0.5
-    whole = gather_ms_deform_attn_pixels(value, SMALL_LEVELS, pixels, w, chunk=100)
-    torch.testing.assert_close(gather_ms_deform_attn_pixels(value, SMALL_LEVELS, pixels, w, chunk=3), whole,
-                               rtol=0, atol=0)
-    torch.testing.assert_close(whole, reference_ms_deform_attn(value, ss, loc, w), rtol=1e-12, atol=1e-12)
-
-
-def test_gather_with_one_map_shared_by_all_heads():
-    """value (B, S, 1, D) sampled by every head == the same map repeated per head (forward and gradients)."""
-    from isda.ops import gather_ms_deform_attn_pixels
-
-    _, ss, loc, w = msda_problem(6, SMALL_LEVELS, batch=2, heads=3, head_dim=5, points=2, dtype=torch.float64,
-                                 requires_grad=True)
-    shared = torch.randn(2, int((ss[:, 0] * ss[:, 1]).sum()), 1, 5, dtype=torch.float64, requires_grad=True)
-    size = torch.tensor([[wd, h] for h, wd in SMALL_LEVELS], dtype=torch.float64).view(4, 1, 2)
-    out = gather_ms_deform_attn_pixels(shared, SMALL_LEVELS, loc * size + 0.5, w)
-    ref = reference_ms_deform_attn(shared.expand(-1, -1, 3, -1), ss, loc, w)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (shared, loc, w), g), torch.autograd.grad(ref, (shared, loc, w), g)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    torch.autograd.gradcheck(lambda v, l, a: gather_ms_deform_attn_pixels(v, SMALL_LEVELS[:2], l, a),
-                             (shared[:1, :152].detach().requires_grad_(), (loc[:1, :2, :, :2] * size[:2] + 0.5).detach()
-                              .requires_grad_(), w[:1, :2, :, :2].detach().requires_grad_()), eps=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_attention_projecting_after_sampling_equals_projecting_before(padded):
-    """MSDeformAttn's decoder path (value_proj applied to the sampled input rows) vs the encoder path
-    (value_proj on the whole map, then sampling): same outputs and gradients."""
-    from isda.deformable_attention import MSDeformAttn
-
-    torch.manual_seed(0)
-    attn = MSDeformAttn(dim=64, num_levels=4, num_heads=4, num_points=3)
-    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
-    torch.nn.init.normal_(attn.attention_weights.weight, std=0.3)
-    torch.nn.init.normal_(attn.value_proj.bias, std=0.5)
-    ss = torch.tensor(SMALL_LEVELS)
-    S = int((ss[:, 0] * ss[:, 1]).sum())
-    query, value = torch.randn(2, 7, 64), torch.randn(2, S, 64)
-    ref_points = torch.rand(2, 7, 4, 2)
-    mask = torch.zeros(2, S, dtype=torch.bool)
-    if padded:
-        mask[1, ::3] = True
-    results = []
-    for after in (True, False):
-        attn.project_after = after
-        attn.zero_grad()
-        v = value.clone().requires_grad_(True)
-        out = attn(query, ref_points, v, ss, mask)
-        out.pow(2).sum().backward()
-        results.append((out.detach(), v.grad, {n: p.grad.clone() for n, p in attn.named_parameters()}))
-    (o1, gv1, gp1), (o2, gv2, gp2) = results
-    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gv1, gv2, rtol=1e-4, atol=1e-5)
-    for n in gp1:
-        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-4, atol=1e-4, msg=n)
-
-
-def test_ms_deform_attn_gradcheck_gather():
-    value, ss, loc, w = msda_problem(3, ((4, 3), (2, 2)), heads=2, head_dim=2, points=2, dtype=torch.float64,
-                                     requires_grad=True)
-    torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, ss, l, a, impl="gather"), (value, loc, w),
-                             eps=1e-6, atol=1e-6)
-
-
-def test_ms_deform_attn_only_some_inputs_need_grad():
-    value, ss, loc, w = msda_problem(4, SMALL_LEVELS, heads=2, head_dim=4, points=2, dtype=torch.float64)
-    value.requires_grad_(True)
-    out = ms_deform_attn(value, ss, loc, w)
-    (gv,) = torch.autograd.grad(out.sum(), value)
-    (rv,) = torch.autograd.grad(reference_ms_deform_attn(value, ss, loc, w).sum(), value)
-    torch.testing.assert_close(gv, rv)
-    with pytest.raises(ValueError, match="impl"):
-        ms_deform_attn(value, ss, loc, w, impl="cuda_kernel")
-
-
-# ---- the whole model, optimised vs straightforward ------------------------------------------------------
-
-def _tiny():
-    torch.manual_seed(0)
-    return isda.build_model("isda_tiny", num_classes=3)
-
-
-@pytest.mark.parametrize("sizes", [[(192, 256)], [(45, 70), (96, 80)]], ids=["unpadded", "padded_batch"])
-def test_inference_equals_straightforward_code(sizes):
-    model = _tiny().eval()
-    if sizes == [(192, 256)]:  # large enough that the decoder projects after sampling
-        from isda.deformable_attention import MSDeformAttn
-
-        calls = []
-        original = MSDeformAttn._gather_then_project
-        MSDeformAttn._gather_then_project = lambda self, *a: calls.append(1) or original(self, *a)
-        try:
-            with torch.no_grad():
-                model([torch.rand(3, *sizes[0])])
-        finally:
-            MSDeformAttn._gather_then_project = original
-        assert len(calls) == model.cfg.dec_layers
-    images = [torch.rand(3, *s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sizes)]
-    batch, mask = model.batch_images(images)
-    with torch.no_grad():
-        fast, fast_preds = model.forward_features(batch, mask), model(images)
-        with baseline.reverted(baseline.CHANGES):
-            slow, slow_preds = model.forward_features(batch, mask), model(images)
-    for key in ("logits", "mask_logits", "memory", "hidden"):
-        torch.testing.assert_close(fast[key], slow[key], rtol=1e-4, atol=1e-4)
-    for f, s in zip(fast_preds, slow_preds):
-        assert torch.equal(f["labels"], s["labels"]) and torch.equal(f["query_index"], s["query_index"])
-        torch.testing.assert_close(f["scores"], s["scores"], rtol=1e-4, atol=1e-5)
-        # A pixel may flip only where its probability is within float error of the threshold.
-        assert (f["masks"] != s["masks"]).float().mean() < 1e-4
-        diff = (f["boxes"] - s["boxes"]).abs()
-        assert (diff > 0).float().mean() < 0.05 and torch.equal(f["boxes"][diff.sum(1) == 0], s["boxes"][diff.sum(1) == 0])
-
-
-def test_training_losses_and_gradients_equal_straightforward_code():
-    # FrozenBatchNorm as in the paper preset: training-mode BatchNorm on a 2-image batch is so ill-conditioned
-    # in float32 that any reordering of a sum (even NCHW vs channels-last convolutions, which agree to 1e-14
-    # in float64) moves the stem's gradient by a few percent.
-    torch.manual_seed(0)
-    model = isda.build_model("isda_tiny", num_classes=3, backbone_norm="frozen_bn").train()
-    # At initialisation the encoder samples exactly at pixel centres (reference points at centres, integer
-    # offsets), where bilinear interpolation has no derivative: each implementation returns a one-sided
-    # one, picked by float rounding. Move the samples off the centres so that gradients are defined.
-    with torch.no_grad():
-        for layer in model.transformer.encoder:
-            layer.self_attn.sampling_offsets.bias.add_(torch.rand_like(layer.self_attn.sampling_offsets.bias) * 0.5 + 0.1)
-    masks = torch.zeros(2, 64, 80, dtype=torch.bool)
-    masks[0, 5:40, 10:50] = masks[1, 40:60, 30:70] = True
-    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 56)]
-    targets = [{"labels": torch.tensor([0, 2]), "masks": masks},
-               {"labels": torch.tensor([1]), "masks": masks[:1, :48, :56]}]
-    results = []
-    for revert in ([], list(baseline.CHANGES)):
-        model.zero_grad()
-        with baseline.reverted(revert):
-            losses = model(images, targets)
-            losses["loss"].backward()
-        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (fast_losses, fast_grads), (slow_losses, slow_grads) = results
-    for k in fast_losses:
-        torch.testing.assert_close(fast_losses[k], slow_losses[k], rtol=1e-4, atol=1e-5)
-    assert fast_grads.keys() == slow_grads.keys()
-    for n in fast_grads:
-        torch.testing.assert_close(fast_grads[n], slow_grads[n], rtol=1e-3, atol=1e-5, msg=n)
-
-
-def test_boxes_equal_masks_to_boxes():
-    masks = torch.rand(40, 33, 47, generator=torch.Generator().manual_seed(0)) > 0.97
-    masks[1] = False
-    masks[2] = False
-    masks[2, 32, 46] = True  # one pixel in the last corner
-    want = torch.zeros(40, 4)
-    nonempty = masks.flatten(1).any(1)
-    want[nonempty] = masks_to_boxes(masks[nonempty]).float()
-    assert torch.equal(_boxes(masks), want)
-    assert torch.equal(_boxes(masks), baseline.boxes(masks))
-    assert _boxes(masks[:0]).shape == (0, 4)
-
-
-@pytest.mark.parametrize("image_size,output_size", [((61, 90), (61, 90)), ((61, 90), (40, 57))])
-def test_upsample_masks_equals_straightforward_code(image_size, output_size):
-    model = _tiny()
-    probs = torch.rand(7, 16, 24, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(model.upsample_masks(probs, image_size, output_size, chunk=3),
-                       baseline.upsample_masks(model, probs, image_size, output_size, chunk=3))
-
-
-def test_reverted_restores_everything():
-    before = {(id(o), a): getattr(o, a) for changes in baseline.CHANGES.values() for o, a, _ in changes}
-    with baseline.reverted(baseline.CHANGES):
-        assert isda.model._boxes is baseline.boxes
-    after = {(id(o), a): getattr(o, a) for changes in baseline.CHANGES.values() for o, a, _ in changes}
-    assert before == after
-
-
-# ---- the harness at a tiny size ------------------------------------------------------------------
 
 def test_quick_harness_and_page_at_tiny_size(tmp_path):
     from benchmarks import bench_msda
@@ -288,6 +65,28 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
                          log=lambda m: None)
     assert res["iterations"] == 1 and res["nonfinite_steps"] == 0
     assert set(res["ap"]) >= {"AP", "AP50", "AP75"} and 0.0 <= res["ap"]["AP"] <= 1.0
+
+
+def _in_git_checkout() -> bool:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="needs the repository's git history")
+def test_before_after_runs_a_git_revision_against_this_tree(tmp_path):
+    from benchmarks import bench_changes
+    from benchmarks.report import render
+
+    with bench_changes.source_of("HEAD") as src:
+        assert (src / "isda" / "__init__.py").is_file()
+    res = bench_changes.run("HEAD", repeats=1, infer_size=(64, 64), train_size=(64, 64), preset="isda_tiny",
+                            threads=1, log=lambda m: None)
+    assert res["before"] == bench_changes.describe("HEAD")
+    for part in ("inference", "train"):
+        assert res[part]["before"]["time"]["median"] > 0 and res[part]["after"]["time"]["median"] > 0
+        assert res[part]["ratio"] > 0
+    render({"machine": {"cpu": "test"}, "sections": {"before_after": res}}, tmp_path / "b.md")
+    assert f"revision {res['before']} vs {res['after']}" in (tmp_path / "b.md").read_text()
 
 
 def _acc_run(ap: float, steps: int = 10) -> dict:

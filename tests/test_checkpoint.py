@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from isda.checkpoint import (
+from isda.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -16,7 +16,7 @@ from isda.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from isda.model import ISDA
+from isda.models.isda import ISDA
 
 from engine_utils import tiny_config
 

@@ -134,7 +134,7 @@ def test_user_errors_exit_2_with_one_line(trained, tmp_path):
 def test_convert_then_train_from_the_converted_weights(trained, tmp_path, capsys):
     """A Deformable-DETR (fundamentalvision layout) file -> isda convert -> isda train --init."""
     from engine_utils import tiny_config
-    from isda.model import ISDA
+    from isda.models.isda import ISDA
     from isda.weights import export_state_dict
 
     cfg = tiny_config()

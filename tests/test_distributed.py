@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from isda import distributed
+from isda.engine import distributed
 from isda.config import load_config, save_config
 from isda.engine import train
 

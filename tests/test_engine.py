@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import isda.engine as engine
-from isda.checkpoint import CheckpointError
+import isda.engine.trainer
+from isda.engine.checkpoint import CheckpointError
 from isda.config import ConfigError, TrainConfig, apply_overrides, get_preset
-from isda.model import ISDA
+from isda.models.isda import ISDA
 
 from engine_utils import shapes, single_thread, tiny_config
 
@@ -74,17 +75,21 @@ def test_time_budget_stops_saves_and_evaluates(data, tmp_path):
 
 def test_run_directory_validation_and_best_checkpoint(data, tmp_path, monkeypatch):
     saves: list[tuple[str, int]] = []
-    save = engine.save_checkpoint
+    save = isda.engine.trainer.save_checkpoint
 
     def recording_save(state, path):
         saves.append((Path(path).name, state["iteration"]))
         save(state, path)
 
-    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    monkeypatch.setattr(isda.engine.trainer, "save_checkpoint", recording_save)
     cfg = tiny_config(epochs=1, log_every=2, checkpoint_every=2)
     messages: list[str] = []
-    summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append)
+    drawn = []
+    summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append,
+                           on_validation=lambda out, model, val: drawn.append((out, model.training, len(val))))
     assert saves == [("last.pt", 2), ("last.pt", 4), ("best.pt", 4)]  # every 2 steps, at the epoch's end
+    assert drawn == [(tmp_path, True, 4)]  # after the one validation; the loop itself draws nothing
+    assert not list(tmp_path.glob("*.png"))
     assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "results_val.json"} <= {
         p.name for p in tmp_path.iterdir()}
     assert not list(tmp_path.glob(".*.tmp"))

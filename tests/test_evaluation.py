@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
-from isda.evaluation import (
+from isda.engine.evaluation import (
     STAT_NAMES,
     EvalResult,
     evaluate_masks,

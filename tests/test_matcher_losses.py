@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from isda.config import LossConfig
-from isda.losses import SetCriterion, dice_loss
-from isda.matcher import dice_cost, focal_class_cost, hungarian_match
+from isda.models.losses import SetCriterion, dice_loss
+from isda.models.matcher import dice_cost, focal_class_cost, hungarian_match
 
 CFG = LossConfig()
 

@@ -11,6 +11,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import isda
 from isda.config import ConfigError
+from isda.models.head import apply_kernels, mask_padding
 
 
 def tiny(**overrides):
@@ -171,7 +172,7 @@ def test_backbone_weights_round_trip(tmp_path):
     model = isda.build_model("isda_r50_coco", backbone_weights=str(path), backbone_norm="bn")
     ours = model.backbone.state_dict()
     theirs = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
-    from isda.backbone import to_torchvision_key
+    from isda.models.backbone import to_torchvision_key
     assert {to_torchvision_key(k) for k in ours} == set(theirs)
     for k, v in ours.items():
         assert torch.equal(v, theirs[to_torchvision_key(k)]), k
@@ -181,7 +182,7 @@ def test_backbone_weights_round_trip(tmp_path):
 
 
 def test_backbone_weights_errors_name_the_file(tmp_path):
-    from isda.backbone import WeightsError
+    from isda.weights import WeightsError
     with pytest.raises(WeightsError, match="not found"):
         isda.build_model("isda_tiny", backbone_weights=str(tmp_path / "missing.pth"))
     bad = tmp_path / "truncated.pth"
@@ -221,8 +222,8 @@ def test_padding_does_not_change_the_training_loss():
 
 @pytest.mark.parametrize("hybrid", [0, 20])
 def test_matched_mask_gradients_equal_backpropagating_through_every_mask(hybrid):
-    """Training computes all masks without autograd and the matched ones again with it; the losses and every
-    parameter's gradient equal those of backpropagating through every query's mask (padded batch, empty
+    """Training computes all masks without autograd and the losses compute the matched ones again with it; the
+    losses and every parameter's gradient equal those of backpropagating through every query's mask (padded batch, empty
     image, one-to-many branch)."""
     model = tiny(hybrid_queries=hybrid).train()
     images = [torch.rand(3, 64, 64), torch.rand(3, 80, 48), torch.rand(3, 40, 40)]
@@ -234,9 +235,13 @@ def test_matched_mask_gradients_equal_backpropagating_through_every_mask(hybrid)
                {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 40, 40, dtype=torch.bool)}]
     results = []
     for matched in (True, False):
-        model.matched_mask_grads = matched
         model.zero_grad()
-        losses = model(images, targets)
+        batch, mask = model.batch_images(images)
+        out = model.forward_features(batch, mask)
+        if not matched:  # every query's masks with autograd: the criterion indexes them
+            out["mask_logits"] = mask_padding(apply_kernels(out["kernels"], out["mask_features"]),
+                                              out["padding_mask"][None, :, None])
+        losses = model.losses(out, targets, batch.shape[-2:])
         losses["loss"].backward()
         results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (fast, fast_grads), (full, full_grads) = results

@@ -18,9 +18,9 @@ import torch
 from torchvision.models import resnet18
 
 import isda
-import isda.neck
-from isda.backbone import WeightsError
-from isda.position_encoding import sine_position_encoding
+import isda.models.neck
+from isda.weights import WeightsError
+from isda.models.position_encoding import sine_position_encoding
 from isda.weights import (
     COCO_CATEGORY_IDS,
     Layout,
@@ -172,8 +172,8 @@ def test_hf_parity_with_padding(hf_tiny, monkeypatch):
     assert all(v <= TOL for v in errors0.values()), errors0
     assert errors1["encoder memory"] > 1e-2  # expected: the neck's padding handling differs
 
-    monkeypatch.setattr(isda.neck, "masked_group_norm", lambda x, mask, gn: gn(x))
-    monkeypatch.setattr(isda.neck, "valid_of", lambda mask: torch.ones(mask.shape[0], 1, *mask.shape[1:]))
+    monkeypatch.setattr(isda.models.neck, "masked_group_norm", lambda x, mask, gn: gn(x))
+    monkeypatch.setattr(isda.models.neck, "valid_of", lambda mask: torch.ones(mask.shape[0], 1, *mask.shape[1:]))
     ours, theirs = run_both(hf, model, images)
     errors1 = max_errors(ours, theirs, 1)
     print("HF parity, padded image, plain-GroupNorm neck: " + ", ".join(f"{k} {v:.2e}" for k, v in errors1.items()))

@@ -7,6 +7,7 @@ status 2 and one line on stderr; ``ISDA_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -15,6 +16,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from .fileio import first_line
 
 EXAMPLES = {
     "shapes": """examples:
@@ -177,6 +180,7 @@ def cmd_shapes(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from . import engine
+    from .inference import draw_run
 
     out = Path(args.out)
     if args.resume and not args.config and not args.preset and (out / "config.yaml").is_file():
@@ -191,14 +195,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     elif args.data and args.val_split:
         val_ann, val_images = _split(args, args.val_split)
     summary = engine.train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, resume=args.resume,
-                           max_iters=args.max_iters, device=args.device, init=args.init)
+                           max_iters=args.max_iters, device=args.device, init=args.init,
+                           on_validation=functools.partial(draw_run, data_cfg=cfg.data))
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data import CocoInstanceDataset, build_transforms
     from .engine import evaluate
-    from .evaluation import write_results_json
+    from .engine.evaluation import write_results_json
     from .inference import load_trained_model
 
     loaded = load_trained_model(args.weights, _device(args.device))
@@ -217,9 +222,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
     from .data import load_rgb
-    from .evaluation import predictions_to_coco_results, write_results_json
-    from .inference import load_trained_model, predict, query_reference_points
-    from .visualize import detection_sampling_points, draw_predictions, plot_reference_points, save_png
+    from .engine.evaluation import predictions_to_coco_results, write_results_json
+    from .inference import load_trained_model, predict_and_draw, query_reference_points
+    from .visualize import plot_reference_points, save_png
 
     files = _find_images(args.paths)
     loaded = load_trained_model(args.weights, _device(args.device))
@@ -234,15 +239,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-        (pred,) = predict(loaded.model, loaded.cfg.data, [image.float() / 255])
-        pred = {k: v.cpu() for k, v in pred.items()}
+        pred, drawn = predict_and_draw(loaded.model, loaded.cfg.data, image, loaded.class_names, args.score_thr,
+                                       args.show_reference_points, args.show_sampling_points)
         keep = pred["scores"] >= args.score_thr
-        sampling = None
-        if args.show_sampling_points:
-            sampling = detection_sampling_points(pred)
-        drawn = draw_predictions(image, pred, loaded.class_names, score_thr=args.score_thr,
-                                 reference_points=pred["reference_points"] if args.show_reference_points else None,
-                                 sampling_points=sampling)
         stem = f"{Path(path).stem}"
         save_png(drawn, out / f"{stem}_pred.png")
         if args.show_reference_points:
@@ -280,7 +279,7 @@ def _device(name: str | None):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .model import ISDA
+    from .models.isda import ISDA
     from .weights import COCO_CATEGORY_IDS, load_pretrained, save_converted
 
     if args.coco_classes and args.num_classes not in (None, 80):
@@ -311,24 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - turned into one line for the user errors below
         if os.environ.get("ISDA_DEBUG") or not _is_user_error(e):
             raise
-        print(f"isda {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"isda {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 
 
 def _is_user_error(e: Exception) -> bool:
-    from .backbone import WeightsError
-    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DatasetError
+    from .weights import WeightsError
 
-    return isinstance(e, (UserError, ConfigError, DatasetError, CheckpointError, WeightsError,
+    return isinstance(e, (UserError, ConfigError, DatasetError, WeightsError,
                           FileNotFoundError, FileExistsError, json.JSONDecodeError))
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

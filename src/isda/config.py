@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, first_line
 
 
 class ConfigError(ValueError):
@@ -293,7 +293,7 @@ def load_config(path: str | os.PathLike) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     base = get_preset(data["preset"]) if isinstance(data, dict) and "preset" in data else None
     return from_dict(data, base).validate()
 

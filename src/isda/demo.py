@@ -7,6 +7,7 @@ the held-out split -> overlays, the reference-point figure and the curves under 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -22,9 +23,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .data import CocoInstanceDataset, build_transforms
     from .data.shapes import make_shapes_dataset
     from .engine import evaluate, train
-    from .evaluation import write_results_json
-    from .inference import draw_examples, load_trained_model, predict, query_reference_points
-    from .visualize import detection_sampling_points, draw_predictions, plot_reference_points, save_grid, save_png
+    from .engine.evaluation import write_results_json
+    from .inference import draw_examples, draw_run, load_trained_model, predict_and_draw, query_reference_points
+    from .visualize import plot_reference_points, save_grid, save_png
 
     t0 = time.time()
     out = Path(args.out)
@@ -37,7 +38,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         shutil.rmtree(out)
     budget = cfg.train.time_budget_s
     print(f"[2/4] training isda_tiny from scratch for {budget / 60:.1f} min on {args.device or 'the default device'}")
-    summary = train(cfg, *paths["train"], *paths["val"], out_dir=out, device=args.device)
+    summary = train(cfg, *paths["train"], *paths["val"], out_dir=out, device=args.device,
+                    on_validation=functools.partial(draw_run, data_cfg=cfg.data))
 
     print("[3/4] evaluating best.pt on the held-out split")
     weights = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
@@ -50,7 +52,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     loaded.model.record_sampling()
     drawn = draw_examples(loaded.model, loaded.cfg.data, val, loaded.class_names)
     image = val.load(len(drawn) - 1)[0].as_subclass(torch.Tensor)
-    (pred,) = predict(loaded.model, loaded.cfg.data, [image.float() / 255])
+    _, sampled = predict_and_draw(loaded.model, loaded.cfg.data, image, loaded.class_names, reference_points=False,
+                                  sampling_points=True)
     pictures = {"predictions": out / "predictions.png"}
     save_grid(drawn, pictures["predictions"])
     # The seed's figure: every query's reference point on the last image, coloured by its best score.
@@ -58,9 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     plot_reference_points(*query_reference_points(loaded, image.float() / 255), pictures["reference points"],
                           image=image)
     pictures["sampling points"] = out / "sampling_points.png"
-    save_png(draw_predictions(image, pred, loaded.class_names, score_thr=0.3,
-                                      sampling_points=detection_sampling_points(pred)),
-             pictures["sampling points"])
+    save_png(sampled, pictures["sampling points"])
     pictures["curves"] = out / "curves.png"
 
     print()

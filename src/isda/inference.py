@@ -1,19 +1,21 @@
 """Inference from a checkpoint: rebuild the model it was trained as, resize like the test pipeline,
-return predictions at each image's original size."""
+return predictions at each image's original size; predict one image and draw it (``predict``, the demo,
+a training run's pictures)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import Config, ConfigError, DataConfig, from_dict
 from .data.transforms import short_side_size
-from .model import ISDA
+from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .models.isda import ISDA
 
 
 @dataclass
@@ -69,17 +71,37 @@ def query_reference_points(loaded: LoadedModel, image: Tensor) -> tuple[Tensor, 
     return out["reference_points"][0].cpu(), out["logits"][-1, 0].sigmoid().max(-1).values.cpu()
 
 
+def predict_and_draw(model: ISDA, data_cfg: DataConfig, image: Tensor, class_names: list[str],
+                     score_thr: float = 0.3, reference_points: bool = True, sampling_points: bool = False
+                     ) -> tuple[dict[str, Tensor], Tensor]:
+    """Predict one uint8 [3, H, W] image and draw its detections (masks, labels, scores; optionally each
+    query's reference point and, after ``model.record_sampling()``, the sampling points): (prediction on
+    the CPU, drawn uint8 [3, H, W])."""
+    from .visualize import detection_sampling_points, draw_predictions
+
+    (pred,) = predict(model, data_cfg, [image.float() / 255])
+    pred = {k: v.cpu() for k, v in pred.items()}
+    drawn = draw_predictions(image, pred, class_names, score_thr=score_thr,
+                             reference_points=pred["reference_points"] if reference_points else None,
+                             sampling_points=detection_sampling_points(pred) if sampling_points else None)
+    return pred, drawn
+
+
 def draw_examples(model: ISDA, data_cfg: DataConfig, dataset, class_names: list[str], count: int = 6,
                   score_thr: float = 0.3) -> list[Tensor]:
     """The first ``count`` images of a CocoInstanceDataset with their predictions (masks, labels, scores,
     reference points) drawn: uint8 [3, H, W] each."""
-    from .visualize import draw_predictions
+    return [predict_and_draw(model, data_cfg, dataset.load(index)[0].as_subclass(Tensor), class_names,
+                             score_thr)[1] for index in range(min(count, len(dataset)))]
 
-    drawn = []
-    for index in range(min(count, len(dataset))):
-        image = dataset.load(index)[0].as_subclass(Tensor)
-        (pred,) = predict(model, data_cfg, [image.float() / 255])
-        pred = {k: v.cpu() for k, v in pred.items()}
-        drawn.append(draw_predictions(image, pred, class_names, score_thr=score_thr,
-                                      reference_points=pred["reference_points"]))
-    return drawn
+
+def draw_run(run_dir: Path, model: ISDA, val_set=None, *, data_cfg: DataConfig) -> None:
+    """A training run's pictures (an ``on_validation`` callback of :func:`isda.engine.train`): curves.png
+    (loss and AP so far) and, with a validation set, val_predictions.png (four of its images)."""
+    from .visualize import plot_curves, save_grid
+
+    if (run_dir / "metrics.jsonl").exists():  # nothing logged yet after a zero-step run
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    if val_set is not None:
+        save_grid(draw_examples(model, data_cfg, val_set, val_set.class_names, count=4),
+                  run_dir / "val_predictions.png")

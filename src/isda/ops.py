@@ -15,7 +15,7 @@ Two implementations of the same function, chosen by device (``impl="auto"``):
   gradient as a sampled dense-dense product, and the location / weight gradients in closed form.
 * ``"grid_sample"`` (other devices): ``F.grid_sample`` per level with the heads folded into the batch.
 
-Both agree with a dense float64 reference to ~1e-12 (tests/test_ops.py, tests/test_benchmarks.py).
+Both agree with a dense float64 reference to ~1e-12 (tests/test_ops.py, tests/test_ops_reference.py).
 """
 
 from __future__ import annotations

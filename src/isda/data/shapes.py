@@ -26,6 +26,9 @@ decide whether an existing copy is complete and current. Every file is written a
 + ``os.replace``) and the json last, so an interrupted run leaves no json and is regenerated;
 :func:`make_shapes_dataset` holds a file lock (``root/.shapes.lock``) so concurrent processes (DDP
 ranks) generate once and the others wait and reuse it.
+
+One file of about 400 lines: the generator and the writer share the knobs and the format version that
+decide whether a copy on disk is current.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .deformable_attention import MSDeformAttn
 from .head import inverse_sigmoid
 from .position_encoding import point_encoding

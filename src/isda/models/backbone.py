@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
             "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048)}
-
-
-class WeightsError(ValueError):
-    """A weight file is missing, unreadable or does not fit the model."""
 
 
 class Backbone(nn.Module):
@@ -47,12 +42,10 @@ class Backbone(nn.Module):
 
     def load_torchvision_weights(self, path: str | os.PathLike) -> None:
         """Load a torchvision ResNet state dict (e.g. resnet50-0676ba61.pth) from a local file."""
-        if not os.path.isfile(path):
-            raise WeightsError(f"backbone weights file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated file, pickled code, not a torch file
-            raise WeightsError(f"{path}: not a loadable torch state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # Imported here: isda.weights' key tables import this module (to_torchvision_key).
+        from ..weights.io import WeightsError, load_torch_file
+
+        state = load_torch_file(path, "backbone weights file", "loadable torch state dict")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

@@ -1,8 +1,9 @@
-"""Training and evaluation loops (single process or ``torchrun``).
+"""The training loop (single process or ``torchrun``).
 
 ``train`` runs the official recipe (AdamW with reduced-lr parameter groups, gradient clipping, step
 schedule by epoch, optional warm-up / accumulation / AMP), writes a run directory and can resume
-exactly where it stopped, mid-epoch included. ``evaluate`` computes COCO mask AP on a dataset.
+exactly where it stopped, mid-epoch included. It draws nothing: ``on_validation`` (e.g.
+:func:`isda.inference.draw_run`) is called after each validation and at the end of a run without one.
 
 Run directory (``out_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON object per
 line: ``{"type": "train", ...}`` every ``train.log_every`` steps, ``{"type": "val", ...}`` after each
@@ -16,30 +17,35 @@ optimizer step, i.e. ``train.accumulate`` batches of ``train.batch_size`` images
 
 AMP (``train.amp`` bf16/fp16) needs CUDA: on CPU ``train`` refuses it with a ConfigError rather than
 silently training in another precision than the config says.
+
+Why one file of about 400 lines: the loop, the checkpoint state and validation all read and update the
+same counters (step, epoch, clock, best AP, non-finite streak) of one trainer object; the recipe's parts
+that stand alone live next to it (schedule, sampling, metrics, evaluation, checkpoint files).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
-import random
-import resource
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ..config import Config, ConfigError, save_config
+from ..data import CocoInstanceDataset, build_transforms, collate
+from ..models.isda import ISDA
+from ..weights import load_pretrained
+from .amp import autocast
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -48,13 +54,10 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import Config, ConfigError, TrainConfig, atomic_write_text, save_config
-from .data import CocoInstanceDataset, build_transforms, collate
 from .distributed import (
     all_gather_object,
     all_reduce_mean,
     broadcast_flag,
-    broadcast_object,
     cleanup_distributed,
     get_rank,
     get_backend,
@@ -63,83 +66,23 @@ from .distributed import (
     is_distributed,
     is_main_process,
 )
-from .evaluation import EvalResult, evaluate_masks, gather_results, predictions_to_coco_results, write_results_json
-from .inference import draw_examples
-from .model import ISDA
-from .visualize import plot_curves, save_grid
-from .weights import load_pretrained
+from .evaluation import evaluate, write_results_json
+from .metrics import MetricsLog, memory_gb
+from .sampling import SeededSamples, seed_all
+from .schedule import lr_factor, param_groups
 
-__all__ = ["NonFiniteLossError", "SeededSamples", "evaluate", "lr_factor", "param_groups", "train"]
+# Called on rank 0 with (run directory, model, validation set or None) after each validation, and at the
+# end of a run without a validation set: where pictures of the run are drawn.
+OnValidation = Callable[[Path, ISDA, "CocoInstanceDataset | None"], None]
+
+__all__ = ["NonFiniteLossError", "OnValidation", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped: the loss was non-finite for ``train.max_nonfinite`` steps in a row."""
 
 
-# ---- optimizer and schedule -------------------------------------------------------------------------
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups of the official recipe: the backbone at lr x lr_backbone_mult; the deformable-attention
-    sampling offsets and the reference-point projection at lr x lr_linear_proj_mult; the rest at lr.
-    Frozen parameters (requires_grad False) are left out; empty groups are dropped."""
-    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "linear_proj": [], "other": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("backbone."):
-            groups["backbone"].append(p)
-        elif ".sampling_offsets." in name or name.startswith("transformer.reference_points."):
-            groups["linear_proj"].append(p)
-        else:
-            groups["other"].append(p)
-    lrs = {"backbone": cfg.lr * cfg.lr_backbone_mult, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult,
-           "other": cfg.lr}
-    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
-
-
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based): x lr_gamma at each epoch of
-    lr_steps reached, times a linear warm-up from 1/warmup_iters to 1 over the first warmup_iters steps.
-
-    With a time budget (``time_budget_s``) the schedule follows the budget too: the run is at epoch
-    ``epochs * elapsed / budget`` at the latest, so a short run still gets its lr drops, in proportion."""
-    epoch = step / steps_per_epoch
-    if cfg.time_budget_s > 0:
-        epoch = max(epoch, cfg.epochs * elapsed_s / cfg.time_budget_s)
-    factor = cfg.lr_gamma ** sum(epoch >= milestone for milestone in cfg.lr_steps)
-    if cfg.warmup_iters > 0:
-        factor *= min(1.0, (step + 1) / cfg.warmup_iters)
-    return factor
-
-
 # ---- data --------------------------------------------------------------------------------------------
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so that sample ``i`` of epoch ``e`` is augmented with RNGs seeded from
-    (seed, e, i), whichever worker or process loads it; the caller's RNG states are left untouched."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Any]], device: torch.device
                ) -> tuple[list[Tensor], list[dict[str, Any]]]:
@@ -149,55 +92,13 @@ def _to_device(images: list[Tensor], targets: list[dict[str, Any]], device: torc
     return images, targets
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-# ---- evaluation -------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: CocoInstanceDataset, device: torch.device | str, batch_size: int = 1,
-             *, num_workers: int = 0, amp: str = "none") -> tuple[EvalResult, list[dict[str, Any]]]:
-    """COCO mask AP of ``model`` on ``dataset`` (built with ``train=False``), masks at the original size.
-
-    Under torch.distributed each process predicts every world_size-th image and the results are
-    gathered; every process returns the same (EvalResult, COCO results list). The model's train/eval
-    mode is restored afterwards.
-    """
-    device = torch.device(device)
-    net = _unwrap(model)
-    was_training = net.training
-    net.eval()
-    indices = list(range(get_rank(), len(dataset), get_world_size()))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    results: list[dict[str, Any]] = []
-    for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main_process()):
-        with _autocast(device, amp):
-            preds = net([im.to(device, non_blocking=True) for im in images],
-                        output_sizes=[tuple(t["orig_size"]) for t in targets])
-        # Convert per batch: full-size masks of a whole dataset would not fit in memory.
-        results += predictions_to_coco_results(preds, [t["image_id"] for t in targets], dataset.cat_ids)
-    net.train(was_training)
-    results = gather_results(results)
-    # COCOeval is single-threaded and slow: run it once, on rank 0, and share the numbers.
-    summary = evaluate_masks(dataset.coco, results, image_ids=dataset.ids) if is_main_process() else None
-    return broadcast_object(summary), results
-
-
 # ---- training ---------------------------------------------------------------------------------------
 
 def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.PathLike,
           val_ann: str | os.PathLike | None = None, val_images: str | os.PathLike | None = None, *,
           out_dir: str | os.PathLike, resume: bool = False, max_iters: int | None = None,
           device: str | None = None, init: str | os.PathLike | None = None,
-          log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+          log: Callable[[str], None] = tqdm.write, on_validation: OnValidation | None = None) -> dict[str, Any]:
     """Train ISDA on a COCO-format dataset; returns a summary dict (see ``_Trainer.summary``).
 
     ``cfg.model.num_classes`` is taken from the training set. ``resume``: continue from
@@ -205,8 +106,8 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
     error, so a run is never overwritten by accident. ``max_iters``: stop after this many optimizer
     steps in total (counting those before a resume), save and evaluate. ``device``: "cuda", "cpu", ...
     (default: cuda if available). ``init``: initial weights for a fresh run (a Deformable-DETR checkpoint
-    in hf/detr/mmdet layout or an isda checkpoint, any class count; see isda.weights). Under torchrun every process calls this; only rank 0 writes files
-    and calls ``log``.
+    in hf/detr/mmdet layout or an isda checkpoint, any class count; see isda.weights). Under torchrun every process
+    calls this; only rank 0 writes files and calls ``log`` and ``on_validation``.
     """
     cfg = copy.deepcopy(cfg).validate()
     owns_group = not is_distributed()
@@ -228,7 +129,8 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
                 raise ValueError(f"validation categories {val_set.cat_ids} differ from training categories "
                                  f"{train_set.cat_ids}")
         cfg.model.num_classes = train_set.num_classes
-        trainer = _Trainer(cfg, train_set, val_set, out, dev, log if is_main_process() else lambda _msg: None)
+        trainer = _Trainer(cfg, train_set, val_set, out, dev, log if is_main_process() else lambda _msg: None,
+                           on_validation)
         if resume and (out / "last.pt").exists():
             trainer.load(out / "last.pt")
         else:
@@ -244,13 +146,15 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
 
 class _Trainer:
     def __init__(self, cfg: Config, train_set: CocoInstanceDataset, val_set: CocoInstanceDataset | None,
-                 out_dir: Path, device: torch.device, log: Callable[[str], None]) -> None:
+                 out_dir: Path, device: torch.device, log: Callable[[str], None],
+                 on_validation: OnValidation | None = None) -> None:
         self.cfg, self.tcfg = cfg, cfg.train
+        self.on_validation = on_validation
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.device, self.log = out_dir, device, log
         self.rank, self.world_size = get_rank(), get_world_size()
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
-        _seed_all(self.tcfg.seed)
+        seed_all(self.tcfg.seed)
         self.model = ISDA(cfg.model, cfg.loss).to(device)
         # Every trainable parameter reaches the loss (all decoder layers feed the last one), so DDP
         # needs no unused-parameter search.
@@ -279,9 +183,9 @@ class _Trainer:
         self.last_eval_step = -1
         self.train_time = 0.0  # training seconds before this run (from a resumed checkpoint)
         self.saved_step = -1
-        self.window: dict[str, float] = {}  # sums of the logged values since the last train row
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl", is_main_process())
         # Different dropout streams per process; rank 0 draws what a single process would.
-        _seed_all(self.tcfg.seed + self.rank)
+        seed_all(self.tcfg.seed + self.rank)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -339,7 +243,7 @@ class _Trainer:
         if is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
-            _trim_metrics(self.out_dir / "metrics.jsonl", self.step)
+            self.metrics.trim(self.step)
         total = self.tcfg.epochs * self.steps_per_epoch
         stop_at = min(total, max_iters) if max_iters is not None else total
         self.log(f"training on {len(self.train_set)} images, {self.world_size} process(es) x batch "
@@ -358,8 +262,8 @@ class _Trainer:
             improved = self.validate() if self.last_eval_step != self.step else False
             if improved or self.saved_step != self.step:
                 self.save(best=improved)
-        if is_main_process() and self.val_set is None:
-            self.draw()
+        if is_main_process() and self.val_set is None and self.on_validation is not None:
+            self.on_validation(self.out_dir, self.model, None)
         return self.summary(stopped or "completed")
 
     def should_stop(self, stop_at: int) -> str | None:
@@ -410,7 +314,7 @@ class _Trainer:
             # Gradients are all-reduced only on the window's last backward.
             sync = contextlib.nullcontext() if self.ddp is None or i == n - 1 else self.ddp.no_sync()
             with sync:
-                with _autocast(self.device, self.tcfg.amp):
+                with autocast(self.device, self.tcfg.amp):
                     losses = net(images, targets)
                 # Averaged over processes: for logging, and so that all ranks skip a step together.
                 mean = all_reduce_mean(torch.stack([v.detach().float() for v in losses.values()])).tolist()
@@ -453,20 +357,16 @@ class _Trainer:
     # ---- logging ----------------------------------------------------------------------------------
     def record_train(self, values: dict[str, float], grad_norm: float, lr: float, bar: tqdm) -> None:
         """Progress bar every step; a metrics row (means since the last row) every log_every steps."""
-        for k, v in {**values, "grad_norm": grad_norm, "count": 1.0}.items():
-            self.window[k] = self.window.get(k, 0.0) + v
+        self.metrics.accumulate({**values, "grad_norm": grad_norm})
         bar.set_postfix(epoch=self.epoch, loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
-                        mem=f"{_memory_gb(self.device):.2f}G", refresh=False)
+                        mem=f"{memory_gb(self.device):.2f}G", refresh=False)
         if self.step % self.tcfg.log_every == 0:
-            count = self.window.pop("count")
-            self.write_metrics({"type": "train", "epoch": self.epoch, "iter": self.step,
-                                **{k: v / count for k, v in self.window.items()}, "lr": lr,
-                                "time": round(self.elapsed(), 3)})
-            self.window = {}
+            self.metrics.write_means({"type": "train", "epoch": self.epoch, "iter": self.step},
+                                     {"lr": lr, "time": round(self.elapsed(), 3)})
 
     def record_skip(self) -> None:
         self.nonfinite += 1
-        self.write_metrics({"type": "skip", "epoch": self.epoch, "iter": self.step, "reason": "non-finite loss",
+        self.metrics.write({"type": "skip", "epoch": self.epoch, "iter": self.step, "reason": "non-finite loss",
                             "consecutive": self.nonfinite, "time": round(self.elapsed(), 3)})
         self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
                  f"({self.nonfinite}/{self.tcfg.max_nonfinite} in a row)")
@@ -475,13 +375,6 @@ class _Trainer:
                 f"training stopped at step {self.step}: the loss was non-finite for {self.nonfinite} steps in a "
                 f"row (train.max_nonfinite); lower train.lr, raise train.warmup_iters or check the data "
                 f"(last checkpoint: {self.out_dir / 'last.pt'})")
-
-    def write_metrics(self, row: dict[str, Any]) -> None:
-        if is_main_process():
-            # null instead of NaN/Infinity (e.g. an fp16 overflow's grad norm): those are not JSON.
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
 
     def elapsed(self) -> float:
         """Training seconds so far, over all resumes, validation excluded."""
@@ -501,20 +394,13 @@ class _Trainer:
         self.best_ap = max(self.best_ap, result.stats["AP"])
         if is_main_process():
             write_results_json(results, self.out_dir / "results_val.json")
-            self.write_metrics({"type": "val", "epoch": self.epoch, "iter": self.step, **result.stats,
+            self.metrics.write({"type": "val", "epoch": self.epoch, "iter": self.step, **result.stats,
                                 "per_category": result.per_category, "time": round(start - self.clock, 3)})
             self.log(f"validation at epoch {self.epoch}, step {self.step} (mask AP, %):\n{result.table()}")
-            self.draw()
+            if self.on_validation is not None:
+                self.on_validation(self.out_dir, self.model, self.val_set)
         self.clock += time.perf_counter() - start  # evaluation is not training time
         return improved
-
-    def draw(self) -> None:
-        """curves.png (loss and AP so far) and val_predictions.png (a few validation images)."""
-        if (self.out_dir / "metrics.jsonl").exists():  # nothing logged yet after a zero-step run
-            plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-        if self.val_set is not None:
-            images = draw_examples(self.model, self.cfg.data, self.val_set, self.train_set.class_names, count=4)
-            save_grid(images, self.out_dir / "val_predictions.png")
 
     def summary(self, stopped: str) -> dict[str, Any]:
         return {
@@ -527,31 +413,3 @@ class _Trainer:
             "out_dir": str(self.out_dir),
             "last_checkpoint": str(self.out_dir / "last.pt"),
         }
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _memory_gb(device: torch.device) -> float:
-    """Peak memory: CUDA allocations on GPU, the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the rows up to ``step``: after a resume, rows logged past the checkpoint would repeat (and a
-    row cut short by a crash is dropped)."""
-    if not path.exists():
-        return
-
-    def keep(line: str) -> bool:
-        try:
-            return json.loads(line)["iter"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    atomic_write_text(path, "".join(line + "\n" for line in path.read_text().splitlines() if keep(line)))

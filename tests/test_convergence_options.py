@@ -1,6 +1,6 @@
-"""Faster-convergence levers (issue 7): query selection, hybrid (one-to-many) matching, point refinement and
-the varifocal class loss. Each lever's training path runs and reaches its parameters; the training-only levers
-leave inference unchanged."""
+"""Faster-convergence options of the model and losses: query selection, hybrid (one-to-many) matching, point
+refinement and the varifocal class loss. Each lever's training path runs and reaches its parameters; the
+training-only levers leave inference unchanged."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 import isda
 from isda.config import LossConfig
-from isda.losses import SetCriterion, mask_centroids, varifocal_loss
+from isda.models.losses import SetCriterion, mask_centroids, varifocal_loss
 
 
 def tiny(**overrides):

@@ -8,13 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import gather_ms_deform_attn_pixels, ms_deform_attn
+from ..ops import gather_ms_deform_attn_pixels, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
-    # CPU: with project_after None, project after sampling when that gathers and multiplies less.
-    auto_project_after = True
-
     def __init__(self, dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4) -> None:
         super().__init__()
         self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
@@ -64,8 +61,8 @@ class MSDeformAttn(nn.Module):
         # The core runs in float32 under autocast: half-precision sampling overflows (known peer bug).
         if query.device.type == "cpu" and not self.keep_sampling:
             samples = Q * M * 4 * self.num_levels * self.num_points  # rows gathered
-            auto = self.auto_project_after and samples + Q * C < S * C
-            if self.project_after if self.project_after is not None else auto:
+            fewer = samples + Q * C < S * C  # projecting after sampling gathers and multiplies less
+            if self.project_after if self.project_after is not None else fewer:
                 # Few queries on a large map (the decoder): sample the input map, project only the samples.
                 out = self._gather_then_project(query, reference_points, value, spatial_shapes,
                                                  value_padding_mask if padded else None)

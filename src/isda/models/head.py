@@ -56,3 +56,19 @@ def select_mask_logits(kernels: Tensor, mask_features: Tensor, layer: Tensor, im
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     return parts[inverse].view(-1, H, W)
+
+
+PADDING_LOGIT = -1e4  # sigmoid -> 0; finite (and within fp16 range) so that no loss sees inf
+
+
+def mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
+    """Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero there),
+    which the dice loss and the matcher would count against every prediction."""
+    return mask_logits.masked_fill(padding, PADDING_LOGIT) if bool(padding.any()) else mask_logits
+
+
+def matched_mask_logits(kernels: Tensor, mask_features: Tensor, padding_mask: Tensor, layer: Tensor, image: Tensor,
+                        query: Tensor) -> Tensor:
+    """The padded-out mask logits of the given (layer, image, query) rows (n, H, W), with autograd: what the
+    mask losses need of the model's outputs (kernels, mask features and their padding mask (B, H, W))."""
+    return mask_padding(select_mask_logits(kernels, mask_features, layer, image, query), padding_mask[image])

@@ -5,24 +5,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
 from .backbone import Backbone
-from .config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
-from .head import ISDAHead, apply_kernels, select_mask_logits
+from .head import ISDAHead, apply_kernels, mask_padding
 from .losses import SetCriterion, downsample_masks, mask_centroids
 from .masked_ops import resize_mask
 from .mask_features import MaskFeatures
 from .neck import Neck
 from .position_encoding import sine_position_encoding
 from .transformer import DeformableTransformer
-
-
-PADDING_LOGIT = -1e4  # sigmoid -> 0; finite (and within fp16 range) so that no loss sees inf
 
 
 class ISDA(nn.Module):
@@ -67,7 +63,8 @@ class ISDA(nn.Module):
     def forward_features(self, batch: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Everything up to the head's outputs for a padded, normalized batch (mask logits of every
         decoder layer in training, of the last one in eval). In training the mask logits carry no autograd
-        graph (``matched_mask_grads``): gradients reach the masks through :meth:`matched_mask_logits`."""
+        graph: the losses compute the matched queries' masks again, with it, from ``kernels`` and
+        ``mask_features`` (:func:`isda.models.head.matched_mask_logits`)."""
         feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
         pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
         out = self.transformer(feats[1:], masks[1:], pos)
@@ -80,19 +77,11 @@ class ISDA(nn.Module):
         out["kernels"], out["mask_features"], out["padding_mask"] = (
             self.head.kernels(out["hidden"][layers], out["points"][layers]), mfr, mfr_mask)
         # The mask losses see matched queries only, so in training every query's masks (for the matcher) are
-        # computed without autograd and the matched ones again with it (matched_mask_logits): the backward of the
+        # computed without autograd and the losses compute the matched ones again with it: the backward of the
         # full product was two GEMMs over (layers x batch x queries) rows of zero gradient.
-        with torch.no_grad() if self.training and self.matched_mask_grads else contextlib.nullcontext():
-            out["mask_logits"] = _mask_padding(apply_kernels(out["kernels"], mfr), mfr_mask[None, :, None])
+        with torch.no_grad() if self.training else contextlib.nullcontext():
+            out["mask_logits"] = mask_padding(apply_kernels(out["kernels"], mfr), mfr_mask[None, :, None])
         return out
-
-    # Switch for the before/after benchmark and the gradient test: False backpropagates through every mask.
-    matched_mask_grads = True
-
-    def matched_mask_logits(self, out: dict[str, Tensor], layer: Tensor, image: Tensor, query: Tensor) -> Tensor:
-        """``out["mask_logits"][layer, image, query]`` with autograd, computed for those rows only."""
-        logits = select_mask_logits(out["kernels"], out["mask_features"], layer, image, query)
-        return _mask_padding(logits, out["padding_mask"][image])
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
                 output_sizes: list[tuple[int, int]] | None = None):
@@ -103,35 +92,44 @@ class ISDA(nn.Module):
             _check_targets(images, targets, self.cfg.num_classes)
         out = self.forward_features(batch, mask)
         if self.training:
-            size = out["mask_logits"].shape[-2:]
-            padded = [_pad_masks(t["masks"], batch.shape[-2:]) for t in targets]
-            small = [downsample_masks(m, size) for m in padded]
-            valid = (~out["padding_mask"]).flatten(1).sum(1)
-            Q = self.cfg.num_queries
-            # Point refinement's supervision: each query's points against its instance's mask centroid.
-            points = out["points"] if self.cfg.refine_points else None
-            centroids = [mask_centroids(t["masks"]) for t in targets] if points is not None else None
-            select = functools.partial(self.matched_mask_logits, out) if self.matched_mask_grads else None
-            losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid,
-                                    None if points is None else points[:, :, :Q], centroids, select)
-            if self.cfg.hybrid_queries:
-                k = self.criterion.cfg.hybrid_repeats
-                repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
-                hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
-                                        [m.repeat(k, 1, 1) for m in small], valid,
-                                        None if points is None else points[:, :, Q:],
-                                        None if points is None else [c.repeat(k, 1) for c in centroids],
-                                        None if select is None else
-                                        lambda layer, image, query: select(layer, image, query + Q))
-                losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
-                losses.update({f"h.{name}": value for name, value in hybrid.items()})
-            if "enc_logits" in out:
-                losses["enc.loss_cls"] = self.criterion.encoder_loss(
-                    out["enc_logits"], out["token_centers"], out["token_padding"], targets, padded)
-                losses["loss"] = losses["loss"] + self.criterion.cfg.class_weight * losses["enc.loss_cls"]
-            return losses
+            return self.losses(out, targets, batch.shape[-2:])
         sizes = [tuple(im.shape[1:]) for im in images]
         return self.postprocess(out, sizes, output_sizes or sizes)
+
+    def losses(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], padded_size: tuple[int, int]
+               ) -> dict[str, Tensor]:
+        """The training losses of :meth:`forward_features`' outputs for a batch padded to ``padded_size`` (H, W):
+        the set criterion on the one-to-one queries, on the one-to-many ones (``hybrid_queries``) and the
+        encoder's token classifier (query selection)."""
+        size = out["mask_logits"].shape[-2:]
+        padded = [_pad_masks(t["masks"], padded_size) for t in targets]
+        small = [downsample_masks(m, size) for m in padded]
+        valid = (~out["padding_mask"]).flatten(1).sum(1)
+        Q = self.cfg.num_queries
+        # Point refinement's supervision: each query's points against its instance's mask centroid.
+        points = out["points"] if self.cfg.refine_points else None
+        centroids = [mask_centroids(t["masks"]) for t in targets] if points is not None else None
+        # Without autograd in the mask logits, the criterion computes the matched masks from the kernels.
+        kernels = None if out["mask_logits"].requires_grad else out["kernels"]
+        masks = {"mask_features": out["mask_features"], "padding_mask": out["padding_mask"]}
+        losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid,
+                                None if points is None else points[:, :, :Q], centroids,
+                                kernels=None if kernels is None else kernels[:, :, :Q], **masks)
+        if self.cfg.hybrid_queries:
+            k = self.criterion.cfg.hybrid_repeats
+            repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
+            hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
+                                    [m.repeat(k, 1, 1) for m in small], valid,
+                                    None if points is None else points[:, :, Q:],
+                                    None if points is None else [c.repeat(k, 1) for c in centroids],
+                                    kernels=None if kernels is None else kernels[:, :, Q:], **masks)
+            losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
+            losses.update({f"h.{name}": value for name, value in hybrid.items()})
+        if "enc_logits" in out:
+            losses["enc.loss_cls"] = self.criterion.encoder_loss(
+                out["enc_logits"], out["token_centers"], out["token_padding"], targets, padded)
+            losses["loss"] = losses["loss"] + self.criterion.cfg.class_weight * losses["enc.loss_cls"]
+        return losses
 
     # ---- NMS-free post-processing ----------------------------------------------------------------
     @torch.no_grad()
@@ -182,12 +180,6 @@ class ISDA(nn.Module):
                 p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
             torch.gt(p[:, 0], self.cfg.mask_threshold, out=out[i : i + chunk])
         return out
-
-
-def _mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
-    """Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero there),
-    which the dice loss and the matcher would count against every prediction."""
-    return mask_logits.masked_fill(padding, PADDING_LOGIT) if bool(padding.any()) else mask_logits
 
 
 def _boxes(masks: Tensor) -> Tensor:

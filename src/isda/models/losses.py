@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -11,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
-from .config import LossConfig
+from ..config import LossConfig
+from .head import matched_mask_logits
 from .matcher import hungarian_match
 
 
@@ -72,13 +72,14 @@ class SetCriterion:
 
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
-                 target_points: list[Tensor] | None = None,
-                 select: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+                 target_points: list[Tensor] | None = None, *, kernels: Tensor | None = None,
+                 mask_features: Tensor | None = None, padding_mask: Tensor | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
         at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w);
         with point refinement, points (layers, B, Q, 2) and target_points[b] (N_b, 2) (mask centroids).
-        ``select(layer, image, query)``: the mask logits of those matches (n, h, w) with autograd, when
-        ``mask_logits`` has none (default: indexed from ``mask_logits``).
+        When ``mask_logits`` carry no autograd graph, the matched queries' mask logits are computed again, with
+        it, from the model's ``kernels`` (layers, B, Q, K), ``mask_features`` (B, K, h, w) and ``padding_mask``
+        (B, h, w) (default: indexed from ``mask_logits``).
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
@@ -101,10 +102,10 @@ class SetCriterion:
                     matched_points.append(target_points[b][ti])
         at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
         layer_index = torch.tensor(layers, device=at.device)[at]
-        # One gather (or one select) for every layer and image, not one per (layer, image): a gather's backward
+        # One gather (or one product) for every layer and image, not one per (layer, image): a gather's backward
         # fills a zero gradient of all the mask logits, which cost more than the masks themselves.
-        pred = (mask_logits[layer_index, image, query] if select is None
-                else select(layer_index, image, query)).flatten(1)
+        pred = (mask_logits[layer_index, image, query] if kernels is None
+                else matched_mask_logits(kernels, mask_features, padding_mask, layer_index, image, query)).flatten(1)
         gt = torch.cat(matched_gt)
         varifocal = self.cfg.class_loss == "varifocal"
         cls_target[at, image, query, torch.cat(match_label)] = (

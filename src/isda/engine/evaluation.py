@@ -1,4 +1,5 @@
-"""COCO mask-AP evaluation: prediction -> COCO results conversion, COCOeval wrapper, result I/O.
+"""COCO mask-AP evaluation: a model over a dataset (``evaluate``), prediction -> COCO results conversion,
+COCOeval wrapper, result I/O.
 
 Predictions follow the torchvision detection convention (one dict per image with ``scores`` [K],
 ``labels`` [K] contiguous 0..C-1, ``masks`` bool [K, H, W] at the original image size, ``boxes``
@@ -23,11 +24,19 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .fileio import atomic_open
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data import CocoInstanceDataset, collate
+from ..fileio import atomic_open
+from .amp import autocast
+from .distributed import broadcast_object, get_rank, get_world_size, is_main_process, unwrap
 
 __all__ = [
     "STAT_NAMES",
     "EvalResult",
+    "evaluate",
     "evaluate_masks",
     "gather_results",
     "predictions_to_coco_results",
@@ -177,3 +186,33 @@ def gather_results(results: list[Any]) -> list[Any]:
     gathered: list[list[Any] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     return [r for part in gathered for r in (part or [])]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: CocoInstanceDataset, device: torch.device | str, batch_size: int = 1,
+             *, num_workers: int = 0, amp: str = "none") -> tuple[EvalResult, list[dict[str, Any]]]:
+    """COCO mask AP of ``model`` on ``dataset`` (built with ``train=False``), masks at the original size.
+
+    Under torch.distributed each process predicts every world_size-th image and the results are
+    gathered; every process returns the same (EvalResult, COCO results list). The model's train/eval
+    mode is restored afterwards.
+    """
+    device = torch.device(device)
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    indices = list(range(get_rank(), len(dataset), get_world_size()))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    results: list[dict[str, Any]] = []
+    for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main_process()):
+        with autocast(device, amp):
+            preds = net([im.to(device, non_blocking=True) for im in images],
+                        output_sizes=[tuple(t["orig_size"]) for t in targets])
+        # Convert per batch: full-size masks of a whole dataset would not fit in memory.
+        results += predictions_to_coco_results(preds, [t["image_id"] for t in targets], dataset.cat_ids)
+    net.train(was_training)
+    results = gather_results(results)
+    # COCOeval is single-threaded and slow: run it once, on rank 0, and share the numbers.
+    summary = evaluate_masks(dataset.coco, results, image_ids=dataset.ids) if is_main_process() else None
+    return broadcast_object(summary), results

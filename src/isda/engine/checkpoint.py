@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .fileio import atomic_open
+from ..fileio import atomic_open
+from ..weights.io import WeightsError, load_torch_file
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the model / dataset (one-line message)."""
+# A checkpoint is missing, unreadable, or does not fit the model / dataset (one-line message): the error of
+# every weights loader, under the name the trainer's callers know.
+CheckpointError = WeightsError
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -30,14 +31,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure becomes a one-line CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickled code, not a torch file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    state = load_torch_file(path, "checkpoint", "readable checkpoint", map_location)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not an isda checkpoint (no 'model' state dict)")
     return state
