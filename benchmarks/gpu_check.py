@@ -42,7 +42,7 @@ import torchvision
 from isda.config import apply_overrides, get_preset
 from isda.data.shapes import make_shapes_dataset
 from isda.fileio import atomic_write_text
-from isda.deformable_attention import MSDeformAttn
+from isda.models.deformable_attention import MSDeformAttn
 from isda.ops import ms_deform_attn
 
 from .common import build_isda, build_maskrcnn, limit_candidates, msda_problem, reference_ms_deform_attn, shapes_batch
