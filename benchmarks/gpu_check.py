@@ -67,6 +67,7 @@ class Sizes:
     step_size: tuple[int, int]  # one training step (precision comparison)
     shapes_train: int  # images in the generated training set
     tiny_steps: int
+    tiny_batch: int
     r50_steps: int
     r50_side: int  # the R50 run's image side
     infer_size: tuple[int, int]
@@ -80,11 +81,11 @@ class Sizes:
 
 
 FULL = Sizes(encoder_shapes=((168, 168), (84, 84), (42, 42), (21, 21)),  # 1333x1333 padded to 1344
-             step_size=(512, 512), shapes_train=512, tiny_steps=300, r50_steps=200, r50_side=320,
+             step_size=(512, 512), shapes_train=512, tiny_steps=300, tiny_batch=8, r50_steps=200, r50_side=320,
              infer_size=(800, 1333), train_size=(800, 1216), infer_batches=(1, 8), train_batches=(2, 4),
              repeats=10, ddp_steps=40, precisions=("fp32", "bf16"), big_preset="isda_r50_coco")
 QUICK = Sizes(encoder_shapes=((24, 24), (12, 12), (6, 6), (3, 3)), step_size=(96, 96), shapes_train=16,
-              tiny_steps=6, r50_steps=4, r50_side=64, infer_size=(96, 128), train_size=(96, 96),
+              tiny_steps=6, tiny_batch=2, r50_steps=4, r50_side=64, infer_size=(96, 128), train_size=(96, 96),
               infer_batches=(1,), train_batches=(2,), repeats=1, ddp_steps=4, precisions=("fp32",),
               big_preset="isda_tiny")
 
@@ -310,7 +311,8 @@ def check_training(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
     (train_ann, train_images), (val_ann, val_images) = data["train"], data["val"]
     amp = "bf16" if device.type == "cuda" else "none"
     runs = {
-        "isda_tiny": (get_preset("isda_tiny"), {"train.log_every": max(1, sizes.tiny_steps // 10)}, sizes.tiny_steps),
+        "isda_tiny": (get_preset("isda_tiny"), {"train.log_every": max(1, sizes.tiny_steps // 10),
+                                                "train.batch_size": sizes.tiny_batch}, sizes.tiny_steps),
     }
     if sizes.big_preset == "isda_r50_coco":
         runs.update({
@@ -357,7 +359,7 @@ def check_torchrun(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
                "-m", "isda", "train", "--preset", "isda_tiny", "--ann", str(train_ann), "--images", str(train_images),
                "--out", str(out), "--max-iters", str(steps), "--device", device.type,
                "--set", f"train.checkpoint_every={max(1, n // 2)}", "--set", f"train.log_every={max(1, n // 4)}",
-               "--set", "train.num_workers=1", *extra]
+               "--set", "train.num_workers=1", "--set", f"train.batch_size={sizes.tiny_batch}", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         logs.append(proc.stdout + proc.stderr)
         require(proc.returncode == 0, f"torchrun exit {proc.returncode}: {_last_line(proc.stderr or proc.stdout)}")
