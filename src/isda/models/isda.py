@@ -179,7 +179,7 @@ class ISDA(nn.Module):
         # An exported graph always resizes (sizes are graph values there): to the same size it is the identity.
         if exporting() or (h, w) != tuple(output_size):
             p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
-        return p[:, 0]
+        return p.squeeze(1)  # (not p[:, 0]: in ONNX a Gather that copies every mask)
 
 
 def rank_detections(logits: Tensor, mask_logits: Tensor, k: int, mask_threshold: float
@@ -205,7 +205,7 @@ def _boxes(masks: Tensor) -> Tensor:
     if not exporting() and (K == 0 or H == 0 or W == 0):
         return torch.zeros(K, 4, device=masks.device)
     if exporting():  # ONNX has no reinterpreting view: a cast
-        flat = (masks != 0).to(torch.uint8)
+        flat = masks.to(torch.uint8) if masks.dtype == torch.bool else (masks != 0).to(torch.uint8)
     else:
         flat = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
     cols, rows = flat.amax(1), flat.amax(2)  # (K, W), (K, H): any pixel in each column / row
