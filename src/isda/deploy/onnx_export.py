@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import Config
 from ..fileio import atomic_write_bytes
 from ..model import ISDA, _boxes, rank_detections
 from . import require
@@ -130,7 +131,37 @@ def export_onnx(weights: str | os.PathLike, out: str | os.PathLike, *, opset: in
     from ..inference import load_trained_model
 
     loaded = load_trained_model(weights, "cpu")
-    metadata = {"isda.config": json.dumps(loaded.cfg.to_dict()), "isda.class_names": json.dumps(loaded.class_names),
-                "isda.cat_ids": json.dumps(loaded.cat_ids), "isda.source": str(weights)}
+    metadata = {**isda_metadata(loaded.cfg, loaded.class_names, loaded.cat_ids), "isda.source": str(weights)}
     size = size or example_size(loaded.model, loaded.cfg.data.test_short_side)
     return export_model(loaded.model, out, metadata, opset=opset, size=size)
+
+
+def isda_metadata(cfg: Config, class_names: list[str] | None = None, cat_ids: list[int] | None = None
+                  ) -> dict[str, str]:
+    """What :mod:`isda.deploy.runtime` reads back: the config (its data section sizes the test images), the
+    class names and COCO category ids (default: "0", "1", ... and 1, 2, ...)."""
+    n = cfg.model.num_classes
+    return {"isda.config": json.dumps(cfg.to_dict()),
+            "isda.class_names": json.dumps(list(class_names or [str(i) for i in range(n)])),
+            "isda.cat_ids": json.dumps(list(cat_ids or range(1, n + 1)))}
+
+
+def quantize_transformer(src: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """ONNX Runtime dynamic int8 quantisation of the transformer's linear layers (weights int8 per tensor,
+    activations quantised at run time); the backbone, mask features and heads stay float. Returns the
+    quantised nodes' names. Written atomically."""
+    require("onnx", "onnxruntime")
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
+             if n.op_type in ("MatMul", "Gemm") and n.name.startswith("/transformer/")]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        quantize_dynamic(str(src), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                         weight_type=QuantType.QInt8)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return nodes
