@@ -97,14 +97,16 @@ def latency(preset: str, size: tuple[int, int], onnx: Path, weights: str | None,
 
 # ---- accuracy (the trained tiny model on the shapes validation split) -----------------------------------
 
-def train_tiny(data: Path, out: Path, seconds: float, threads: int) -> str:
+def train_tiny(data: Path, out: Path, seconds: float) -> str:
     """A tiny-preset shapes model for the AP rows (``isda train`` with a time budget)."""
     if not (data / "annotations" / "instances_val.json").is_file():
         subprocess.run([sys.executable, "-m", "isda", "shapes", str(data)], cwd=ROOT, env=_env(), check=True)
     if not (out / "best.pt").is_file():
-        env = {**_env(), "OMP_NUM_THREADS": str(threads)}
+        # One thread and no loader processes: on a shared machine oversubscribed OpenMP threads spin-wait.
+        env = {**_env(), "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "isda", "train", "--preset", "isda_tiny", "--data", str(data), "--out",
-                        str(out), "--set", f"train.time_budget_s={seconds}", "--resume"], cwd=ROOT, env=env, check=True)
+                        str(out), "--set", f"train.time_budget_s={seconds}", "--set", "train.num_workers=0", "--resume"],
+                       cwd=ROOT, env=env, check=True)
     return str(out / "best.pt")
 
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     weights = args.weights
     if weights is None and not args.no_accuracy:
         print(f"training a tiny shapes model ({args.train_seconds:.0f} s) for the AP rows", flush=True)
-        weights = train_tiny(args.data, args.work / "tiny", args.train_seconds, args.threads)
+        weights = train_tiny(args.data, args.work / "tiny", args.train_seconds)
     for item in args.presets.split(","):
         preset, _, size_text = item.partition("@")
         size = parse_size(size_text) if size_text else INFER_SIZE
