@@ -9,7 +9,7 @@ from ..checkpoint import CheckpointError
 
 
 class ExportDependencyError(CheckpointError):
-    """onnx / onnxruntime / onnxscript is not installed (a one-line user error)."""
+    """onnx / onnxruntime is not installed (a one-line user error)."""
 
 
 def require(*modules: str) -> None:
@@ -19,4 +19,4 @@ def require(*modules: str) -> None:
             importlib.import_module(name)
         except ImportError:
             raise ExportDependencyError(f"{name} is not installed: pip install 'isda[export]' "
-                                        "(onnx, onnxruntime, onnxscript)") from None
+                                        "(onnx, onnxruntime)") from None

@@ -3,8 +3,9 @@
 Exporter: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``). A trace records the image's
 height and width, and all shape arithmetic done on them (padding to a multiple of 32, level sizes, token
 counts, the deformable attention's per-level split), as graph values, so one trace at one size serves every
-size. The dynamo exporter needs every such size to be a symbolic integer: the level sizes go through a
-tensor (``spatial_shapes``) on their way to the attention core, which makes them data-dependent there.
+size. The dynamo exporter (``dynamo=True``, torch 2.14) also exports this module, but specialises height and
+width to the example's (the level sizes reach the attention core through the ``spatial_shapes`` tensor, data
+to torch.export): its graph rejects any other size.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def export_model(model: ISDA, out: str | os.PathLike, metadata: dict[str, str], 
                  size: tuple[int, int] = (133, 181)) -> ExportInfo:
     """Trace ``model`` at ``size`` and write the ONNX file (atomically), checked by ``onnx.checker``, with
     ``metadata`` plus the inputs' and outputs' descriptions in its metadata properties."""
-    require("onnx", "onnxscript")
+    require("onnx")
     import onnx
 
     if opset < 17:
@@ -127,7 +128,7 @@ def export_onnx(weights: str | os.PathLike, out: str | os.PathLike, *, opset: in
                 size: tuple[int, int] | None = None) -> ExportInfo:
     """An isda checkpoint (``best.pt``) -> ``out`` (.onnx): the graph, and in its metadata the config, class
     names and COCO category ids that ``isda predict/eval --weights model.onnx`` need."""
-    require("onnx", "onnxscript")
+    require("onnx")
     from ..inference import load_trained_model
 
     loaded = load_trained_model(weights, "cpu")
