@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..checkpoint import CheckpointError
+from ..engine.checkpoint import CheckpointError
 
 
 class ExportDependencyError(CheckpointError):

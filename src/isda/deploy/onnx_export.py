@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..fileio import atomic_write_bytes
-from ..model import ISDA, _boxes, rank_detections
+from ..models.isda import ISDA, _boxes, rank_detections
 from . import require
 
 OPSET = 17  # GridSample needs 16; LayerNormalization 17

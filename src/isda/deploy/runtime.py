@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError
+from ..engine.checkpoint import CheckpointError
 from ..config import ConfigError, from_dict
-from ..model import _check_images
+from ..models.isda import _check_images
 from . import require
 from .onnx_export import OUTPUTS
 
