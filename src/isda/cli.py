@@ -1,4 +1,4 @@
-"""Command line: ``isda shapes | train | eval | predict | demo | convert``.
+"""Command line: ``isda shapes | train | eval | predict | export | demo | convert``.
 
 Every user error (missing file, bad image, bad config key, checkpoint of another model) exits with
 status 2 and one line on stderr; ``ISDA_DEBUG=1`` shows the traceback instead.
@@ -37,6 +37,10 @@ EXAMPLES = {
   isda predict --weights runs/tiny/best.pt data/shapes/val/000001.png --out runs/pred
   isda predict --weights runs/tiny/best.pt 'photos/*.jpg' folder/ --score-thr 0.5 --show-reference-points
   isda predict --weights runs/tiny/best.pt img.png --show-sampling-points""",
+    "export": """examples:
+  isda export --weights runs/tiny/best.pt --out runs/tiny/model.onnx
+  isda eval --weights runs/tiny/model.onnx --data data/shapes --split val      # the exported file's AP
+  isda predict --weights runs/tiny/model.onnx photos/ --out runs/pred-onnx""",
     "demo": """examples:
   isda demo                                         # shapes -> train tiny (CPU) -> eval -> pictures in runs/demo
   isda demo --minutes 3 --out runs/quick""",
@@ -58,7 +62,7 @@ class UserError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="isda", description="ISDA instance segmentation: train, evaluate, predict.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,train,eval,predict,demo,convert}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,train,eval,predict,export,demo,convert}")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
@@ -83,14 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
 
     e = add("eval", "Evaluate a checkpoint: COCO mask AP table and a results JSON.")
-    e.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt)")
+    e.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt) or isda export (.onnx)")
     _dataset_args(e, splits=("val",))
     e.add_argument("--results", help="where to write the COCO results JSON (default: next to the weights)")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device")
 
     pr = add("predict", "Segment images: overlay PNGs and one COCO results JSON.")
-    pr.add_argument("--weights", required=True, help="isda checkpoint")
+    pr.add_argument("--weights", required=True, help="isda checkpoint or isda export (.onnx: ONNX Runtime, CPU)")
     pr.add_argument("paths", nargs="+", help="image files, folders or globs")
     pr.add_argument("--out", default="runs/predict", help="output folder")
     pr.add_argument("--score-thr", type=float, default=0.3)
@@ -99,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--show-sampling-points", action="store_true",
                     help="draw where the last decoder layer sampled for the top detections (size = weight)")
     pr.add_argument("--device")
+
+    x = add("export", "Export a checkpoint to ONNX: the whole NMS-free model, post-processing included, one graph.")
+    x.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt)")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
 
     d = add("demo", "Generate shapes, train the tiny preset on CPU, evaluate, draw pictures.")
     d.add_argument("--out", default="runs/demo")
@@ -256,6 +265,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"results: {out / 'results.json'} (image_id = index in the order listed above)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .deploy.onnx_export import INPUTS, OUTPUTS, export_onnx
+
+    if args.opset < 17:
+        raise UserError(f"--opset must be >= 17 (GridSample, LayerNormalization), got {args.opset}")
+    info = export_onnx(args.weights, args.out, opset=args.opset)
+    print(f"wrote {info.path} ({info.size_bytes / 2**20:.1f} MiB, opset {info.opset}, {info.seconds:.1f} s)")
+    print("inputs:  " + ", ".join(INPUTS) + "; outputs: " + ", ".join(OUTPUTS) + " (meanings in the model's metadata)")
+    print(f"check its AP: isda eval --weights {info.path} --ann VAL.json --images VAL/")
+
+
 def _find_images(paths: list[str]) -> list[str]:
     files: list[str] = []
     for p in paths:
@@ -298,7 +318,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"shapes": cmd_shapes, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                "convert": cmd_convert}
+                "export": cmd_export, "convert": cmd_convert}
     from .demo import cmd_demo
 
     commands["demo"] = cmd_demo

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .deformable_attention import MSDeformAttn
 from .head import inverse_sigmoid
+from .masked_ops import exporting
 from .position_encoding import point_encoding
 
 
@@ -86,8 +87,8 @@ def token_centers(spatial_shapes: list[tuple[int, int]], device: torch.device) -
 
 def token_level_ratios(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
     """(B, L, 2) valid ratios -> (B, S, 2): each token's own level's ratio."""
-    counts = torch.tensor([h * w for h, w in spatial_shapes], device=ratios.device)
-    return ratios.repeat_interleave(counts, dim=1)
+    # expand + cat, not repeat_interleave over a tensor of counts: a trace keeps h * w as graph values.
+    return torch.cat([ratios[:, lvl, None].expand(-1, h * w, -1) for lvl, (h, w) in enumerate(spatial_shapes)], 1)
 
 
 class QuerySelection(nn.Module):
@@ -145,7 +146,10 @@ class DeformableTransformer(nn.Module):
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> dict[str, Tensor]:
         shapes = [tuple(s.shape[-2:]) for s in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
+        if exporting():  # the sizes are graph values in a trace; as_tensor would freeze them
+            spatial_shapes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in shapes])
+        else:
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
         src = _flatten_levels(srcs)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
