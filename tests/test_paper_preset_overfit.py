@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from engine_utils import single_thread
+from isda import ISDA
 from isda.config import apply_from_scratch, get_preset
 from isda.data.shapes import generate_image
 from isda.engine import param_groups
-from isda.losses import downsample_masks
-from isda.matcher import hungarian_match
-from isda.model import ISDA
+from isda.models.losses import downsample_masks
+from isda.models.matcher import hungarian_match
 
 SIZE, STEPS = 96, 60
 
