@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, curves.png)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--init", help="initial weights: Deformable-DETR (hf/detr/mmdet) or an isda checkpoint")
+    t.add_argument("--from-scratch", action="store_true",
+                   help="train the backbone from random weights (BatchNorm, nothing frozen; recorded as "
+                        "model.from_scratch in the run's config). Without weights (--init or model.backbone_weights) "
+                        "a frozen backbone stops training with an error")
     t.add_argument("--max-iters", type=int, help="stop after this many optimizer steps")
     t.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
 
@@ -195,6 +199,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and not args.config and not args.preset and (out / "config.yaml").is_file():
         args.config = str(out / "config.yaml")  # resume with the run's own configuration
     cfg = _resolve_config(args)
+    if args.from_scratch:
+        from .config import apply_from_scratch
+
+        cfg = apply_from_scratch(cfg).validate()
     train_ann, train_images = _split(args, getattr(args, "train_split", "train"))
     val_ann = val_images = None
     if args.val_ann or args.val_images:

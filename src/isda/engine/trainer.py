@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, require_backbone_init, save_config
 from ..data import CocoInstanceDataset, build_transforms, collate
 from ..models.isda import ISDA
 from ..weights import load_pretrained
@@ -119,6 +119,8 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
         out = Path(out_dir)
         if not resume and (out / "last.pt").exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): resume it (--resume) or choose another output directory")
+        if not (resume and (out / "last.pt").exists()):
+            require_backbone_init(cfg, init)  # a frozen random backbone never learns
         train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
         val_set = None
         if val_ann is not None:

@@ -130,7 +130,6 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(cfg.num_levels, d))
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        nn.init.normal_(self.level_embed)
         self.point_refine = nn.ModuleList(_point_mlp(d) for _ in range(cfg.dec_layers)) if cfg.refine_points else None
         if cfg.query_selection:
             self.query_selection = QuerySelection(d, cfg.num_classes)
@@ -141,8 +140,24 @@ class DeformableTransformer(nn.Module):
             self.query_selection = None
             self.query_embed = nn.Embedding(total, 2 * d)
             self.reference_points = nn.Linear(d, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official transformer's ``init_weights``: Xavier-uniform on every weight matrix of the encoder and
+        decoder layers (FFN, self-attention, deformable attention's projections), then the deformable attentions'
+        own initialisation, Xavier-uniform on the reference-point projection (bias 0) and a normal level
+        embedding. The learned queries keep nn.Embedding's normal(0, 1): officially they belong to the head,
+        outside the transformer. The opt-in modules (point refinement, query selection) keep their own init."""
+        for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in [*self.encoder.modules(), *self.decoder.modules()]:
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        if self.query_selection is None:
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> dict[str, Tensor]:
         shapes = [tuple(s.shape[-2:]) for s in srcs]
