@@ -319,7 +319,8 @@ def check_training(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
         # The paper's architecture (6+6 layers, 300 queries, dropout, fixed points) from scratch: BatchNorm,
         # nothing frozen, a reduced input size.
         "isda_r50_coco (reduced)": (get_preset("isda_r50_coco"), {
-            "model.backbone_norm": "bn", "model.frozen_stages": 0, "train.lr_backbone_mult": 1.0,
+            "model.from_scratch": True, "model.backbone_norm": "bn", "model.frozen_stages": 0,
+            "train.lr_backbone_mult": 1.0,
             "train.lr": 2e-4, "train.batch_size": 4, "train.amp": amp,
             "train.log_every": max(1, sizes.r50_steps // 10), "data.train_short_sides": (sizes.r50_side,),
             "data.train_max_size": sizes.r50_side, "data.crop_prob": 0.0, "data.test_short_side": sizes.r50_side,
