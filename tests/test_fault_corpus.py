@@ -341,6 +341,28 @@ def image_file(write: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
     return build
 
 
+def other_class_count(ctx: Ctx) -> Path:
+    """An isda checkpoint of a model with 7 classes instead of 1."""
+    state = torch.load(ctx.weights, weights_only=True)
+    head = state["model"]["head.class_embed.weight"]
+    state["model"]["head.class_embed.weight"] = torch.zeros(7, head.shape[1])
+    path = ctx.dir / "other.pt"
+    torch.save(state, path)
+    return path
+
+
+def text_file(ctx: Ctx, name: str, text: str = "hello") -> Path:
+    path = ctx.dir / name
+    path.write_text(text)
+    return path
+
+
+def bad_config(ctx: Ctx) -> list[str]:
+    ann, images = ctx.dataset()
+    config = text_file(ctx, "bad.yaml", "model:\n  mask_stride: 16\n")
+    return ["train", "--config", str(config), "--ann", str(ann), "--images", str(images), "--out", str(ctx.out())]
+
+
 def existing_run(ctx: Ctx) -> list[str]:
     out = ctx.out()
     out.mkdir()
@@ -496,7 +518,29 @@ CASES: list[Case] = [
     Case("huge_image", "predict", "a PNG claiming 40000 x 40000 px (decompression bomb)",
          lambda c: predict_args(c, c.dataset()[1] / "1.png", (huge_png_header(c.dir / "huge.png"), c.dir / "huge.png")[1]),
          0, "DecompressionBombError", "warning naming the file; skipped without decoding"),
+    Case("predict_all_unreadable", "predict", "isda predict on one corrupt image only",
+         lambda c: predict_args(c, text_file(c, "corrupt.png", "\x89PNG not really")), 2,
+         "none of the 1 images could be read", "warning naming the file, then one line"),
+    Case("predict_no_match", "predict", "a glob that matches nothing",
+         lambda c: predict_args(c, c.dir / "nothing*.png"), 2, "no images found", "one line naming the pattern"),
+    Case("predict_absent_file", "predict", "an image path that does not exist",
+         lambda c: predict_args(c, c.dir / "absent.png"), 2, "no such file or folder:", "one line naming the path"),
+    # --- datasets given by name, configuration files
+    Case("no_dataset", "train", "--data pointing at a folder without the COCO layout",
+         lambda c: ["train", "--data", str(c.dir / "nodata"), "--out", str(c.out())],
+         2, "annotation file not found:", "one line naming the expected instances_train.json"),
+    Case("bad_config_file", "train", "a --config YAML with an invalid value", bad_config, 2, "config field 'model.mask_stride'", "one line naming the field"),
     # --- checkpoints
+    Case("missing_checkpoint", "eval", "--weights naming a file that does not exist",
+         lambda c: eval_args(c, *c.dataset(), weights=c.dir / "missing.pt"), 2, "checkpoint not found:",
+         "one line naming the file"),
+    Case("not_a_checkpoint", "predict", "--weights naming a text file",
+         lambda c: predict_args(c, c.dataset()[1], weights=text_file(c, "notes.pt")), 2,
+         "notes.pt: not a readable checkpoint", "one line naming the file"),
+    Case("other_model_checkpoint", "eval", "a checkpoint of another class count",
+         lambda c: eval_args(c, *c.dataset(), weights=other_class_count(c)), 2,
+         "does not fit this model (different architecture or class count): head.class_embed.weight",
+         "one line naming the file and the tensor"),
     Case("malicious_checkpoint", "predict", "a checkpoint whose unpickling runs a shell command",
          lambda c: predict_args(c, c.dataset()[1], weights=evil_checkpoint(c)), 2,
          "refused to unpickle the Python object posix.system",
