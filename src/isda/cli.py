@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .fileio import first_line
+from .fileio import check_writable_dir, check_writable_file, first_line
 
 EXAMPLES = {
     "shapes": """examples:
@@ -225,11 +225,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     loaded = load_trained_model(args.weights, _device(args.device))
     ann, images = _split(args, args.split)
+    path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
+    check_writable_file(path, "--results" if args.results else "results file (next to --weights; set --results)")
     dataset = CocoInstanceDataset(ann, images, build_transforms(loaded.cfg.data, train=False), train=False)
     if dataset.cat_ids != loaded.cat_ids:
         raise UserError(f"{ann}: categories {dataset.cat_ids} differ from the checkpoint's {loaded.cat_ids}")
+    dataset.require_instances()
     result, results = evaluate(loaded.model, dataset, _device(args.device), batch_size=args.batch_size)
-    path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
     write_results_json(results, path)
     print(result.table())
     print(f"results: {path}")
@@ -244,12 +246,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .visualize import plot_reference_points, save_png
 
     files = _find_images(args.paths)
+    out = check_writable_dir(args.out, "--out")
     loaded = load_trained_model(args.weights, _device(args.device))
     if args.show_sampling_points:
         loaded.model.record_sampling()
-    out = Path(args.out)
     results, done = [], 0
-    for i, path in enumerate(files):
+    for path in files:
         try:
             array = load_rgb(path)
         except Exception as e:  # unreadable / corrupt image: say which and go on with the others
@@ -264,7 +266,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if args.show_reference_points:
             points, scores = query_reference_points(loaded, image.float() / 255)
             plot_reference_points(points, scores, out / f"{stem}_reference_points.png", image=image)
-        results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [i], loaded.cat_ids)
+        # The id is the index among the images listed below (skipped files take none).
+        results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [done], loaded.cat_ids)
         done += 1
         print(f"{path}: {int(keep.sum())} instances -> {out / f'{stem}_pred.png'}")
     if done == 0:
@@ -346,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from .config import ConfigError
     from .data import DatasetError
+    from .engine import NonFiniteLossError
+    from .fileio import OutputError
     from .weights import WeightsError
 
-    return isinstance(e, (UserError, ConfigError, DatasetError, WeightsError,
+    return isinstance(e, (UserError, ConfigError, DatasetError, WeightsError, OutputError, NonFiniteLossError,
                           FileNotFoundError, FileExistsError, json.JSONDecodeError))
 
 

@@ -6,6 +6,7 @@ Every hyper-parameter lives in exactly one field here; modules receive the datac
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,12 @@ class Config:
         self.model.validate()
         _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        # AdamW takes inf (then every weight becomes inf/NaN after one step) and raises a traceback on NaN or < 0.
+        _check(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr",
+               f"must be a finite number > 0, got {self.train.lr}")
+        for name in ("lr_backbone_mult", "lr_linear_proj_mult", "weight_decay"):
+            value = getattr(self.train, name)
+            _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a finite number >= 0, got {value}")
         _check(self.loss.class_loss in ("focal", "varifocal"), "loss.class_loss", "must be focal or varifocal")
         _check(self.loss.dice_form in ("official", "laplace"), "loss.dice_form",
                f"must be official or laplace, got {self.loss.dice_form!r}")
