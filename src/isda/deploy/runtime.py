@@ -22,11 +22,12 @@ DETECTION_KEYS = ("scores", "labels", "masks", "boxes", "query_index", "referenc
 
 
 class OnnxISDA(nn.Module):
-    """An exported ISDA graph in an ONNX Runtime CPU session. An ``nn.Module`` without parameters only so that
+    """An exported ISDA graph in an ONNX Runtime session (CPU unless other ``providers`` are named). An ``nn.Module`` without parameters only so that
     code written for the PyTorch model (``eval()``, ``train(mode)``) runs it as is; images go one at a time
     (the graph takes batch 1)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         super().__init__()
         require("onnxruntime")
         import onnxruntime as ort
@@ -38,7 +39,7 @@ class OnnxISDA(nn.Module):
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as e:  # not an ONNX file, truncated, unsupported opset
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"{path}: not a loadable ONNX model ({first})") from None
