@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=50, help="evaluate after every this many steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="further config overrides")
+    p.add_argument("--render", metavar="JSON", help="only draw the recorded figure: JSON -> the same name .png")
     args = p.parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return
     torch.set_num_threads(args.threads)
     paths = make_shapes_dataset(args.data)
     cfg = apply_from_scratch(get_preset("isda_r50_coco"))
@@ -78,6 +82,33 @@ def _plot(curve: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render(path: Path) -> None:
+    """The recorded curves (docs/paper_preset_shapes.json): AP against training steps and against the CPU minutes
+    those steps take at the accuracy benchmark's rates (one thread per run, two runs side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for run in data["runs"]:
+        steps = [p["step"] for p in run["points"]]
+        ap = [p["AP"] for p in run["points"]]
+        axes[0].plot(steps, ap, run.get("style", "o-"), label=run["label"])
+        axes[1].plot([s * run["seconds_per_step"] / 60 for s in steps], ap, run.get("style", "o-"), label=run["label"])
+    axes[0].set_xlabel("training steps (batch 8)")
+    axes[1].set_xlabel("minutes at the benchmark's CPU rate (1 thread)")
+    axes[1].axvline(30, color="grey", lw=0.8, ls=":")
+    for ax in axes:
+        ax.set_ylabel("mask AP, shapes val (0-100)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
     plt.close(fig)
 
 
