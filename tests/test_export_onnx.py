@@ -5,7 +5,7 @@ graph's contract (opset, checker, dynamic sizes, metadata), and one-line errors.
 import json
 import sys
 
-import numpy as np
+import onnx  # the test extra installs isda[export]: a missing one fails here, it is not skipped
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,6 @@ from isda.deploy import ExportDependencyError, require
 from isda.deploy.onnx_export import INPUTS, OUTPUTS, example_size
 from isda.inference import load_trained_model
 
-onnx = pytest.importorskip("onnx", reason="pip install 'isda[export]'")
-ort = pytest.importorskip("onnxruntime", reason="pip install 'isda[export]'")
 
 STEPS = 30  # enough for distinct scores and non-empty masks (a fresh model's scores tie)
 TINY_64 = ["--set", "data.train_short_sides=64", "--set", "data.train_max_size=96", "--set", "data.test_short_side=64",
