@@ -14,7 +14,7 @@ def test_cpu_smoke_run_writes_page(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--quick", "--page", str(page)]) == 0
     text = page.read_text()
     assert "all checks passed" in text
-    for name in ("ms_deform_attn vs float64 reference", "fp16 + scaler", "loss falls", "torchrun",
+    for name in ("ms_deform_attn vs float64 reference", "fp16 + scaler", "loss falls", "torchrun", "ONNX Runtime on the device",
                  "Inference throughput", "Training throughput", "Kernel profile"):
         assert name in text, name
     assert "FAILED" not in text
