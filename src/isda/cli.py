@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--show-reference-points", action="store_true",
                     help="mark each detection's reference point; also write a figure of all queries' points")
     pr.add_argument("--show-sampling-points", action="store_true",
-                    help="draw where the last decoder layer sampled for the top detections (size = weight)")
+                    help="draw where the last decoder layer sampled for the top detections (size = weight); also "
+                         "write a figure with one panel per feature level")
     pr.add_argument("--device")
 
     d = add("demo", "Generate shapes, train the tiny preset on CPU, evaluate, draw pictures.")
@@ -214,8 +215,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result, results = evaluate(loaded.model, dataset, _device(args.device), batch_size=args.batch_size)
     path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
     write_results_json(results, path)
+    report = _eval_report(args, loaded, dataset, result, path)
     print(result.table())
-    print(f"results: {path}")
+    print(f"results: {path}\nreport: {report}")
+
+
+def _eval_report(args: argparse.Namespace, loaded, dataset, result, results_path: Path) -> Path:
+    """``<results>_report.html`` (and ``<results>_predictions.png``) next to the results JSON: not
+    ``report.html``, which, next to a checkpoint, is the training run's own."""
+    from .config import config_yaml
+    from .inference import save_examples
+    from .report import write_run_report
+
+    stem = results_path.with_suffix("").name
+    picture = save_examples(loaded.model, loaded.cfg.data, dataset, results_path.with_name(f"{stem}_predictions.png"))
+    return write_run_report(
+        results_path.parent, path=results_path.with_name(f"{stem}_report.html"),
+        title=f"isda eval: {Path(args.weights).name} on {dataset.ann_file.name}",
+        stats=result.stats, per_category=result.per_category,
+        pictures=[(picture, "The first images: ground truth (left) beside the prediction (right).")],
+        files=[results_path], config_text=config_yaml(loaded.cfg),
+        summary={"weights": str(args.weights), "images": len(dataset)})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -224,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .data import load_rgb
     from .engine.evaluation import predictions_to_coco_results, write_results_json
     from .inference import load_trained_model, predict_and_draw, query_reference_points
-    from .visualize import plot_reference_points, save_png
+    from .visualize import plot_reference_points, plot_sampling_points, save_png
 
     files = _find_images(args.paths)
     loaded = load_trained_model(args.weights, _device(args.device))
@@ -247,6 +267,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if args.show_reference_points:
             points, scores = query_reference_points(loaded, image.float() / 255)
             plot_reference_points(points, scores, out / f"{stem}_reference_points.png", image=image)
+        if args.show_sampling_points and len(pred["scores"]):
+            plot_sampling_points(image, pred, loaded.class_names, out / f"{stem}_sampling_points.png", args.score_thr)
         results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [i], loaded.cat_ids)
         done += 1
         print(f"{path}: {int(keep.sum())} instances -> {out / f'{stem}_pred.png'}")
