@@ -385,6 +385,20 @@ def plot_reference_points(
     _save_figure(fig, path)
 
 
+def _distinct_detections(masks: torch.Tensor, scores: torch.Tensor, score_thr: float, count: int) -> list[int]:
+    """Up to ``count`` detections ``>= score_thr`` (the best one if none is), best first, skipping any whose
+    mask overlaps a chosen one by IoU > 0.5: duplicates would hide each other's sampling points."""
+    chosen: list[int] = []
+    for i in torch.nonzero(scores >= score_thr).flatten().tolist():
+        inter = (masks[chosen] & masks[i]).flatten(1).sum(1).float()
+        union = (masks[chosen] | masks[i]).flatten(1).sum(1).float().clamp(min=1)
+        if not (inter / union > 0.5).any():
+            chosen.append(i)
+        if len(chosen) == count:
+            break
+    return chosen or [int(scores.argmax())]
+
+
 def plot_sampling_points(
     image: torch.Tensor,
     prediction: Mapping[str, torch.Tensor],
@@ -394,8 +408,8 @@ def plot_sampling_points(
     max_dets: int = 3,
 ) -> None:
     """Where the last decoder layer's deformable attention sampled, one panel per feature level (P3, P4,
-    ...): for each of the ``max_dets`` best detections (those ``>= score_thr``; the best one if none is),
-    its mask outline, its reference point (star) and its sampling points over all heads, dot area
+    ...): for each of the ``max_dets`` best distinct detections (those ``>= score_thr``; the best one if none
+    is), its mask outline, its reference point (star) and its sampling points over all heads, dot area
     proportional to the attention weight. A legend names the detections and gives the dot sizes of three
     weights; each panel's title gives the share of the shown detections' attention spent on that level.
 
@@ -407,7 +421,7 @@ def plot_sampling_points(
     scores = prediction["scores"].detach().cpu().float()
     if len(scores) == 0:
         raise ValueError("no detections to draw sampling points for")
-    dets = torch.nonzero(scores >= score_thr).flatten()[:max_dets].tolist() or [int(scores.argmax())]
+    dets = _distinct_detections(prediction["masks"].detach().cpu().bool(), scores, score_thr, max_dets)
     locations = prediction["sampling_locations"].detach().cpu().float()[dets]  # [D, heads, L, P, 2]
     weights = prediction["sampling_weights"].detach().cpu().float()[dets]  # [D, heads, L, P]
     labels = prediction["labels"].detach().cpu()[dets].tolist()
@@ -423,7 +437,7 @@ def plot_sampling_points(
     colors = [np.array(c) / 255 for c in _palette(len(dets))]
     ncols = 2 if levels > 1 else 1
     nrows = math.ceil(levels / ncols)
-    fig = Figure(figsize=(5.6 * ncols, 5.6 * nrows * h / w + 1.4))
+    fig = Figure(figsize=(5.6 * ncols, 5.6 * nrows * h / w + 1.4), layout="constrained")
     # Dim the photo so the coloured dots stand out on any background.
     background = (0.45 * image.detach().cpu().permute(1, 2, 0).numpy() / 255 + 0.55).clip(0, 1)
     total = weights.sum()
@@ -432,8 +446,9 @@ def plot_sampling_points(
         ax.imshow(background, extent=(0, w, h, 0), interpolation="bilinear")
         for d, c in enumerate(colors):
             if masks[d].any():
-                ax.contour(masks[d].astype(np.float32), levels=[0.5], colors=[c], linewidths=1.5,
-                           extent=(0, w, 0, h), origin="upper")
+                # Pixel centres as coordinates: the axes already point y down, as the image does.
+                ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, masks[d].astype(np.float32), levels=[0.5],
+                           colors=[c], linewidths=1.5)
             pts = locations[d, :, lv].reshape(-1, 2).numpy()
             wts = weights[d, :, lv].reshape(-1).numpy()
             order = np.argsort(-wts)  # small dots on top of large ones
@@ -458,9 +473,8 @@ def plot_sampling_points(
         wt = float(f"{frac * wmax:.2g}")
         handles.append(Line2D([], [], linestyle="none", marker="o", color="lightgrey", markeredgecolor="black",
                               markersize=math.sqrt(float(area(wt))), label=f"weight {wt:g}"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=11, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=11, frameon=False)
     fig.suptitle("Deformable attention sampling points of the last decoder layer (all heads)", fontsize=13)
-    fig.tight_layout(rect=(0, 1.2 / (5.6 * nrows * h / w + 1.4), 1, 0.97))
     _save_figure(fig, path)
 
 
