@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import masks_to_boxes
 
 from isda.visualize import (draw_ground_truth, draw_predictions, place_labels, plot_curves, plot_reference_points,
                             plot_sampling_points, save_grid, save_png, validation_points)
@@ -73,8 +74,8 @@ def _crowd(n: int = 30, size: int = 128, seed: int = 0) -> dict[str, torch.Tenso
     for i in range(n):
         cx, cy = (torch.rand(2, generator=g) * (size - 16) + 8).tolist()
         r = 4 + 6 * float(torch.rand(1, generator=g))
-        masks[i] = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r) if i % 2 else ((xx - cx).abs() <= r) & ((yy - cy).abs() <= r)
-    from torchvision.ops import masks_to_boxes
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        masks[i] = disc if i % 2 else ((xx - cx).abs() <= r) & ((yy - cy).abs() <= r)
     return {"masks": masks, "boxes": masks_to_boxes(masks), "labels": torch.arange(n) % 2,
             "scores": torch.linspace(0.99, 0.5, n)}
 
@@ -84,15 +85,25 @@ def test_labels_of_a_crowded_image_overlap_neither_each_other_nor_their_mask() -
     masks = torch.nn.functional.interpolate(crowd["masks"][None].float(), scale_factor=3, mode="nearest")[0] > 0.5
     sizes = [(90, 20)] * len(masks)  # "circle 0.87" at the display font size
     rects = place_labels(sizes, crowd["boxes"] * 3, masks)
+    assert None not in rects
     for i, (x0, y0, x1, y1) in enumerate(rects):
         assert (x1 - x0, y1 - y0) == sizes[i] and 0 <= x0 and 0 <= y0 and x1 <= 384 and y1 <= 384
         assert not masks[i, y0:y1, x0:x1].any(), f"label {i} covers its own mask"
         for j, (a0, b0, a1, b1) in enumerate(rects[:i]):
             assert x1 <= a0 or a1 <= x0 or y1 <= b0 or b1 <= y0, f"labels {j} and {i} overlap"
-    # The most confident label sits right above its box when there is room.
-    i = next(k for k, b in enumerate(crowd["boxes"].tolist()) if b[1] * 3 >= 21)
-    if i == 0:
-        assert rects[0][3] <= crowd["boxes"][0, 1] * 3
+    # Alone, a label sits right above its box's top-left corner; at the image's top edge, beside the mask.
+    square = torch.zeros(1, 200, 200, dtype=torch.bool)
+    square[0, 100:151, 100:151] = True
+    assert place_labels([(50, 20)], torch.tensor([[100.0, 100.0, 150.0, 150.0]]), square) == [(100, 79, 150, 99)]
+    square = torch.zeros(1, 200, 200, dtype=torch.bool)
+    square[0, :151, 100:151] = True
+    x0, y0, x1, y1 = place_labels([(50, 20)], torch.tensor([[100.0, 0.0, 150.0, 150.0]]), square)[0]
+    assert not square[0, y0:y1, x0:x1].any() and (x1, y0) == (100, 0)
+
+
+def test_labels_beyond_the_room_are_left_out() -> None:
+    rects = place_labels([(100, 100)] * 6, torch.zeros(6, 4), torch.zeros(6, 200, 200, dtype=torch.bool))
+    assert rects[0] == (0, 0, 100, 100) and rects.count(None) >= 2
 
 
 def test_crowded_image_draws_every_label_in_its_colour() -> None:

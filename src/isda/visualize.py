@@ -156,15 +156,16 @@ def _window_sums(table: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def place_labels(sizes: Sequence[tuple[int, int]], boxes: torch.Tensor, masks: torch.Tensor,
-                 obstacles: Sequence[Rect] = (), margin: int = 1) -> list[Rect]:
+                 obstacles: Sequence[Rect] = (), margin: int = 1) -> list[Rect | None]:
     """Greedy label placement: each label (in the order given: most confident first) takes, among all
     positions inside the image, the free one nearest to just above its box's top-left corner.
 
     ``sizes``: (width, height) of each label; ``boxes``: [N, 4] xyxy; ``masks``: bool [N, H, W] (the
     image size). Free means: no overlap with a label placed before (or an ``obstacles`` rectangle) and
     no pixel of the label's own mask under it. A position over other instances' masks costs as much as
-    moving two label heights away. Where nothing is free, the label accepts its own mask, and only in an
-    image too small for all labels does it overlap another. Returns one (x0, y0, x1, y1) per label.
+    moving two label heights away. Where nothing is free, the label accepts its own mask; where even that
+    fails (more labels than room) it is left out: None, as a label under another one cannot be read.
+    Returns one (x0, y0, x1, y1) or None per label.
     """
     masks = masks.detach().cpu().bool()
     H, W = masks.shape[1:]
@@ -172,7 +173,7 @@ def place_labels(sizes: Sequence[tuple[int, int]], boxes: torch.Tensor, masks: t
     for x0, y0, x1, y1 in obstacles:
         occupied[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1
     all_masks = _integral(masks.sum(0).numpy()) if len(masks) else np.zeros((H + 1, W + 1), np.int64)
-    rects: list[Rect] = []
+    rects: list[Rect | None] = []
     for (tw, th), box, mask in zip(sizes, boxes.tolist(), masks):
         tw, th = min(int(tw), W), min(int(th), H)
         occ = _window_sums(_integral(occupied), th, tw)
@@ -188,7 +189,8 @@ def place_labels(sizes: Sequence[tuple[int, int]], boxes: torch.Tensor, masks: t
         elif free.any():
             cost = np.where(free, cost + 4.0 * own, np.inf)
         else:
-            cost = cost + 1e6 * occ
+            rects.append(None)
+            continue
         y, x = np.unravel_index(int(np.argmin(cost)), cost.shape)
         rects.append((int(x), int(y), int(x) + tw, int(y) + th))
         occupied[max(0, y - margin):y + th + margin, max(0, x - margin):x + tw + margin] = 1
@@ -231,6 +233,8 @@ def _draw_instances(image: torch.Tensor, masks: torch.Tensor, labels: Sequence[i
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
     for rect, box, text, c in zip(place_labels(sizes, boxes, masks, avoid), boxes.tolist(), texts, colors):
+        if rect is None:
+            continue
         x0, y0, x1, y1 = rect
         # A label that moved away from its box points back to it.
         bx, by = min(max((x0 + x1) / 2, box[0]), box[2]), min(max((y0 + y1) / 2, box[1]), box[3])
@@ -304,7 +308,7 @@ def draw_predictions(
             lvls = dets[i]["levels"].detach().cpu().long().reshape(-1)
             wmax = float(wts.max()) if wts.numel() and float(wts.max()) > 0 else 1.0
             for (x, y), wt, lv in zip(pts.tolist(), wts.tolist(), lvls.tolist()):
-                r = scale * (1.0 + 4.0 * max(wt, 0.0) / wmax)
+                r = max(1.0, scale / 2) * (1.0 + 3.0 * max(wt, 0.0) / wmax)
                 cx, cy = x * w, y * h
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=LEVEL_COLORS[lv % len(LEVEL_COLORS)])
         return marker_rects(w, h)
@@ -585,7 +589,7 @@ def grid(images: Sequence[torch.Tensor], captions: Sequence[str] | None = None, 
     for im in images:
         _check_image(im)
     target_h = height or min(int(im.shape[1]) for im in images)
-    resized = [_resize_image(im.detach().cpu(), (target_h, max(1, round(int(im.shape[2]) * target_h / int(im.shape[1])))))
+    resized = [_resize_image(im.detach().cpu(), (target_h, max(1, round(im.shape[2] * target_h / im.shape[1]))))
                for im in images]
     cell_w = max(int(im.shape[2]) for im in resized)
     ncols = max(1, min(ncols or math.ceil(math.sqrt(len(images))), len(images)))
