@@ -232,15 +232,16 @@ def _draw_instances(image: torch.Tensor, masks: torch.Tensor, labels: Sequence[i
     for text in texts:
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
-    for rect, box, text, c in zip(place_labels(sizes, boxes, masks, avoid), boxes.tolist(), texts, colors):
-        if rect is None:
-            continue
-        x0, y0, x1, y1 = rect
+    placed = [(rect, box, text, c) for rect, box, text, c in
+              zip(place_labels(sizes, boxes, masks, avoid), boxes.tolist(), texts, colors) if rect is not None]
+    # Leader lines first, so that no line crosses a label drawn before it.
+    for (x0, y0, x1, y1), box, _, c in placed:
         # A label that moved away from its box points back to it.
         bx, by = min(max((x0 + x1) / 2, box[0]), box[2]), min(max((y0 + y1) / 2, box[1]), box[3])
         lx, ly = min(max(bx, x0), x1 - 1), min(max(by, y0), y1 - 1)
         if math.hypot(bx - lx, by - ly) > 3:
             draw.line((lx, ly, bx, by), fill=c, width=2)
+    for (x0, y0, x1, y1), _, text, c in placed:
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=c, outline=(0, 0, 0))
         # Dark text on light tags, white on dark ones (ITU-R BT.601 luma).
         ink = (0, 0, 0) if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 150 else (255, 255, 255)
