@@ -11,7 +11,8 @@ Checks (each one a pass/fail row; the script exits 1 if any fails):
     to fp32's;
   * short training runs through ``isda.engine.train`` on the shapes dataset (the tiny preset and the R50
     architecture at a reduced size, bf16): the loss falls;
-  * ``torchrun --nproc_per_node=1`` (nccl on CUDA, gloo on CPU): train, checkpoint, resume.
+  * ``torchrun --nproc_per_node=1`` (nccl on CUDA, gloo on CPU): train, checkpoint, resume;
+  * the tiny model exported to ONNX and run by ONNX Runtime's CUDA provider: PyTorch's detections.
 Measurements (tables on the page): R50 inference images/s at 800x1333 (fp32, bf16, bf16 + channels-last),
 training images/s and peak memory at batch 2 and 4, the same for torchvision Mask R-CNN R50-FPN in the same
 run, the deformable-attention core's two implementations, and a kernel profile of the bf16 forward and
@@ -67,6 +68,7 @@ class Sizes:
     step_size: tuple[int, int]  # one training step (precision comparison)
     shapes_train: int  # images in the generated training set
     tiny_steps: int
+    tiny_batch: int
     r50_steps: int
     r50_side: int  # the R50 run's image side
     infer_size: tuple[int, int]
@@ -80,11 +82,11 @@ class Sizes:
 
 
 FULL = Sizes(encoder_shapes=((168, 168), (84, 84), (42, 42), (21, 21)),  # 1333x1333 padded to 1344
-             step_size=(512, 512), shapes_train=512, tiny_steps=300, r50_steps=200, r50_side=320,
+             step_size=(512, 512), shapes_train=512, tiny_steps=300, tiny_batch=8, r50_steps=200, r50_side=320,
              infer_size=(800, 1333), train_size=(800, 1216), infer_batches=(1, 8), train_batches=(2, 4),
              repeats=10, ddp_steps=40, precisions=("fp32", "bf16"), big_preset="isda_r50_coco")
 QUICK = Sizes(encoder_shapes=((24, 24), (12, 12), (6, 6), (3, 3)), step_size=(96, 96), shapes_train=16,
-              tiny_steps=6, r50_steps=4, r50_side=64, infer_size=(96, 128), train_size=(96, 96),
+              tiny_steps=6, tiny_batch=2, r50_steps=4, r50_side=64, infer_size=(96, 128), train_size=(96, 96),
               infer_batches=(1,), train_batches=(2,), repeats=1, ddp_steps=4, precisions=("fp32",),
               big_preset="isda_tiny")
 
@@ -310,14 +312,16 @@ def check_training(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
     (train_ann, train_images), (val_ann, val_images) = data["train"], data["val"]
     amp = "bf16" if device.type == "cuda" else "none"
     runs = {
-        "isda_tiny": (get_preset("isda_tiny"), {"train.log_every": max(1, sizes.tiny_steps // 10)}, sizes.tiny_steps),
+        "isda_tiny": (get_preset("isda_tiny"), {"train.log_every": max(1, sizes.tiny_steps // 10),
+                                                "train.batch_size": sizes.tiny_batch}, sizes.tiny_steps),
     }
     if sizes.big_preset == "isda_r50_coco":
         runs.update({
         # The paper's architecture (6+6 layers, 300 queries, dropout, fixed points) from scratch: BatchNorm,
         # nothing frozen, a reduced input size.
         "isda_r50_coco (reduced)": (get_preset("isda_r50_coco"), {
-            "model.backbone_norm": "bn", "model.frozen_stages": 0, "train.lr_backbone_mult": 1.0,
+            "model.from_scratch": True, "model.backbone_norm": "bn", "model.frozen_stages": 0,
+            "train.lr_backbone_mult": 1.0,
             "train.lr": 2e-4, "train.batch_size": 4, "train.amp": amp,
             "train.log_every": max(1, sizes.r50_steps // 10), "data.train_short_sides": (sizes.r50_side,),
             "data.train_max_size": sizes.r50_side, "data.crop_prob": 0.0, "data.test_short_side": sizes.r50_side,
@@ -340,6 +344,48 @@ def check_training(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
     return "; ".join(details)
 
 
+def check_onnx(device: torch.device, work: Path, report: Report) -> str:
+    """The tiny model trained above, exported, run by ONNX Runtime on the device's provider: the same detections
+    as PyTorch on the device, and both latencies."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        return "skipped: onnx / onnxruntime not installed (pip install 'isda[export]')"
+    import onnxruntime as ort
+
+    from isda.deploy.onnx_export import export_onnx
+    from isda.deploy.runtime import OnnxISDA
+    from isda.inference import load_trained_model
+
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        return f"skipped: this ONNX Runtime has no {provider} ({', '.join(ort.get_available_providers())})"
+    checkpoint = work / "isda_tiny" / "last.pt"
+    require(checkpoint.is_file(), "no trained tiny checkpoint (the training check did not run)")
+    info = export_onnx(checkpoint, work / "isda_tiny.onnx")
+    exported = OnnxISDA(info.path, providers=(provider,))
+    loaded = load_trained_model(checkpoint, device)
+    image = shapes_batch((128, 171), batch=1, seed=7, num_classes=5)[0][0]  # a size the trace did not see
+    with torch.no_grad():
+        expected = loaded.model([image.to(device)])[0]
+    got = exported([image])[0]
+    top = 10
+    err = float((got["scores"][:top] - expected["scores"][:top].cpu()).abs().max())
+    require(err < 1e-3, f"top-{top} scores differ by {err:.1e} from PyTorch's")
+    require(torch.equal(got["labels"][:top], expected["labels"][:top].cpu()), "top labels differ from PyTorch's")
+
+    def run_torch() -> None:
+        with torch.no_grad():
+            loaded.model([image.to(device)])
+
+    rows = [{"runtime": "PyTorch eager", "device": str(device),
+             "ms/image": round(_time(run_torch, device, 20) * 1e3, 2)},
+            {"runtime": f"ONNX Runtime {ort.__version__}", "device": provider,
+             "ms/image": round(_time(lambda: exported([image]), torch.device("cpu"), 20) * 1e3, 2)}]
+    report.tables["ONNX Runtime (tiny preset, 128x171)"] = rows
+    return f"{provider}: top-{top} scores within {err:.1e} of PyTorch, labels equal; export {info.seconds:.1f} s"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -357,7 +403,7 @@ def check_torchrun(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
                "-m", "isda", "train", "--preset", "isda_tiny", "--ann", str(train_ann), "--images", str(train_images),
                "--out", str(out), "--max-iters", str(steps), "--device", device.type,
                "--set", f"train.checkpoint_every={max(1, n // 2)}", "--set", f"train.log_every={max(1, n // 4)}",
-               "--set", "train.num_workers=1", *extra]
+               "--set", "train.num_workers=1", "--set", f"train.batch_size={sizes.tiny_batch}", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         logs.append(proc.stdout + proc.stderr)
         require(proc.returncode == 0, f"torchrun exit {proc.returncode}: {_last_line(proc.stderr or proc.stdout)}")
@@ -599,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             "training step: fp32 / bf16 / fp16 + scaler": lambda: check_amp_step(device, sizes),
             "training runs on shapes (loss falls)": lambda: check_training(device, sizes, data, work, report),
             "torchrun: train, checkpoint, resume": lambda: check_torchrun(device, sizes, data, work),
+            "ONNX Runtime on the device": lambda: check_onnx(device, work, report),
         }
         measurements: dict[str, Callable[[], list[dict[str, Any]]]] = {
             "inference throughput": lambda: measure_inference(device, sizes),

@@ -109,8 +109,16 @@ class Task:
         size = parse_size(args.size)
         if args.task == "infer":
             self.images = [random_image(size, seed=args.seed)]
-            if args.model == "isda":
+            if args.model == "isda" and args.weights:
+                from isda.inference import load_trained_model
+
+                self.model = load_trained_model(args.weights).model
+            elif args.model == "isda":
                 self.model = build_isda(args.preset, seed=args.seed).eval()
+            elif args.model == "isda_onnx":  # an `isda export` file in ONNX Runtime (benchmarks/bench_onnx.py)
+                from isda.deploy.runtime import OnnxISDA
+
+                self.model = OnnxISDA(args.onnx, threads=args.threads)
             else:
                 kwargs = dict(MASKRCNN_INFER_KWARGS)
                 kwargs["min_size"], kwargs["max_size"] = min(size), max(max(size), kwargs["max_size"])
@@ -157,7 +165,9 @@ class Task:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["infer", "train"], required=True)
-    p.add_argument("--model", choices=["isda", "maskrcnn", "maskrcnn_frozen"], required=True)
+    p.add_argument("--model", choices=["isda", "isda_onnx", "maskrcnn", "maskrcnn_frozen"], required=True)
+    p.add_argument("--weights", help="isda: a trained checkpoint instead of the preset's random initialisation")
+    p.add_argument("--onnx", help="isda_onnx: the .onnx file")
     p.add_argument("--size", default="800x1216", help="HxW")
     p.add_argument("--preset", default="isda_r50_coco")
     p.add_argument("--batch", type=int, default=2)

@@ -104,38 +104,10 @@ def assert_one_line_error(proc, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_user_errors_exit_2_with_one_line(trained, tmp_path):
-    ckpt = str(trained / "run" / "best.pt")
-    data = str(trained / "data")
-    assert_one_line_error(run_cli("eval", "--weights", str(tmp_path / "missing.pt"), "--data", data), "missing.pt")
-    assert_one_line_error(run_cli("predict", "--weights", ckpt, str(tmp_path / "nothing*.png")), "no images found")
-    assert_one_line_error(run_cli("predict", "--weights", ckpt, str(tmp_path / "absent.png")), "absent.png")
-    assert_one_line_error(run_cli("train", "--data", data, "--out", str(tmp_path / "r"), "--set", "train.nope=1"),
-                          "train.nope")
-    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")),
-                          "instances_train.json")
-    bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text("model:\n  mask_stride: 16\n")
-    assert_one_line_error(run_cli("train", "--config", str(bad_yaml), "--data", data, "--out", str(tmp_path / "r")),
-                          "mask_stride")
-    # A corrupt image among good ones: warned about and skipped; alone: an error.
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes(b"\x89PNG not really")
-    good = str(trained / "data" / "val" / "000000.png")
-    proc = run_cli("predict", "--weights", ckpt, str(corrupt), good, "--out", str(tmp_path / "p"))
-    assert proc.returncode == 0 and "skipping" in proc.stderr and "corrupt.png" in proc.stderr
-    assert (tmp_path / "p" / "000000_pred.png").is_file() and not (tmp_path / "p" / "corrupt_pred.png").exists()
-    proc = run_cli("predict", "--weights", ckpt, str(corrupt), "--out", str(tmp_path / "p"))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("none of the 1 images could be read")
-    # A checkpoint of another model: an isda state dict with a different class count.
-    state = torch.load(ckpt, weights_only=True)
-    state["model"]["head.class_embed.weight"] = torch.zeros(7, state["model"]["head.class_embed.weight"].shape[1])
-    other = tmp_path / "other.pt"
-    torch.save(state, other)
-    assert_one_line_error(run_cli("eval", "--weights", str(other), "--data", data), "other.pt", "class_embed")
-    not_a_checkpoint = tmp_path / "notes.pt"
-    not_a_checkpoint.write_text("hello")
-    assert_one_line_error(run_cli("predict", "--weights", str(not_a_checkpoint), data + "/val"), "notes.pt")
+def test_user_error_through_python_m_isda_is_one_line(tmp_path):
+    """The entry point end to end; every other bad input or fault: tests/test_fault_corpus.py (in-process)."""
+    assert_one_line_error(run_cli("eval", "--weights", str(tmp_path / "missing.pt"), "--data", str(tmp_path)),
+                          "missing.pt")
 
 
 def test_convert_then_train_from_the_converted_weights(trained, tmp_path, capsys):

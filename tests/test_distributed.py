@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from isda.engine import distributed
 from isda.config import load_config, save_config
@@ -38,7 +39,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # Frozen BatchNorm: trainable BN statistics would differ between per-process and global batches.
     # One image size (no padding differences); random flips stay, since augmentation is seeded per sample.
     # A huge time budget exercises the per-step stop broadcast.
-    common = {"backbone_norm": "frozen_bn", "train_short_sides": [64], "crop_prob": 0, "time_budget_s": 1e6}
+    # A frozen backbone trains only from weights (require_backbone_init): a random torchvision ResNet-18 file.
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    common = {"backbone_norm": "frozen_bn", "backbone_weights": str(weights), "train_short_sides": [64],
+              "crop_prob": 0, "time_budget_s": 1e6}
     ddp_cfg = tiny_config(batch_size=2, **common)
     save_config(ddp_cfg, tmp_path / "ddp.yaml")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,

@@ -173,6 +173,34 @@ def test_ground_truth_as_predictions_gives_ap_1(coco: COCO) -> None:
     assert res.per_category == pytest.approx({"car": 1.0, "dog": 1.0})
 
 
+@pytest.mark.parametrize("shift", [
+    lambda i: i - 1,  # image, annotation and category ids from 0, as annotation tools export them
+    lambda i: 7 * i + 2**60,  # non-contiguous and beyond float64's exact integers
+])
+def test_ground_truth_as_predictions_gives_ap_1_whatever_the_ids(coco: COCO, tmp_path: Path, shift) -> None:
+    """pycocotools reads a matched id of 0 as "unmatched" (and keeps matched ids in floats): the AP would be
+    capped below 100 without the renumbering inside evaluate_masks."""
+    data = copy.deepcopy(coco.dataset)
+    cat_ids = {c["id"]: shift(c["id"]) for c in data["categories"]}
+    for im in data["images"]:
+        im["id"] = shift(im["id"])
+    for a in data["annotations"]:
+        a["id"], a["image_id"], a["category_id"] = shift(a["id"]), shift(a["image_id"]), cat_ids[a["category_id"]]
+    for c in data["categories"]:
+        c["id"] = cat_ids[c["id"]]
+    path = tmp_path / "shifted.json"
+    path.write_text(json.dumps(data))
+    with contextlib.redirect_stdout(io.StringIO()):
+        shifted = COCO(str(path))
+    preds, ids = _gt_predictions(coco)
+    results = predictions_to_coco_results(preds, [shift(i) for i in ids], [cat_ids[c] for c in CAT_IDS])
+    untouched, file_text = copy.deepcopy(results), path.read_text()
+    res = evaluate_masks(shifted, results)
+    assert [res.stats[k] for k in STAT_NAMES] == pytest.approx([1.0] * len(STAT_NAMES), abs=1e-12)
+    assert res.per_category == pytest.approx({"car": 1.0, "dog": 1.0}, abs=1e-12)
+    assert results == untouched and path.read_text() == file_text and shifted.dataset == data
+
+
 def test_perturbed_matches_cocoeval(coco: COCO) -> None:
     preds, ids = _perturbed_predictions(coco)
     results = predictions_to_coco_results(preds, ids, CAT_IDS)

@@ -1,4 +1,5 @@
-"""Hungarian matcher vs brute force; focal and dice losses vs hand computation."""
+"""Hungarian matcher vs brute force; focal and dice losses vs hand computation (the official forms and the mask
+costs against the official formulas: test_official_losses.py)."""
 
 import itertools
 import math
@@ -8,20 +9,21 @@ import torch
 
 from isda.config import LossConfig
 from isda.models.losses import SetCriterion, dice_loss
-from isda.models.matcher import dice_cost, focal_class_cost, hungarian_match
+from isda.models.matcher import MASK_COSTS, focal_class_cost, hungarian_match
 
 CFG = LossConfig()
 
 
-def total_cost(logits, mask_logits, labels, masks, rows, cols, points=()):
-    cost = 2 * focal_class_cost(logits, labels, 0.25, 2.0) + 3 * dice_cost(mask_logits, masks)
+def total_cost(logits, mask_logits, labels, masks, rows, cols, points=(), kind="iou"):
+    cost = 2 * focal_class_cost(logits, labels, 0.25, 2.0) + 3 * MASK_COSTS[kind](mask_logits, masks)
     if points:  # model.refine_points: + 5 x L1 distance of the query's point to the instance's centroid
         cost = cost + 5 * (points[0][:, None] - points[1][None]).abs().sum(-1)
     return float(cost[rows, cols].sum())
 
 
+@pytest.mark.parametrize("kind", ["iou", "dice"])
 @pytest.mark.parametrize("seed", range(8))
-def test_matcher_equals_brute_force(seed):
+def test_matcher_equals_brute_force(seed, kind):
     g = torch.Generator().manual_seed(seed)
     Q, C, HW = 6, 3, 20
     N = int(torch.randint(1, 5, (1,), generator=g))
@@ -30,11 +32,11 @@ def test_matcher_equals_brute_force(seed):
     labels = torch.randint(0, C, (N,), generator=g)
     masks = (torch.rand(N, HW, generator=g) > 0.5).float()
     points = (torch.rand(Q, 2, generator=g), torch.rand(N, 2, generator=g)) if seed % 2 else ()
-    rows, cols = hungarian_match(logits, mask_logits, labels, masks, CFG, *points)
+    rows, cols = hungarian_match(logits, mask_logits, labels, masks, LossConfig(match_mask_cost_kind=kind), *points)
     assert len(rows) == N and sorted(cols.tolist()) == list(range(N)) and len(set(rows.tolist())) == N
-    best = min(total_cost(logits, mask_logits, labels, masks, list(perm), list(range(N)), points)
+    best = min(total_cost(logits, mask_logits, labels, masks, list(perm), list(range(N)), points, kind)
                for perm in itertools.permutations(range(Q), N))
-    assert total_cost(logits, mask_logits, labels, masks, rows, cols, points) == pytest.approx(best, abs=1e-5)
+    assert total_cost(logits, mask_logits, labels, masks, rows, cols, points, kind) == pytest.approx(best, abs=1e-5)
 
 
 def test_matcher_survives_non_finite_costs():
@@ -72,9 +74,10 @@ def test_losses_equal_hand_computed_values():
     expected_cls = (hand_focal(-1.0, 0) + hand_focal(2.0, 1) + hand_focal(0.5, 0) + hand_focal(-3.0, 0)) / 1
     s = 1 / (1 + math.exp(-4.0))
     probs = [s, s, 1 - s, 1 - s]
-    expected_dice = 1 - (2 * (probs[0] + probs[1]) + 1) / (sum(probs) + 2 + 1)
+    # The official dice (mmdet DiceLoss): 1 - 2 sum(p t) / (sum(p^2) + sum(t^2) + 2 * 1e-3).
+    expected_dice = 1 - 2 * (probs[0] + probs[1]) / (sum(p * p for p in probs) + 2 + 2e-3)
     assert losses["loss_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
-    assert losses["loss_dice"].item() == pytest.approx(expected_dice, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(expected_dice, abs=1e-6)  # float32: 1 - 0.99916
     assert losses["loss"].item() == pytest.approx(2 * expected_cls + 3 * expected_dice, rel=1e-5)
 
     # Opt-in binary cross-entropy on the matched mask (issue 7 lever), mean over its pixels.
@@ -86,5 +89,7 @@ def test_losses_equal_hand_computed_values():
 
 def test_dice_loss_perfect_and_disjoint():
     t = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    assert dice_loss(torch.tensor([[50.0, 50.0, -50.0, -50.0]]), t).item() == pytest.approx(0.0, abs=1e-6)
-    assert dice_loss(torch.tensor([[-50.0, -50.0, 50.0, 50.0]]), t).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
+    assert dice_loss(torch.tensor([[50.0, 50.0, -50.0, -50.0]]), t).item() == pytest.approx(1 - 4 / 4.002, abs=1e-6)
+    assert dice_loss(torch.tensor([[-50.0, -50.0, 50.0, 50.0]]), t).item() == pytest.approx(1.0, abs=1e-6)
+    laplace = dice_loss(torch.tensor([[-50.0, -50.0, 50.0, 50.0]]), t, form="laplace")
+    assert laplace.item() == pytest.approx(1 - 1 / 5, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Command line: ``isda shapes | train | eval | predict | demo | convert``.
+"""Command line: ``isda shapes | train | eval | predict | export | demo | convert``.
 
 Every user error (missing file, bad image, bad config key, checkpoint of another model) exits with
 status 2 and one line on stderr; ``ISDA_DEBUG=1`` shows the traceback instead.
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .fileio import first_line
+from .fileio import check_writable_dir, check_writable_file, first_line
 
 EXAMPLES = {
     "shapes": """examples:
@@ -37,6 +37,10 @@ EXAMPLES = {
   isda predict --weights runs/tiny/best.pt data/shapes/val/000001.png --out runs/pred
   isda predict --weights runs/tiny/best.pt 'photos/*.jpg' folder/ --score-thr 0.5 --show-reference-points
   isda predict --weights runs/tiny/best.pt img.png --show-sampling-points""",
+    "export": """examples:
+  isda export --weights runs/tiny/best.pt --out runs/tiny/model.onnx
+  isda eval --weights runs/tiny/model.onnx --data data/shapes --split val      # the exported file's AP
+  isda predict --weights runs/tiny/model.onnx photos/ --out runs/pred-onnx""",
     "demo": """examples:
   isda demo                                         # shapes -> train tiny (CPU) -> eval -> pictures in runs/demo
   isda demo --minutes 3 --out runs/quick""",
@@ -58,7 +62,7 @@ class UserError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="isda", description="ISDA instance segmentation: train, evaluate, predict.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,train,eval,predict,demo,convert}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,train,eval,predict,export,demo,convert}")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
@@ -79,18 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, curves.png)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--init", help="initial weights: Deformable-DETR (hf/detr/mmdet) or an isda checkpoint")
+    t.add_argument("--from-scratch", action="store_true",
+                   help="train the backbone from random weights (BatchNorm, nothing frozen; recorded as "
+                        "model.from_scratch in the run's config). Without weights (--init or model.backbone_weights) "
+                        "a frozen backbone stops training with an error")
     t.add_argument("--max-iters", type=int, help="stop after this many optimizer steps")
     t.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
 
     e = add("eval", "Evaluate a checkpoint: COCO mask AP table and a results JSON.")
-    e.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt)")
+    e.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt) or isda export (.onnx)")
     _dataset_args(e, splits=("val",))
     e.add_argument("--results", help="where to write the COCO results JSON (default: next to the weights)")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device")
 
     pr = add("predict", "Segment images: overlay PNGs and one COCO results JSON.")
-    pr.add_argument("--weights", required=True, help="isda checkpoint")
+    pr.add_argument("--weights", required=True, help="isda checkpoint or isda export (.onnx: ONNX Runtime, CPU)")
     pr.add_argument("paths", nargs="+", help="image files, folders or globs")
     pr.add_argument("--out", default="runs/predict", help="output folder")
     pr.add_argument("--score-thr", type=float, default=0.3)
@@ -100,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="draw where the last decoder layer sampled for the top detections (size = weight); also "
                          "write a figure with one panel per feature level")
     pr.add_argument("--device")
+
+    x = add("export", "Export a checkpoint to ONNX: the whole NMS-free model, post-processing included, one graph.")
+    x.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt)")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
 
     d = add("demo", "Generate shapes, train the tiny preset on CPU, evaluate, draw pictures.")
     d.add_argument("--out", default="runs/demo")
@@ -187,6 +200,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and not args.config and not args.preset and (out / "config.yaml").is_file():
         args.config = str(out / "config.yaml")  # resume with the run's own configuration
     cfg = _resolve_config(args)
+    if args.from_scratch:
+        from .config import apply_from_scratch
+
+        cfg = apply_from_scratch(cfg).validate()
     train_ann, train_images = _split(args, getattr(args, "train_split", "train"))
     val_ann = val_images = None
     if args.val_ann or args.val_images:
@@ -209,11 +226,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     loaded = load_trained_model(args.weights, _device(args.device))
     ann, images = _split(args, args.split)
+    path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
+    check_writable_file(path, "--results" if args.results else "results file (next to --weights; set --results)")
     dataset = CocoInstanceDataset(ann, images, build_transforms(loaded.cfg.data, train=False), train=False)
     if dataset.cat_ids != loaded.cat_ids:
         raise UserError(f"{ann}: categories {dataset.cat_ids} differ from the checkpoint's {loaded.cat_ids}")
+    dataset.require_instances()
     result, results = evaluate(loaded.model, dataset, _device(args.device), batch_size=args.batch_size)
-    path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
     write_results_json(results, path)
     report = _eval_report(args, loaded, dataset, result, path)
     print(result.table())
@@ -233,7 +252,7 @@ def _eval_report(args: argparse.Namespace, loaded, dataset, result, results_path
         results_path.parent, path=results_path.with_name(f"{stem}_report.html"),
         title=f"isda eval: {Path(args.weights).name} on {dataset.ann_file.name}",
         stats=result.stats, per_category=result.per_category,
-        pictures=[(picture, "The first images: ground truth (left) beside the prediction (right).")],
+        pictures=[(picture, "The first images: ground truth (left) beside the prediction (right).")] if picture else [],
         files=[results_path], config_text=config_yaml(loaded.cfg),
         summary={"weights": str(args.weights), "images": len(dataset)})
 
@@ -247,12 +266,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .visualize import plot_reference_points, plot_sampling_points, save_png
 
     files = _find_images(args.paths)
+    out = check_writable_dir(args.out, "--out")
     loaded = load_trained_model(args.weights, _device(args.device))
     if args.show_sampling_points:
         loaded.model.record_sampling()
-    out = Path(args.out)
     results, done = [], 0
-    for i, path in enumerate(files):
+    for path in files:
         try:
             array = load_rgb(path)
         except Exception as e:  # unreadable / corrupt image: say which and go on with the others
@@ -267,15 +286,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if args.show_reference_points:
             points, scores = query_reference_points(loaded, image.float() / 255)
             plot_reference_points(points, scores, out / f"{stem}_reference_points.png", image=image)
-        if args.show_sampling_points and len(pred["scores"]):
+        if args.show_sampling_points and "sampling_locations" in pred and len(pred["scores"]):
             plot_sampling_points(image, pred, loaded.class_names, out / f"{stem}_sampling_points.png", args.score_thr)
-        results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [i], loaded.cat_ids)
+        # The id is the index among the images listed below (skipped files take none).
+        results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [done], loaded.cat_ids)
         done += 1
         print(f"{path}: {int(keep.sum())} instances -> {out / f'{stem}_pred.png'}")
     if done == 0:
         raise UserError(f"none of the {len(files)} images could be read")
     write_results_json(results, out / "results.json")
     print(f"results: {out / 'results.json'} (image_id = index in the order listed above)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .deploy.onnx_export import INPUTS, OUTPUTS, export_onnx
+
+    if args.opset < 17:
+        raise UserError(f"--opset must be >= 17 (GridSample, LayerNormalization), got {args.opset}")
+    info = export_onnx(args.weights, args.out, opset=args.opset)
+    print(f"wrote {info.path} ({info.size_bytes / 2**20:.1f} MiB, opset {info.opset}, {info.seconds:.1f} s)")
+    print("inputs:  " + ", ".join(INPUTS) + "; outputs: " + ", ".join(OUTPUTS) + " (meanings in the model's metadata)")
+    print(f"check its AP: isda eval --weights {info.path} --ann VAL.json --images VAL/")
 
 
 def _find_images(paths: list[str]) -> list[str]:
@@ -320,7 +351,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"shapes": cmd_shapes, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                "convert": cmd_convert}
+                "export": cmd_export, "convert": cmd_convert}
     from .demo import cmd_demo
 
     commands["demo"] = cmd_demo
@@ -340,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from .config import ConfigError
     from .data import DatasetError
+    from .engine import NonFiniteLossError
+    from .fileio import OutputError
     from .weights import WeightsError
 
-    return isinstance(e, (UserError, ConfigError, DatasetError, WeightsError,
+    return isinstance(e, (UserError, ConfigError, DatasetError, WeightsError, OutputError, NonFiniteLossError,
                           FileNotFoundError, FileExistsError, json.JSONDecodeError))
 
 

@@ -6,6 +6,7 @@ Every hyper-parameter lives in exactly one field here; modules receive the datac
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ class ModelConfig:
     backbone_norm: str = "frozen_bn"  # frozen_bn (paper, ImageNet init) | bn (from scratch)
     frozen_stages: int = 1  # 0: nothing, 1: stem + stage 1 (paper), up to 4
     backbone_weights: str | None = None  # local torchvision-format ResNet state dict
+    # The backbone starts from random weights on purpose: implies backbone_norm=bn and frozen_stages=0 (a frozen,
+    # FrozenBatchNorm ResNet never learns from random weights). Without it, training a frozen backbone with neither
+    # backbone_weights nor --init stops with an error (require_backbone_init).
+    from_scratch: bool = False
     # Deformable transformer.
     hidden_dim: int = 256
     num_heads: int = 8
@@ -66,6 +71,11 @@ class ModelConfig:
         _check(self.backbone_norm in ("frozen_bn", "bn"), "model.backbone_norm",
                f"must be 'frozen_bn' or 'bn', got {self.backbone_norm!r}")
         _check(0 <= self.frozen_stages <= 4, "model.frozen_stages", "must be in 0..4")
+        _check(not self.from_scratch or (self.backbone_norm == "bn" and self.frozen_stages == 0),
+               "model.from_scratch", "needs model.backbone_norm=bn and model.frozen_stages=0 "
+               "(isda train --from-scratch sets all three)")
+        _check(not (self.from_scratch and self.backbone_weights), "model.from_scratch",
+               "contradicts model.backbone_weights: drop one")
         _check(self.mask_stride in (2, 4, 8), "model.mask_stride", f"must be 8, 4 or 2, got {self.mask_stride}")
         _check(self.num_classes >= 1, "model.num_classes", "must be >= 1")
         _check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim", "must be divisible by num_heads")
@@ -88,10 +98,17 @@ class LossConfig:
     class_loss: str = "focal"
     class_weight: float = 2.0
     dice_weight: float = 3.0
+    # Dice loss on matched masks. official (the official code's mmdet DiceLoss, naive_dice=False):
+    # 1 - 2 sum(p t) / (sum(p^2) + sum(t^2) + 2 dice_eps). laplace: 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1).
+    dice_form: str = "official"
+    dice_eps: float = 1e-3
     mask_bce_weight: float = 0.0  # opt-in, not in the paper: + binary cross-entropy on matched masks
     point_weight: float = 5.0  # L1 to the mask centroid in loss and matching, with model.refine_points (DETR's box L1)
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
+    # Matching's mask cost on the sigmoid masks. iou (official MaskIoUCost, soft IoU):
+    # 1 - sum(p t) / (sum(p) + sum(t) - sum(p t)); dice: 1 - the laplace dice above.
+    match_mask_cost_kind: str = "iou"
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
     hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
     hybrid_weight: float = 1.0  # weight of the one-to-many branch's losses
@@ -144,7 +161,18 @@ class Config:
         self.model.validate()
         _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        # AdamW takes inf (then every weight becomes inf/NaN after one step) and raises a traceback on NaN or < 0.
+        _check(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr",
+               f"must be a finite number > 0, got {self.train.lr}")
+        for name in ("lr_backbone_mult", "lr_linear_proj_mult", "weight_decay"):
+            value = getattr(self.train, name)
+            _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a finite number >= 0, got {value}")
         _check(self.loss.class_loss in ("focal", "varifocal"), "loss.class_loss", "must be focal or varifocal")
+        _check(self.loss.dice_form in ("official", "laplace"), "loss.dice_form",
+               f"must be official or laplace, got {self.loss.dice_form!r}")
+        _check(self.loss.dice_eps > 0, "loss.dice_eps", f"must be > 0, got {self.loss.dice_eps}")
+        _check(self.loss.match_mask_cost_kind in ("iou", "dice"), "loss.match_mask_cost_kind",
+               f"must be iou or dice, got {self.loss.match_mask_cost_kind!r}")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
         _check(self.train.log_every >= 1, "train.log_every", "must be >= 1")
@@ -159,6 +187,27 @@ class Config:
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{name}': {message}")
+
+
+def apply_from_scratch(cfg: Config) -> Config:
+    """Train the backbone from random weights: BatchNorm with batch statistics, nothing frozen, and the config
+    says so (``model.from_scratch``). What ``isda train --from-scratch`` does."""
+    cfg.model.from_scratch, cfg.model.backbone_norm, cfg.model.frozen_stages = True, "bn", 0
+    return cfg
+
+
+def require_backbone_init(cfg: Config, init: str | os.PathLike | None) -> None:
+    """A frozen backbone (FrozenBatchNorm or frozen stages) with random weights never learns: training one stops
+    here unless weights are given (``init`` or ``model.backbone_weights``) or ``model.from_scratch`` is set."""
+    m = cfg.model
+    if init is None and not m.backbone_weights and not m.from_scratch and (
+            m.backbone_norm == "frozen_bn" or m.frozen_stages > 0):
+        raise ConfigError(
+            f"config field 'model.backbone_weights': the {m.backbone} backbone is frozen (backbone_norm="
+            f"{m.backbone_norm}, frozen_stages={m.frozen_stages}) and has no weights, so it would never learn: pass "
+            f"--init CKPT (a Deformable-DETR checkpoint converted with `isda convert`), or --set "
+            f"model.backbone_weights=FILE (a torchvision {m.backbone} state dict, e.g. resnet50-0676ba61.pth), or "
+            f"--from-scratch (BatchNorm, nothing frozen)")
 
 
 def isda_r50_coco() -> Config:
@@ -188,6 +237,9 @@ def isda_tiny() -> Config:
         ),
         # Measured on the shapes dataset (docs/convergence.md), AP after 250 steps: + mask BCE 1.1 -> 2.3;
         # + varifocal class loss (scores rank masks by IoU) 2.3 -> 3.7; + point refinement 3.7 -> 6.5.
+        # The official dice loss and soft-IoU matching cost as the paper preset: on the shapes dataset (250 / 500 steps,
+        # docs/convergence.md) AP 7.2 / 19.0 against 8.3 / 19.3 with the Laplace dice and dice cost (loss.dice_form=laplace,
+        # loss.match_mask_cost_kind=dice): no measurable difference, so one form for both presets.
         loss=LossConfig(mask_bce_weight=3.0, class_loss="varifocal"),
         # Flip and one 128 px scale, no crop: no batch padding (the crop's resize made 128-192 px batches),
         # the cheapest step on a CPU.

@@ -72,7 +72,8 @@ def evaluate_and_draw(out: Path, val_ann: str | Path, val_images: str | Path, de
 
     print("[4/4] drawing predictions")
     loaded.model.record_sampling()
-    pictures = {"predictions": save_examples(loaded.model, loaded.cfg.data, val, out / "predictions.png")}
+    pictures = {"predictions": out / "predictions.png"}
+    save_examples(loaded.model, loaded.cfg.data, val, pictures["predictions"])
     image = val.load(min(5, len(val) - 1))[0].as_subclass(torch.Tensor)  # the grid's last image
     (pred,) = predict(loaded.model, loaded.cfg.data, [image.float() / 255])
     # The paper's figure: every query's reference point, coloured by its best score.

@@ -27,7 +27,12 @@ class LoadedModel:
 
 
 def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """An isda checkpoint (``last.pt`` / ``best.pt``) -> the eval-mode model with its config and classes."""
+    """An isda checkpoint (``last.pt`` / ``best.pt``) -> the eval-mode model with its config and classes; an
+    ``isda export`` file (``.onnx``) -> its ONNX Runtime session with the same interface (CPU)."""
+    if Path(path).suffix.lower() == ".onnx":
+        from .deploy.runtime import load_onnx_model
+
+        return load_onnx_model(path)
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path}: no config stored; is this an isda training checkpoint?")
@@ -47,7 +52,7 @@ def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cp
 def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor]) -> list[dict[str, Tensor]]:
     """images: float [3, H, W] in [0, 1] at any size. Resized like the test pipeline (short side
     ``data_cfg.test_short_side``), predicted, masks returned at the original size."""
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # an ONNX Runtime model has none: the CPU
     resized = []
     for im in images:
         h, w = short_side_size(im.shape[1], im.shape[2], data_cfg.test_short_side, data_cfg.test_max_size)
@@ -66,6 +71,9 @@ def query_reference_points(loaded: LoadedModel, image: Tensor) -> tuple[Tensor, 
     """Every query's reference point (Q, 2) in image-normalized (x, y) and its best class score (Q,):
     the data of the paper's "visualization of reference points" figure. image: float [3, H, W]."""
     model = loaded.model
+    if hasattr(model, "predict_one"):  # an ONNX Runtime model: the graph outputs them
+        outputs = model.predict_one(image)
+        return outputs["query_points"], outputs["query_scores"]
     device = next(model.parameters()).device
     out = model.forward_features(*model.batch_images([image.to(device)]))
     return out["reference_points"][0].cpu(), out["logits"][-1, 0].sigmoid().max(-1).values.cpu()
@@ -89,14 +97,21 @@ def predict_and_draw(model: ISDA, data_cfg: DataConfig, image: Tensor, class_nam
 
 def draw_examples(model: ISDA, data_cfg: DataConfig, dataset, class_names: list[str], count: int = 6,
                   score_thr: float = 0.3) -> tuple[list[Tensor], list[str]]:
-    """The first ``count`` images of a CocoInstanceDataset, each as two panels: its ground truth, then
-    the prediction (masks, labels, scores, reference points). Returns (panels, captions) for
-    :func:`isda.visualize.save_grid`."""
+    """The first ``count`` readable images of a CocoInstanceDataset, each as two panels: its ground truth,
+    then the prediction (masks, labels, scores, reference points). Returns (panels, captions) for
+    :func:`isda.visualize.save_grid` (empty lists when no image is readable)."""
+    from .data.images import UnusableImage
     from .visualize import draw_ground_truth
 
-    panels, captions = [], []
-    for index in range(min(count, len(dataset))):
-        image, target = dataset.load(index)
+    panels: list[Tensor] = []
+    captions: list[str] = []
+    for index in range(len(dataset)):
+        if len(panels) == 2 * count:
+            break
+        try:
+            image, target = dataset.load(index)
+        except UnusableImage:  # already reported by the evaluation that ran before: draw the next one
+            continue
         image = image.as_subclass(Tensor)
         pred, drawn = predict_and_draw(model, data_cfg, image, class_names, score_thr)
         name = Path(dataset.coco.imgs[dataset.ids[index]]["file_name"]).name
@@ -106,11 +121,14 @@ def draw_examples(model: ISDA, data_cfg: DataConfig, dataset, class_names: list[
     return panels, captions
 
 
-def save_examples(model: ISDA, data_cfg: DataConfig, dataset, path: Path, count: int = 6) -> Path:
-    """:func:`draw_examples` saved as one grid, two (ground truth, prediction) pairs per row."""
+def save_examples(model: ISDA, data_cfg: DataConfig, dataset, path: Path, count: int = 6) -> Path | None:
+    """:func:`draw_examples` saved as one grid, two (ground truth, prediction) pairs per row; None (and no
+    file) when no image could be read."""
     from .visualize import save_grid
 
     panels, captions = draw_examples(model, data_cfg, dataset, dataset.class_names, count)
+    if not panels:
+        return None
     save_grid(panels, path, captions, ncols=4 if len(panels) > 2 else 2)
     return path
 

@@ -62,9 +62,19 @@ def ms_deform_attn(
     return _grid_sample_ms_deform_attn(value, shapes, sampling_locations, attention_weights)
 
 
+def ms_deform_attn_traceable(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """:func:`ms_deform_attn` for ONNX export: the grid_sample implementation (ONNX GridSample, opset 16+) with
+    the level sizes taken from ``spatial_shapes`` as tensors, so that a trace keeps them as graph values and
+    the exported graph takes any image size (the checks and ``.tolist()`` above would freeze the sizes)."""
+    levels = sampling_locations.shape[3]
+    shapes = [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(levels)]
+    return _grid_sample_ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+
+
 # ---- grid_sample implementation ------------------------------------------------------------------
 
-def _grid_sample_ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor,
+def _grid_sample_ms_deform_attn(value: Tensor, shapes: list[tuple[int | Tensor, int | Tensor]], sampling_locations: Tensor,
                                 attention_weights: Tensor) -> Tensor:
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape

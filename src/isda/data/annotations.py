@@ -10,8 +10,8 @@ Every problem is either
 Refused (``DatasetError``): unreadable/malformed json, missing required keys (top level:
 ``images``, ``annotations``, ``categories``; image: ``id``, ``file_name``, ``height``, ``width``;
 annotation: ``id``, ``image_id``, ``category_id``, ``segmentation``; category: ``id``, ``name``),
-wrongly typed values, duplicate ids, an annotation whose ``category_id`` or ``image_id`` is unknown,
-a missing image folder.
+wrongly typed values, non-finite coordinates, duplicate ids, an annotation whose ``category_id`` or
+``image_id`` is unknown, a missing image folder, an empty ``images`` list or one none of whose files exist.
 
 Handled at construction (cheap, no image decoding): image file missing (image skipped), polygon with
 < 3 points (that polygon dropped; the annotation skipped if none is left), zero area (declared
@@ -101,6 +101,13 @@ def load_annotations(ann_file: Path, image_dir: Path, max_warnings: int = MAX_WA
             v.report("missing_image_file", img, None, f"image file {image_dir / name} not found; "
                      "image skipped", skipped=True)
 
+    # Nothing could be trained or evaluated (and the lr schedule divides by the number of batches).
+    if not images:
+        raise v.error("field 'images' is empty: no image to use")
+    if len(missing) == len(images):
+        raise v.error(f"none of the {len(images)} image files listed in 'images' is in {image_dir} "
+                      f"(e.g. {next(iter(images.values()))['file_name']!r})")
+
     kept_anns = []
     seen_ann_ids = set()
     for i, ann in enumerate(data["annotations"]):
@@ -139,8 +146,12 @@ def load_annotations(ann_file: Path, image_dir: Path, max_warnings: int = MAX_WA
                        v.problems)
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _is_real(v) and math.isfinite(v)
 
 
 def _numbers(values: list) -> bool:
@@ -255,7 +266,9 @@ class AnnotationValidator:
             polys, short = [], []
             for j, poly in enumerate(seg):
                 if not isinstance(poly, list) or not _numbers(poly):
-                    raise self.error(f"{where} field 'segmentation[{j}]' must be a list of numbers")
+                    nonfinite = isinstance(poly, list) and any(_is_real(c) and not math.isfinite(c) for c in poly)
+                    raise self.error(f"{where} field 'segmentation[{j}]' must be a list of numbers"
+                                     + (" (it holds NaN or inf)" if nonfinite else ""))
                 if len(poly) % 2:
                     raise self.error(f"{where} field 'segmentation[{j}]' has an odd number of coordinates "
                                      f"({len(poly)})")

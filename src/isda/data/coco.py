@@ -95,6 +95,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.cat_ids)}
         self.ids: list[int] = found.image_ids
         self.num_classes = len(self.cat_ids)
+        # Training targets (crowd regions are not): what a run needs at least one of.
+        self.num_instances = sum(not a.get("iscrowd", 0) for a in self.coco.dataset["annotations"])
         self.skipped: Counter = found.skipped
         self.fixed: Counter = found.fixed
         self.problems: list[dict[str, Any]] = found.problems
@@ -106,6 +108,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             warnings.warn(f"{self.ann_file.name}: {len(self.ids)} images kept; skipped: {', '.join(parts) or 'none'}; "
                           f"repaired: {', '.join(parts_fixed) or 'none'} (details in dataset.problems)",
                           DataWarning, stacklevel=2)
+
+    def require_instances(self) -> None:
+        """Refuse (one line naming the file) a dataset without a single instance: training on it learns nothing
+        and its AP means nothing, so a run stops before any work."""
+        if self.num_instances == 0:
+            raise DatasetError(f"{self.ann_file}: no usable instance in {len(self)} image(s) (field 'annotations' "
+                               "holds none, or all were skipped)")
 
     # -- label mapping
     def label_to_cat_id(self, label: int) -> int:

@@ -1,7 +1,8 @@
 """Image decoding for the dataset and ``isda predict``: any file PIL reads -> uint8 RGB.
 
 Images: any PIL mode becomes 8-bit RGB; 16-bit (``I;16*``, ``I``) is scaled by 1/257 (not clipped),
-float (``F``) is taken as [0, 1] if its max is <= 1 else [0, 255]; alpha is dropped (the stored RGB
+float (``F``) is taken as [0, 1] if its largest finite value is <= 1 else [0, 255], NaN/inf pixels become 0
+with a warning (an inf must not scale the rest to black); alpha is dropped (the stored RGB
 is kept, as OpenCV-based pipelines do); palette and CMYK go through PIL's conversion. EXIF orientation:
 COCO's width/height decide. If they equal the EXIF-transposed size the transposed image is used (the
 orientation a viewer shows, as detectron2/mmdet read COCO); if they equal the stored size the raw
@@ -11,11 +12,13 @@ pixels are used; if neither, the image is treated as unreadable (above).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..fileio import first_line
+from .annotations import DataWarning
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -24,7 +27,7 @@ class UnusableImage(Exception):
     """The image could not be used (the message says why); the dataset warns and substitutes."""
 
 
-def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
+def _to_rgb_uint8(img: Image.Image, path: str | os.PathLike) -> np.ndarray:
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img).astype(np.float64)
@@ -36,8 +39,13 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if mode == "F":
         a = np.asarray(img).astype(np.float64)
-        scale = 255.0 if a.size and np.nanmax(a) <= 1.0 else 1.0
-        gray = np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+        finite = np.isfinite(a)
+        if not finite.all():
+            warnings.warn(f"{path}: {a.size - int(finite.sum())} of {a.size} pixels are NaN or inf; set to 0",
+                          DataWarning, stacklevel=3)
+            a = np.where(finite, a, 0.0)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        gray = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if mode in ("LA", "La"):
         img = img.convert("L")
@@ -74,7 +82,7 @@ def load_rgb(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None
                                          f"annotation's width x height {want_wh[0]}x{want_wh[1]}")
             if use_transposed and orientation != 1:
                 img = ImageOps.exif_transpose(img)
-            return _to_rgb_uint8(img)
+            return _to_rgb_uint8(img, path)
     except UnusableImage:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)

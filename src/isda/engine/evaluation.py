@@ -133,23 +133,56 @@ def evaluate_masks(
     """COCO segmentation AP of ``results`` against ``coco_gt``.
 
     ``image_ids`` restricts evaluation to those images (e.g. a validation subset); otherwise every
-    ground-truth image counts. COCOeval's printing is suppressed unless ``verbose``.
+    ground-truth image counts. COCOeval's printing is suppressed unless ``verbose``. Any ids are fine
+    (from 0, non-contiguous, huge): COCOeval runs on a renumbered copy; ``coco_gt`` and ``results`` are
+    left as they are.
     """
-    # Copies: loadRes writes area/id/iscrowd into the entries. "bbox" is dropped (as detectron2
-    # does) because loadRes would otherwise take the box area as the detection area, which
-    # misassigns detections to the small/medium/large ranges of segm evaluation.
-    dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    coco_gt, dets, image_ids = _renumbered(coco_gt, results, image_ids)
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with sink:
         coco_dt = coco_gt.loadRes(dets) if dets else _empty_results_coco(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
         if image_ids is not None:
-            coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
+            coco_eval.params.imgIds = sorted(set(image_ids))
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
     stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
     return EvalResult(stats=stats, per_category=_per_category_ap(coco_gt, coco_eval))
+
+
+def _renumbered(coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int] | None
+                ) -> tuple[COCO, list[dict[str, Any]], list[int] | None]:
+    """Ground truth, detections and image ids with image, annotation and category ids renumbered 1..N.
+
+    COCOeval stores the id of a detection's matched ground truth in a float array where 0 means "unmatched":
+    a ground truth with annotation id 0 can never be matched (annotation tools export ids from 0), and ids
+    beyond 2**53 do not survive the float. The copy is shallow (segmentations are shared, not copied).
+    """
+    images = {old: new for new, old in enumerate(sorted(coco_gt.imgs), 1)}
+    cats = {old: new for new, old in enumerate(sorted(coco_gt.cats), 1)}
+    data = coco_gt.dataset
+    gt = COCO()
+    gt.dataset = {
+        **data,
+        "images": [{**im, "id": images[im["id"]]} for im in data["images"]],
+        "annotations": [{**a, "id": k, "image_id": images[a["image_id"]], "category_id": cats[a["category_id"]]}
+                        for k, a in enumerate(data["annotations"], 1)],
+        "categories": [{**c, "id": cats[c["id"]]} for c in data["categories"]],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    unknown = sorted({r["image_id"] for r in results} - images.keys())
+    if unknown:
+        raise ValueError(f"results refer to image ids not in the ground truth, e.g. {unknown[0]}")
+    # New dicts: loadRes writes area/id/iscrowd into its entries. "bbox" is dropped (as detectron2 does)
+    # because loadRes would otherwise take the box area as the detection area, which misassigns detections
+    # to the small/medium/large ranges of segm evaluation. Detections of a category the ground truth does
+    # not have are dropped: COCOeval would ignore them anyway.
+    dets = [{**{k: v for k, v in r.items() if k != "bbox"}, "image_id": images[r["image_id"]],
+             "category_id": cats[r["category_id"]]} for r in results if r["category_id"] in cats]
+    ids = None if image_ids is None else [images[int(i)] for i in image_ids if int(i) in images]
+    return gt, dets, ids
 
 
 def _per_category_ap(coco_gt: COCO, coco_eval: COCOeval) -> dict[str, float]:

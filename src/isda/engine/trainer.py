@@ -41,8 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, require_backbone_init, save_config
 from ..data import CocoInstanceDataset, build_transforms, collate
+from ..fileio import check_writable_dir, remove_stale_temps
 from ..models.isda import ISDA
 from ..weights import load_pretrained
 from .amp import autocast
@@ -79,7 +80,8 @@ __all__ = ["NonFiniteLossError", "OnValidation", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped: the loss was non-finite for ``train.max_nonfinite`` steps in a row."""
+    """Training stopped: the loss was non-finite for ``train.max_nonfinite`` steps in a row, or the weights
+    themselves became non-finite (then they are not saved: last.pt / best.pt keep the last finite ones)."""
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -119,7 +121,11 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
         out = Path(out_dir)
         if not resume and (out / "last.pt").exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): resume it (--resume) or choose another output directory")
+        if not (resume and (out / "last.pt").exists()):
+            require_backbone_init(cfg, init)  # a frozen random backbone never learns
+        check_writable_dir(out, "output folder")  # before any work, not when the first checkpoint is saved
         train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
+        train_set.require_instances()
         val_set = None
         if val_ann is not None:
             if val_images is None:
@@ -128,6 +134,7 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
             if val_set.cat_ids != train_set.cat_ids:
                 raise ValueError(f"validation categories {val_set.cat_ids} differ from training categories "
                                  f"{train_set.cat_ids}")
+            val_set.require_instances()
         cfg.model.num_classes = train_set.num_classes
         trainer = _Trainer(cfg, train_set, val_set, out, dev, log if is_main_process() else lambda _msg: None,
                            on_validation)
@@ -211,12 +218,21 @@ class _Trainer:
         }
 
     def save(self, best: bool = False) -> None:
+        self.check_weights_finite()  # a checkpoint never holds non-finite weights: the previous one stays
         state = self.state()
         self.saved_step = self.step
         if is_main_process():
             save_checkpoint(state, self.out_dir / "last.pt")
             if best:
                 save_checkpoint(state, self.out_dir / "best.pt")
+
+    def check_weights_finite(self) -> None:
+        # Weights (and BatchNorm statistics) are identical on every rank, so all ranks raise together.
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise NonFiniteLossError(
+                f"training stopped at step {self.step}: the weights became non-finite (NaN/inf); lower train.lr "
+                f"or raise train.warmup_iters (last finite checkpoint: {self.out_dir / 'last.pt'}, if any)")
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location="cpu")
@@ -244,6 +260,8 @@ class _Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
             self.metrics.trim(self.step)
+            for path in remove_stale_temps(self.out_dir):
+                self.log(f"removed {path}: a partial write of a run that was killed")
         total = self.tcfg.epochs * self.steps_per_epoch
         stop_at = min(total, max_iters) if max_iters is not None else total
         self.log(f"training on {len(self.train_set)} images, {self.world_size} process(es) x batch "
@@ -370,6 +388,8 @@ class _Trainer:
                             "consecutive": self.nonfinite, "time": round(self.elapsed(), 3)})
         self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
                  f"({self.nonfinite}/{self.tcfg.max_nonfinite} in a row)")
+        # A skip cannot repair weights that are already non-finite (e.g. an lr that overflows): stop now.
+        self.check_weights_finite()
         if self.nonfinite >= self.tcfg.max_nonfinite:
             raise NonFiniteLossError(
                 f"training stopped at step {self.step}: the loss was non-finite for {self.nonfinite} steps in a "

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import gather_ms_deform_attn_pixels, ms_deform_attn
+from ..ops import gather_ms_deform_attn_pixels, ms_deform_attn, ms_deform_attn_traceable
+from .masked_ops import exporting, has_padding
 
 
 class MSDeformAttn(nn.Module):
@@ -56,10 +57,10 @@ class MSDeformAttn(nn.Module):
                 value_padding_mask: Tensor | None = None) -> Tensor:
         """query (B, Q, C); reference_points (B, Q, L, 2) normalized; value (B, S, C); mask (B, S) True=pad."""
         B, S, C = value.shape
-        padded = value_padding_mask is not None and bool(value_padding_mask.any())
+        padded = has_padding(value_padding_mask)
         M, Q = self.num_heads, query.shape[1]
         # The core runs in float32 under autocast: half-precision sampling overflows (known peer bug).
-        if query.device.type == "cpu" and not self.keep_sampling:
+        if query.device.type == "cpu" and not self.keep_sampling and not exporting():
             samples = Q * M * 4 * self.num_levels * self.num_points  # rows gathered
             fewer = samples + Q * C < S * C  # projecting after sampling gathers and multiplies less
             if self.project_after if self.project_after is not None else fewer:
@@ -80,7 +81,8 @@ class MSDeformAttn(nn.Module):
         if self.keep_sampling:
             self.last_sampling = (locations.detach(), weights.detach())
         with torch.autocast(device_type=query.device.type, enabled=False):
-            out = ms_deform_attn(v.float(), spatial_shapes, locations.float(), weights.float())
+            core = ms_deform_attn_traceable if exporting() else ms_deform_attn
+            out = core(v.float(), spatial_shapes, locations.float(), weights.float())
         return self.output_proj(out.to(query.dtype))
 
     def _pixels_and_weights(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .masked_ops import has_padding
+
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(min=0, max=1)
@@ -64,7 +66,7 @@ PADDING_LOGIT = -1e4  # sigmoid -> 0; finite (and within fp16 range) so that no 
 def mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
     """Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero there),
     which the dice loss and the matcher would count against every prediction."""
-    return mask_logits.masked_fill(padding, PADDING_LOGIT) if bool(padding.any()) else mask_logits
+    return mask_logits.masked_fill(padding, PADDING_LOGIT) if has_padding(padding) else mask_logits
 
 
 def matched_mask_logits(kernels: Tensor, mask_features: Tensor, padding_mask: Tensor, layer: Tensor, image: Tensor,

@@ -14,7 +14,7 @@ from ..config import Config, ConfigError, LossConfig, ModelConfig, apply_overrid
 from .backbone import Backbone
 from .head import ISDAHead, apply_kernels, mask_padding
 from .losses import SetCriterion, downsample_masks, mask_centroids
-from .masked_ops import resize_mask
+from .masked_ops import exporting, resize_mask
 from .mask_features import MaskFeatures
 from .neck import Neck
 from .position_encoding import sine_position_encoding
@@ -142,14 +142,7 @@ class ISDA(nn.Module):
         k = min(self.cfg.num_detections, Q * C)
         results = []
         for b in range(B):
-            scores, idx = logits[b].float().sigmoid().flatten().topk(k)  # float: no AMP ties
-            query, labels = idx // C, idx % C
-            probs = mask_logits[b, query].sigmoid().float()
-            binary = probs > self.cfg.mask_threshold
-            maskness = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
-            scores = scores * maskness
-            order = scores.argsort(descending=True)
-            scores, labels, probs, query = scores[order], labels[order], probs[order], query[order]
+            scores, labels, query, probs = rank_detections(logits[b], mask_logits[b], k, self.cfg.mask_threshold)
             masks = self.upsample_masks(probs, image_sizes[b], output_sizes[b])
             results.append({"scores": scores, "labels": labels, "masks": masks, "boxes": _boxes(masks),
                             "query_index": query, "reference_points": out["reference_points"][b, query]})
@@ -171,32 +164,56 @@ class ISDA(nn.Module):
                        chunk: int = 8) -> Tensor:
         """(K, h, w) probabilities at the mask stride -> (K, H, W) bool; chunked to bound memory and keep the
         float temporaries near cache size (the threshold writes straight into the output)."""
-        h, w = image_size
         out = torch.empty((probs.shape[0], *output_size), dtype=torch.bool, device=probs.device)
         for i in range(0, probs.shape[0], chunk):
-            p = F.interpolate(probs[i : i + chunk, None], scale_factor=self.cfg.mask_stride, mode="bilinear",
-                              align_corners=False)[:, :, :h, :w]
-            if (h, w) != tuple(output_size):
-                p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
-            torch.gt(p[:, 0], self.cfg.mask_threshold, out=out[i : i + chunk])
+            torch.gt(self.upsample_probs(probs[i : i + chunk], image_size, output_size), self.cfg.mask_threshold,
+                     out=out[i : i + chunk])
         return out
+
+    def upsample_probs(self, probs: Tensor, image_size: tuple[int, int], output_size: tuple[int, int]) -> Tensor:
+        """(K, h, w) probabilities at the mask stride -> (K, H, W) probabilities at ``output_size``: bilinear up
+        by the stride, cropped to the image (the batch's padding), bilinear to the output size."""
+        h, w = image_size
+        p = F.interpolate(probs[:, None], scale_factor=self.cfg.mask_stride, mode="bilinear",
+                          align_corners=False)[:, :, :h, :w]
+        # An exported graph always resizes (sizes are graph values there): to the same size it is the identity.
+        if exporting() or (h, w) != tuple(output_size):
+            p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
+        return p.squeeze(1)  # (not p[:, 0]: in ONNX a Gather that copies every mask)
+
+
+def rank_detections(logits: Tensor, mask_logits: Tensor, k: int, mask_threshold: float
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One image's NMS-free ranking: the top-k (query, class) pairs by sigmoid score, each score times its mask's
+    maskness (mean probability inside the thresholded mask), sorted. logits (Q, C), mask_logits (Q, h, w) ->
+    scores, labels, query indices (k,) and mask probabilities (k, h, w)."""
+    C = logits.shape[-1]
+    scores, idx = logits.float().sigmoid().flatten().topk(k)  # float: no AMP ties
+    query, labels = idx // C, idx % C
+    probs = mask_logits[query].sigmoid().float()
+    binary = probs > mask_threshold
+    maskness = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    scores = scores * maskness
+    order = scores.argsort(descending=True)
+    return scores[order], labels[order], query[order], probs[order]
 
 
 def _boxes(masks: Tensor) -> Tensor:
     """(K, H, W) bool -> (K, 4) xyxy boxes of the masks (pixel indices, as torchvision's masks_to_boxes),
     zeros for empty masks; from the masks' row and column projections (two passes over the bytes)."""
     K, H, W = masks.shape
-    boxes = torch.zeros(K, 4, device=masks.device)
-    if K == 0 or H == 0 or W == 0:
-        return boxes
-    flat = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
+    if not exporting() and (K == 0 or H == 0 or W == 0):
+        return torch.zeros(K, 4, device=masks.device)
+    if exporting():  # ONNX has no reinterpreting view: a cast
+        flat = masks.to(torch.uint8) if masks.dtype == torch.bool else (masks != 0).to(torch.uint8)
+    else:
+        flat = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
     cols, rows = flat.amax(1), flat.amax(2)  # (K, W), (K, H): any pixel in each column / row
     nonempty = rows.amax(1) > 0
     # argmax returns the first maximal index: the first occupied column/row from either end.
     x0, y0 = cols.argmax(1), rows.argmax(1)
     x1, y1 = W - 1 - cols.flip(1).argmax(1), H - 1 - rows.flip(1).argmax(1)
-    boxes[nonempty] = torch.stack([x0, y0, x1, y1], 1)[nonempty].float()
-    return boxes
+    return torch.stack([x0, y0, x1, y1], 1).float() * nonempty[:, None]
 
 
 def _pad_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:

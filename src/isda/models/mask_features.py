@@ -51,6 +51,19 @@ class MaskFeatures(nn.Module):
             self.branches.append(nn.ModuleList(convs))
         self.upsamples = [int(math.log2(level_strides[i] // mask_stride)) for i in self.levels]
         self.fuse = ConvGNReLU(feat_channels, out_channels, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As the official mask feature head's ``init_weights``: every convolution normal(0, 0.01) (no biases:
+        GroupNorm follows), GroupNorm weight 1, bias 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[Tensor], masks: list[Tensor], out_mask: Tensor) -> Tensor:
         """feats/masks: P2..P5 and their padding masks; out_mask: padding mask at the mask stride."""

@@ -11,9 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def exporting() -> bool:
+    """Whether the model is being traced for ONNX (or torch.export). A trace freezes every Python decision on
+    tensor values into the graph, so the model then takes its general, shape-independent paths."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def has_padding(padding_mask: Tensor | None) -> bool:
-    """Whether a padding mask marks any pixel as padding (an unpadded batch takes the plain, faster ops)."""
-    return padding_mask is not None and bool(padding_mask.any())
+    """Whether a padding mask marks any pixel as padding (an unpadded batch takes the plain, faster ops).
+    While exporting, any mask counts as padded: the masked ops give the plain ops' results on an unpadded
+    image, so the graph serves every input size."""
+    if padding_mask is None:
+        return False
+    return exporting() or bool(padding_mask.any())
 
 
 def valid_of(padding_mask: Tensor) -> Tensor:

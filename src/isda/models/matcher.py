@@ -1,4 +1,5 @@
-"""Hungarian matching between predictions and ground truth: 2 x focal class cost + 3 x dice mask cost."""
+"""Hungarian matching between predictions and ground truth: 2 x focal class cost + 3 x mask cost (soft IoU, as the
+official code; or dice, ``loss.match_mask_cost_kind``)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,30 @@ from ..config import LossConfig
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
     """(Q, C) logits, (N,) labels -> (Q, N): focal loss of predicting the label minus of not predicting it."""
     p = logits.sigmoid()
-    neg = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
-    pos = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
+    neg = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-12).log()  # eps 1e-12 as the official FocalLossCost
+    pos = alpha * (1 - p).pow(gamma) * -(p + 1e-12).log()
     return pos[:, labels] - neg[:, labels]
 
 
 def dice_cost(mask_logits: Tensor, targets: Tensor) -> Tensor:
-    """(Q, HW) logits, (N, HW) float targets -> (Q, N) 1 - dice coefficient."""
+    """(Q, HW) logits, (N, HW) float targets -> (Q, N) 1 - Laplace-smoothed dice coefficient (not the official
+    cost: ``loss.match_mask_cost_kind=dice``)."""
     p = mask_logits.sigmoid()
     num = 2 * (p @ targets.T)  # not (2 * p): that scales all Q x HW probabilities first
     den = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (num + 1) / (den + 1)
+
+
+def soft_iou_cost(mask_logits: Tensor, targets: Tensor) -> Tensor:
+    """(Q, HW) logits, (N, HW) float targets -> (Q, N) 1 - soft IoU of the sigmoid masks, the official code's
+    MaskIoUCost: 1 - sum(p t) / (sum(p) + sum(t) - sum(p t) + 1e-6)."""
+    p = mask_logits.sigmoid()
+    inter = p @ targets.T
+    union = p.sum(-1)[:, None] + targets.sum(-1)[None, :] - inter
+    return 1 - inter / (union + 1e-6)
+
+
+MASK_COSTS = {"iou": soft_iou_cost, "dice": dice_cost}
 
 
 @torch.no_grad()
@@ -36,7 +50,7 @@ def hungarian_match(logits: Tensor, mask_logits: Tensor, labels: Tensor, target_
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
     cost = (cfg.match_class_cost * focal_class_cost(logits.float(), labels, cfg.focal_alpha, cfg.focal_gamma)
-            + cfg.match_mask_cost * dice_cost(mask_logits.float(), target_masks.float()))
+            + cfg.match_mask_cost * MASK_COSTS[cfg.match_mask_cost_kind](mask_logits.float(), target_masks.float()))
     if points is not None:
         cost = cost + cfg.point_weight * torch.cdist(points.float(), target_points.float(), p=1)
     # A NaN/inf cost must not crash the solver (a known DETR-family failure): make it the worst finite cost.

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .deformable_attention import MSDeformAttn
 from .head import inverse_sigmoid
+from .masked_ops import exporting
 from .position_encoding import point_encoding
 
 
@@ -86,8 +87,8 @@ def token_centers(spatial_shapes: list[tuple[int, int]], device: torch.device) -
 
 def token_level_ratios(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
     """(B, L, 2) valid ratios -> (B, S, 2): each token's own level's ratio."""
-    counts = torch.tensor([h * w for h, w in spatial_shapes], device=ratios.device)
-    return ratios.repeat_interleave(counts, dim=1)
+    # expand + cat, not repeat_interleave over a tensor of counts: a trace keeps h * w as graph values.
+    return torch.cat([ratios[:, lvl, None].expand(-1, h * w, -1) for lvl, (h, w) in enumerate(spatial_shapes)], 1)
 
 
 class QuerySelection(nn.Module):
@@ -129,7 +130,6 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(cfg.num_levels, d))
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        nn.init.normal_(self.level_embed)
         self.point_refine = nn.ModuleList(_point_mlp(d) for _ in range(cfg.dec_layers)) if cfg.refine_points else None
         if cfg.query_selection:
             self.query_selection = QuerySelection(d, cfg.num_classes)
@@ -140,12 +140,31 @@ class DeformableTransformer(nn.Module):
             self.query_selection = None
             self.query_embed = nn.Embedding(total, 2 * d)
             self.reference_points = nn.Linear(d, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official transformer's ``init_weights``: Xavier-uniform on every weight matrix of the encoder and
+        decoder layers (FFN, self-attention, deformable attention's projections), then the deformable attentions'
+        own initialisation, Xavier-uniform on the reference-point projection (bias 0) and a normal level
+        embedding. The learned queries keep nn.Embedding's normal(0, 1): officially they belong to the head,
+        outside the transformer. The opt-in modules (point refinement, query selection) keep their own init."""
+        for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in [*self.encoder.modules(), *self.decoder.modules()]:
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        if self.query_selection is None:
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> dict[str, Tensor]:
         shapes = [tuple(s.shape[-2:]) for s in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
+        if exporting():  # the sizes are graph values in a trace; as_tensor would freeze them
+            spatial_shapes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in shapes])
+        else:
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
         src = _flatten_levels(srcs)
         mask = torch.cat([m.flatten(1) for m in masks], 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,25 @@ def load_torch_file(path: str | os.PathLike, name: str, kind: str, map_location:
         raise WeightsError(f"{name} not found: {path}")
     try:
         # Deformable-DETR checkpoints carry their argparse options ("args"): a harmless plain-attribute class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # torch warns about a plain pickle's protocol, asking for an issue: noise for a user.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickled code, not a torch file
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        why = (f"refused to unpickle the Python object {found.group(1)}: weights are read with weights_only=True, "
-               "only tensors and plain containers are accepted" if found else f"{type(e).__name__}: {first_line(e)}")
-        raise WeightsError(f"{path}: not a {kind} ({why})") from None
+        raise WeightsError(f"{path}: not a {kind} ({_why_unreadable(e)})") from None
+
+
+def _why_unreadable(e: Exception) -> str:
+    """torch's refusal of pickled code advises retrying with weights_only=False: never repeat that advice."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return f"{type(e).__name__}: {first_line(e)}"
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    what = (f"the Python object {found.group(1)}" if found
+            else f"pickle content ({detail.group(1).strip()})" if detail else "pickle content")
+    return (f"refused to unpickle {what}: weights are read with weights_only=True, only tensors and plain "
+            "containers are accepted")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -1,0 +1,89 @@
+"""ONNX Runtime inference with the PyTorch model's interface: ``model(images, output_sizes=...)`` -> per-image
+dicts (``masks`` bool [K, H, W], ``labels``, ``scores``, ``boxes``, ``query_index``, ``reference_points``), so
+``isda predict`` / ``isda eval`` and :func:`isda.engine.evaluate` run an exported file unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..engine.checkpoint import CheckpointError
+from ..config import ConfigError, from_dict
+from ..models.isda import _check_images
+from . import require
+from .onnx_export import OUTPUTS
+
+DETECTION_KEYS = ("scores", "labels", "masks", "boxes", "query_index", "reference_points")
+
+
+class OnnxISDA(nn.Module):
+    """An exported ISDA graph in an ONNX Runtime session (CPU unless other ``providers`` are named). An ``nn.Module`` without parameters only so that
+    code written for the PyTorch model (``eval()``, ``train(mode)``) runs it as is; images go one at a time
+    (the graph takes batch 1)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        super().__init__()
+        require("onnxruntime")
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX model not found: {path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as e:  # not an ONNX file, truncated, unsupported opset
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: not a loadable ONNX model ({first})") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        names = [o.name for o in self.session.get_outputs()]
+        if "isda.config" not in self.metadata or names != list(OUTPUTS):
+            raise CheckpointError(f"{path}: not an isda ONNX export (no isda metadata or other outputs: {names})")
+        self.path = path
+
+    def forward(self, images: list[Tensor], output_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+        _check_images(images)
+        sizes = output_sizes or [tuple(im.shape[1:]) for im in images]
+        return [detections(self._run(im, size)) for im, size in zip(images, sizes)]
+
+    def _run(self, image: Tensor, output_size: tuple[int, int]) -> dict[str, Tensor]:
+        feed = {"image": image[None].detach().float().cpu().contiguous().numpy(),
+                "output_size": np.asarray(output_size, dtype=np.int64)}
+        return {name: torch.from_numpy(value) for name, value in zip(OUTPUTS, self.session.run(None, feed))}
+
+    def predict_one(self, image: Tensor, output_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """All the graph's outputs for one image [3, H, W] in [0, 1]."""
+        _check_images([image])
+        return self._run(image, output_size or tuple(image.shape[1:]))
+
+    def record_sampling(self, enabled: bool = True) -> None:
+        if enabled:
+            raise CheckpointError("sampling points are not outputs of the ONNX graph: use the .pt checkpoint "
+                                  "for --show-sampling-points")
+
+
+def load_onnx_model(path: str | os.PathLike, threads: int | None = None):
+    """An ``isda export`` file -> :class:`isda.inference.LoadedModel` (the session, the stored config, classes)."""
+    from ..inference import LoadedModel
+
+    model = OnnxISDA(path, threads)
+    try:
+        cfg = from_dict(json.loads(model.metadata["isda.config"])).validate()
+        names = json.loads(model.metadata["isda.class_names"])
+        cat_ids = json.loads(model.metadata["isda.cat_ids"])
+    except (ConfigError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: isda metadata unreadable ({e})") from None
+    return LoadedModel(model, cfg, names, cat_ids)
+
+
+def detections(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The per-image dict of the PyTorch model from the graph's outputs."""
+    return {key: outputs[key] for key in DETECTION_KEYS}
