@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from engine_utils import SMALL, single_thread
+from test_report import assert_valid_report
 from isda.cli import main
 
 
@@ -45,6 +46,9 @@ def test_train_writes_a_readable_run_directory(trained):
     torch.load(run / "best.pt", weights_only=True)
     for png in ("curves.png", "val_predictions.png"):
         Image.open(run / png).verify()
+    with Image.open(run / "val_predictions.png") as im:  # 4 images x (ground truth, prediction), 384 px panels
+        assert im.size[0] > 4 * 384 and im.size[1] > 384
+    assert_valid_report(run / "report.html", "isda train", "val_predictions.png", "config.yaml")
 
 
 def test_eval_prints_the_table_and_writes_loadable_results(trained, capsys):
@@ -54,6 +58,8 @@ def test_eval_prints_the_table_and_writes_loadable_results(trained, capsys):
                      "--results", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "AP50" in printed and "circle" in printed
+    assert f"report: {trained / 'eval_report.html'}" in printed
+    assert_valid_report(trained / "eval_report.html", "isda eval", "eval_predictions.png", "eval.json")
     gt = COCO(str(trained / "data" / "annotations" / "instances_val.json"))
     results = json.loads(out.read_text())
     if results:
@@ -70,8 +76,9 @@ def test_predict_writes_overlays_figures_and_results(trained, capsys):
                      "--show-sampling-points"]) == 0
     for f in files:
         with Image.open(out / f"{f.stem}_pred.png") as im:
-            assert im.size == Image.open(f).size
+            assert im.size == (384, 384)  # 64 px images drawn at the display size
         Image.open(out / f"{f.stem}_reference_points.png").verify()
+        Image.open(out / f"{f.stem}_sampling_points.png").verify()
     results = json.loads((out / "results.json").read_text())
     assert results and {"image_id", "category_id", "segmentation", "score"} <= set(results[0])
     # Ids index the listed images; the json is a valid COCO results file for matching ground truth.

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--show-reference-points", action="store_true",
                     help="mark each detection's reference point; also write a figure of all queries' points")
     pr.add_argument("--show-sampling-points", action="store_true",
-                    help="draw where the last decoder layer sampled for the top detections (size = weight)")
+                    help="draw where the last decoder layer sampled for the top detections (size = weight); also "
+                         "write a figure with one panel per feature level")
     pr.add_argument("--device")
 
     x = add("export", "Export a checkpoint to ONNX: the whole NMS-free model, post-processing included, one graph.")
@@ -233,8 +234,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     dataset.require_instances()
     result, results = evaluate(loaded.model, dataset, _device(args.device), batch_size=args.batch_size)
     write_results_json(results, path)
+    report = _eval_report(args, loaded, dataset, result, path)
     print(result.table())
-    print(f"results: {path}")
+    print(f"results: {path}\nreport: {report}")
+
+
+def _eval_report(args: argparse.Namespace, loaded, dataset, result, results_path: Path) -> Path:
+    """``<results>_report.html`` (and ``<results>_predictions.png``) next to the results JSON: not
+    ``report.html``, which, next to a checkpoint, is the training run's own."""
+    from .config import config_yaml
+    from .inference import save_examples
+    from .report import write_run_report
+
+    stem = results_path.with_suffix("").name
+    picture = save_examples(loaded.model, loaded.cfg.data, dataset, results_path.with_name(f"{stem}_predictions.png"))
+    return write_run_report(
+        results_path.parent, path=results_path.with_name(f"{stem}_report.html"),
+        title=f"isda eval: {Path(args.weights).name} on {dataset.ann_file.name}",
+        stats=result.stats, per_category=result.per_category,
+        pictures=[(picture, "The first images: ground truth (left) beside the prediction (right).")] if picture else [],
+        files=[results_path], config_text=config_yaml(loaded.cfg),
+        summary={"weights": str(args.weights), "images": len(dataset)})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -243,7 +263,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .data import load_rgb
     from .engine.evaluation import predictions_to_coco_results, write_results_json
     from .inference import load_trained_model, predict_and_draw, query_reference_points
-    from .visualize import plot_reference_points, save_png
+    from .visualize import plot_reference_points, plot_sampling_points, save_png
 
     files = _find_images(args.paths)
     out = check_writable_dir(args.out, "--out")
@@ -266,6 +286,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if args.show_reference_points:
             points, scores = query_reference_points(loaded, image.float() / 255)
             plot_reference_points(points, scores, out / f"{stem}_reference_points.png", image=image)
+        if args.show_sampling_points and "sampling_locations" in pred and len(pred["scores"]):
+            plot_sampling_points(image, pred, loaded.class_names, out / f"{stem}_sampling_points.png", args.score_thr)
         # The id is the index among the images listed below (skipped files take none).
         results += predictions_to_coco_results([{k: v[keep] for k, v in pred.items()}], [done], loaded.cat_ids)
         done += 1

@@ -350,8 +350,13 @@ def load_config(path: str | os.PathLike) -> Config:
     return from_dict(data, base).validate()
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as the YAML text ``load_config`` reads back."""
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))
 
 
 def _plain(obj: Any) -> Any:

@@ -11,21 +11,22 @@ import functools
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import get_preset
 
+if TYPE_CHECKING:  # the engine is imported when a command runs, not for --help
+    from .engine.evaluation import EvalResult
+
 DEMO_MINUTES = 11.0  # training budget: the whole demo stays under 15 minutes on 2 CPU cores
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .data import CocoInstanceDataset, build_transforms
     from .data.shapes import make_shapes_dataset
-    from .engine import evaluate, train
-    from .engine.evaluation import write_results_json
-    from .inference import draw_examples, draw_run, load_trained_model, predict_and_draw, query_reference_points
-    from .visualize import plot_reference_points, save_grid, save_png
+    from .engine import train
+    from .inference import draw_run
 
     t0 = time.time()
     out = Path(args.out)
@@ -40,33 +41,51 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[2/4] training isda_tiny from scratch for {budget / 60:.1f} min on {args.device or 'the default device'}")
     summary = train(cfg, *paths["train"], *paths["val"], out_dir=out, device=args.device,
                     on_validation=functools.partial(draw_run, data_cfg=cfg.data))
+    print(f"trained {summary['iteration']} iterations in {summary['train_time_s'] / 60:.1f} min")
+    result, pictures = evaluate_and_draw(out, *paths["val"], args.device or "cpu", t0,
+                                         {"training iterations": summary["iteration"],
+                                          "training minutes": f"{summary['train_time_s'] / 60:.1f}"})
+    print()
+    print(result.table())
+    print(f"\ntotal demo time {(time.time() - t0) / 60:.1f} min")
+    for name, path in pictures.items():
+        print(f"{name:>16}: {path}")
+
+
+def evaluate_and_draw(out: Path, val_ann: str | Path, val_images: str | Path, device: str, t0: float,
+                      summary: dict[str, Any]) -> tuple[EvalResult, dict[str, Path]]:
+    """Steps 3 and 4 of the demo on a trained run directory ``out``: COCO mask AP of its best.pt on the
+    validation split, the pictures, and report.html. Returns (the AP, {name: path of each picture})."""
+    from .data import CocoInstanceDataset, build_transforms
+    from .engine import evaluate
+    from .engine.evaluation import write_results_json
+    from .inference import load_trained_model, predict, query_reference_points, save_examples
+    from .report import write_run_report
+    from .visualize import plot_reference_points, plot_sampling_points
 
     print("[3/4] evaluating best.pt on the held-out split")
     weights = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
-    loaded = load_trained_model(weights, args.device or "cpu")
-    val = CocoInstanceDataset(*paths["val"], build_transforms(loaded.cfg.data, train=False), train=False)
-    result, results = evaluate(loaded.model, val, args.device or "cpu", batch_size=8)
+    loaded = load_trained_model(weights, device)
+    val = CocoInstanceDataset(val_ann, val_images, build_transforms(loaded.cfg.data, train=False), train=False)
+    result, results = evaluate(loaded.model, val, device, batch_size=8)
     write_results_json(results, out / "results_val.json")
 
     print("[4/4] drawing predictions")
     loaded.model.record_sampling()
-    drawn = draw_examples(loaded.model, loaded.cfg.data, val, loaded.class_names)
-    image = val.load(len(drawn) - 1)[0].as_subclass(torch.Tensor)
-    _, sampled = predict_and_draw(loaded.model, loaded.cfg.data, image, loaded.class_names, reference_points=False,
-                                  sampling_points=True)
     pictures = {"predictions": out / "predictions.png"}
-    save_grid(drawn, pictures["predictions"])
-    # The seed's figure: every query's reference point on the last image, coloured by its best score.
+    save_examples(loaded.model, loaded.cfg.data, val, pictures["predictions"])
+    image = val.load(min(5, len(val) - 1))[0].as_subclass(torch.Tensor)  # the grid's last image
+    (pred,) = predict(loaded.model, loaded.cfg.data, [image.float() / 255])
+    # The paper's figure: every query's reference point, coloured by its best score.
     pictures["reference points"] = out / "reference_points.png"
     plot_reference_points(*query_reference_points(loaded, image.float() / 255), pictures["reference points"],
                           image=image)
     pictures["sampling points"] = out / "sampling_points.png"
-    save_png(sampled, pictures["sampling points"])
-    pictures["curves"] = out / "curves.png"
-
-    print()
-    print(result.table())
-    print(f"\ntrained {summary['iteration']} iterations in {summary['train_time_s'] / 60:.1f} min; "
-          f"total demo time {(time.time() - t0) / 60:.1f} min")
-    for name, path in pictures.items():
-        print(f"{name:>16}: {path}")
+    plot_sampling_points(image, pred, loaded.class_names, pictures["sampling points"])
+    if (out / "curves.png").exists():
+        pictures["curves"] = out / "curves.png"
+    pictures["report"] = write_run_report(
+        out, title="isda demo: isda_tiny on the shapes dataset", stats=result.stats,
+        per_category=result.per_category,
+        summary={"weights evaluated": weights.name, **summary, "demo minutes": f"{(time.time() - t0) / 60:.1f}"})
+    return result, pictures

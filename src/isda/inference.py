@@ -96,20 +96,52 @@ def predict_and_draw(model: ISDA, data_cfg: DataConfig, image: Tensor, class_nam
 
 
 def draw_examples(model: ISDA, data_cfg: DataConfig, dataset, class_names: list[str], count: int = 6,
-                  score_thr: float = 0.3) -> list[Tensor]:
-    """The first ``count`` images of a CocoInstanceDataset with their predictions (masks, labels, scores,
-    reference points) drawn: uint8 [3, H, W] each."""
-    return [predict_and_draw(model, data_cfg, dataset.load(index)[0].as_subclass(Tensor), class_names,
-                             score_thr)[1] for index in range(min(count, len(dataset)))]
+                  score_thr: float = 0.3) -> tuple[list[Tensor], list[str]]:
+    """The first ``count`` readable images of a CocoInstanceDataset, each as two panels: its ground truth,
+    then the prediction (masks, labels, scores, reference points). Returns (panels, captions) for
+    :func:`isda.visualize.save_grid` (empty lists when no image is readable)."""
+    from .data.images import UnusableImage
+    from .visualize import draw_ground_truth
+
+    panels: list[Tensor] = []
+    captions: list[str] = []
+    for index in range(len(dataset)):
+        if len(panels) == 2 * count:
+            break
+        try:
+            image, target = dataset.load(index)
+        except UnusableImage:  # already reported by the evaluation that ran before: draw the next one
+            continue
+        image = image.as_subclass(Tensor)
+        pred, drawn = predict_and_draw(model, data_cfg, image, class_names, score_thr)
+        name = Path(dataset.coco.imgs[dataset.ids[index]]["file_name"]).name
+        panels += [draw_ground_truth(image, target, class_names), drawn]
+        captions += [f"{name}: ground truth ({len(target['labels'])})",
+                     f"prediction ({int((pred['scores'] >= score_thr).sum())} >= {score_thr:g})"]
+    return panels, captions
+
+
+def save_examples(model: ISDA, data_cfg: DataConfig, dataset, path: Path, count: int = 6) -> Path | None:
+    """:func:`draw_examples` saved as one grid, two (ground truth, prediction) pairs per row; None (and no
+    file) when no image could be read."""
+    from .visualize import save_grid
+
+    panels, captions = draw_examples(model, data_cfg, dataset, dataset.class_names, count)
+    if not panels:
+        return None
+    save_grid(panels, path, captions, ncols=4 if len(panels) > 2 else 2)
+    return path
 
 
 def draw_run(run_dir: Path, model: ISDA, val_set=None, *, data_cfg: DataConfig) -> None:
-    """A training run's pictures (an ``on_validation`` callback of :func:`isda.engine.train`): curves.png
-    (loss and AP so far) and, with a validation set, val_predictions.png (four of its images)."""
-    from .visualize import plot_curves, save_grid
+    """A training run's pictures and report (an ``on_validation`` callback of :func:`isda.engine.train`):
+    curves.png (loss and AP so far), with a validation set val_predictions.png (four of its images, ground
+    truth beside prediction), and report.html."""
+    from .report import write_run_report
+    from .visualize import plot_curves
 
     if (run_dir / "metrics.jsonl").exists():  # nothing logged yet after a zero-step run
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if val_set is not None:
-        save_grid(draw_examples(model, data_cfg, val_set, val_set.class_names, count=4),
-                  run_dir / "val_predictions.png")
+        save_examples(model, data_cfg, val_set, run_dir / "val_predictions.png", count=4)
+    write_run_report(run_dir, title=f"isda training run {run_dir.name}")

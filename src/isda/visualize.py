@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import functools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,15 +21,22 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+from torchvision.utils import draw_bounding_boxes
 
 from .fileio import atomic_open
 
 __all__ = [
+    "DISPLAY_SHORT_SIDE",
     "draw_predictions",
     "plot_curves",
+    "display_scale",
+    "draw_ground_truth",
+    "grid",
+    "place_labels",
     "plot_reference_points",
+    "plot_sampling_points",
     "save_grid",
     "save_png",
     "validation_points",
@@ -36,6 +44,11 @@ __all__ = [
 
 # Sampling-point colours per feature level (P3..P6), cycled if there are more levels.
 LEVEL_COLORS: tuple[tuple[int, int, int], ...] = ((255, 64, 64), (255, 200, 0), (64, 220, 64), (64, 160, 255))
+
+
+# Pictures are drawn at a display size, not the model's input size: a 128 px image with 14 px labels
+# is unreadable, so every image is upscaled until its short side is at least this many pixels.
+DISPLAY_SHORT_SIDE = 384
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
@@ -47,11 +60,67 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans (shipped with matplotlib) at ``size`` px: a TrueType font scales, the bitmap default does not."""
+    from matplotlib import font_manager
+
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font
-        return ImageFont.load_default()
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except OSError:  # a broken matplotlib install: Pillow's own (scalable since 10.1) font
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:
+            return ImageFont.load_default()
+
+
+def label_font_size(height: int, width: int) -> int:
+    """Label text height for a picture of this size: about 1/27 of the short side, at least 12 px."""
+    return max(12, round(min(height, width) / 27))
+
+
+def display_scale(height: int, width: int, short_side: int = DISPLAY_SHORT_SIDE) -> float:
+    """Factor bringing the short side up to ``short_side`` (1 for images already that large, or short_side=0)."""
+    return max(1.0, short_side / min(height, width)) if short_side else 1.0
+
+
+def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[1:]) == size:
+        return image
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(masks.shape[1:]) == size or masks.shape[0] == 0:
+        return masks.reshape(masks.shape[0], *size) if masks.shape[0] == 0 else masks
+    return F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
+
+
+def _blend_masks(image: torch.Tensor, masks: torch.Tensor, colors: Sequence[tuple[int, int, int]],
+                 alpha: float) -> torch.Tensor:
+    """Tint each pixel with the colour of the first mask holding it. Not ``draw_segmentation_masks``:
+    it paints pixels where masks overlap black, and a crowded image is mostly overlaps."""
+    if not len(masks):
+        return image
+    covered = masks.any(0)
+    top = masks.to(torch.uint8).argmax(0)  # index of the first mask at each pixel
+    tint = torch.tensor(colors, dtype=torch.float32).T[:, top]  # [3, H, W]
+    out = torch.where(covered, image.float() * (1 - alpha) + tint * alpha, image.float())
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[N, 4] xyxy boxes (inclusive pixel bounds) of bool [N, H, W] masks; zeros for an empty mask (a
+    legitimate, if useless, detection that ``torchvision.ops.masks_to_boxes`` cannot take)."""
+    rows, cols = masks.any(2), masks.any(1)
+    h, w = masks.shape[1:]
+
+    def first(a: torch.Tensor) -> torch.Tensor:  # index of the first True per row
+        return a.float().argmax(1)
+
+    boxes = torch.stack([first(cols), first(rows), w - 1 - first(cols.flip(1)), h - 1 - first(rows.flip(1))], 1)
+    return torch.where(masks.flatten(1).any(1)[:, None], boxes.float(), torch.zeros(()))
 
 
 def _select(items: Any, keep: torch.Tensor, num_preds: int) -> list[Any]:
@@ -71,6 +140,122 @@ def _check_image(image: torch.Tensor) -> None:
         raise ValueError(f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
 
 
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (end exclusive)
+
+
+def _integral(a: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero first row and column: any rectangle's sum in four lookups."""
+    out = np.zeros((a.shape[0] + 1, a.shape[1] + 1), dtype=np.int64)
+    np.cumsum(np.cumsum(a, axis=0, dtype=np.int64), axis=1, out=out[1:, 1:])
+    return out
+
+
+def _window_sums(table: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Sum over every h x w window (index = window's top-left corner) from a summed-area table."""
+    return table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]
+
+
+def place_labels(sizes: Sequence[tuple[int, int]], boxes: torch.Tensor, masks: torch.Tensor,
+                 obstacles: Sequence[Rect] = (), margin: int = 1) -> list[Rect | None]:
+    """Greedy label placement: each label (in the order given: most confident first) takes, among all
+    positions inside the image, the free one nearest to just above its box's top-left corner.
+
+    ``sizes``: (width, height) of each label; ``boxes``: [N, 4] xyxy; ``masks``: bool [N, H, W] (the
+    image size). Free means: no overlap with a label placed before (or an ``obstacles`` rectangle) and
+    no pixel of the label's own mask under it. A position over other instances' masks costs as much as
+    moving two label heights away. Where nothing is free, the label accepts its own mask; where even that
+    fails (more labels than room) it is left out: None, as a label under another one cannot be read.
+    Returns one (x0, y0, x1, y1) or None per label.
+    """
+    masks = masks.detach().cpu().bool()
+    H, W = masks.shape[1:]
+    occupied = np.zeros((H, W), dtype=np.int32)
+    for x0, y0, x1, y1 in obstacles:
+        occupied[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1
+    all_masks = _integral(masks.sum(0).numpy()) if len(masks) else np.zeros((H + 1, W + 1), np.int64)
+    rects: list[Rect | None] = []
+    for (tw, th), box, mask in zip(sizes, boxes.tolist(), masks):
+        tw, th = min(int(tw), W), min(int(th), H)
+        occ = _window_sums(_integral(occupied), th, tw)
+        own = _window_sums(_integral(mask.numpy()), th, tw)
+        others = _window_sums(all_masks, th, tw) - own
+        ys = np.arange(H - th + 1, dtype=np.float64)[:, None]
+        xs = np.arange(W - tw + 1, dtype=np.float64)[None, :]
+        cost = np.hypot(xs - box[0], ys - (box[1] - th - 1)) + 2.0 * th * others / (tw * th)
+        free = occ == 0
+        clean = free & (own == 0)
+        if clean.any():
+            cost = np.where(clean, cost, np.inf)
+        elif free.any():
+            cost = np.where(free, cost + 4.0 * own, np.inf)
+        else:
+            rects.append(None)
+            continue
+        y, x = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        rects.append((int(x), int(y), int(x) + tw, int(y) + th))
+        occupied[max(0, y - margin):y + th + margin, max(0, x - margin):x + tw + margin] = 1
+    return rects
+
+
+def _draw_instances(image: torch.Tensor, masks: torch.Tensor, labels: Sequence[int], texts: Sequence[str],
+                    num_classes: int, short_side: int,
+                    extras: Callable[[ImageDraw.ImageDraw, float], list[Rect]] | None = None,
+                    after: Callable[[ImageDraw.ImageDraw, float], None] | None = None) -> torch.Tensor:
+    """The shared drawing of predictions and ground truth, at display size: translucent masks with an
+    opaque outline (touching instances of one class stay apart), box outlines and a label per instance
+    placed by :func:`place_labels`, with a leader line when it had to move away from its box.
+
+    Colours follow the class, so a prediction and its ground truth look alike. ``extras(draw, scale)``
+    draws under the labels and returns rectangles the labels must avoid; ``after`` draws over them.
+    """
+    _, h, w = image.shape
+    scale = display_scale(h, w, short_side)
+    size = (round(h * scale), round(w * scale))
+    out = _resize_image(image.detach().cpu(), size)
+    masks = _resize_masks(masks.detach().cpu().bool(), size)
+    palette = _palette(max(num_classes, 1))
+    colors = [palette[lab % len(palette)] for lab in labels]
+    boxes = torch.zeros(0, 4)
+    if len(masks):
+        boxes = _mask_boxes(masks)
+        eroded = -F.max_pool2d(-masks[None].float(), 3, stride=1, padding=1)[0]
+        out = _blend_masks(out, masks, colors, alpha=0.45)
+        out = _blend_masks(out, masks & (eroded < 0.5), colors, alpha=1.0)
+        out = draw_bounding_boxes(out, boxes, colors=colors, width=1)
+
+    pil = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(pil)
+    avoid = extras(draw, scale) if extras is not None else []
+    font = _font(label_font_size(*size))
+    pad = max(2, font.size // 6)
+    sizes = []
+    for text in texts:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
+    placed = [(rect, box, text, c) for rect, box, text, c in
+              zip(place_labels(sizes, boxes, masks, avoid), boxes.tolist(), texts, colors) if rect is not None]
+    # Leader lines first, so that no line crosses a label drawn before it.
+    for (x0, y0, x1, y1), box, _, c in placed:
+        # A label that moved away from its box points back to it.
+        bx, by = min(max((x0 + x1) / 2, box[0]), box[2]), min(max((y0 + y1) / 2, box[1]), box[3])
+        lx, ly = min(max(bx, x0), x1 - 1), min(max(by, y0), y1 - 1)
+        if math.hypot(bx - lx, by - ly) > 3:
+            draw.line((lx, ly, bx, by), fill=c, width=2)
+    for (x0, y0, x1, y1), _, text, c in placed:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=c, outline=(0, 0, 0))
+        # Dark text on light tags, white on dark ones (ITU-R BT.601 luma).
+        ink = (0, 0, 0) if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 150 else (255, 255, 255)
+        left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+        draw.text((x0 + pad - left, y0 + pad - top), text, fill=ink, font=font)
+    if after is not None:
+        after(draw, scale)
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _class_name(class_names: Sequence[str], label: int) -> str:
+    return class_names[label] if 0 <= label < len(class_names) else str(label)
+
+
 def draw_predictions(
     image: torch.Tensor,
     prediction: Mapping[str, torch.Tensor],
@@ -79,8 +264,11 @@ def draw_predictions(
     reference_points: torch.Tensor | None = None,
     sampling_points: Sequence[Mapping[str, torch.Tensor]] | None = None,
     max_sampling_dets: int = 3,
+    short_side: int = DISPLAY_SHORT_SIDE,
 ) -> torch.Tensor:
-    """Draw the detections scoring ``>= score_thr``: filled masks, box outlines, "name 0.87" labels.
+    """Draw the detections scoring ``>= score_thr``: filled masks, outlines, "name 0.87" labels that
+    cover neither each other nor their own mask, at display size (short side ``>= short_side``;
+    0 draws at the image's own size).
 
     ``reference_points``: normalized (x, y) in [0, 1], one per prediction or one per kept detection
     (same order as the prediction); drawn as a filled circle at each kept detection's point.
@@ -88,66 +276,65 @@ def draw_predictions(
     normalized (x, y), ``weights`` [N] and ``levels`` [N]; drawn for the ``max_sampling_dets``
     highest-scoring kept detections only (more is unreadable) as dots coloured by level with
     radius growing with the attention weight. Normalized coordinates refer to ``image`` as given.
-    Returns a new uint8 [3, H, W] tensor; the input is not modified.
+    Returns a new uint8 [3, H', W'] tensor; the input is not modified.
     """
     _check_image(image)
-    image = image.detach().cpu()
-    _, h, w = image.shape
     scores = prediction["scores"].detach().cpu().float()
-    keep = torch.nonzero(scores >= score_thr).flatten()
-    out = image.clone()
-    if keep.numel() == 0 and reference_points is None and not sampling_points:
-        return out
-
-    colors = _palette(len(keep))
-    texts: list[str] = []
-    boxes = torch.zeros(0, 4)
-    if keep.numel():
-        masks = prediction["masks"].detach().cpu()[keep].bool()
-        out = draw_segmentation_masks(out, masks, alpha=0.5, colors=colors)
-        boxes = prediction["boxes"].detach().cpu()[keep].float()
-        out = draw_bounding_boxes(out, boxes, colors=colors, width=2)
-        labels = prediction["labels"].detach().cpu()[keep].tolist()
-        texts = [f"{class_names[lab] if 0 <= lab < len(class_names) else lab} {s:.2f}"
-                 for lab, s in zip(labels, scores[keep].tolist())]
-
-    # Labels and points are drawn with PIL: white text on a filled tag stays readable on any
-    # mask colour, and torchvision has no filled-dot primitive with per-dot radius.
-    pil = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())
-    draw = ImageDraw.Draw(pil)
     num_preds = len(scores)
+    keep = torch.nonzero(scores >= score_thr).flatten()
+    labels = prediction["labels"].detach().cpu()[keep].tolist()
+    masks = prediction["masks"].detach().cpu()[keep].bool()
+    texts = [f"{_class_name(class_names, lab)} {s:.2f}" for lab, s in zip(labels, scores[keep].tolist())]
 
-    if sampling_points:
+    ref = None if reference_points is None else _select(
+        reference_points.detach().cpu().float().reshape(-1, 2), keep, num_preds)
+
+    def marker_rects(w: int, h: int) -> list[Rect]:
+        """Where the reference-point markers go (labels keep clear of them): centre, radius per point."""
+        if ref is None:
+            return []
+        r = max(3.0, 0.012 * min(h, w))
+        return [(round(float(x) * w - r), round(float(y) * h - r), round(float(x) * w + r) + 1,
+                 round(float(y) * h + r) + 1) for x, y in ref]
+
+    def points(draw: ImageDraw.ImageDraw, scale: float) -> list[Rect]:
+        w, h = draw.im.size
+        if not sampling_points:
+            return marker_rects(w, h)
         dets = _select(sampling_points, keep, num_preds)
         kept_scores = scores[keep].tolist() if len(dets) == len(keep) else [0.0] * len(dets)
-        top_dets = sorted(range(len(dets)), key=lambda i: -kept_scores[i])[:max_sampling_dets]
-        for i in top_dets:
+        for i in sorted(range(len(dets)), key=lambda i: -kept_scores[i])[:max_sampling_dets]:
             pts = dets[i]["points"].detach().cpu().float().reshape(-1, 2)
             wts = dets[i]["weights"].detach().cpu().float().reshape(-1)
             lvls = dets[i]["levels"].detach().cpu().long().reshape(-1)
             wmax = float(wts.max()) if wts.numel() and float(wts.max()) > 0 else 1.0
             for (x, y), wt, lv in zip(pts.tolist(), wts.tolist(), lvls.tolist()):
-                r = 1.0 + 4.0 * max(wt, 0.0) / wmax
+                r = max(1.0, scale / 2) * (1.0 + 3.0 * max(wt, 0.0) / wmax)
                 cx, cy = x * w, y * h
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=LEVEL_COLORS[lv % len(LEVEL_COLORS)])
+        return marker_rects(w, h)
 
-    font = _font(max(10, round(0.02 * h)))
-    for (x0, y0, _, _), text, c in zip(boxes.tolist(), texts, colors):
-        # Inside the box's top-left corner (2 px box outline + 1 px margin), as torchvision does.
-        left, top, right, bottom = draw.textbbox((x0 + 3, y0 + 3), text, font=font)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=c)
-        draw.text((x0 + 3, y0 + 3), text, fill=(255, 255, 255), font=font)
-
-    if reference_points is not None:
-        ref = _select(reference_points.detach().cpu().float().reshape(-1, 2), keep, num_preds)
-        ref_colors = colors if len(ref) == len(colors) else _palette(len(ref))
-        r = max(3.0, 0.01 * min(h, w))
-        for (x, y), c in zip(ref, ref_colors):
-            cx, cy = float(x) * w, float(y) * h
+    def markers(draw: ImageDraw.ImageDraw, scale: float) -> None:
+        rects = marker_rects(*draw.im.size)
+        palette = _palette(max(len(class_names), 1))
+        ref_colors = [palette[lab % len(palette)] for lab in labels] if len(rects) == len(labels) \
+            else _palette(len(rects))
+        for rect, c in zip(rects, ref_colors):
             # White outline keeps the marker visible on top of a same-coloured mask.
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=c, outline=(255, 255, 255), width=1)
+            draw.ellipse((rect[0], rect[1], rect[2] - 1, rect[3] - 1), fill=c, outline=(255, 255, 255), width=2)
 
-    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return _draw_instances(image, masks, labels, texts, len(class_names), short_side, points, markers)
+
+
+def draw_ground_truth(image: torch.Tensor, target: Mapping[str, Any], class_names: Sequence[str],
+                      short_side: int = DISPLAY_SHORT_SIDE) -> torch.Tensor:
+    """The ground truth (``target["masks"]`` bool [N, H, W], ``target["labels"]`` [N]) drawn like
+    :func:`draw_predictions` draws predictions (same class colours, labels without scores)."""
+    _check_image(image)
+    labels = torch.as_tensor(target["labels"]).tolist()
+    masks = torch.as_tensor(target["masks"]).as_subclass(torch.Tensor).bool()
+    return _draw_instances(image, masks, labels, [_class_name(class_names, lab) for lab in labels],
+                           len(class_names), short_side)
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:
@@ -203,7 +390,100 @@ def plot_reference_points(
     _save_figure(fig, path)
 
 
-def _read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def _distinct_detections(masks: torch.Tensor, scores: torch.Tensor, score_thr: float, count: int) -> list[int]:
+    """Up to ``count`` detections ``>= score_thr`` (the best one if none is), best first, skipping any whose
+    mask overlaps a chosen one by IoU > 0.5: duplicates would hide each other's sampling points."""
+    chosen: list[int] = []
+    for i in torch.nonzero(scores >= score_thr).flatten().tolist():
+        inter = (masks[chosen] & masks[i]).flatten(1).sum(1).float()
+        union = (masks[chosen] | masks[i]).flatten(1).sum(1).float().clamp(min=1)
+        if not (inter / union > 0.5).any():
+            chosen.append(i)
+        if len(chosen) == count:
+            break
+    return chosen or [int(scores.argmax())]
+
+
+def plot_sampling_points(
+    image: torch.Tensor,
+    prediction: Mapping[str, torch.Tensor],
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    score_thr: float = 0.3,
+    max_dets: int = 3,
+) -> None:
+    """Where the last decoder layer's deformable attention sampled, one panel per feature level (P3, P4,
+    ...): for each of the ``max_dets`` best distinct detections (those ``>= score_thr``; the best one if none
+    is), its mask outline, its reference point (star) and its sampling points over all heads, dot area
+    proportional to the attention weight. A legend names the detections and gives the dot sizes of three
+    weights; each panel's title gives the share of the shown detections' attention spent on that level.
+
+    ``prediction`` comes from a model after ``record_sampling()``: ``sampling_locations`` [K, heads,
+    levels, points, 2] normalized (x, y), ``sampling_weights`` [K, heads, levels, points], plus
+    ``scores``, ``labels``, ``masks`` and ``reference_points``.
+    """
+    _check_image(image)
+    scores = prediction["scores"].detach().cpu().float()
+    if len(scores) == 0:
+        raise ValueError("no detections to draw sampling points for")
+    dets = _distinct_detections(prediction["masks"].detach().cpu().bool(), scores, score_thr, max_dets)
+    locations = prediction["sampling_locations"].detach().cpu().float()[dets]  # [D, heads, L, P, 2]
+    weights = prediction["sampling_weights"].detach().cpu().float()[dets]  # [D, heads, L, P]
+    labels = prediction["labels"].detach().cpu()[dets].tolist()
+    masks = prediction["masks"].detach().cpu()[dets].bool().numpy()
+    refs = prediction["reference_points"].detach().cpu().float()[dets] if "reference_points" in prediction else None
+    h, w = image.shape[1:]
+    levels = weights.shape[2]
+    wmax = max(float(weights.max()), 1e-6)
+
+    def area(wt: np.ndarray | float) -> np.ndarray | float:  # marker area in points^2
+        return 12.0 + 330.0 * np.asarray(wt) / wmax
+
+    colors = [np.array(c) / 255 for c in _palette(len(dets))]
+    ncols = 2 if levels > 1 else 1
+    nrows = math.ceil(levels / ncols)
+    fig = Figure(figsize=(5.6 * ncols, 5.6 * nrows * h / w + 1.4), layout="constrained")
+    # Dim the photo so the coloured dots stand out on any background.
+    background = (0.45 * image.detach().cpu().permute(1, 2, 0).numpy() / 255 + 0.55).clip(0, 1)
+    total = weights.sum()
+    for lv in range(levels):
+        ax = fig.add_subplot(nrows, ncols, lv + 1)
+        ax.imshow(background, extent=(0, w, h, 0), interpolation="bilinear")
+        for d, c in enumerate(colors):
+            if masks[d].any():
+                # Pixel centres as coordinates: the axes already point y down, as the image does.
+                ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, masks[d].astype(np.float32), levels=[0.5],
+                           colors=[c], linewidths=1.5)
+            pts = locations[d, :, lv].reshape(-1, 2).numpy()
+            wts = weights[d, :, lv].reshape(-1).numpy()
+            order = np.argsort(-wts)  # small dots on top of large ones
+            ax.scatter(pts[order, 0] * w, pts[order, 1] * h, s=area(wts[order]), color=c, alpha=0.8,
+                       edgecolors="black", linewidths=0.6)
+            if refs is not None:
+                ax.scatter([float(refs[d, 0]) * w], [float(refs[d, 1]) * h], marker="*", s=260, color=c,
+                           edgecolors="white", linewidths=1.2, zorder=5)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        share = float(weights[:, :, lv].sum() / total) if float(total) > 0 else 0.0
+        ax.set_title(f"level {lv} (P{lv + 3}, stride {2 ** (lv + 3)}): {share:.0%} of the weight", fontsize=12)
+    handles = [Line2D([], [], linestyle="none", marker="o", markersize=10, color=c, markeredgecolor="black",
+                      label=f"{_class_name(class_names, lab)} {scores[i]:.2f}")
+               for c, lab, i in zip(colors, labels, dets)]
+    if refs is not None:
+        handles.append(Line2D([], [], linestyle="none", marker="*", markersize=14, color="grey",
+                              markeredgecolor="white", label="reference point"))
+    for frac in (0.25, 0.5, 1.0):
+        wt = float(f"{frac * wmax:.2g}")
+        handles.append(Line2D([], [], linestyle="none", marker="o", color="lightgrey", markeredgecolor="black",
+                              markersize=math.sqrt(float(area(wt))), label=f"weight {wt:g}"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=11, frameon=False)
+    fig.suptitle("Deformable attention sampling points of the last decoder layer (all heads)", fontsize=13)
+    _save_figure(fig, path)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     rows = []
     with open(path) as f:
         for line in f:
@@ -243,7 +523,7 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike[str], path: str | os.PathL
     restarts every epoch, rows are plotted by their order instead. Missing rows leave a note in
     the panel instead of failing.
     """
-    rows = _read_jsonl(metrics_jsonl_path)
+    rows = read_jsonl(metrics_jsonl_path)
     train = [r for r in rows if r.get("type") == "train" and _finite(r.get("loss"))]
     val = [r for r in rows if r.get("type") == "val" and _finite(r.get("AP")) and _finite(r.get("epoch"))]
 
@@ -295,31 +575,44 @@ def validation_points(val: list[dict]) -> list[tuple[float, dict]]:
     return sorted(latest.items(), key=lambda item: item[0])
 
 
-def save_grid(images: Sequence[torch.Tensor], path: str | os.PathLike[str], height: int | None = None,
-              padding: int = 4) -> None:
-    """Save uint8 [3, H, W] images side by side as one PNG.
+def grid(images: Sequence[torch.Tensor], captions: Sequence[str] | None = None, ncols: int | None = None,
+         height: int | None = None, padding: int = 8) -> torch.Tensor:
+    """uint8 [3, H, W] images as rows of ``ncols`` panels (default: about square) on white, each with
+    an optional caption above it.
 
-    Each is resized (aspect kept) to a common ``height`` (default: the smallest input height, so
-    nothing is upscaled) and padded on the right to the widest, as ``make_grid`` needs equal sizes.
+    Each image is resized (aspect kept) to a common ``height`` (default: the smallest input height) and
+    centred in a cell as wide as the widest.
     """
     if not images:
-        raise ValueError("save_grid needs at least one image")
+        raise ValueError("grid needs at least one image")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
     for im in images:
         _check_image(im)
     target_h = height or min(int(im.shape[1]) for im in images)
-    resized = []
-    for im in images:
-        im = im.detach().cpu()
-        h, w = im.shape[1:]
-        new_w = max(1, round(w * target_h / h))
-        if (h, w) != (target_h, new_w):
-            im = F.interpolate(im[None].float(), size=(target_h, new_w), mode="bilinear",
-                               align_corners=False, antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
-        resized.append(im)
-    max_w = max(int(im.shape[2]) for im in resized)
-    padded = [F.pad(im, (0, max_w - im.shape[2]), value=255) for im in resized]
-    grid = make_grid(padded, nrow=len(padded), padding=padding, pad_value=255)
-    save_png(grid, path)
+    resized = [_resize_image(im.detach().cpu(), (target_h, max(1, round(im.shape[2] * target_h / im.shape[1]))))
+               for im in images]
+    cell_w = max(int(im.shape[2]) for im in resized)
+    ncols = max(1, min(ncols or math.ceil(math.sqrt(len(images))), len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    font = _font(label_font_size(target_h, cell_w))
+    caption_h = round(font.size * 1.6) if captions else 0
+    cell_h = caption_h + target_h
+    canvas = Image.new("RGB", (padding + ncols * (cell_w + padding), padding + nrows * (cell_h + padding)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, im in enumerate(resized):
+        x = padding + (i % ncols) * (cell_w + padding) + (cell_w - int(im.shape[2])) // 2
+        y = padding + (i // ncols) * (cell_h + padding)
+        canvas.paste(Image.fromarray(im.permute(1, 2, 0).contiguous().numpy()), (x, y + caption_h))
+        if captions:
+            draw.text((x, y + caption_h // 2), captions[i], fill=(0, 0, 0), font=font, anchor="lm")
+    return torch.from_numpy(np.array(canvas, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def save_grid(images: Sequence[torch.Tensor], path: str | os.PathLike[str], captions: Sequence[str] | None = None,
+              ncols: int | None = None, height: int | None = None, padding: int = 8) -> None:
+    """:func:`grid` saved as one PNG."""
+    save_png(grid(images, captions, ncols, height, padding), path)
 
 
 def detection_sampling_points(prediction: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
