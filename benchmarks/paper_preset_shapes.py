@@ -106,7 +106,7 @@ def render(path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("mask AP, shapes val (0-100)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=100)
     plt.close(fig)
