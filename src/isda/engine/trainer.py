@@ -1,5 +1,9 @@
 """The training loop (single process or ``torchrun``).
 
+Longer than ~350 lines because the loop is one state machine (step, epoch, stop conditions, checkpoint,
+resume, validation) whose pieces share its state; the stateless parts live beside it (schedule, sampling,
+metrics, checkpoint, amp).
+
 ``train`` runs the official recipe (AdamW with reduced-lr parameter groups, gradient clipping, step
 schedule by epoch, optional warm-up / accumulation / AMP), writes a run directory and can resume
 exactly where it stopped, mid-epoch included. It draws nothing: ``on_validation`` (e.g.
