@@ -94,7 +94,7 @@ def render(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = json.loads(path.read_text())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for run in data["runs"]:
         steps = [p["step"] for p in run["points"]]
         ap = [p["AP"] for p in run["points"]]
@@ -106,8 +106,8 @@ def render(path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("mask AP, shapes val (0-100)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="center right")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
     fig.savefig(path.with_suffix(".png"), dpi=100)
     plt.close(fig)
 
