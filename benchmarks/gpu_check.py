@@ -22,7 +22,6 @@ training step (what share the core takes).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import torchvision
 
 from isda.config import apply_overrides, get_preset
 from isda.data.shapes import make_shapes_dataset
+from isda.engine.amp import autocast
 from isda.fileio import atomic_write_text
 from isda.models.deformable_attention import MSDeformAttn
 from isda.ops import ms_deform_attn
@@ -49,6 +49,8 @@ from isda.ops import ms_deform_attn
 from .common import build_isda, build_maskrcnn, limit_candidates, msda_problem, reference_ms_deform_attn, shapes_batch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tables' precision names -> train.amp values.
+AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 
 
 class CheckFailed(AssertionError):
@@ -146,12 +148,6 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Median seconds per call (synchronised), after min(2, repeats) warm-up calls."""
     for _ in range(min(2, repeats)):
@@ -215,7 +211,7 @@ def check_msda_half(device: torch.device) -> str:
         expected = module(query, ref_points, value, shapes)
     details = []
     for precision, tol in (("bf16", 3e-2), ("fp16", 1e-2)):
-        with torch.no_grad(), _autocast(device, precision):
+        with torch.no_grad(), autocast(device, AMP[precision]):
             out = module(query, ref_points, value, shapes)
         require(bool(torch.isfinite(out).all()), f"{precision}: non-finite output")
         err = _max_rel(out, expected)
@@ -264,7 +260,7 @@ def check_amp_step(device: torch.device, sizes: Sizes) -> str:
         # As in training: a step whose scaled fp16 gradients overflow is skipped and the scale halves.
         for attempt in range(1, 25):
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, precision):
+            with autocast(device, AMP[precision]):
                 loss = model(images, targets)["loss"]
             require(bool(torch.isfinite(loss)), f"{precision}: loss {float(loss)}")
             scaler.scale(loss).backward()
@@ -455,7 +451,7 @@ def measure_inference(device: torch.device, sizes: Sizes) -> list[dict[str, Any]
                 model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
                 def forward() -> None:
-                    with torch.no_grad(), _autocast(device, precision):
+                    with torch.no_grad(), autocast(device, AMP[precision]):
                         model(images)
 
                 _reset_peak(device)
@@ -491,7 +487,7 @@ def measure_training(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]
 
                 def step() -> None:
                     optimizer.zero_grad(set_to_none=True)
-                    with _autocast(device, precision):
+                    with autocast(device, AMP[precision]):
                         losses = model(images, targets)
                     loss = losses["loss"] if "loss" in losses else sum(losses.values())
                     loss.backward()
@@ -545,12 +541,12 @@ def measure_profile(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
 
     def infer() -> None:
         model.eval()
-        with torch.no_grad(), _autocast(device, "bf16"):
+        with torch.no_grad(), autocast(device, "bf16"):
             model(infer_images)
 
     def train_step() -> None:
         model.train()
-        with _autocast(device, "bf16"):
+        with autocast(device, "bf16"):
             loss = model(images, targets)["loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
