@@ -108,7 +108,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     """Train from scratch for ``budget_s`` seconds of training time, then evaluate (COCO mask AP).
     Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
     epochs / lr steps, clipping; detections per image: ISDA's ``cfg.model.num_detections``; the lr schedule follows the budget exactly as ISDA's trainer does
-    (:func:`isda.engine.lr_factor` with ``time_budget_s``), after a linear warm-up."""
+    (:func:`isda.engine.lr_factor` at the budget's progress), after a linear warm-up."""
     tcfg = copy.deepcopy(cfg.train)
     tcfg.time_budget_s = float(budget_s)
     seed = tcfg.seed if seed is None else seed
@@ -144,7 +144,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         loader = DataLoader(samples, batch_size=tcfg.batch_size, sampler=list(sampler), collate_fn=collate,
                             num_workers=tcfg.num_workers, generator=torch.Generator().manual_seed(seed))
         for images, targets in loader:
-            factor = lr_factor(step, steps_per_epoch, tcfg, trained) * min(1.0, (step + 1) / max(warmup_iters, 1))
+            factor = lr_factor(step, trained / budget_s, tcfg) * min(1.0, (step + 1) / max(warmup_iters, 1))
             for group in opt.param_groups:
                 group["lr"] = lr * factor
             losses = model(images, [to_maskrcnn_target(t) for t in targets])

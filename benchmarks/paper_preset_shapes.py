@@ -31,7 +31,7 @@ from isda.fileio import atomic_write_text
 
 OVERRIDES = {"data.train_short_sides": [128], "data.train_max_size": 192, "data.crop_prob": 0.0,
              "data.test_short_side": 128, "data.test_max_size": 192, "train.batch_size": 8, "train.num_workers": 1,
-             "train.epochs": 1, "train.lr_steps": [99], "train.log_every": 10}
+             "train.epochs": 1, "train.lr_drops": [], "train.log_every": 10}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@ def test_paper_preset_is_the_official_recipe():
     assert (loss.focal_alpha, loss.focal_gamma, loss.class_weight, loss.dice_weight) == (0.25, 2.0, 2.0, 3.0)
     assert (loss.match_class_cost, loss.match_mask_cost, loss.aux_loss) == (2.0, 3.0, True)
     assert (train.lr, train.weight_decay, train.lr_backbone_mult, train.lr_linear_proj_mult) == (1.25e-4, 1e-4, 0.1, 0.1)
-    assert (train.clip_max_norm, train.epochs, train.lr_steps, train.lr_gamma) == (0.1, 42, (27, 33, 35, 36, 37), 0.1)
+    assert (train.clip_max_norm, train.epochs, train.lr_gamma) == (0.1, 42, 0.1)
+    assert [round(f * 42, 9) for f in train.lr_drops] == [27, 33, 35, 36, 37]  # epochs of 42
     assert data.train_short_sides == tuple(range(480, 801, 32)) and data.train_max_size == 1333
     assert (data.crop_resize_short_sides, data.crop_size, data.crop_prob, data.flip_prob) == ((400, 500, 600), (384, 600), 0.5, 0.5)
     assert (data.test_short_side, data.test_max_size) == (800, 1333)

@@ -11,7 +11,8 @@ import torch
 import isda.engine as engine
 import isda.engine.trainer
 from isda.engine.checkpoint import CheckpointError
-from isda.config import ConfigError, TrainConfig, apply_overrides, get_preset
+from isda.config import ConfigError, TrainConfig, apply_overrides, from_dict, get_preset
+from isda.engine.schedule import RunLength, too_few_steps_warning
 from isda.models.isda import ISDA
 
 from engine_utils import shapes, single_thread, tiny_config
@@ -40,7 +41,7 @@ def _load(path: Path) -> dict:
 def test_resume_mid_epoch_gives_identical_weights(data, tmp_path):
     # Random flips, scales and crops, dropout (the restored RNG state), gradient accumulation, warm-up and
     # an lr step at epoch 1 (step 3): all must line up after resuming in the middle of epoch 1.
-    cfg = tiny_config(epochs=3, accumulate=2, warmup_iters=2, dropout=0.1)
+    cfg = tiny_config(epochs=3, lr_drops=[1 / 3], accumulate=2, warmup_iters=2, dropout=0.1)
     straight = engine.train(cfg, *data["train"], out_dir=tmp_path / "a", log=lambda _m: None)
     assert straight["iteration"] == 6 and straight["stopped"] == "completed"  # 8 images / (2 x 2) per step
 
@@ -203,24 +204,70 @@ def test_param_groups_reduced_lr_for_backbone_and_linear_projections():
     assert "backbone.layer1.0.conv1.weight" not in trainable and "backbone.layer2.0.conv1.weight" in trainable
 
 
-def test_lr_factor_warmup_then_steps():
-    cfg = TrainConfig(lr_steps=(2, 3), lr_gamma=0.1, warmup_iters=4)
-    factors = [engine.lr_factor(step, 5, cfg) for step in range(20)]
+def test_lr_factor_warmup_then_drops_at_fractions_of_the_run():
+    cfg = TrainConfig(lr_drops=(0.4, 0.6), lr_gamma=0.1, warmup_iters=4)
+    factors = [engine.lr_factor(step, step / 25, cfg, total_steps=25) for step in range(25)]
     assert factors[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert factors[9] == 1.0 and factors[10] == pytest.approx(0.1) and factors[15] == pytest.approx(0.01)
 
 
-def test_lr_steps_may_fall_within_an_epoch():
-    cfg = apply_overrides(get_preset("isda_tiny"), {"train.lr_steps": "[1.6]", "train.warmup_iters": 0}).train
-    assert cfg.lr_steps == (1.6,)
-    assert engine.lr_factor(399, 250, cfg) == 1.0 and engine.lr_factor(400, 250, cfg) == pytest.approx(0.1)
+def test_official_drops_land_on_epoch_boundaries():
+    # 27/42 of a 42-epoch run is float-inexact; the drop must still fall on the first step of epoch 27.
+    cfg = get_preset("isda_r50_coco").train
+    for steps_per_epoch in (1, 7, 14_786):
+        length = RunLength.of(cfg, steps_per_epoch)
+        for k, epoch in enumerate((27, 33, 35, 36, 37)):
+            first = epoch * steps_per_epoch
+            assert engine.lr_factor(first - 1, 0, cfg, length.steps) == pytest.approx(0.1 ** k)
+            assert engine.lr_factor(first, 0, cfg, length.steps) == pytest.approx(0.1 ** (k + 1))
+
+
+def test_run_length_time_budget_then_steps_then_epochs():
+    assert RunLength.of(TrainConfig(epochs=3, max_steps=0), 10).steps == 30
+    assert RunLength.of(TrainConfig(epochs=3, max_steps=7), 10).steps == 7
+    budget = RunLength.of(TrainConfig(epochs=3, max_steps=7, time_budget_s=100), 10)
+    assert budget.steps is None and budget.progress(step=10**6, elapsed_s=50) == 0.5  # steps do not count
 
 
 def test_lr_schedule_follows_a_time_budget():
-    cfg = TrainConfig(epochs=10, lr_steps=(8,), lr_gamma=0.1, time_budget_s=100)
-    assert engine.lr_factor(0, 100, cfg, elapsed_s=79) == 1.0
-    assert engine.lr_factor(0, 100, cfg, elapsed_s=81) == pytest.approx(0.1)
-    assert engine.lr_factor(800, 100, cfg, elapsed_s=1) == pytest.approx(0.1)  # epochs still count
+    cfg = TrainConfig(lr_drops=(0.8,), lr_gamma=0.1, time_budget_s=100)
+    assert engine.lr_factor(0, 0.79, cfg) == 1.0
+    assert engine.lr_factor(0, 0.81, cfg) == pytest.approx(0.1)
+
+
+def test_legacy_lr_steps_in_epochs_become_fractions():
+    cfg = from_dict({"train": {"epochs": 50, "lr_steps": [40, 45]}}).validate()
+    assert cfg.train.lr_drops == pytest.approx((0.8, 0.9))
+
+
+def test_too_few_steps_warning_names_the_numbers():
+    cfg = TrainConfig(epochs=30, batch_size=8)
+    length = RunLength.of(cfg, steps_per_epoch=1)
+    message = too_few_steps_warning(length.steps, 3, 8, length, cfg)
+    assert "only 30 optimizer steps" in message and "3 images / 8 per step = 1 step(s) per epoch" in message
+    assert "train.max_steps" in message
+    assert too_few_steps_warning(300, 3, 8, length, cfg) is None
+
+
+def test_small_dataset_run_in_steps_plans_warns_and_validates_at_fractions(data, tmp_path):
+    # 8 images at batch 2 are 4 steps per epoch: a run of 10 steps crosses epoch ends mid-way, validates
+    # at 1/2 and 2/2 of it (not at every epoch end) and says how many steps it plans, with the warning.
+    messages: list[str] = []
+    summary = engine.train(tiny_config(max_steps=10, evals_per_run=2), *data["train"], *data["val"],
+                           out_dir=tmp_path, log=messages.append)
+    assert summary["stopped"] == "completed" and summary["iteration"] == 10 and summary["epoch"] == 2
+    assert [r["iter"] for r in _rows(tmp_path, "val")] == [5, 10]
+    assert any("planned: 10 optimizer steps (train.max_steps" in m for m in messages)
+    assert any(m.startswith("warning: only 10 optimizer steps planned") for m in messages)
+
+
+def test_time_budget_is_a_target_not_capped_by_epochs(data, tmp_path):
+    # epochs=1 would end after 4 steps; the budget decides instead and the run goes on past the epoch.
+    messages: list[str] = []
+    summary = engine.train(tiny_config(epochs=1, time_budget_s=6.0, evals_per_run=1), *data["train"],
+                           out_dir=tmp_path, log=messages.append)
+    assert summary["stopped"] == "time_budget" and summary["iteration"] > 4 and summary["train_time_s"] >= 6.0
+    assert any(m.startswith("planned: about ") and "steps in the 6 s budget" in m for m in messages)
 
 
 def test_refusals(data, tmp_path):

@@ -1,12 +1,25 @@
-"""The official recipe's optimizer groups and learning-rate schedule (epochs or a time budget)."""
+"""The official recipe's optimizer groups, the run's length and its learning-rate schedule.
+
+A run is defined by one of three lengths, in this order: ``train.time_budget_s`` (training seconds: the run
+lasts that long, epoch after epoch), ``train.max_steps`` (optimizer steps, detectron2's MAX_ITER) or
+``train.epochs``. The lr drops (``train.lr_drops``) are fractions of that length, so one recipe fits a
+3-image dataset, COCO and a 6-minute budget alike.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ..config import TrainConfig
+
+# Fewer optimizer steps than this rarely learn anything from scratch (the tiny preset's AP on the shapes
+# dataset is still near 0 after 250 steps, docs/convergence.md): the trainer warns.
+MIN_USEFUL_STEPS = 300
+
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups of the official recipe: the backbone at lr x lr_backbone_mult; the deformable-attention
@@ -27,16 +40,65 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based): x lr_gamma at each epoch of
-    lr_steps reached, times a linear warm-up from 1/warmup_iters to 1 over the first warmup_iters steps.
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run is: ``steps`` optimizer steps (None for a time budget, whose step count is only
+    estimated once training runs) or ``budget_s`` training seconds."""
 
-    With a time budget (``time_budget_s``) the schedule follows the budget too: the run is at epoch
-    ``epochs * elapsed / budget`` at the latest, so a short run still gets its lr drops, in proportion."""
-    epoch = step / steps_per_epoch
-    if cfg.time_budget_s > 0:
-        epoch = max(epoch, cfg.epochs * elapsed_s / cfg.time_budget_s)
-    factor = cfg.lr_gamma ** sum(epoch >= milestone for milestone in cfg.lr_steps)
+    steps: int | None
+    budget_s: float
+    steps_per_epoch: int
+    unit: str  # "time_budget_s" | "max_steps" | "epochs": the field that set it
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "RunLength":
+        if cfg.time_budget_s > 0:
+            return cls(None, cfg.time_budget_s, steps_per_epoch, "time_budget_s")
+        if cfg.max_steps > 0:
+            return cls(cfg.max_steps, 0.0, steps_per_epoch, "max_steps")
+        return cls(cfg.epochs * steps_per_epoch, 0.0, steps_per_epoch, "epochs")
+
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Fraction of the run done after ``step`` optimizer steps and ``elapsed_s`` training seconds."""
+        return elapsed_s / self.budget_s if self.steps is None else step / max(self.steps, 1)
+
+    def describe(self, cfg: TrainConfig) -> str:
+        if self.unit == "time_budget_s":
+            return f"a time budget of {self.budget_s:g} s (train.epochs and train.max_steps not used)"
+        if self.unit == "max_steps":
+            return f"{self.steps} optimizer steps (train.max_steps; train.epochs not used)"
+        return f"{cfg.epochs} epochs x {self.steps_per_epoch} steps = {self.steps} optimizer steps"
+
+
+def lr_factor(step: int, progress: float, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Multiplier of the base lr for optimizer step ``step`` (0-based) at ``progress`` (fraction of the run):
+    x lr_gamma for each fraction of ``lr_drops`` reached, times a linear warm-up from 1/warmup_iters to 1 over
+    the first warmup_iters steps. With ``total_steps`` a drop falls on the step ``round(fraction x total)``,
+    so a drop at 27/42 of a 42-epoch run lands exactly on the first step of epoch 27 (the official recipe)."""
+    if total_steps is not None:
+        reached = sum(step >= round(f * total_steps) for f in cfg.lr_drops)
+    else:
+        reached = sum(progress >= f for f in cfg.lr_drops)
+    factor = cfg.lr_gamma ** reached
     if cfg.warmup_iters > 0:
         factor *= min(1.0, (step + 1) / cfg.warmup_iters)
     return factor
+
+
+def too_few_steps_warning(steps: int, num_images: int, images_per_step: int, length: RunLength,
+                          cfg: TrainConfig, estimated: bool = False) -> str | None:
+    """The warning printed when a run plans fewer than MIN_USEFUL_STEPS steps (None when it plans enough)."""
+    if steps >= MIN_USEFUL_STEPS:
+        return None
+    about = "about " if estimated else ""
+    how = (f"{num_images} images / {images_per_step} per step = {length.steps_per_epoch} step(s) per epoch"
+           if length.unit == "epochs" else length.describe(cfg))
+    return (f"warning: only {about}{steps} optimizer steps planned ({how}); fewer than {MIN_USEFUL_STEPS} rarely "
+            f"learn anything: set train.max_steps (e.g. {max(2000, 10 * MIN_USEFUL_STEPS)}) or a longer "
+            f"train.time_budget_s")
+
+
+def steps_at_budget(step: int, elapsed_s: float, rate_s: float, budget_s: float) -> int:
+    """Estimated total steps of a time-budget run: those done plus what the rest of the budget holds at
+    ``rate_s`` seconds per step."""
+    return step + max(0, math.floor((budget_s - elapsed_s) / max(rate_s, 1e-9)))

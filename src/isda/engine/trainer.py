@@ -74,7 +74,7 @@ from .distributed import (
 from .evaluation import evaluate, write_results_json
 from .metrics import MetricsLog, memory_gb
 from .sampling import SeededSamples, seed_all
-from .schedule import lr_factor, param_groups
+from .schedule import RunLength, lr_factor, param_groups, steps_at_budget, too_few_steps_warning
 
 # Called on rank 0 with (run directory, model, validation set or None) after each validation, and at the
 # end of a run without a validation set: where pictures of the run are drawn.
@@ -182,8 +182,9 @@ class _Trainer:
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.tcfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.accumulate)
         self.clock = time.perf_counter()  # training time = now - clock (evaluation time is added to clock)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.steps_per_epoch, self.tcfg, self.elapsed()))
+        self.length = RunLength.of(self.tcfg, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
+            step, self.length.progress(step, self.elapsed()), self.tcfg, self.length.steps))
 
         self.step = 0  # optimizer steps done (skipped ones included)
         self.epoch = 0
@@ -192,6 +193,9 @@ class _Trainer:
         self.best_ap = -1.0
         self.val_stats: dict[str, float] | None = None
         self.last_eval_step = -1
+        self.evals_done = 0  # validations at fractions of a run measured in steps or time
+        self.session_start: tuple[int, float] | None = None  # (step, elapsed) at this process' first step
+        self.estimate_logged = False
         self.train_time = 0.0  # training seconds before this run (from a resumed checkpoint)
         self.saved_step = -1
         self.metrics = MetricsLog(out_dir / "metrics.jsonl", is_main_process())
@@ -214,6 +218,7 @@ class _Trainer:
             "best_ap": self.best_ap,
             "val_stats": self.val_stats,
             "last_eval_step": self.last_eval_step,
+            "evals_done": self.evals_done,
             "train_time_s": self.elapsed(),
             "world_size": self.world_size,
             "config": self.cfg.to_dict(),
@@ -254,6 +259,7 @@ class _Trainer:
         self.epoch, self.step_in_epoch, self.step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["iteration"]
         self.nonfinite, self.best_ap, self.val_stats = ckpt["nonfinite"], ckpt["best_ap"], ckpt["val_stats"]
         self.last_eval_step, self.train_time = ckpt["last_eval_step"], ckpt["train_time_s"]
+        self.evals_done = ckpt.get("evals_done", 0)
         rng = ckpt["rng"]
         restore_rng_state(rng[self.rank % len(rng)])
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
@@ -266,39 +272,60 @@ class _Trainer:
             self.metrics.trim(self.step)
             for path in remove_stale_temps(self.out_dir):
                 self.log(f"removed {path}: a partial write of a run that was killed")
-        total = self.tcfg.epochs * self.steps_per_epoch
-        stop_at = min(total, max_iters) if max_iters is not None else total
+        self.max_iters = max_iters
+        stop_at = min(s for s in (self.length.steps, max_iters) if s is not None) if (
+            self.length.steps is not None or max_iters is not None) else None
         self.log(f"training on {len(self.train_set)} images, {self.world_size} process(es) x batch "
                  f"{self.tcfg.batch_size} x accumulate {self.tcfg.accumulate}, {self.steps_per_epoch} steps/epoch, "
-                 f"steps {self.step} -> {stop_at} on {self.device}"
-                 + (f" (DDP, backend {get_backend()})" if self.ddp is not None else ""))
+                 f"on {self.device}" + (f" (DDP, backend {get_backend()})" if self.ddp is not None else ""))
+        self.log(f"planned: {self.length.describe(self.tcfg)}"
+                 + (f", from step {self.step}" if self.step else "")
+                 + (f"; stopping at step {max_iters} (--max-iters)" if max_iters is not None else ""))
+        if self.length.steps is not None and (warning := too_few_steps_warning(
+                self.length.steps, len(self.train_set), self.images_per_step(), self.length, self.tcfg)):
+            self.log(warning)
         self.clock = time.perf_counter() - self.train_time
         stopped = None
+        # A time-budget run's bar total is re-estimated from the measured step rate as it goes.
         bar = tqdm(total=stop_at, initial=self.step, dynamic_ncols=True, disable=not is_main_process())
         try:
-            while self.epoch < self.tcfg.epochs and stopped is None:
-                stopped = self.should_stop(stop_at) or self.train_epoch(stop_at, bar)
+            while stopped is None:
+                stopped = self.should_stop() or self.train_epoch(bar)
         finally:
             bar.close()
-        if stopped is not None:  # interrupted run: evaluate and save the final state
-            improved = self.validate() if self.last_eval_step != self.step else False
-            if improved or self.saved_step != self.step:
-                self.save(best=improved)
+        # The end of a run measured in steps or time, or an interrupted one: evaluate and save the final state.
+        improved = self.validate() if self.last_eval_step != self.step else False
+        if improved or self.saved_step != self.step:
+            self.save(best=improved)
         if is_main_process() and self.val_set is None and self.on_validation is not None:
             self.on_validation(self.out_dir, self.model, None)
         return self.summary(stopped or "completed")
 
-    def should_stop(self, stop_at: int) -> str | None:
-        if self.step >= stop_at:
+    def images_per_step(self) -> int:
+        return self.world_size * self.tcfg.batch_size * self.tcfg.accumulate
+
+    def should_stop(self) -> str | None:
+        """completed (the planned steps), time_budget (the planned time), max_iters (--max-iters) or None."""
+        if self.length.steps is not None and self.step >= self.length.steps:
+            return "completed"
+        if self.max_iters is not None and self.step >= self.max_iters:
             return "max_iters"
         # Rank 0's clock decides, so that every process stops at the same step.
-        if self.tcfg.time_budget_s > 0 and broadcast_flag(self.elapsed() >= self.tcfg.time_budget_s, self.device):
+        if self.length.budget_s > 0 and broadcast_flag(self.elapsed() >= self.length.budget_s, self.device):
             return "time_budget"
         return None
 
-    def train_epoch(self, stop_at: int, bar: tqdm) -> str | None:
-        """Train to the end of the epoch (then validate and save; returns None) or to a stop condition
-        (returns its name)."""
+    def eval_due(self) -> bool:
+        """In a run measured in steps or time: whether the next of its evals_per_run validations is due (rank
+        0's clock decides for a time budget, so that every process validates at the same step)."""
+        if self.length.unit == "epochs":
+            return False
+        due = self.length.progress(self.step, self.elapsed()) >= (self.evals_done + 1) / self.tcfg.evals_per_run
+        return broadcast_flag(due, self.device) if self.length.budget_s > 0 else due
+
+    def train_epoch(self, bar: tqdm) -> str | None:
+        """Train to the end of the epoch (in a run measured in epochs: then validate and save) and return None,
+        or to a stop condition and return its name."""
         self.sampler.set_epoch(self.epoch)
         self.samples.set_epoch(self.epoch)
         done = self.step_in_epoch * self.tcfg.accumulate
@@ -310,15 +337,21 @@ class _Trainer:
         while self.step_in_epoch < self.steps_per_epoch:
             n = min(self.tcfg.accumulate, self.batches_per_epoch - self.step_in_epoch * self.tcfg.accumulate)
             self.train_step(batches, n, bar)
-            if self.step_in_epoch < self.steps_per_epoch:
-                if self.tcfg.checkpoint_every > 0 and self.step % self.tcfg.checkpoint_every == 0:
-                    self.save()
-                if stopped := self.should_stop(stop_at):
-                    return stopped
-        self.epoch += 1
-        self.step_in_epoch = 0
-        due = self.epoch % self.tcfg.eval_every == 0 or self.epoch == self.tcfg.epochs
-        self.save(best=self.validate() if due else False)
+            epoch_end = self.step_in_epoch == self.steps_per_epoch
+            if epoch_end:
+                self.epoch += 1
+                self.step_in_epoch = 0
+            if stopped := self.should_stop():
+                return stopped
+            if self.eval_due():
+                self.evals_done += 1
+                self.save(best=self.validate())
+            elif epoch_end and self.length.unit == "epochs":
+                self.save(best=self.validate() if self.epoch % self.tcfg.eval_every == 0 else False)
+            elif self.tcfg.checkpoint_every > 0 and self.step % self.tcfg.checkpoint_every == 0:
+                self.save()
+            if epoch_end:
+                return None
         return None
 
     def train_step(self, batches: Iterator, n: int, bar: tqdm) -> None:
@@ -374,7 +407,29 @@ class _Trainer:
             self.record_train(values, grad_norm, lr, bar)
         else:
             self.record_skip()
+        if self.length.budget_s > 0:
+            self.plan_budget(bar)
         bar.update(1)
+
+    def plan_budget(self, bar: tqdm) -> None:
+        """A time-budget run's step count, estimated from the step rate after a few warm-up steps: shown as the
+        progress bar's total, logged once (with the too-few-steps warning)."""
+        warmup = 2  # the first steps include start-up work (data workers, allocator)
+        if self.session_start is None:
+            self.session_start = (self.step, self.elapsed())
+            return
+        done = self.step - self.session_start[0]
+        if done < warmup:
+            return
+        rate = (self.elapsed() - self.session_start[1]) / done
+        planned = steps_at_budget(self.step, self.elapsed(), rate, self.length.budget_s)
+        bar.total = planned if self.max_iters is None else min(planned, self.max_iters)
+        if not self.estimate_logged and done >= 3 * warmup:
+            self.estimate_logged = True
+            self.log(f"planned: about {planned} steps in the {self.length.budget_s:g} s budget at {rate:.2f} s/step")
+            if warning := too_few_steps_warning(planned, len(self.train_set), self.images_per_step(), self.length,
+                                                self.tcfg, estimated=True):
+                self.log(warning)
 
     # ---- logging ----------------------------------------------------------------------------------
     def record_train(self, values: dict[str, float], grad_norm: float, lr: float, bar: tqdm) -> None:
