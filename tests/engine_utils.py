@@ -18,7 +18,7 @@ SMALL = {
     "hidden_dim": 64, "enc_layers": 1, "dec_layers": 2, "ffn_dim": 128, "num_queries": 10, "hybrid_queries": 20,
     "mask_feat_channels": 32, "mask_out_channels": 32, "num_detections": 10,
     "train_short_sides": [56, 64], "train_max_size": 64, "crop_resize_short_sides": [64, 72],
-    "crop_size": [48, 64], "crop_prob": 0.5, "test_short_side": 64, "test_max_size": 64,
+    "crop_size": [48, 64], "crop_prob": 0.5, "test_short_side": 64, "test_max_size": 64, "fit_sizes": False,
     "batch_size": 2, "num_workers": 0, "epochs": 2, "max_steps": 0, "lr_drops": [0.5], "log_every": 1,
 }
 

@@ -87,7 +87,7 @@ def test_run_directory_validation_and_best_checkpoint(data, tmp_path, monkeypatc
     messages: list[str] = []
     drawn = []
     summary = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path, log=messages.append,
-                           on_validation=lambda out, model, val: drawn.append((out, model.training, len(val))))
+                           on_validation=lambda out, model, val, _data: drawn.append((out, model.training, len(val))))
     assert saves == [("last.pt", 2), ("last.pt", 4), ("best.pt", 4)]  # every 2 steps, at the epoch's end
     assert drawn == [(tmp_path, True, 4)]  # after the one validation; the loop itself draws nothing
     assert not list(tmp_path.glob("*.png"))

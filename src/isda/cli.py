@@ -7,7 +7,6 @@ status 2 and one line on stderr; ``ISDA_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 import os
@@ -214,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         val_ann, val_images = _split(args, args.val_split)
     summary = engine.train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, resume=args.resume,
                            max_iters=args.max_iters, device=args.device, init=args.init,
-                           on_validation=functools.partial(draw_run, data_cfg=cfg.data))
+                           on_validation=draw_run)
     return summary
 
 

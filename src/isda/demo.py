@@ -7,7 +7,6 @@ the held-out split -> overlays, the reference-point figure and the curves under 
 from __future__ import annotations
 
 import argparse
-import functools
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     budget = cfg.train.time_budget_s
     print(f"[2/4] training isda_tiny from scratch for {budget / 60:.1f} min on {args.device or 'the default device'}")
     summary = train(cfg, *paths["train"], *paths["val"], out_dir=out, device=args.device,
-                    on_validation=functools.partial(draw_run, data_cfg=cfg.data))
+                    on_validation=draw_run)
     print(f"trained {summary['iteration']} iterations in {summary['train_time_s'] / 60:.1f} min")
     result, pictures = evaluate_and_draw(out, *paths["val"], args.device or "cpu", t0,
                                          {"training iterations": summary["iteration"],

@@ -133,7 +133,7 @@ def save_examples(model: ISDA, data_cfg: DataConfig, dataset, path: Path, count:
     return path
 
 
-def draw_run(run_dir: Path, model: ISDA, val_set=None, *, data_cfg: DataConfig) -> None:
+def draw_run(run_dir: Path, model: ISDA, val_set, data_cfg: DataConfig) -> None:
     """A training run's pictures and report (an ``on_validation`` callback of :func:`isda.engine.train`):
     curves.png (loss and AP so far), with a validation set val_predictions.png (four of its images, ground
     truth beside prediction), and report.html."""

@@ -45,8 +45,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, require_backbone_init, save_config
+from ..config import Config, ConfigError, DataConfig, require_backbone_init, save_config
 from ..data import CocoInstanceDataset, build_transforms, collate
+from ..data.sizing import dataset_stats, fit_sizes, size_warnings
 from ..fileio import check_writable_dir, remove_stale_temps
 from ..models.isda import ISDA
 from ..weights import load_pretrained
@@ -76,9 +77,10 @@ from .metrics import MetricsLog, memory_gb
 from .sampling import SeededSamples, seed_all
 from .schedule import RunLength, lr_factor, param_groups, steps_at_budget, too_few_steps_warning
 
-# Called on rank 0 with (run directory, model, validation set or None) after each validation, and at the
-# end of a run without a validation set: where pictures of the run are drawn.
-OnValidation = Callable[[Path, ISDA, "CocoInstanceDataset | None"], None]
+# Called on rank 0 with (run directory, model, validation set or None, the run's data config: its sizes may
+# have been fitted to the data) after each validation, and at the end of a run without a validation set:
+# where pictures of the run are drawn.
+OnValidation = Callable[[Path, ISDA, "CocoInstanceDataset | None", DataConfig], None]
 
 __all__ = ["NonFiniteLossError", "OnValidation", "train"]
 
@@ -128,8 +130,16 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
         if not (resume and (out / "last.pt").exists()):
             require_backbone_init(cfg, init)  # a frozen random backbone never learns
         check_writable_dir(out, "output folder")  # before any work, not when the first checkpoint is saved
+        say = log if is_main_process() else lambda _msg: None
         train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
         train_set.require_instances()
+        stats = dataset_stats(train_set.coco)
+        cfg.data, fitted = fit_sizes(cfg.data, stats, cfg.model.num_queries)
+        if fitted:
+            say(fitted)
+            train_set.transforms = build_transforms(cfg.data, True)
+        for warning in size_warnings(cfg.data, stats, cfg.model.num_queries, cfg.model.num_detections):
+            say(warning)
         val_set = None
         if val_ann is not None:
             if val_images is None:
@@ -140,8 +150,7 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
                                  f"{train_set.cat_ids}")
             val_set.require_instances()
         cfg.model.num_classes = train_set.num_classes
-        trainer = _Trainer(cfg, train_set, val_set, out, dev, log if is_main_process() else lambda _msg: None,
-                           on_validation)
+        trainer = _Trainer(cfg, train_set, val_set, out, dev, say, on_validation)
         if resume and (out / "last.pt").exists():
             trainer.load(out / "last.pt")
         else:
@@ -298,7 +307,7 @@ class _Trainer:
         if improved or self.saved_step != self.step:
             self.save(best=improved)
         if is_main_process() and self.val_set is None and self.on_validation is not None:
-            self.on_validation(self.out_dir, self.model, None)
+            self.on_validation(self.out_dir, self.model, None, self.cfg.data)
         return self.summary(stopped or "completed")
 
     def images_per_step(self) -> int:
@@ -477,7 +486,7 @@ class _Trainer:
                                 "per_category": result.per_category, "time": round(start - self.clock, 3)})
             self.log(f"validation at epoch {self.epoch}, step {self.step} (mask AP, %):\n{result.table()}")
             if self.on_validation is not None:
-                self.on_validation(self.out_dir, self.model, self.val_set)
+                self.on_validation(self.out_dir, self.model, self.val_set, self.cfg.data)
         self.clock += time.perf_counter() - start  # evaluation is not training time
         return improved
 
