@@ -1,4 +1,5 @@
-"""The fault corpus: bad input and faults a user hits, each run through ``isda train / eval / predict`` and
+"""The fault corpus: bad input and faults a user hits, each run through ``isda train / eval / predict / convert
+labels`` and
 held to its exact behaviour (exit code; the one error line naming the file or field, or the warning; files
 that must not change). ``docs/faults.md`` is generated from ``CASES``: ``.venv/bin/python tests/test_fault_corpus.py``.
 
@@ -370,6 +371,28 @@ def existing_run(ctx: Ctx) -> list[str]:
     return train_args(*ctx.dataset(), out)
 
 
+def label_images(write_second: Callable[[Path], None] | None = None) -> Callable[[Ctx], list[str]]:
+    """`isda convert labels` on the two clean images, one box instance each; ``write_second`` replaces image 2's
+    label image (given the labels folder), or it has none."""
+    def build(ctx: Ctx) -> list[str]:
+        _, images = ctx.dataset()
+        labels = ctx.dir / "labels"
+        labels.mkdir()
+        box = np.zeros((H, W), np.uint8)
+        box[4:20, 6:30] = 1
+        Image.fromarray(box).save(labels / "1.png")
+        if write_second is not None:
+            write_second(labels)
+        return ["convert", "labels", "--labels", str(labels), "--images", str(images),
+                "--out", str(ctx.out("labels.json"))]
+    return build
+
+
+def check_one_image_converted(ctx: Ctx, stderr: str) -> None:
+    coco = json.loads(ctx.out("labels.json").read_text())
+    assert [img["file_name"] for img in coco["images"]] == ["1.png"] and len(coco["annotations"]) == 1
+
+
 def junk_folder(ctx: Ctx) -> list[str]:
     folder = ctx.dir / "photos"
     folder.mkdir()
@@ -389,13 +412,13 @@ def junk_folder(ctx: Ctx) -> list[str]:
 @dataclass(frozen=True)
 class Case:
     name: str
-    command: str  # train | eval | predict
+    command: str  # train | eval | predict | convert labels
     fault: str  # what the user gave (docs)
     build: Callable[[Ctx], list[str]]  # writes the input, returns the command's arguments
     exit: int  # 0: the run went on; 2: one error line
     message: str  # in the error line (exit 2) or in a warning / stderr (exit 0); "" for none
     behaviour: str  # what happens (docs)
-    issue: str = ""  # the item of issue 16 that fixed it ("" : it already behaved so)
+    issue: str = ""  # the item of issue 16 that fixed it, or ISSUE.ITEM of a later one ("" : it already behaved so)
     unchanged: tuple[str, ...] = ()  # files (relative to the case folder) that must not change
     check: Callable[[Ctx, str], None] | None = None
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
@@ -431,7 +454,8 @@ CASES: list[Case] = [
          0, "", "alpha dropped, no warning"),
     Case("16_bit", "eval", "a 16-bit grayscale PNG",
          lambda c: one_image(c, lambda p: Image.fromarray(picture(0)[..., 0].astype(np.uint16) * 257).save(p)), 0, "",
-         "scaled by 1/257, no warning"),
+         "its own range: values <= 255 as 8-bit, else the 0.1th-99.9th percentile stretched to 0..255; no warning",
+         issue="18.4"),
     Case("exif_rotated", "eval", "a JPEG stored sideways with EXIF orientation 6", lambda c: one_image(
         c, save_exif_rotated, name="x.jpg"), 0, "", "EXIF orientation applied when the json's size is the rotated one"),
     Case("size_mismatch", "eval", "the json's width/height differ from the file's",
@@ -531,6 +555,17 @@ CASES: list[Case] = [
          2, "annotation file not found:", "one line naming the expected instances_train.json"),
     Case("bad_config_file", "train", "a --config YAML with an invalid value", bad_config, 2, "config field 'model.mask_stride'", "one line naming the field"),
     # --- checkpoints
+    # --- label images (isda convert labels)
+    Case("label_size_mismatch", "convert labels", "a label image of another size than its image",
+         label_images(lambda d: Image.fromarray(np.ones((20, 20), np.uint8)).save(d / "2.png")), 2,
+         "2.png: label image size 20x20 differs from its image 2.png (48x32)", "one line naming the file, before "
+         "writing anything", issue="18.4"),
+    Case("label_float", "convert labels", "a float TIFF as label image",
+         label_images(lambda d: Image.fromarray(np.ones((H, W), np.float32)).save(d / "2.tif")), 2,
+         "2.tif: label image of pixel mode F", "one line naming the file and its mode", issue="18.4"),
+    Case("label_missing", "convert labels", "an image without a label image", label_images(), 0,
+         "have no label image", "warning naming the image; it is left out of the json", issue="18.4",
+         check=check_one_image_converted),
     Case("missing_checkpoint", "eval", "--weights naming a file that does not exist",
          lambda c: eval_args(c, *c.dataset(), weights=c.dir / "missing.pt"), 2, "checkpoint not found:",
          "one line naming the file"),
@@ -584,7 +619,7 @@ def test_fault(case: Case, weights: Path, tmp_path: Path, capsys: pytest.Capture
         case.patch(monkeypatch)
     ctx = Ctx(tmp_path, weights)
     args = case.build(ctx)
-    assert args[0] == case.command
+    assert args[:len(case.command.split())] == case.command.split()
     before = {name: digest(tmp_path / name) for name in case.unchanged}
     capsys.readouterr()
     with single_thread(), warnings.catch_warnings(record=True) as caught:
@@ -618,9 +653,10 @@ def render() -> str:
         f"{len(CASES)} cases; none ends in a traceback or in a silent success: exit 2 prints exactly one line",
         "`isda <command>: error: ...` naming the file or field, before any work where the run cannot be",
         "meaningful; exit 0 means the run went on, with a warning naming the file wherever something was",
-        "skipped or changed. *Issue 16* marks the cases that issue fixed (its item number).",
+        "skipped or changed. *Issue* marks the cases an issue fixed: its item number for issue 16, `18.4` for",
+        "item 4 of issue 18 (label images in, 16-bit images).",
         "",
-        "| # | case | command | input | exit | message (fragment) | behaviour | issue 16 |",
+        "| # | case | command | input | exit | message (fragment) | behaviour | issue |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for i, c in enumerate(CASES, 1):

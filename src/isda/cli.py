@@ -1,4 +1,4 @@
-"""Command line: ``isda shapes | train | eval | predict | export | demo | convert``.
+"""Command line: ``isda shapes | train | eval | predict | export | demo | convert | convert labels``.
 
 Every user error (missing file, bad image, bad config key, checkpoint of another model) exits with
 status 2 and one line on stderr; ``ISDA_DEBUG=1`` shows the traceback instead.
@@ -45,10 +45,13 @@ EXAMPLES = {
   isda demo --minutes 3 --out runs/quick""",
     "convert": """examples:
   isda convert r50_deformable_detr-checkpoint.pth isda_init.pth         # format auto-detected
-  isda convert deformable-detr/model.safetensors isda_init.pth --from hf --num-classes 80""",
+  isda convert deformable-detr/model.safetensors isda_init.pth --from hf --num-classes 80
+  isda convert labels --labels masks/ --images imgs/ --out train.json  # label images -> COCO json (-h: options)""",
+    "convert labels": """examples:
+  isda convert labels --labels masks/ --images imgs/ --out train.json --category nucleus
+  isda convert labels --labels masks/ --images imgs/ --out train.json --class-maps classes/ --categories cats.json
+  (cats.json: {"1": "nucleus", "2": "cell"}; then: isda train --ann train.json --images imgs/ --out runs/mine)""",
 }
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class UserError(Exception):
@@ -119,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default: 9)")
     d.add_argument("--device")
 
-    c = add("convert", "Convert Deformable-DETR weights (hf / detr / mmdet) to an isda initialisation file.")
+    c = add("convert", "Convert Deformable-DETR weights (hf / detr / mmdet) to an isda initialisation file "
+                       "(instance label images to COCO json: isda convert labels).")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--from", dest="fmt", choices=["hf", "detr", "mmdet"], help="source format (default: detect)")
@@ -127,6 +131,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, default=None)
     c.add_argument("--coco-classes", action="store_true",
                    help="the source's class head is COCO's 91-id one (hf/detr): keep its 80 COCO rows")
+    return p
+
+
+def _labels_parser() -> argparse.ArgumentParser:
+    """``isda convert labels``: its own parser, as ``isda convert SRC DST`` takes positionals."""
+    p = argparse.ArgumentParser(
+        prog="isda convert labels", epilog=EXAMPLES["convert labels"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Instance label images (PNG/TIFF, 8/16/32-bit, 0 = background, one value per instance) -> a "
+                    "COCO instance-segmentation json (RLE). A label image is matched to its image by file stem, "
+                    "optionally + _label, _labels, _mask or _masks.")
+    p.set_defaults(command="convert labels")
+    p.add_argument("--labels", required=True, help="folder of instance label images")
+    p.add_argument("--images", required=True, help="folder of the images (file_name in the json is relative to it)")
+    p.add_argument("--out", required=True, help="the COCO json to write")
+    p.add_argument("--class-maps", help="folder of semantic label images (pixel value = category id, 0 = none): "
+                                        "each instance takes the majority class under its pixels")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--categories", help='JSON file of category names, e.g. {"1": "nucleus", "2": "cell"} '
+                                        "(default: class_<id> for the ids found)")
+    g.add_argument("--category", default="object", help="the one category's name without --class-maps")
     return p
 
 
@@ -309,6 +334,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _find_images(paths: list[str]) -> list[str]:
+    from .data.images import IMAGE_EXTS
+
     files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -347,10 +374,24 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}  (use: isda train --init {args.dst} ...)")
 
 
+def cmd_convert_labels(args: argparse.Namespace) -> None:
+    from .data.labelmaps import labelmaps_to_coco
+
+    out = check_writable_file(args.out, "--out")
+    done = labelmaps_to_coco(args.labels, args.images, out, class_maps_dir=args.class_maps,
+                             categories=args.categories, category_name=args.category)
+    names = ", ".join(f"{i}: {n}" for i, n in done.categories.items())
+    print(f"{done.images} images, {done.instances} instances, {len(done.categories)} categories ({names})")
+    print(f"wrote {done.path}")
+    print(f"next: isda train --ann {done.path} --images {args.images} --out runs/mine")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # "convert labels" before argparse: "convert" alone takes SRC DST, which "labels --labels ..." would fill.
+    args = _labels_parser().parse_args(argv[2:]) if argv[:2] == ["convert", "labels"] else _parser().parse_args(argv)
     commands = {"shapes": cmd_shapes, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                "export": cmd_export, "convert": cmd_convert}
+                "export": cmd_export, "convert": cmd_convert, "convert labels": cmd_convert_labels}
     from .demo import cmd_demo
 
     commands["demo"] = cmd_demo

@@ -1,7 +1,9 @@
 """Image decoding for the dataset and ``isda predict``: any file PIL reads -> uint8 RGB.
 
-Images: any PIL mode becomes 8-bit RGB; 16-bit (``I;16*``, ``I``) is scaled by 1/257 (not clipped),
-float (``F``) is taken as [0, 1] if its largest finite value is <= 1 else [0, 255], NaN/inf pixels become 0
+Images: any PIL mode becomes 8-bit RGB. 16/32-bit integer grayscale (``I;16*``, ``I``) uses the image's own
+range, not the container's: values <= 255 are taken as 8-bit, otherwise the 0.1th percentile becomes 0 and the
+99.9th 255 (clipped), the microscopy convention: 12-bit or dim 16-bit data scaled by 1/257 would be near black.
+Float (``F``) is taken as [0, 1] if its largest finite value is <= 1 else [0, 255], NaN/inf pixels become 0
 with a warning (an inf must not scale the rest to black); alpha is dropped (the stored RGB
 is kept, as OpenCV-based pipelines do); palette and CMYK go through PIL's conversion. EXIF orientation:
 COCO's width/height decide. If they equal the EXIF-transposed size the transposed image is used (the
@@ -23,6 +25,10 @@ from .annotations import DataWarning
 _EXIF_ORIENTATION = 0x0112
 
 
+# The file types the CLI and the label-image converter read as images.
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
 class UnusableImage(Exception):
     """The image could not be used (the message says why); the dataset warns and substitutes."""
 
@@ -31,11 +37,12 @@ def _to_rgb_uint8(img: Image.Image, path: str | os.PathLike) -> np.ndarray:
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img).astype(np.float64)
-        if mode == "I" and a.size and a.max() <= 255:
-            gray = a  # 32-bit container holding 8-bit values
-        else:
-            gray = a / 257.0
-        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        if a.size and a.max() > 255:
+            lo, hi = np.percentile(a, (0.1, 99.9))
+            if hi <= lo:  # nearly constant but for a few pixels: their full range
+                lo, hi = a.min(), a.max()
+            a = (a - lo) * (255.0 / max(hi - lo, 1.0))
+        gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if mode == "F":
         a = np.asarray(img).astype(np.float64)
