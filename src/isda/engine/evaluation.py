@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_masks",
     "gather_results",
     "predictions_to_coco_results",
+    "rle_result",
     "write_results_json",
 ]
 
@@ -70,17 +71,20 @@ def predictions_to_coco_results(
         masks = pred["masks"].detach().cpu().numpy().astype(np.uint8)
         # pycocotools encodes column-major [H, W, K] uint8 arrays.
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-        bboxes = mask_utils.toBbox(rles).tolist()
-        for score, label, rle, bbox in zip(scores, labels, rles, bboxes):
-            results.append({
-                "image_id": int(image_id),
-                "category_id": int(cat_ids[label]),
-                # JSON cannot hold bytes; loadRes/COCOeval accept str counts.
-                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                "score": float(score),
-                "bbox": [float(v) for v in bbox],
-            })
+        results += [rle_result(image_id, cat_ids[label], rle, score) for score, label, rle in zip(scores, labels, rles)]
     return results
+
+
+def rle_result(image_id: int, category_id: int, rle: Mapping[str, Any], score: float) -> dict[str, Any]:
+    """One COCO results entry for a pycocotools RLE (``counts`` bytes); ``bbox`` is the mask's xywh."""
+    return {
+        "image_id": int(image_id),
+        "category_id": int(category_id),
+        # JSON cannot hold bytes; loadRes/COCOeval accept str counts.
+        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "score": float(score),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle).tolist()],
+    }
 
 
 @dataclass
