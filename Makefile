@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv test demo bench bench-full gpu-check clean
+.PHONY: venv test demo bench bench-full gpu-check real-data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-test: venv
+# Real annotated data that ships on PyPI (stardist's nuclei image and label image): `pip download`, no install.
+REAL_DATA := .cache/real/img2d.tif
+$(REAL_DATA): $(VENV)/.installed
+	$(PY) -m benchmarks.real_nuclei fetch
+
+real-data: $(REAL_DATA)
+
+test: venv $(REAL_DATA)
 	$(PY) -m pytest -q tests
 
 demo: venv
@@ -33,4 +40,4 @@ gpu-check: venv
 	$(PY) -m benchmarks.gpu_check
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

@@ -1,0 +1,57 @@
+"""Real annotated data from outside our generator: the nuclei image and label image shipped in the stardist wheel
+(`make real-data` downloads it; benchmarks/real_nuclei.py). Conversion round trip, sizes fitted to it, learning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.real_nuclei import CACHE, MEMBERS, prepare
+from isda.config import get_preset
+from isda.data import CocoInstanceDataset, build_transforms, decode_rle, load_rgb
+from isda.data.sizing import dataset_stats, fit_sizes
+
+SOURCES = {k: CACHE / m.rsplit("/", 1)[1] for k, m in MEMBERS.items()}
+if not all(p.is_file() for p in SOURCES.values()):
+    raise RuntimeError(f"{SOURCES['image']} is missing: run `make real-data` (make test does)")
+
+
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory):
+    return prepare(SOURCES, tmp_path_factory.mktemp("nuclei"))
+
+
+def test_label_images_round_trip_through_coco_exactly(nuclei):
+    for split, (ann, images) in nuclei.items():
+        coco = json.loads(ann.read_text())
+        for info in coco["images"]:
+            labels = np.array(Image.open(images.parent / "labels" / info["file_name"]))
+            ids = [i for i in np.unique(labels) if i]
+            anns = [a for a in coco["annotations"] if a["image_id"] == info["id"]]
+            assert len(anns) == len(ids) > 20  # every nucleus, the ones cut by the tile border included
+            masks = sorted((decode_rle(a["segmentation"]) for a in anns), key=lambda m: m.sum())
+            truth = sorted(((labels == i).astype(np.uint8) for i in ids), key=lambda m: m.sum())
+            for got, want in zip(masks, truth):
+                assert np.array_equal(got, want)
+
+
+def test_the_16_bit_microscopy_tiles_are_read_visibly(nuclei):
+    ann, images = nuclei["test"]
+    path = images / json.loads(ann.read_text())["images"][0]["file_name"]
+    raw = np.array(Image.open(path))
+    assert raw.dtype == np.uint16 and 100 < raw.max() <= 255
+    rgb = load_rgb(path)  # 16-bit values that fit in 8 bits are taken as they are, not divided by 257 (black)
+    assert rgb.dtype == np.uint8 and all(np.array_equal(rgb[..., c], raw) for c in range(3))
+
+
+def test_the_tiny_preset_fits_its_input_size_to_the_nuclei(nuclei):
+    train = CocoInstanceDataset(*nuclei["train"], train=True)
+    stats = dataset_stats(train.coco)
+    assert 15 < stats.median_instance_px < 25 and stats.median_short_side == 256
+    data, line = fit_sizes(get_preset("isda_tiny").data, stats, num_queries=100)
+    assert line is not None and data.test_short_side >= 256  # at least native resolution, not 128
+    image, target = CocoInstanceDataset(*nuclei["train"], build_transforms(data, True), train=True)[0]
+    assert image.shape[-2:] == (128, 128) and len(target["masks"]) > 0
