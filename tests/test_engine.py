@@ -261,13 +261,25 @@ def test_small_dataset_run_in_steps_plans_warns_and_validates_at_fractions(data,
     assert any(m.startswith("warning: only 10 optimizer steps planned") for m in messages)
 
 
-def test_time_budget_is_a_target_not_capped_by_epochs(data, tmp_path):
+def test_time_budget_is_a_target_not_capped_by_epochs(data, tmp_path, monkeypatch):
     # epochs=1 would end after 4 steps; the budget decides instead and the run goes on past the epoch.
+    bars = []
+
+    class RecordingBar(isda.engine.trainer.tqdm):
+        def update(self, n=1):
+            bars.append((self.n + n, self.total))
+            return super().update(n)
+
+    monkeypatch.setattr(isda.engine.trainer, "tqdm", RecordingBar)
     messages: list[str] = []
     summary = engine.train(tiny_config(epochs=1, time_budget_s=6.0, evals_per_run=1), *data["train"],
                            out_dir=tmp_path, log=messages.append)
-    assert summary["stopped"] == "time_budget" and summary["iteration"] > 4 and summary["train_time_s"] >= 6.0
+    steps = summary["iteration"]
+    assert summary["stopped"] == "time_budget" and steps > 4 and summary["train_time_s"] >= 6.0
     assert any(m.startswith("planned: about ") and "steps in the 6 s budget" in m for m in messages)
+    # The progress bar's end is the estimate from the measured rate, not the epochs' 4 steps: near the real end.
+    final_total = bars[-1][1]
+    assert bars[-1][0] == steps and 0.7 * steps <= final_total <= 1.3 * steps
 
 
 def test_refusals(data, tmp_path):
