@@ -244,7 +244,7 @@ def test_too_few_steps_warning_names_the_numbers():
     cfg = TrainConfig(epochs=30, batch_size=8)
     length = RunLength.of(cfg, steps_per_epoch=1)
     message = too_few_steps_warning(length.steps, 3, 8, length, cfg)
-    assert "only 30 optimizer steps" in message and "3 images / 8 per step = 1 step(s) per epoch" in message
+    assert "only 30 optimizer steps" in message and "1 step(s) per epoch of 3 images at 8 per step" in message
     assert "train.max_steps" in message
     assert too_few_steps_warning(300, 3, 8, length, cfg) is None
 
@@ -259,6 +259,18 @@ def test_small_dataset_run_in_steps_plans_warns_and_validates_at_fractions(data,
     assert [r["iter"] for r in _rows(tmp_path, "val")] == [5, 10]
     assert any("planned: 10 optimizer steps (train.max_steps" in m for m in messages)
     assert any(m.startswith("warning: only 10 optimizer steps planned") for m in messages)
+
+
+def test_repeated_samples_are_augmented_apart(data):
+    from isda.data import CocoInstanceDataset, build_transforms
+    from isda.engine.sampling import SeededSamples
+
+    dataset = CocoInstanceDataset(*data["train"], build_transforms(tiny_config(crop_prob=1.0).data, True))
+    samples = SeededSamples(dataset, seed=0, repeats=3)
+    assert len(samples) == 3 * len(dataset)
+    copies = [samples[i * len(dataset)][0] for i in range(3)]  # image 0, three times
+    assert not any(a.shape == b.shape and torch.equal(a, b) for a, b in zip(copies, copies[1:]))
+    assert torch.equal(samples[len(dataset)][0], samples[len(dataset)][0])  # still reproducible
 
 
 def test_time_budget_is_a_target_not_capped_by_epochs(data, tmp_path, monkeypatch):

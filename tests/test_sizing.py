@@ -87,7 +87,7 @@ def _tiles(root: Path, count: int = 3, side: int = 256, spot: int = 10) -> tuple
 
 
 def test_training_fits_sizes_warns_about_crowding_and_records_the_sizes(tmp_path):
-    ann, images = _tiles(tmp_path)  # 64 spots per tile, 3 tiles: one step per epoch at batch 8
+    ann, images = _tiles(tmp_path)  # 64 spots per tile, 3 tiles
     cfg = tiny_config(fit_sizes=True, batch_size=8, epochs=30, num_queries=50, num_detections=40)
     messages: list[str] = []
     with single_thread():
@@ -97,7 +97,9 @@ def test_training_fits_sizes_warns_about_crowding_and_records_the_sizes(tmp_path
     text = "\n".join(messages)
     assert "input size from the data (data.fit_sizes): median instance 10 px in 256 px images" in text
     assert "tile_0.png has 64 instances, more than model.num_queries=50" in text
-    assert "planned: 30 epochs x 1 steps = 30 optimizer steps" in text
-    assert "warning: only 30 optimizer steps planned (3 images / 8 per step = 1 step(s) per epoch)" in text
+    # 3 images fill a batch of 8 when each is seen 8 times per epoch (24 samples: 3 full batches).
+    assert "training on 3 images (each 8 times per epoch: fewer than a batch)" in text
+    assert "planned: 30 epochs x 3 steps = 90 optimizer steps" in text
+    assert "warning: only 90 optimizer steps planned (3 step(s) per epoch of 3 images at 8 per step)" in text
     saved = load_config(tmp_path / "run" / "config.yaml").data  # predict and eval use these sizes
     assert saved.test_short_side > cfg.data.test_short_side and saved.crop_prob == 1.0

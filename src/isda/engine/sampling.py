@@ -13,16 +13,17 @@ from torch.utils.data import Dataset
 
 class SeededSamples(Dataset):
     """Wraps a dataset so that sample ``i`` of epoch ``e`` is augmented with RNGs seeded from
-    (seed, e, i), whichever worker or process loads it; the caller's RNG states are left untouched."""
+    (seed, e, i), whichever worker or process loads it; the caller's RNG states are left untouched.
+    ``repeats``: an epoch holds every image that many times, each copy augmented with its own seed."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, repeats: int = 1) -> None:
+        self.dataset, self.seed, self.epoch, self.repeats = dataset, seed, 0, repeats
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) * self.repeats
 
     def __getitem__(self, index: int) -> Any:
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
@@ -32,7 +33,7 @@ class SeededSamples(Dataset):
             np.random.seed(seed)
             torch.manual_seed(seed)
             try:
-                return self.dataset[index]
+                return self.dataset[index % len(self.dataset)]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)

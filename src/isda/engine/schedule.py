@@ -91,7 +91,7 @@ def too_few_steps_warning(steps: int, num_images: int, images_per_step: int, len
     if steps >= MIN_USEFUL_STEPS:
         return None
     about = "about " if estimated else ""
-    how = (f"{num_images} images / {images_per_step} per step = {length.steps_per_epoch} step(s) per epoch"
+    how = (f"{length.steps_per_epoch} step(s) per epoch of {num_images} images at {images_per_step} per step"
            if length.unit == "epochs" else length.describe(cfg))
     return (f"warning: only {about}{steps} optimizer steps planned ({how}); fewer than {MIN_USEFUL_STEPS} rarely "
             f"learn anything: set train.max_steps (e.g. {max(2000, 10 * MIN_USEFUL_STEPS)}) or a longer "

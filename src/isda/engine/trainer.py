@@ -185,8 +185,13 @@ class _Trainer:
                                            weight_decay=self.tcfg.weight_decay, foreach=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.tcfg.amp == "fp16")
 
-        self.samples = SeededSamples(train_set, self.tcfg.seed)
-        self.sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+        # A dataset smaller than the global batch is repeated within the epoch (each copy augmented on its own), so
+        # that every batch holds train.batch_size images as configured (as an infinite sampler gives): as many
+        # copies as make the epoch a whole number of batches.
+        batch = self.world_size * self.tcfg.batch_size
+        self.repeats = batch // math.gcd(len(train_set), batch) if len(train_set) < batch else 1
+        self.samples = SeededSamples(train_set, self.tcfg.seed, self.repeats)
+        self.sampler = DistributedSampler(self.samples, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                           seed=self.tcfg.seed)
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.tcfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.accumulate)
@@ -284,7 +289,9 @@ class _Trainer:
         self.max_iters = max_iters
         stop_at = min(s for s in (self.length.steps, max_iters) if s is not None) if (
             self.length.steps is not None or max_iters is not None) else None
-        self.log(f"training on {len(self.train_set)} images, {self.world_size} process(es) x batch "
+        self.log(f"training on {len(self.train_set)} images"
+                 + (f" (each {self.repeats} times per epoch: fewer than a batch)" if self.repeats > 1 else "")
+                 + f", {self.world_size} process(es) x batch "
                  f"{self.tcfg.batch_size} x accumulate {self.tcfg.accumulate}, {self.steps_per_epoch} steps/epoch, "
                  f"on {self.device}" + (f" (DDP, backend {get_backend()})" if self.ddp is not None else ""))
         self.log(f"planned: {self.length.describe(self.tcfg)}"
