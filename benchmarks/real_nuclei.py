@@ -162,8 +162,10 @@ Ground truth (left) beside the prediction (right) on the held-out tile:
 ## What to expect
 
 - **From scratch** (this page): the backbone, transformer and heads start from random weights on three 256 px
-  tiles. One tile is a small test set: its AP moves by several points between runs; it says the model
-  learns real nuclei in minutes on a CPU, not what it would reach with more data.
+  tiles. One tile is a small test set: its AP moves by several points from one validation to the next; it says
+  the model learns real nuclei in minutes on a CPU, not what it would reach with more data or time. At 500 steps
+  the loss is still falling and many predicted masks still cover parts of several touching nuclei (the overlay
+  above): the dynamic kernels have not yet learned to separate them.
 - **With pretrained weights** (`--set model.backbone_weights=resnet18.pth`, a torchvision ResNet-18 file, or
   `--init` with a converted Deformable-DETR checkpoint): not measured here, since no weights can be downloaded
   on this machine. Expect faster convergence and higher AP from a pretrained backbone, as in every detection
