@@ -1,11 +1,8 @@
 """The training loop (single process or ``torchrun``).
 
-Longer than ~350 lines because the loop is one state machine (step, epoch, stop conditions, checkpoint,
-resume, validation) whose pieces share its state; the stateless parts live beside it (schedule, sampling,
-metrics, checkpoint, amp).
-
-``train`` runs the official recipe (AdamW with reduced-lr parameter groups, gradient clipping, step
-schedule by epoch, optional warm-up / accumulation / AMP), writes a run directory and can resume
+``train`` runs the official recipe (AdamW with reduced-lr parameter groups, gradient clipping, lr drops at
+fractions of the run, which lasts a time budget, a number of steps or of epochs: ``engine.schedule``; optional
+warm-up / accumulation / AMP), fits the input size to the data (``data.sizing``), writes a run directory and can resume
 exactly where it stopped, mid-epoch included. It draws nothing: ``on_validation`` (e.g.
 :func:`isda.inference.draw_run`) is called after each validation and at the end of a run without one.
 
@@ -16,13 +13,14 @@ validation, ``{"type": "skip", ...}`` for each step skipped because of a non-fin
 
 Reproducibility: the sample order of an epoch comes from ``DistributedSampler(seed, epoch)`` and each
 sample's augmentation from a generator seeded with (seed, epoch, index), so neither depends on the
-number of data workers, the number of processes or where training resumed. A "step" (``iter``) is one
+number of data workers, the number of processes or where training resumed. A dataset smaller than the
+batch is repeated within the epoch, each copy augmented on its own. A "step" (``iter``) is one
 optimizer step, i.e. ``train.accumulate`` batches of ``train.batch_size`` images per process.
 
 AMP (``train.amp`` bf16/fp16) needs CUDA: on CPU ``train`` refuses it with a ConfigError rather than
 silently training in another precision than the config says.
 
-Why one file of about 400 lines: the loop, the checkpoint state and validation all read and update the
+Why one file of about 500 lines: the loop, the checkpoint state and validation all read and update the
 same counters (step, epoch, clock, best AP, non-finite streak) of one trainer object; the recipe's parts
 that stand alone live next to it (schedule, sampling, metrics, evaluation, checkpoint files).
 """
