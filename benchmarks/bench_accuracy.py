@@ -175,7 +175,8 @@ def datasets(out_root: Path, num_train: int, num_val: int, heldout: bool) -> dic
 
 def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
         num_val: int = 200, parts: tuple[str, ...] = PARTS, sweep_budget_s: float = SWEEP_BUDGET_S,
-        heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS, jobs: int = 1,
+        heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS,
+        sweep_entries: list[str] | None = None, jobs: int = 1,
         threads: int = 2, variants: list[str] | None = None, previous: dict[str, Any] | None = None,
         save: Callable[[dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
@@ -183,7 +184,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
     seed run side by side (the machine's other load hits both alike). Results are merged into ``previous``
     (:func:`merge`); ``save`` gets them after every finished run, so that a stopped invocation keeps what it
-    finished."""
+    finished. ``sweep_entries``: only these sweep entries (e.g. to re-run those a busy machine slowed down; the
+    others are kept from ``previous``)."""
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     out_root = Path(out_root)
@@ -208,8 +210,11 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         node = results
         for key in where[:-1]:
             node = node.setdefault(key, {})
-        node[where[-1]] = {"settings": job.get("maskrcnn") or job.get("overrides", {}), "result": res} \
-            if where[0] == "sweep" else res
+        if where[0] == "sweep":  # a re-run keeps the results it replaces (e.g. slowed by a busy machine)
+            old = node.get(where[-1]) or {}
+            res = {"settings": job.get("maskrcnn") or job.get("overrides", {}), "result": res,
+                   "replaced": old.get("replaced", []) + ([old["result"]] if "result" in old else [])}
+        node[where[-1]] = res
         if save is not None:
             save(results)
 
@@ -228,8 +233,14 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                  for n, change in MASKRCNN_SWEEP.items()]
         isda = [(("sweep", "isda", n), isda_job(f"sweep isda {n}", "tune", sweep_budget_s, o))
                 for n, o in ISDA_SWEEP.items()]
-        # Each ISDA run beside a Mask R-CNN run, the rest of Mask R-CNN's after them.
-        todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):]
+        if sweep_entries is not None:
+            unknown = set(sweep_entries) - set(MASKRCNN_SWEEP) - set(ISDA_SWEEP)
+            if unknown:
+                raise ValueError(f"unknown sweep entries {sorted(unknown)}")
+            mrcnn = [j for j in mrcnn if j[0][2] in sweep_entries]
+            isda = [j for j in isda if j[0][2] in sweep_entries]
+        # Each ISDA run beside a Mask R-CNN run, the rest after them.
+        todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):] + isda[len(mrcnn):]
         log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
         _run_all(todo, jobs, record)
     recipe = chosen(results.get("sweep"))

@@ -139,7 +139,7 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=Non
     return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.variant_budgets,
                               num_train=args.num_train, num_val=args.num_val, parts=args.parts,
                               sweep_budget_s=args.sweep_budget, heldout_budgets_s=args.heldout_budgets,
-                              seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+                              seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
                               variants=args.variants, previous=previous, save=save, log=log)
 
 
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sweep-budget", type=float, default=180.0, help="accuracy: seconds per sweep run")
     p.add_argument("--heldout-budgets", default="480", help="accuracy: budgets of the held-out family runs, seconds")
     p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")
+    p.add_argument("--sweep-entries", default="", help="accuracy: only these sweep entries (names from "
+                   "benchmarks/bench_accuracy.py, '|'-separated), e.g. to re-run those a busy machine slowed down")
     p.add_argument("--json", type=Path, help="results file (default docs/benchmarks.json, quick: runs/bench/quick.json)")
     p.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     args.variant_budgets = [float(b) for b in args.variant_budgets.split(",") if b.strip() and float(b) > 0]
     args.variants = args.variants.split(",") if args.variants else None
+    args.sweep_entries = args.sweep_entries.split("|") if args.sweep_entries else None
     args.parts = tuple(x for x in args.parts.split(",") if x)
     args.heldout_budgets = [float(b) for b in args.heldout_budgets.split(",") if b.strip()]
     args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())

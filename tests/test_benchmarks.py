@@ -177,6 +177,15 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert [j for j in held if "no_fit" in j["name"]][0]["overrides"]["data.fit_sizes"] is False
     assert set(res["isda"]["2"]) == {"0", "1"} and set(res["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn"}
     assert len(saved) == len(calls)
+    # Re-running one sweep entry replaces its result and keeps the one it replaced.
+    calls.clear()
+    again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
+                  previous=res, log=lambda m: None)
+    assert [j["name"] for j in calls] == ["sweep maskrcnn a"]
+    assert again["sweep"]["maskrcnn"]["a"]["replaced"] == [res["sweep"]["maskrcnn"]["a"]["result"]]
+    assert again["sweep"]["maskrcnn"]["b"] == res["sweep"]["maskrcnn"]["b"] and again["isda"] == res["isda"]
+    with pytest.raises(ValueError, match="unknown sweep entries"):
+        b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["zz"])
     # The test images are not the tune images.
     import json
 
