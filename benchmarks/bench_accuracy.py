@@ -44,7 +44,7 @@ MASKRCNN_BASE: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-4, "width": 64, 
                                  "batch_size": 8}
 MASKRCNN_SWEEP: dict[str, dict[str, Any]] = {
     "adamw lr 1e-4": {"lr": 1e-4}, "adamw lr 2e-4": {}, "adamw lr 4e-4": {"lr": 4e-4},
-    "sgd lr 0.01": {"optimizer": "sgd", "lr": 0.01}, "sgd lr 0.02": {"optimizer": "sgd", "lr": 0.02},
+    "sgd lr 0.005": {"optimizer": "sgd", "lr": 0.005}, "sgd lr 0.01": {"optimizer": "sgd", "lr": 0.01}, "sgd lr 0.02": {"optimizer": "sgd", "lr": 0.02},
     "sgd lr 0.04": {"optimizer": "sgd", "lr": 0.04},
     "width 128": {"width": 128}, "width 256 (torchvision's)": {"width": 256},
     "batch 4": {"batch_size": 4}, "64 RoIs per image": {"roi_batch": 64},
@@ -255,12 +255,12 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                                                                recipe["maskrcnn"], seed)))
     for budget in sorted(heldout_budgets_s) if "heldout" in parts else []:
         key = str(int(budget))
+        # ISDA with and without data.fit_sizes side by side (the transfer question), then Mask R-CNN.
         for name, overrides in HELDOUT_ISDA.items():
             todo.append((("heldout", key, name), isda_job(f"heldout {name} {key}s", "heldout", budget,
                                                          {**recipe["isda"], **overrides})))
-            if name == "isda":
-                todo.append((("heldout", key, "maskrcnn"), maskrcnn_job(f"heldout maskrcnn {key}s", "heldout",
-                                                                       budget, recipe["maskrcnn"])))
+        todo.append((("heldout", key, "maskrcnn"), maskrcnn_job(f"heldout maskrcnn {key}s", "heldout", budget,
+                                                               recipe["maskrcnn"])))
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))
