@@ -173,6 +173,27 @@ def datasets(out_root: Path, num_train: int, num_val: int, heldout: bool) -> dic
     return {k: {s: [str(p) for p in v] for s, v in d.items()} for k, d in out.items()}
 
 
+def _stats(ann_file: str) -> dict[str, Any]:
+    """What the preset's fixed 128 px input makes of a training set's instances (isda.data.sizing)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from isda.data.sizing import dataset_stats, fit_sizes
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        st = dataset_stats(COCO(ann_file))
+    data = get_preset("isda_tiny").data
+    fitted, _ = fit_sizes(data, st, get_preset("isda_tiny").model.num_queries)
+    return {"images": st.num_images, "instances_per_image": st.num_instances / max(st.num_images, 1),
+            "median_instance_px": st.median_instance_px, "max_instances": st.max_instances,
+            "image_short_side": st.median_short_side,
+            "instance_px_at_preset_size": st.instance_px_at(data.test_short_side, data.test_max_size),
+            "fitted_short_side": fitted.test_short_side,
+            "instance_px_fitted": st.instance_px_at(fitted.test_short_side, fitted.test_max_size)}
+
+
 def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
         num_val: int = 200, parts: tuple[str, ...] = PARTS, sweep_budget_s: float = SWEEP_BUDGET_S,
         heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS,
@@ -204,6 +225,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                         "weight_decay": t.weight_decay, "num_queries": cfg.model.num_queries,
                         "num_detections": cfg.model.num_detections},
         "isda_config": json.loads(json.dumps(dataclasses.asdict(cfg))), "isda": {}, "maskrcnn": {}}
+    results["data_stats"] = {name: _stats(d["train"][0]) for name, d in data.items() if name != "tune"}
     results = merge(previous, results)
 
     def record(where: tuple[str, ...], job: dict[str, Any], res: dict[str, Any]) -> None:

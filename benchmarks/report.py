@@ -416,7 +416,9 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "`benchmarks/heldout_shapes.py`: six other shape families (hexagon, cross, ellipse, chevron, crescent, "
                 "diamond), 3-12 smaller instances per image (median about 17 px), 160 px images, flat noisy backgrounds, "
                 "JPEG (quality 80), category ids 3, 7, 8, 15, 31, 42; 2,000 train / 200 test images. Both models with "
-                "the recipes above; ISDA also with `data.fit_sizes=false` (the preset's fixed 128 px input).", "",
+                "the recipes above; ISDA also with `data.fit_sizes=false` (the preset's fixed 128 px input).", ""]
+        out += _data_stats(acc.get("data_stats") or {})
+        out += ["",
                 "| training time | run | input short side | test AP | AP50 | APs | steps | load |",
                 "|---|---|---|---|---|---|---|---|"]
         labels = {"isda": "ISDA tiny (data.fit_sizes on, the preset)", "isda_no_fit": "ISDA tiny, data.fit_sizes=false",
@@ -446,6 +448,22 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                                                                 for n, e in acc["levers"].items()], vbudgets)
     out += [_meta(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
     return out
+
+
+def _data_stats(stats: dict[str, Any]) -> list[str]:
+    """The training sets as the preset's fixed input size sees them, and the size data.fit_sizes picks."""
+    if not stats:
+        return []
+    out = ["| training set | images | instances / image (max) | median instance | at the preset's 128 px | "
+           "data.fit_sizes input | instance there |", "|---|---|---|---|---|---|---|"]
+    for name, label in (("test", "shapes (train split)"), ("heldout", "held-out family (train split)")):
+        st = stats.get(name)
+        if st:
+            out.append(f"| {label} | {st['images']:,} | {st['instances_per_image']:.1f} ({st['max_instances']}) | "
+                       f"{st['median_instance_px']:.1f} px of {st['image_short_side']:.0f} | "
+                       f"{st['instance_px_at_preset_size']:.1f} px | {st['fitted_short_side']} px | "
+                       f"{st['instance_px_fitted']:.1f} px |")
+    return out + [""]
 
 
 # ISDA tiny's goal over the tuned Mask R-CNN on the test split (issue 17), in AP points.

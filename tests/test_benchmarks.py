@@ -177,6 +177,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert [j for j in held if "no_fit" in j["name"]][0]["overrides"]["data.fit_sizes"] is False
     assert set(res["isda"]["2"]) == {"0", "1"} and set(res["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn"}
     assert len(saved) == len(calls)
+    assert res["data_stats"]["heldout"]["image_short_side"] == 160 and res["data_stats"]["test"]["images"] == 3
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
     calls.clear()
     again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
@@ -215,6 +216,9 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
            "heldout": {"480": {"isda": _acc_run(0.06, input_short_side=224), "isda_no_fit": _acc_run(0.03),
                                "maskrcnn": _acc_run(0.04)}},
            "_meta": {"command": "python -m benchmarks.run second"}}
+    new["data_stats"] = {"heldout": {"images": 2000, "instances_per_image": 7.5, "median_instance_px": 16.6,
+                                     "max_instances": 12, "image_short_side": 160.0, "instance_px_at_preset_size": 13.3,
+                                     "fitted_short_side": 224, "instance_px_fitted": 23.2}}
     merged = bench_accuracy.merge(previous, new)
     assert merged["sweep"] == previous["sweep"] and merged["isda"] == new["isda"]
     assert merged["budgets_s"] == [480.0, 1800.0] and merged["earlier"] == [previous["_meta"]]
@@ -232,6 +236,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page
     assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
     assert "| 8 min | ISDA tiny (data.fit_sizes on, the preset) | 224 px | 6.0 |" in page
+    assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
     assert (tmp_path / "b_accuracy.png").stat().st_size > 1000 and "b_accuracy.png" in page
     assert "benchmarks.run first" in page and "benchmarks.run second" in page
 
