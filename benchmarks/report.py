@@ -380,10 +380,19 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 sets = _mr_recipe(e["settings"]) if model == "maskrcnn" else (
                     " ".join(f"{k}={v}" for k, v in e["settings"].items()) or "the preset")
                 mark = "**" if best.get(model) == name else ""
-                out.append(f"| {label} | {mark}{name}{mark} | {sets} | {mark}{_ap(r):.1f}{mark} | {_ap(r, 'AP50'):.1f} | "
+                bad = r.get("nonfinite_steps", 0)
+                diverged = f" (diverged: {bad} of {r.get('iterations')} steps non-finite)" if bad > r.get("iterations", 0) / 2 else ""
+                out.append(f"| {label} | {mark}{name}{mark} | {sets} | {mark}{_ap(r):.1f}{mark}{diverged} | {_ap(r, 'AP50'):.1f} | "
                            f"{r.get('iterations', '')} | {r.get('train_time_s', nan) / max(r.get('iterations', 1), 1):.2f} "
                            f"| {_load(r)} |")
         out.append("")
+        runs = [e.get("result", {}) for d in sweep.values() for e in d.values()]
+        busy = [r for r in runs if max(r.get("load_average") or [0]) > BUSY_LOAD]
+        if busy:
+            out += [f"{len(busy)} of {len(runs)} sweep runs ran with a load average above {BUSY_LOAD:g} (work other than "
+                    "these two runs on the machine): they got fewer steps than on a quiet machine (compare the steps "
+                    "of runs with the same cost per step), so the sweep's smaller differences are not measurements of the "
+                    "settings; the choice rule (best tune AP) was fixed before the runs and is kept.", ""]
     out += [f"Recipes: Mask R-CNN {_mr_recipe(ch.get('maskrcnn', {}))}; ISDA tiny "
             f"{' '.join(f'{k}={v}' for k, v in ch.get('isda', {}).items()) or 'as the preset'} "
             f"({'chosen on tune: ' + ', '.join(ch['from_sweep']) if ch.get('from_sweep') else 'no sweep run'}).", ""]
@@ -464,6 +473,11 @@ def _data_stats(stats: dict[str, Any]) -> list[str]:
                        f"{st['instance_px_at_preset_size']:.1f} px | {st['fitted_short_side']} px | "
                        f"{st['instance_px_fitted']:.1f} px |")
     return out + [""]
+
+
+# Two 1-thread runs on this 2-core machine make a load average of about 2 (plus their loader workers); above
+# this, other work shared the machine.
+BUSY_LOAD = 3.0
 
 
 # ISDA tiny's goal over the tuned Mask R-CNN on the test split (issue 17), in AP points.
