@@ -439,6 +439,14 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                     out.append(f"| {int(b) / 60:g} min | {label} | {r.get('input_short_side', '')} px | {_ap(r):.1f} | "
                                f"{_ap(r, 'AP50'):.1f} | {_ap(r, 'APs'):.1f} | {r['iterations']} | {_load(r)} |")
         out.append("")
+        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
+            on, off = runs.get("isda"), runs.get("isda_no_fit")
+            shapes = [_ap(r) for r in (acc.get("isda", {}).get(b) or {}).values() if r and r.get("ap")]
+            if on and off and on.get("ap") and off.get("ap"):
+                out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
+                        f"**{_ap(on) - _ap(off):+.1f}** AP (one seed each, side by side)"
+                        + (f"; ISDA tiny on the shapes test split at the same budget: {sum(shapes) / len(shapes):.1f}"
+                           if shapes else "") + ".", ""]
     vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
     default = {v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}
     if acc.get("ablations"):
