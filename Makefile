@@ -24,7 +24,7 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.run --quick
 
-# Everything, incl. the same-budget accuracy runs (about 2.5 hours; two 1-thread runs at a time); writes docs/benchmarks.{md,json,png}.
+# Everything, incl. the same-budget accuracy runs (about 3 hours; two 1-thread runs at a time); writes docs/benchmarks.{md,json,png}.
 bench-full: venv
 	$(PY) -m benchmarks.run --full --jobs 2
 

@@ -11,7 +11,7 @@ from .bench_changes import PER_CHANGE_RECORDED_AT
 
 REPRODUCE = """```sh
 make bench        # quick: inference, training step, deformable attention core (a minute or two; prints only)
-make bench-full   # everything below, rewrites this page (the accuracy section takes about 2.5 hours with --jobs 2)
+make bench-full   # everything below, rewrites this page (the accuracy section takes about 3 hours at two 1-thread runs at a time)
 # sections one at a time (the page keeps the others), e.g. the timings only, or the accuracy parts one by one:
 .venv/bin/python -m benchmarks.run --full --skip accuracy
 .venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts sweep          # both recipes, tune split
@@ -347,7 +347,7 @@ def _mr_recipe(m: dict[str, Any]) -> str:
 def _accuracy(acc: dict[str, Any] | None) -> list[str]:
     out = ["## Accuracy under the same CPU budget (generated data)", ""]
     if not acc or "seeds" not in acc:
-        return out + ["Not measured in this revision of the page (about 2.5 hours): `.venv/bin/python -m benchmarks.run "
+        return out + ["Not measured in this revision of the page (about 3 hours): `.venv/bin/python -m benchmarks.run "
                       "--full --only accuracy --jobs 2` (or `make bench-full`); see `benchmarks/bench_accuracy.py`.", ""]
     nan = float("nan")
     seeds = [str(s) for s in acc["seeds"]]

@@ -8,8 +8,9 @@
 Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
 attention core vs the textbook implementation), before_after (this tree against the git revision before
 the optimisations, ``--before REV``), profile (torch.profiler top operators of an inference and a training
-step; the profiles before the optimisations are recorded figures), accuracy (same CPU budget on the shapes
-dataset + the paper's ablations; full mode only unless --accuracy-budget is given). The per-change table
+step; the profiles before the optimisations are recorded figures), accuracy (ISDA tiny vs a Mask R-CNN tuned with the same effort
+under the same CPU budget: sweep on the tune split, test split, a held-out generated family, the paper's
+ablations; full mode only unless --accuracy-budget is given). The per-change table
 of the page ("changes") is a recorded figure: no section re-measures it.
 
 Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
