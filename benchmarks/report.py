@@ -441,11 +441,14 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
         out.append("")
         for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
             on, off = runs.get("isda"), runs.get("isda_no_fit")
-            shapes = [_ap(r) for r in (acc.get("isda", {}).get(b) or {}).values() if r and r.get("ap")]
+            shapes = [r for r in (acc.get("isda", {}).get(b) or {}).values() if r and r.get("ap")]
             if on and off and on.get("ap") and off.get("ap"):
                 out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
                         f"**{_ap(on) - _ap(off):+.1f}** AP (one seed each, side by side)"
-                        + (f"; ISDA tiny on the shapes test split at the same budget: {sum(shapes) / len(shapes):.1f}"
+                        + (f"; ISDA tiny on the shapes test split at the same budget: "
+                           f"{sum(_ap(r) for r in shapes) / len(shapes):.1f} in "
+                           f"{', '.join(str(r['iterations']) for r in shapes)} steps (the held-out runs: "
+                           f"{on['iterations']} and {off['iterations']}; steps differ with the machine's load)"
                            if shapes else "") + ".", ""]
     vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
     default = {v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}
