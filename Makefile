@@ -31,9 +31,9 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.run --quick
 
-# Everything, incl. the same-budget accuracy runs (about 1.5 hours); writes docs/benchmarks.{md,json,png}.
+# Everything, incl. the same-budget accuracy runs (about 3 hours; two 1-thread runs at a time); writes docs/benchmarks.{md,json,png}.
 bench-full: venv
-	$(PY) -m benchmarks.run --full
+	$(PY) -m benchmarks.run --full --jobs 2
 
 # On a CUDA machine: the GPU path's checks and measurements (about 5 minutes on an H200); writes docs/gpu.md.
 gpu-check: venv

@@ -1,13 +1,20 @@
-"""Accuracy under the same CPU budget on the generated shapes dataset (full mode; long).
+"""Accuracy under the same CPU budget on generated data (full mode; long).
 
-* ISDA tiny (``isda.engine.train`` with ``train.time_budget_s``; its preset recipe) against torchvision
-  Mask R-CNN R18-FPN (:mod:`benchmarks.maskrcnn_shapes`), both from scratch on the same data, same
-  augmentation and the same thread count; COCO mask AP (``isda.engine.evaluation.evaluate_masks``) of each at
-  every budget (default 8 and 30 minutes of training time, evaluation excluded; one fresh run per
-  budget and model, since both lr schedules follow the budget).
-* Variants of ISDA tiny at each variant budget: the paper's two ablations in miniature (MP + KP vs neither,
-  mask stride 8 vs 4 vs 2), issue 7's convergence levers one at a time, and the preset with another seed;
-  the default they are compared with is the main ISDA run at the same budget.
+ISDA tiny (``isda.engine.train`` with ``train.time_budget_s``) against torchvision Mask R-CNN R18-FPN
+(:mod:`benchmarks.maskrcnn_shapes`), both from scratch on the same data, augmentation and thread count; COCO mask
+AP (``isda.engine.evaluation.evaluate_masks``). Splits of the shapes dataset: train (2,000 images), tune (the
+generator's val split, seed 0: every recipe choice is made on it) and test (another 200 images, seed 1: only
+the reported tables). Parts (``parts``):
+
+* ``sweep``: the same tuning effort for both models at ``sweep_budget_s`` on tune: Mask R-CNN's optimiser (AdamW,
+  SGD + momentum) x three lrs, its widths (FPN / heads), batch and RoI sampling; ISDA's lr x {0.5, 1, 2}. The best
+  tune AP of each model is its recipe for the other parts (:func:`chosen`).
+* ``test``: each budget (default 8 and 30 minutes of training time, evaluation excluded) x each seed, one
+  fresh run per model (both lr schedules follow the budget), on test.
+* ``heldout``: the second generated family (:mod:`benchmarks.heldout_shapes`), never used for tuning: both
+  models with their chosen recipes, and ISDA with ``data.fit_sizes`` off (the input size fixed at the preset's).
+* ``variants``: ISDA tiny's ablations and convergence levers at each variant budget on test; the default they
+  are compared with is the main ISDA run (seed 0) at the same budget.
 """
 
 from __future__ import annotations
@@ -15,15 +22,38 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from isda.config import apply_overrides, get_preset
 from isda.data import make_shapes_dataset
 
+from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
+
+PARTS = ("sweep", "test", "heldout", "variants")
+SWEEP_BUDGET_S = 180.0
+# The Mask R-CNN sweep's centre (width 64: about ISDA tiny's cost per step at one thread) and the recipe used when
+# no sweep was run; each sweep entry changes one or two of these.
+MASKRCNN_BASE: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-4, "width": 64, "roi_batch": ROI_BATCH,
+                                 "batch_size": 8}
+MASKRCNN_SWEEP: dict[str, dict[str, Any]] = {
+    "adamw lr 1e-4": {"lr": 1e-4}, "adamw lr 2e-4": {}, "adamw lr 4e-4": {"lr": 4e-4},
+    "sgd lr 0.005": {"optimizer": "sgd", "lr": 0.005}, "sgd lr 0.01": {"optimizer": "sgd", "lr": 0.01}, "sgd lr 0.02": {"optimizer": "sgd", "lr": 0.02},
+    "sgd lr 0.04": {"optimizer": "sgd", "lr": 0.04},
+    "width 128": {"width": 128}, "width 256 (torchvision's)": {"width": 256},
+    "batch 4": {"batch_size": 4}, "64 RoIs per image": {"roi_batch": 64},
+}
+ISDA_SWEEP: dict[str, dict[str, Any]] = {"lr x0.5": {"train.lr": 1e-4}, "lr x1 preset": {}, "lr x2": {"train.lr": 4e-4}}
+SEEDS = (0, 1)
+HELDOUT_ISDA = {"isda": {}, "isda_no_fit": {"data.fit_sizes": False}}
+# Validate once, at the end: intermediate validations cost wall time and no choice uses them.
+RUN_OVERRIDES = {"train.evals_per_run": 1}
 
 ABLATIONS = {
     "no_mp_no_kp": {"model.mask_position": False, "model.kernel_position": False},
@@ -38,8 +68,6 @@ LEVERS = {
     "query_selection": {"model.query_selection": True},
     "no_refine_points": {"model.refine_points": False},
 }
-# The preset again with other seeds (the spread of a single run's AP).
-SEEDS = {"seed_2": {"train.seed": 2}}
 
 
 def _isda_run(cfg, data, out_dir: Path, budget: float, log) -> dict[str, Any]:
@@ -54,11 +82,15 @@ def _isda_run(cfg, data, out_dir: Path, budget: float, log) -> dict[str, Any]:
     log(f"    isda at {budget:.0f} s: mask AP {100 * summary['val']['AP']:.1f} ({summary['iteration']} steps)")
     return {"ap": summary["val"], "iterations": summary["iteration"], "epochs": summary["epoch"],
             "train_time_s": summary["train_time_s"], "wall_s": time.perf_counter() - start,
-            "seconds_per_step": summary["train_time_s"] / max(summary["iteration"], 1)}
+            "seconds_per_step": summary["train_time_s"] / max(summary["iteration"], 1),
+            "lr": c.train.lr, "seed": c.train.seed,
+            # the size the trainer chose (data.fit_sizes), as saved with the run
+            "input_short_side": yaml.safe_load((out_dir / "config.yaml").read_text())["data"]["test_short_side"]}
 
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:
-    """One fresh training run (in this process or a worker process with ``job['threads']`` threads)."""
+    """One fresh training run (in this process or a worker process with ``job['threads']`` threads); the result
+    carries its settings and the load average around it (the machine is shared)."""
     import torch
 
     if job.get("threads"):
@@ -68,18 +100,36 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
     def log(message: str) -> None:
         print(f"[{name}] {message}", flush=True)
 
-    cfg = apply_overrides(get_preset("isda_tiny"), dict(job.get("overrides", {}))).validate()
+    load_before = os.getloadavg()[0]
+    cfg = apply_overrides(get_preset("isda_tiny"), {**RUN_OVERRIDES, **job.get("overrides", {})}).validate()
     if job["model"] == "maskrcnn":
-        kw = job["maskrcnn"]
-        return train_maskrcnn(cfg, *job["data"]["train"], *job["data"]["val"], job["budget"], lr=kw["lr"],
-                              optimizer=kw["optimizer"], roi_batch=kw["roi_batch"], log=log)
-    return _isda_run(cfg, job["data"], Path(job["out_dir"]), job["budget"], log)
+        res = train_maskrcnn(cfg, *job["data"]["train"], *job["data"]["val"], job["budget"], log=log,
+                             **job["maskrcnn"])
+    else:
+        res = _isda_run(cfg, job["data"], Path(job["out_dir"]), job["budget"], log)
+        res["overrides"] = job.get("overrides", {})
+    res["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    res["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return res
+
+
+def chosen(sweep: dict[str, Any] | None) -> dict[str, Any]:
+    """Each model's recipe: the sweep entry with the best tune AP (Mask R-CNN: its settings; ISDA: its config
+    overrides), or the defaults (MASKRCNN_BASE, the preset) for a model the sweep did not run."""
+    out: dict[str, Any] = {"maskrcnn": dict(MASKRCNN_BASE), "isda": {}, "from_sweep": []}
+    for model in ("maskrcnn", "isda"):
+        done = {n: e for n, e in (sweep or {}).get(model, {}).items() if e.get("result", {}).get("ap")}
+        if done:
+            best = max(done, key=lambda n: done[n]["result"]["ap"]["AP"])
+            out[model] = dict(done[best]["settings"])
+            out["from_sweep"].append(f"{model}: {best}")
+    return out
 
 
 def plan_variants(variants: list[str] | None, variant_budgets_s: list[float]) -> set[tuple[str, float]]:
     """The (variant, budget) runs that ``variants`` asks for (names, or ``name@seconds`` for one budget; None: all
     at every budget); ValueError naming the entry for an unknown name or a budget that is not a number."""
-    names = {**ABLATIONS, **LEVERS, **SEEDS}
+    names = {**ABLATIONS, **LEVERS}
     runs: set[tuple[str, float]] = set()
     for entry in variants or names:
         name, _, at = entry.partition("@")
@@ -92,103 +142,180 @@ def plan_variants(variants: list[str] | None, variant_budgets_s: list[float]) ->
     return runs
 
 
-def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
-        num_val: int = 200, maskrcnn_lr: float | None = None, maskrcnn_optimizer: str = "adamw",
-        maskrcnn_roi_batch: int | None = None, jobs: int = 1, threads: int = 2, variants: list[str] | None = None,
-        previous: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        log=print) -> dict[str, Any]:
-    """Each budget in ``budgets_s`` is a separate pair of fresh runs (ISDA, Mask R-CNN), so that both get their
-    whole budget-following lr schedule; the ablation, lever and seed runs are fresh ISDA runs at each of
-    ``variant_budgets_s`` (``variants``: only these, by name; ``name@seconds``: that one at that budget only). ``jobs`` > 1 runs that many at once in
-    separate processes, ``threads // jobs`` threads each (every run then gets the same share of the machine,
-    and the comparison stays like for like). The results are merged into ``previous`` (an earlier
-    invocation's, kept where this one does not re-run them) when both measured the same thing
-    (:func:`merge`); ``save`` gets the merged results after every finished run, so that a long invocation
-    that is stopped keeps what it finished."""
-    extra = {**ABLATIONS, **LEVERS, **SEEDS}
-    variant_runs = plan_variants(variants, variant_budgets_s)
-    out_root = Path(out_root)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = make_shapes_dataset(out_root / f"shapes_{num_train}_{num_val}", num_train=num_train, num_val=num_val,
-                               image_size=128, seed=0)
-    data = {k: [str(p) for p in v] for k, v in data.items()}
-    cfg = get_preset("isda_tiny")
-    t = cfg.train
-    per_job_threads = max(1, threads // jobs)
-    maskrcnn = {"lr": maskrcnn_lr, "optimizer": maskrcnn_optimizer, "roi_batch": maskrcnn_roi_batch or ROI_BATCH}
-    results: dict[str, Any] = {
-        "budgets_s": sorted(budgets_s), "variant_budgets_s": sorted({b for _, b in variant_runs}), "num_train": num_train,
-        "num_val": num_val, "image_size": 128, "jobs": jobs, "threads_per_run": per_job_threads,
-        "isda_preset": "isda_tiny", "isda_recipe": {"optimizer": "adamw", "lr": t.lr, "batch_size": t.batch_size,
-                                                    "clip_max_norm": t.clip_max_norm, "weight_decay": t.weight_decay,
-                                                    "num_queries": cfg.model.num_queries,
-                                                    "num_detections": cfg.model.num_detections},
-        "isda_config": json.loads(json.dumps(dataclasses.asdict(cfg))), "maskrcnn_settings": maskrcnn,
-        "isda": {}, "maskrcnn": {}}
-    todo: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
-    for budget in sorted(budgets_s):
-        key = str(int(budget))
-        base = {"data": data, "budget": budget, "threads": per_job_threads}
-        todo.append((("isda", key, ""), {**base, "model": "isda", "name": f"isda {key}s",
-                                         "out_dir": str(out_root / f"isda_{key}s_{stamp}")}))
-        todo.append((("maskrcnn", key, ""), {**base, "model": "maskrcnn", "name": f"maskrcnn {key}s",
-                                             "maskrcnn": maskrcnn}))
-    names = list(extra)  # the longest first (the shorter ones fill in beside them), then in the table's order
-    for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
-        key = str(int(budget))
-        section = "ablations" if name in ABLATIONS else "levers" if name in LEVERS else "seeds"
-        todo.append(((section, name, key), {"data": data, "budget": budget, "threads": per_job_threads,
-                                            "model": "isda", "name": f"{name} {key}s", "overrides": extra[name],
-                                            "out_dir": str(out_root / f"isda_{name}_{key}s_{stamp}")}))
-    results = merge(previous, results)
-
-    def record(where: tuple[str, str, str], job: dict[str, Any], res: dict[str, Any]) -> None:
-        section, name, key = where
-        if section in ("isda", "maskrcnn"):
-            results[section][name] = res
-        else:
-            entry = results.setdefault(section, {}).setdefault(name, {"overrides": job["overrides"], "runs": {}})
-            entry["overrides"] = job["overrides"]
-            entry["runs"][key] = res
-        if save is not None:
-            save(results)
-
-    log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
+def _run_all(todo: list[tuple[tuple[str, ...], dict[str, Any]]], jobs: int, record) -> None:
+    """Run the jobs, ``jobs`` at a time in separate processes (in order: neighbours in ``todo`` run side by
+    side), calling ``record(where, job, result)`` as each finishes."""
     if jobs == 1:
         for where, job in todo:
             record(where, job, _job(job))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_job, job): (where, job) for where, job in todo}
-            for future in as_completed(futures):
-                record(*futures[future], future.result())
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_job, job): (where, job) for where, job in todo}
+        for future in as_completed(futures):
+            record(*futures[future], future.result())
+
+
+def datasets(out_root: Path, num_train: int, num_val: int, heldout: bool) -> dict[str, dict[str, list[str]]]:
+    """``{"tune": {"train", "val"}, "test": {...}[, "heldout": {...}]}``: the shapes train split with the tune split
+    (the generator's val split, seed 0) or the test split (200 fresh images: the val split of seed 1) as "val";
+    the held-out family's train and test splits."""
+    shapes = make_shapes_dataset(out_root / f"shapes_{num_train}_{num_val}", num_train=num_train, num_val=num_val,
+                                 image_size=128, seed=0)
+    test = make_shapes_dataset(out_root / f"shapes_test_{num_val}_seed1", num_train=0, num_val=num_val,
+                               image_size=128, seed=1)["val"]
+    out = {"tune": {"train": shapes["train"], "val": shapes["val"]}, "test": {"train": shapes["train"], "val": test}}
+    if heldout:
+        h = make_heldout_dataset(out_root / f"heldout_{num_train}_{num_val}", num_train=num_train, num_test=num_val)
+        out["heldout"] = {"train": h["train"], "val": h["test"]}
+    return {k: {s: [str(p) for p in v] for s, v in d.items()} for k, d in out.items()}
+
+
+def _stats(ann_file: str) -> dict[str, Any]:
+    """What the preset's fixed 128 px input makes of a training set's instances (isda.data.sizing)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from isda.data.sizing import dataset_stats, fit_sizes
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        st = dataset_stats(COCO(ann_file))
+    data = get_preset("isda_tiny").data
+    fitted, _ = fit_sizes(data, st, get_preset("isda_tiny").model.num_queries)
+    return {"images": st.num_images, "instances_per_image": st.num_instances / max(st.num_images, 1),
+            "median_instance_px": st.median_instance_px, "max_instances": st.max_instances,
+            "image_short_side": st.median_short_side,
+            "instance_px_at_preset_size": st.instance_px_at(data.test_short_side, data.test_max_size),
+            "fitted_short_side": fitted.test_short_side,
+            "instance_px_fitted": st.instance_px_at(fitted.test_short_side, fitted.test_max_size)}
+
+
+def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
+        num_val: int = 200, parts: tuple[str, ...] = PARTS, sweep_budget_s: float = SWEEP_BUDGET_S,
+        heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS,
+        sweep_entries: list[str] | None = None, jobs: int = 1,
+        threads: int = 2, variants: list[str] | None = None, previous: dict[str, Any] | None = None,
+        save: Callable[[dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
+    """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
+    winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
+    ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
+    seed run side by side (the machine's other load hits both alike). Results are merged into ``previous``
+    (:func:`merge`); ``save`` gets them after every finished run, so that a stopped invocation keeps what it
+    finished. ``sweep_entries``: only these sweep entries (e.g. to re-run those a busy machine slowed down; the
+    others are kept from ``previous``)."""
+    heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
+    variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
+    out_root = Path(out_root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = datasets(out_root, num_train, num_val, "heldout" in parts and bool(heldout_budgets_s))
+    cfg = get_preset("isda_tiny")
+    t = cfg.train
+    per_job_threads = max(1, threads // jobs)
+    results: dict[str, Any] = {
+        "budgets_s": sorted(budgets_s) if "test" in parts else [], "seeds": list(seeds),
+        "variant_budgets_s": sorted({b for _, b in variant_runs}), "sweep_budget_s": sweep_budget_s,
+        "heldout_budgets_s": sorted(heldout_budgets_s) if "heldout" in parts else [],
+        "num_train": num_train, "num_val": num_val, "image_size": 128, "jobs": jobs,
+        "threads_per_run": per_job_threads, "isda_preset": "isda_tiny",
+        "isda_recipe": {"optimizer": "adamw", "lr": t.lr, "batch_size": t.batch_size, "clip_max_norm": t.clip_max_norm,
+                        "weight_decay": t.weight_decay, "num_queries": cfg.model.num_queries,
+                        "num_detections": cfg.model.num_detections},
+        "isda_config": json.loads(json.dumps(dataclasses.asdict(cfg))), "isda": {}, "maskrcnn": {}}
+    results["data_stats"] = {name: _stats(d["train"][0]) for name, d in data.items() if name != "tune"}
+    results = merge(previous, results)
+
+    def record(where: tuple[str, ...], job: dict[str, Any], res: dict[str, Any]) -> None:
+        node = results
+        for key in where[:-1]:
+            node = node.setdefault(key, {})
+        if where[0] == "sweep":  # a re-run keeps the results it replaces (e.g. slowed by a busy machine)
+            old = node.get(where[-1]) or {}
+            res = {"settings": job.get("maskrcnn") or job.get("overrides", {}), "result": res,
+                   "replaced": old.get("replaced", []) + ([old["result"]] if "result" in old else [])}
+        node[where[-1]] = res
+        if save is not None:
+            save(results)
+
+    def isda_job(name: str, split: str, budget: float, overrides: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+        return {"data": data[split], "budget": budget, "threads": per_job_threads, "model": "isda", "name": name,
+                "overrides": {**overrides, **({"train.seed": seed} if seed else {})},
+                "out_dir": str(out_root / f"isda_{name.replace(' ', '_')}_{stamp}")}
+
+    def maskrcnn_job(name: str, split: str, budget: float, settings: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+        return {"data": data[split], "budget": budget, "threads": per_job_threads, "model": "maskrcnn", "name": name,
+                "maskrcnn": {**settings, "seed": seed}}
+
+    if "sweep" in parts:
+        mrcnn = [(("sweep", "maskrcnn", n), maskrcnn_job(f"sweep maskrcnn {n}", "tune", sweep_budget_s,
+                                                         {**MASKRCNN_BASE, **change}))
+                 for n, change in MASKRCNN_SWEEP.items()]
+        isda = [(("sweep", "isda", n), isda_job(f"sweep isda {n}", "tune", sweep_budget_s, o))
+                for n, o in ISDA_SWEEP.items()]
+        if sweep_entries is not None:
+            unknown = set(sweep_entries) - set(MASKRCNN_SWEEP) - set(ISDA_SWEEP)
+            if unknown:
+                raise ValueError(f"unknown sweep entries {sorted(unknown)}")
+            mrcnn = [j for j in mrcnn if j[0][2] in sweep_entries]
+            isda = [j for j in isda if j[0][2] in sweep_entries]
+        # Each ISDA run beside a Mask R-CNN run, the rest after them.
+        todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):] + isda[len(mrcnn):]
+        log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
+        _run_all(todo, jobs, record)
+    recipe = chosen(results.get("sweep"))
+    results["chosen"] = recipe
+    todo = []
+    if "test" in parts:
+        for budget in sorted(budgets_s):
+            for seed in seeds:
+                key, s = str(int(budget)), str(seed)
+                todo.append((("isda", key, s), isda_job(f"isda {key}s seed {s}", "test", budget, recipe["isda"], seed)))
+                todo.append((("maskrcnn", key, s), maskrcnn_job(f"maskrcnn {key}s seed {s}", "test", budget,
+                                                               recipe["maskrcnn"], seed)))
+    for budget in sorted(heldout_budgets_s) if "heldout" in parts else []:
+        key = str(int(budget))
+        # ISDA with and without data.fit_sizes side by side (the transfer question), then Mask R-CNN.
+        for name, overrides in HELDOUT_ISDA.items():
+            todo.append((("heldout", key, name), isda_job(f"heldout {name} {key}s", "heldout", budget,
+                                                         {**recipe["isda"], **overrides})))
+        todo.append((("heldout", key, "maskrcnn"), maskrcnn_job(f"heldout maskrcnn {key}s", "heldout", budget,
+                                                               recipe["maskrcnn"])))
+    names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
+    for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
+        key = str(int(budget))
+        section = "ablations" if name in ABLATIONS else "levers"
+        results.setdefault(section, {}).setdefault(name, {"runs": {}})["overrides"] = {**ABLATIONS, **LEVERS}[name]
+        todo.append(((section, name, "runs", key), isda_job(f"{name} {key}s", "test", budget,
+                                                            {**recipe["isda"], **{**ABLATIONS, **LEVERS}[name]})))
+    log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
+    _run_all(todo, jobs, record)
     return results
 
 
 # What two invocations must share for their results to sit in one table.
-_SAME = ("num_train", "num_val", "image_size", "threads_per_run", "isda_preset", "isda_recipe", "isda_config",
-         "maskrcnn_settings")
+_SAME = ("num_train", "num_val", "image_size", "threads_per_run", "isda_preset", "isda_config")
+
+
+def _deep_merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def merge(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` with the runs of ``previous`` that it does not re-run, when both measured the same thing (same
-    dataset, thread share, ISDA preset configuration and Mask R-CNN settings; a field that only one of them
-    recorded is not compared); otherwise ``new`` alone."""
-    old_format = any("runs" not in e for sec in ("ablations", "levers", "seeds") for e in (previous or {}).get(sec, {}).values())
-    if not previous or old_format or any(k in previous and k in new and previous[k] != new[k] for k in _SAME):
+    """``new`` with the runs of ``previous`` that it does not re-run (a run result carries its own settings, seed
+    and load), when both measured the same thing (same datasets, thread share and ISDA preset configuration; a
+    field that only one of them recorded is not compared), and earlier results are in this format (runs keyed
+    by seed); otherwise ``new`` alone."""
+    if not previous or any(k in previous and k in new and previous[k] != new[k] for k in _SAME) \
+            or "seeds" not in previous:
         return new
-    merged = {**{k: v for k, v in previous.items() if k != "_meta"},
-              **{k: v for k, v in new.items() if k not in ("isda", "maskrcnn")}}
+    merged = _deep_merge({k: v for k, v in previous.items() if k != "_meta"}, new)
     merged["earlier"] = previous.get("earlier", []) + ([previous["_meta"]] if "_meta" in previous else [])
-    for section in ("isda", "maskrcnn"):
-        merged[section] = {**previous.get(section, {}), **new.get(section, {})}
-    for key in ("budgets_s", "variant_budgets_s"):
+    for key in ("budgets_s", "variant_budgets_s", "heldout_budgets_s", "seeds"):
         merged[key] = sorted(set(previous.get(key, [])) | set(new.get(key, [])))
-    for section in ("ablations", "levers", "seeds"):
-        for name, entry in new.get(section, {}).items():
-            old = previous.get(section, {}).get(name, {})
-            merged.setdefault(section, {})[name] = {**entry, "runs": {**old.get("runs", {}), **entry["runs"]}}
     return merged

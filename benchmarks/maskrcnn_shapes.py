@@ -5,13 +5,15 @@ The model: Mask R-CNN with a ResNet-18-FPN backbone (the tiny ISDA preset's back
 every layer trainable, anchors sized for the objects (16..256 px, one size per FPN level, 3 ratios).
 
 The data: exactly what ISDA's trainer sees: the same COCO-format dataset and augmentation (the tiny
-preset's data config through :func:`isda.data.build_transforms`), the same per-sample seeding
+preset's data config through :func:`isda.data.build_transforms`, with the input size ``data.fit_sizes`` picks
+for the training set), the same per-sample seeding
 (:class:`isda.engine.SeededSamples`), batch size and number of loader workers. Mask R-CNN's own resize
 is switched off (the augmentation already chose the size); it still normalizes with ImageNet statistics
 and pads to a multiple of 32, as ISDA does.
 
-The loop: AdamW (lr, weight decay, batch, epoch-based step schedule and gradient clipping taken from
-the ISDA preset's train config unless overridden), a linear warm-up, a wall-clock training budget
+The loop: AdamW or SGD + momentum (lr, weight decay, batch, step schedule and gradient clipping taken from
+the ISDA preset's train config unless overridden; the benchmark's values come from a sweep on the tune split,
+:mod:`benchmarks.bench_accuracy`), a linear warm-up over a fraction of the budget, a wall-clock training budget,
 then COCO mask AP measured by :func:`isda.engine.evaluation.evaluate_masks`.
 """
 
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from isda.config import Config
 from isda.data import CocoInstanceDataset, build_transforms, collate
+from isda.data.sizing import dataset_stats, fit_sizes
 from isda.engine import SeededSamples, lr_factor
 from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
@@ -39,25 +42,45 @@ ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))
 # proposals) and makes the step 3x cheaper than 128 (5.4 s vs 16.6 s at one thread, batch 8): the mask head's
 # four 256-channel convolutions on every positive RoI dominate Mask R-CNN's step here.
 ROI_BATCH = 32
+# Linear warm-up over this share of the training budget.
+WARMUP_FRAC = 0.05
 
 
 def build_maskrcnn_r18(num_classes: int, min_size: int = 128, max_size: int = 192, detections: int = 100,
-                       roi_batch: int = ROI_BATCH) -> nn.Module:
+                       roi_batch: int = ROI_BATCH, width: int = 256) -> nn.Module:
     """Mask R-CNN R18-FPN (BatchNorm, all layers trainable, object-sized anchors) for ``num_classes``
     foreground classes; no internal resizing (inputs arrive at their training/test size). ``roi_batch``:
-    RoIs sampled per image for the box/mask heads."""
+    RoIs sampled per image for the box/mask heads. ``width``: channels of the FPN, the RPN and the four mask-head
+    convolutions, box-head MLP ``4 * width`` (256: torchvision's; smaller: sized for CPU, as ISDA tiny was)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
                                    trainable_layers=5)
+    heads: dict[str, nn.Module] = {}
+    if width != 256:  # torchvision fixes the FPN at 256 channels: rebuild it and the heads at this width
+        backbone.fpn = FeaturePyramidNetwork([64, 128, 256, 512], width, extra_blocks=LastLevelMaxPool())
+        backbone.out_channels = width
+        heads = {"box_head": TwoMLPHead(width * 7 * 7, 4 * width),
+                 "box_predictor": FastRCNNPredictor(4 * width, num_classes + 1),
+                 "mask_head": MaskRCNNHeads(width, (width,) * 4, 1),
+                 "mask_predictor": MaskRCNNPredictor(width, width, num_classes + 1)}
     anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
-    model = MaskRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+    model = MaskRCNN(backbone, num_classes=None if heads else num_classes + 1, rpn_anchor_generator=anchors,
                      min_size=min_size, max_size=max_size, box_detections_per_img=detections,
-                     box_batch_size_per_image=roi_batch)
+                     box_batch_size_per_image=roi_batch, **heads)
     model.transform.resize = _no_resize
     return model
+
+
+def warmup_factor(progress: float, warmup_frac: float) -> float:
+    """Linear warm-up over the first ``warmup_frac`` of the run (``progress`` in [0, 1]); 1 % of the lr at the
+    first step rather than none."""
+    return min(1.0, max(progress / warmup_frac, 0.01)) if warmup_frac > 0 else 1.0
 
 
 def _no_resize(image, target=None):
@@ -102,15 +125,18 @@ def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size
 
 def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path, val_ann: str | Path,
                    val_images: str | Path, budget_s: float, *, lr: float | None = None,
-                   optimizer: str = "adamw", momentum: float = 0.9, warmup_iters: int = 100,
+                   optimizer: str = "adamw", momentum: float = 0.9, warmup_frac: float = WARMUP_FRAC,
                    clip_max_norm: float | None = None, roi_batch: int = ROI_BATCH, detections: int | None = None,
-                   seed: int | None = None, log=print) -> dict[str, Any]:
+                   width: int = 256, batch_size: int | None = None, seed: int | None = None,
+                   log=print) -> dict[str, Any]:
     """Train from scratch for ``budget_s`` seconds of training time, then evaluate (COCO mask AP).
     Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
     epochs / lr steps, clipping; detections per image: ISDA's ``cfg.model.num_detections``; the lr schedule follows the budget exactly as ISDA's trainer does
-    (:func:`isda.engine.lr_factor` at the budget's progress), after a linear warm-up."""
+    (:func:`isda.engine.lr_factor` at the budget's progress), after a linear warm-up over the first ``warmup_frac``
+    of the budget (a fraction, not a step count: at 5-6 s a step a fixed 100 steps outlast an 8-minute run)."""
     tcfg = copy.deepcopy(cfg.train)
     tcfg.time_budget_s = float(budget_s)
+    tcfg.batch_size = tcfg.batch_size if batch_size is None else batch_size
     seed = tcfg.seed if seed is None else seed
     lr = tcfg.lr if lr is None else lr
     detections = cfg.model.num_detections if detections is None else detections
@@ -118,9 +144,13 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         clip_max_norm = tcfg.clip_max_norm if optimizer == "adamw" else 0.0
     torch.manual_seed(seed)
     train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
-    val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(cfg.data, False), train=False)
-    model = build_maskrcnn_r18(train_set.num_classes, cfg.data.test_short_side, cfg.data.test_max_size,
-                               detections=detections, roi_batch=roi_batch).train()
+    data, fitted = fit_sizes(cfg.data, dataset_stats(train_set.coco), cfg.model.num_queries)
+    if fitted:  # the input sizes ISDA's trainer would choose on this data (data.fit_sizes): same pixels for both
+        log("    " + fitted)
+        train_set.transforms = build_transforms(data, True)
+    val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(data, False), train=False)
+    model = build_maskrcnn_r18(train_set.num_classes, data.test_short_side, data.test_max_size,
+                               detections=detections, roi_batch=roi_batch, width=width).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
@@ -133,8 +163,9 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     steps_per_epoch = math.ceil(len(sampler) / tcfg.batch_size)
 
     result: dict[str, Any] = {"lr": lr, "optimizer": optimizer, "clip_max_norm": clip_max_norm,
-                              "warmup_iters": warmup_iters, "batch_size": tcfg.batch_size, "roi_batch": roi_batch,
-                              "detections": detections,
+                              "warmup_frac": warmup_frac, "batch_size": tcfg.batch_size, "roi_batch": roi_batch,
+                              "detections": detections, "width": width, "seed": seed,
+                              "input_short_side": data.test_short_side,
                               "nonfinite_steps": 0}
     step, epoch, trained = 0, 0, 0.0
     start = time.perf_counter()
@@ -144,7 +175,8 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         loader = DataLoader(samples, batch_size=tcfg.batch_size, sampler=list(sampler), collate_fn=collate,
                             num_workers=tcfg.num_workers, generator=torch.Generator().manual_seed(seed))
         for images, targets in loader:
-            factor = lr_factor(step, trained / budget_s, tcfg) * min(1.0, (step + 1) / max(warmup_iters, 1))
+            progress = trained / budget_s
+            factor = lr_factor(step, progress, tcfg) * warmup_factor(progress, warmup_frac)
             for group in opt.param_groups:
                 group["lr"] = lr * factor
             losses = model(images, [to_maskrcnn_target(t) for t in targets])

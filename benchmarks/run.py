@@ -8,8 +8,9 @@
 Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
 attention core vs the textbook implementation), before_after (this tree against the git revision before
 the optimisations, ``--before REV``), profile (torch.profiler top operators of an inference and a training
-step; the profiles before the optimisations are recorded figures), accuracy (same CPU budget on the shapes
-dataset + the paper's ablations; full mode only unless --accuracy-budget is given). The per-change table
+step; the profiles before the optimisations are recorded figures), accuracy (ISDA tiny vs a Mask R-CNN tuned with the same effort
+under the same CPU budget: sweep on the tune split, test split, a held-out generated family, the paper's
+ablations; full mode only unless --accuracy-budget is given). The per-change table
 of the page ("changes") is a recorded figure: no section re-measures it.
 
 Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
@@ -137,11 +138,10 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=Non
     from . import bench_accuracy
 
     return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.variant_budgets,
-                              num_train=args.num_train, num_val=args.num_val, maskrcnn_lr=args.maskrcnn_lr,
-                              maskrcnn_optimizer=args.maskrcnn_optimizer, maskrcnn_roi_batch=args.maskrcnn_roi_batch,
-                              jobs=args.jobs, threads=args.threads,
-                              variants=args.variants, previous=previous,
-                              save=save, log=log)
+                              num_train=args.num_train, num_val=args.num_val, parts=args.parts,
+                              sweep_budget_s=args.sweep_budget, heldout_budgets_s=args.heldout_budgets,
+                              seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
+                              variants=args.variants, previous=previous, save=save, log=log)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -173,10 +173,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "names from benchmarks/bench_accuracy.py; name@seconds: at that budget only), e.g. hybrid_matching,no_mask_bce@1800")
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=200)
-    p.add_argument("--maskrcnn-lr", type=float, default=None, help="default: the ISDA tiny preset's lr")
-    p.add_argument("--maskrcnn-optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--maskrcnn-roi-batch", type=int, default=None,
-                   help="RoIs per image for the box/mask heads (default: ROI_BATCH in benchmarks/maskrcnn_shapes.py)")
+    p.add_argument("--parts", default="sweep,test,heldout,variants",
+                   help="accuracy: which parts (sweep: both recipes on the tune split; test: --budgets x --seeds on "
+                   "the test split; heldout: the second generated family; variants: ISDA's ablations and levers)")
+    p.add_argument("--sweep-budget", type=float, default=180.0, help="accuracy: seconds per sweep run")
+    p.add_argument("--heldout-budgets", default="480", help="accuracy: budgets of the held-out family runs, seconds")
+    p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")
+    p.add_argument("--sweep-entries", default="", help="accuracy: only these sweep entries (names from "
+                   "benchmarks/bench_accuracy.py, '|'-separated), e.g. to re-run those a busy machine slowed down")
     p.add_argument("--json", type=Path, help="results file (default docs/benchmarks.json, quick: runs/bench/quick.json)")
     p.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
@@ -184,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     args.variant_budgets = [float(b) for b in args.variant_budgets.split(",") if b.strip() and float(b) > 0]
     args.variants = args.variants.split(",") if args.variants else None
+    args.sweep_entries = args.sweep_entries.split("|") if args.sweep_entries else None
+    args.parts = tuple(x for x in args.parts.split(",") if x)
+    args.heldout_budgets = [float(b) for b in args.heldout_budgets.split(",") if b.strip()]
+    args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -206,12 +214,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.accuracy_budget <= 0:
             sections.remove("accuracy")
     if args.quick and args.accuracy_budget > 0:
-        args.budgets, args.variant_budgets = [args.accuracy_budget], []
+        args.budgets, args.variant_budgets, args.parts, args.seeds = [args.accuracy_budget], [], ("test",), (0,)
         args.num_train, args.num_val = min(args.num_train, 200), min(args.num_val, 50)
     sections = [s for s in sections if s not in skip]
     if "accuracy" in sections:
-        from .bench_accuracy import plan_variants
+        from .bench_accuracy import PARTS, plan_variants
 
+        if set(args.parts) - set(PARTS):
+            p.error(f"unknown --parts {sorted(set(args.parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
         try:  # a typo in --variants is a usage error now, not a traceback after an hour of training
             plan_variants(args.variants, args.variant_budgets)
         except ValueError as e:

@@ -61,10 +61,57 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
     data = make_shapes_dataset(tmp_path / "shapes", num_train=4, num_val=2, image_size=64, seed=0)
     cfg = apply_overrides(get_preset("isda_tiny"), {"batch_size": 2, "num_workers": 0, "test_short_side": 64,
                                                     "train_short_sides": [64], "test_max_size": 64})
-    res = train_maskrcnn(cfg, *data["train"], *data["val"], budget_s=0.01, warmup_iters=1, roi_batch=32, detections=10,
-                         log=lambda m: None)
+    res = train_maskrcnn(cfg, *data["train"], *data["val"], budget_s=0.01, warmup_frac=0.05, roi_batch=32, detections=10,
+                         width=32, optimizer="sgd", lr=0.01, log=lambda m: None)
     assert res["iterations"] == 1 and res["nonfinite_steps"] == 0
     assert set(res["ap"]) >= {"AP", "AP50", "AP75"} and 0.0 <= res["ap"]["AP"] <= 1.0
+    assert res["width"] == 32 and res["optimizer"] == "sgd" and res["clip_max_norm"] == 0.0
+
+
+def test_maskrcnn_widths_and_warmup_fraction():
+    from benchmarks.maskrcnn_shapes import build_maskrcnn_r18, warmup_factor
+
+    stock, slim = build_maskrcnn_r18(5), build_maskrcnn_r18(5, width=64)
+    assert stock.backbone.out_channels == 256 and slim.backbone.out_channels == 64
+    assert slim.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 6  # 5 classes + background
+    assert sum(p.numel() for p in slim.parameters()) < 0.5 * sum(p.numel() for p in stock.parameters())
+    slim.eval()
+    with torch.no_grad():
+        out = slim([torch.rand(3, 64, 64)])
+    assert set(out[0]) >= {"boxes", "scores", "labels", "masks"}
+    # The warm-up is a fraction of the budget, whatever the step time: full lr from 5 % of the run on.
+    assert warmup_factor(0.0, 0.05) == 0.01 and warmup_factor(0.025, 0.05) == pytest.approx(0.5)
+    assert warmup_factor(0.05, 0.05) == 1.0 and warmup_factor(0.9, 0.05) == 1.0 and warmup_factor(0.0, 0.0) == 1.0
+
+
+def test_heldout_family_is_deterministic_jpeg_with_noncontiguous_ids(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import heldout_shapes as h
+    from isda.data import CocoInstanceDataset, build_transforms
+    from isda.data.shapes import image_rng
+
+    a, b = h.generate_image(image_rng(0, "heldout-train", 3)), h.generate_image(image_rng(0, "heldout-train", 3))
+    assert np.array_equal(a[0], b[0]) and [(lab, m.sum()) for lab, m in a[1]] == [(lab, m.sum()) for lab, m in b[1]]
+    assert a[0].shape == (h.IMAGE_SIZE, h.IMAGE_SIZE, 3)
+    masks = np.stack([m for _, m in a[1]])
+    assert masks.sum(0).max() <= 1  # instances never overlap
+
+    data = h.make_heldout_dataset(tmp_path / "ho", num_train=6, num_test=3)
+    ann = json.loads(Path(data["train"][0]).read_text())
+    assert [c["id"] for c in ann["categories"]] == list(h.CATEGORY_IDS) and len(h.CATEGORY_IDS) != 5
+    assert {a["category_id"] for a in ann["annotations"]} <= set(h.CATEGORY_IDS)
+    first = Path(data["train"][1]) / ann["images"][0]["file_name"]
+    assert first.suffix == ".jpg" and Image.open(first).format == "JPEG"
+    stamp = first.stat().st_mtime_ns
+    assert h.make_heldout_dataset(tmp_path / "ho", num_train=6, num_test=3) == data and first.stat().st_mtime_ns == stamp
+    test = json.loads(Path(data["test"][0]).read_text())
+    assert len(test["images"]) == 3 and test["images"][0]["file_name"] == "000000.jpg"
+    ds = CocoInstanceDataset(*data["train"], build_transforms(isda.config.get_preset("isda_tiny").data, False))
+    assert ds.num_classes == 6 and ds.cat_ids == list(h.CATEGORY_IDS)  # labels 0..5 map back to the sparse ids
 
 
 def _in_git_checkout() -> bool:
@@ -89,43 +136,109 @@ def test_before_after_runs_a_git_revision_against_this_tree(tmp_path):
     assert f"revision {res['before']} vs {res['after']}" in (tmp_path / "b.md").read_text()
 
 
-def _acc_run(ap: float, steps: int = 10) -> dict:
-    return {"ap": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}, "iterations": steps, "train_time_s": 2.0 * steps}
+def _acc_run(ap: float, steps: int = 10, **extra) -> dict:
+    return {"ap": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "APs": ap}, "iterations": steps,
+            "train_time_s": 2.0 * steps, "load_average": [1.0, 1.2], **extra}
 
 
-def test_accuracy_invocations_merge_and_render_per_budget(tmp_path):
+def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypatch):
+    """The plumbing without training: the sweep runs on tune, its winners are the recipes of the test and
+    held-out runs, which run on test / the held-out family with ISDA and Mask R-CNN of one budget and seed
+    next to each other; every finished run is saved."""
+    from benchmarks import bench_accuracy as b
+
+    calls, saved = [], []
+
+    def fake_job(job):
+        calls.append(job)
+        if job["model"] == "maskrcnn":  # tune AP rises with the lr, so the largest lr must win
+            return _acc_run(job["maskrcnn"]["lr"] * 100, **job["maskrcnn"])
+        return _acc_run(0.1 + job.get("overrides", {}).get("train.lr", 0.0))
+
+    monkeypatch.setattr(b, "_job", fake_job)
+    monkeypatch.setattr(b, "MASKRCNN_SWEEP", {"a": {"lr": 1e-4}, "b": {"lr": 1e-3, "width": 32}, "c": {"lr": 2e-4}})
+    res = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+                parts=("sweep", "test", "heldout"), save=lambda r: saved.append(1), log=lambda m: None)
+    sweep, rest = calls[:len(b.ISDA_SWEEP) + 3], calls[len(b.ISDA_SWEEP) + 3:]
+    assert all(j["data"]["val"][0].endswith("instances_val.json") and "shapes_3_2" in j["data"]["val"][0] for j in sweep)
+    assert [j["model"] for j in sweep[:2]] == ["isda", "maskrcnn"]  # interleaved: each ISDA run beside a Mask R-CNN one
+    assert res["chosen"]["maskrcnn"]["lr"] == 1e-3 and res["chosen"]["maskrcnn"]["width"] == 32
+    assert res["chosen"]["isda"] == {"train.lr": 4e-4} and "maskrcnn: b" in res["chosen"]["from_sweep"]
+    assert [(j["model"], j["name"]) for j in rest[:4]] == [
+        ("isda", "isda 2s seed 0"), ("maskrcnn", "maskrcnn 2s seed 0"), ("isda", "isda 2s seed 1"),
+        ("maskrcnn", "maskrcnn 2s seed 1")]
+    test_val = rest[0]["data"]["val"][0]
+    assert "shapes_test_2_seed1" in test_val and test_val != sweep[0]["data"]["val"][0]
+    assert rest[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0} and rest[3]["maskrcnn"]["seed"] == 1
+    assert rest[2]["overrides"] == {"train.lr": 4e-4, "train.seed": 1}
+    held = rest[4:]
+    assert {j["name"] for j in held} == {"heldout isda 2s", "heldout maskrcnn 2s", "heldout isda_no_fit 2s"}
+    assert all("heldout_3_2" in j["data"]["train"][0] for j in held)
+    assert [j for j in held if "no_fit" in j["name"]][0]["overrides"]["data.fit_sizes"] is False
+    assert set(res["isda"]["2"]) == {"0", "1"} and set(res["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn"}
+    assert len(saved) == len(calls)
+    assert res["data_stats"]["heldout"]["image_short_side"] == 160 and res["data_stats"]["test"]["images"] == 3
+    # Re-running one sweep entry replaces its result and keeps the one it replaced.
+    calls.clear()
+    again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
+                  previous=res, log=lambda m: None)
+    assert [j["name"] for j in calls] == ["sweep maskrcnn a"]
+    assert again["sweep"]["maskrcnn"]["a"]["replaced"] == [res["sweep"]["maskrcnn"]["a"]["result"]]
+    assert again["sweep"]["maskrcnn"]["b"] == res["sweep"]["maskrcnn"]["b"] and again["isda"] == res["isda"]
+    with pytest.raises(ValueError, match="unknown sweep entries"):
+        b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["zz"])
+    # The test images are not the tune images.
+    import json
+
+    tune = json.loads(Path(sweep[0]["data"]["val"][0]).read_text())
+    test = json.loads(Path(test_val).read_text())
+    assert tune["info"]["isda_shapes"]["seed"] == 0 and test["info"]["isda_shapes"]["seed"] == 1
+
+
+def test_accuracy_invocations_merge_and_render(tmp_path):
     from benchmarks import bench_accuracy
     from benchmarks.report import render
 
-    # An earlier invocation: the main pair at 8 minutes and one lever at 8 minutes, the way run() records them.
-    previous = {"num_train": 4, "num_val": 2, "image_size": 128, "threads_per_run": 1, "isda_preset": "isda_tiny",
-                "isda_recipe": {"lr": 1e-4, "weight_decay": 1e-4, "batch_size": 8, "clip_max_norm": 0.1,
-                                "num_queries": 100, "num_detections": 50},
-                "budgets_s": [480.0], "variant_budgets_s": [480.0], "isda": {"480": _acc_run(0.10)},
-                "maskrcnn": {"480": {**_acc_run(0.05), "optimizer": "adamw", "lr": 1e-4, "batch_size": 8,
-                                     "clip_max_norm": 0.1, "warmup_iters": 100}},
-                "levers": {"no_varifocal": {"overrides": {"loss.class_loss": "focal"}, "runs": {"480": _acc_run(0.07)}}},
+    common = {"num_train": 4, "num_val": 2, "image_size": 128, "threads_per_run": 1, "isda_preset": "isda_tiny",
+              "seeds": [0, 1], "jobs": 2, "sweep_budget_s": 180.0}
+    mr = {"optimizer": "sgd", "lr": 0.02, "width": 64, "batch_size": 8, "roi_batch": 32}
+    # An earlier invocation: the sweep only.
+    previous = {**common, "budgets_s": [], "variant_budgets_s": [], "heldout_budgets_s": [], "isda": {}, "maskrcnn": {},
+                "sweep": {"maskrcnn": {"sgd lr 0.02": {"settings": mr, "result": _acc_run(0.05)},
+                                       "adamw lr 2e-4": {"settings": {**mr, "optimizer": "adamw", "lr": 2e-4},
+                                                         "result": _acc_run(0.03)}},
+                          "isda": {"lr x1 preset": {"settings": {}, "result": _acc_run(0.08)}}},
                 "_meta": {"command": "python -m benchmarks.run first"}}
-    # This invocation re-runs nothing of it and adds the lever at 30 minutes on the default ISDA run of 30 minutes.
-    new = {**{k: previous[k] for k in bench_accuracy._SAME if k in previous}, "budgets_s": [1800.0],
-           "variant_budgets_s": [1800.0], "isda": {"1800": _acc_run(0.30)}, "maskrcnn": {},
-           "levers": {"no_varifocal": {"overrides": {"loss.class_loss": "focal"}, "runs": {"1800": _acc_run(0.2)}}},
+    new = {**common, "budgets_s": [480.0, 1800.0], "variant_budgets_s": [], "heldout_budgets_s": [480.0],
+           "isda": {"480": {"0": _acc_run(0.10), "1": _acc_run(0.12)}, "1800": {"0": _acc_run(0.30), "1": _acc_run(0.31)}},
+           "maskrcnn": {"480": {"0": _acc_run(0.09, **mr), "1": _acc_run(0.10, **mr)},
+                        "1800": {"0": _acc_run(0.20, **mr), "1": _acc_run(0.21, **mr)}},
+           "heldout": {"480": {"isda": _acc_run(0.06, input_short_side=224), "isda_no_fit": _acc_run(0.03),
+                               "maskrcnn": _acc_run(0.04)}},
            "_meta": {"command": "python -m benchmarks.run second"}}
+    new["data_stats"] = {"heldout": {"images": 2000, "instances_per_image": 7.5, "median_instance_px": 16.6,
+                                     "max_instances": 12, "image_short_side": 160.0, "instance_px_at_preset_size": 13.3,
+                                     "fitted_short_side": 224, "instance_px_fitted": 23.2}}
     merged = bench_accuracy.merge(previous, new)
-    assert merged["budgets_s"] == [480.0, 1800.0] and merged["variant_budgets_s"] == [480.0, 1800.0]
-    assert set(merged["isda"]) == {"480", "1800"} and merged["maskrcnn"] == {"480": previous["maskrcnn"]["480"]}
-    assert set(merged["levers"]["no_varifocal"]["runs"]) == {"480", "1800"}
-    assert merged["earlier"] == [previous["_meta"]] and merged["_meta"] == new["_meta"]
-    # Another configuration of the preset is another experiment: nothing of the earlier one is kept.
-    other = {**new, "isda_recipe": {**new["isda_recipe"], "lr": 2e-4}}
-    assert bench_accuracy.merge(previous, other) == other
+    assert merged["sweep"] == previous["sweep"] and merged["isda"] == new["isda"]
+    assert merged["budgets_s"] == [480.0, 1800.0] and merged["earlier"] == [previous["_meta"]]
+    merged["chosen"] = bench_accuracy.chosen(merged["sweep"])
+    assert merged["chosen"]["maskrcnn"] == mr and merged["chosen"]["isda"] == {}
+    # Another configuration of the preset, or results of the earlier format, are another experiment.
+    assert bench_accuracy.merge({**previous, "num_train": 5}, new) == new
+    assert bench_accuracy.merge({k: v for k, v in previous.items() if k != "seeds"}, new) == new
 
     render({"machine": {"cpu": "test"}, "sections": {"accuracy": merged}}, tmp_path / "b.md")
     page = (tmp_path / "b.md").read_text()
-    lines = [line for line in page.splitlines() if line.startswith("| no_varifocal")]
-    assert lines == ["| no_varifocal (`loss.class_loss=focal`) | 7.0 | 14.0 | 10 | 2.00 | 20.0 | 40.0 | 10 | 2.00 |"]
-    assert "| the tiny preset | 10.0 | 20.0 | 10 | 2.00 | 30.0 | 60.0 | 10 | 2.00 |" in page
-    assert "At 8 min: ISDA tiny − Mask R-CNN **+5.0** AP" in page and "At 30 min" not in page  # no Mask R-CNN at 30
+    assert "| Mask R-CNN | **sgd lr 0.02** | sgd lr 0.02, width 64, batch 8, 32 RoIs/image | **5.0** |" in page
+    assert "| 8 min | ISDA tiny | 10.0 | 12.0 | **11.0** |" in page
+    # 8 min: +1.5 AP with a seed noise of 2.0: a tie; 30 min: +10.0 AP, beyond the noise and the goal.
+    assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page
+    assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
+    assert "| 8 min | ISDA tiny (data.fit_sizes on, the preset) | 224 px | 6.0 |" in page
+    assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
+    assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP" in page and "same budget: 11.0 in 10, 10 steps" in page
+    assert (tmp_path / "b_accuracy.png").stat().st_size > 1000 and "b_accuracy.png" in page
     assert "benchmarks.run first" in page and "benchmarks.run second" in page
 
 
@@ -133,14 +246,16 @@ def test_accuracy_run_saves_each_finished_run_and_keeps_earlier_ones(tmp_path):
     from benchmarks import bench_accuracy
 
     saved = []
-    earlier = {"threads_per_run": 1, "num_train": 4, "num_val": 2, "image_size": 128, "budgets_s": [1.0],
-               "isda": {"1": _acc_run(0.1)}, "maskrcnn": {"1": _acc_run(0.05)}}
+    earlier = {"threads_per_run": 1, "num_train": 4, "num_val": 2, "image_size": 128, "budgets_s": [1.0], "seeds": [0],
+               "isda": {"1": {"0": _acc_run(0.1)}}, "maskrcnn": {"1": {"0": _acc_run(0.05)}}}
     with pytest.raises(ValueError, match="no_such_lever"):
         bench_accuracy.run(tmp_path, [], [1.0], variants=["no_such_lever"], threads=1)
     res = bench_accuracy.run(tmp_path, [], [], num_train=4, num_val=2, threads=1, variants=["no_varifocal@1"],
-                             previous=earlier, save=lambda r: saved.append(copy.deepcopy(r)), log=lambda m: None)
+                             parts=("variants",), previous=earlier, save=lambda r: saved.append(copy.deepcopy(r)),
+                             log=lambda m: None)
     assert len(saved) == 1 and saved[0] == res
     run = res["levers"]["no_varifocal"]
     assert run["overrides"] == {"loss.class_loss": "focal"} and run["runs"]["1"]["iterations"] >= 1
+    assert len(run["runs"]["1"]["load_average"]) == 2
     assert res["isda"] == earlier["isda"] and res["maskrcnn"] == earlier["maskrcnn"]  # kept, not re-run
     assert res["variant_budgets_s"] == [1.0] and res["isda_config"]["loss"]["class_loss"] == "varifocal"
