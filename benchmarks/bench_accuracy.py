@@ -51,7 +51,7 @@ MASKRCNN_SWEEP: dict[str, dict[str, Any]] = {
 }
 ISDA_SWEEP: dict[str, dict[str, Any]] = {"lr x0.5": {"train.lr": 1e-4}, "lr x1 preset": {}, "lr x2": {"train.lr": 4e-4}}
 SEEDS = (0, 1)
-HELDOUT_ISDA = {"isda": {}, "isda_no_fit": {"data.fit_sizes": False}}
+HELDOUT_ISDA = {"isda": {"data.fit_sizes": True}, "isda_no_fit": {"data.fit_sizes": False}}
 # Validate once, at the end: intermediate validations cost wall time and no choice uses them.
 RUN_OVERRIDES = {"train.evals_per_run": 1}
 

@@ -91,7 +91,7 @@ def run(steps: int, out: Path, page: Path | None, threads: int) -> dict[str, Any
         shutil.rmtree(run_dir)
     command = ["train", "--preset", "isda_tiny", "--ann", str(data["train"][0]), "--images", str(data["train"][1]),
                "--val-ann", str(data["test"][0]), "--val-images", str(data["test"][1]), "--out", str(run_dir),
-               "--set", f"train.max_steps={steps}"]
+               "--set", f"train.max_steps={steps}", "--set", "data.fit_sizes=true"]
     import torch
 
     torch.set_num_threads(threads)
@@ -131,15 +131,16 @@ installed) and extracts the two files into `.cache/real/`. The image is cut into
 images and label images); three train ({result['instances']['train']} nuclei), the bottom-right one is held out
 ({result['instances']['test']} nuclei). The label images become COCO JSON with `isda convert labels`.
 
-**Command** (what a new user types; the preset as it is, nothing tuned on the held-out tile; {result['threads']}
+**Command** (what a new user types; the preset with its input size fitted, nothing tuned on the held-out tile; {result['threads']}
 thread(s), 2-core CPU):
 
 ```bash
 {result['command']}
 ```
 
-The trainer prints the plan and what it fitted to the data: the median nucleus (about 20 px) would be about 10 px
-after the preset's 128 px resize, so `data.fit_sizes` tests at {d['test_short_side']} px and trains on random
+The trainer prints the plan and what it fitted to the data (`data.fit_sizes`, on in the preset when this was
+measured and opt-in since: add `--set data.fit_sizes=true`, as `run` now does): the median nucleus (about 20 px)
+would be about 10 px after the preset's 128 px resize, so it tests at {d['test_short_side']} px and trains on random
 {d['crop_size'][0]}x{d['crop_size'][1]} crops at that scale (the preset's cost per step); the three tiles fill the
 batch of 8 by being seen 8 times per epoch, each copy cropped apart.
 

@@ -430,8 +430,8 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
         out += ["",
                 "| training time | run | input short side | test AP | AP50 | APs | steps | load |",
                 "|---|---|---|---|---|---|---|---|"]
-        labels = {"isda": "ISDA tiny (data.fit_sizes on, the preset)", "isda_no_fit": "ISDA tiny, data.fit_sizes=false",
-                  "maskrcnn": "Mask R-CNN R18 (the same fitted input size)"}
+        labels = {"isda": "ISDA tiny, data.fit_sizes=true", "isda_no_fit": "ISDA tiny, data.fit_sizes=false",
+                  "maskrcnn": "Mask R-CNN R18 (the preset's input sizes)"}
         for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
             for name, label in labels.items():
                 r = runs.get(name)

@@ -24,7 +24,7 @@ def stats(instance_px: float, short: int = 256, long: int = 256, crowd: int = 30
 
 
 def test_small_instances_raise_the_input_size_and_train_on_crops_of_the_same_cost():
-    data = get_preset("isda_tiny").data
+    data = dataclasses.replace(get_preset("isda_tiny").data, fit_sizes=True)
     s = stats(10.0)  # nuclei of 10 px in 256 px tiles: 5 px at the preset's 128 px
     fitted, line = fit_sizes(data, s, num_queries=100)
     assert fitted.test_short_side == 608 and fitted.crop_resize_short_sides == (608,)
@@ -36,14 +36,14 @@ def test_small_instances_raise_the_input_size_and_train_on_crops_of_the_same_cos
 
 
 def test_sizes_that_already_suit_the_data_are_kept():
-    data = get_preset("isda_tiny").data
+    data = dataclasses.replace(get_preset("isda_tiny").data, fit_sizes=True)
     assert fit_sizes(data, stats(25.0, 128, 128), 100) == (data, None)  # the shapes dataset
-    off = dataclasses.replace(data, fit_sizes=False)
-    assert fit_sizes(off, stats(10.0), 100) == (off, None)  # opt-in
+    off = get_preset("isda_tiny").data
+    assert not off.fit_sizes and fit_sizes(off, stats(10.0), 100) == (off, None)  # opt-in
 
 
 def test_crops_shrink_until_a_crowded_image_fits_the_query_budget():
-    data = get_preset("isda_tiny").data
+    data = dataclasses.replace(get_preset("isda_tiny").data, fit_sizes=True)
     crowded = stats(10.0, crowd=3000)  # 133 instances in a 128 px crop at 608 px
     fitted, _ = fit_sizes(data, crowded, num_queries=100)
     crop = fitted.crop_size[0]
