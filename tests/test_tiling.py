@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from engine_utils import single_thread, tiny_config
 from isda.cli import main
+from isda.data.rle import decode_rle
 from isda.tiling import draw_tiled, predict_tiled, tile_windows
 
 
@@ -106,7 +107,7 @@ def test_every_blob_exactly_once_with_its_full_mask():
         assert label == blob_id % 3
     # The results entries (RLE written from the crops) decode to the same masks at the image's size.
     entries = tiled.coco_results(7, cat_ids=[1, 2, 3])
-    decoded = mask_utils.decode([e["segmentation"] for e in entries]).transpose(2, 0, 1)
+    decoded = decode_rle([e["segmentation"] for e in entries]).transpose(2, 0, 1)
     assert decoded.shape == (count, H, W)
     assert np.array_equal(decoded.astype(bool), masks.numpy())
     assert [e["category_id"] for e in entries] == [lab + 1 for lab in tiled.labels.tolist()]
@@ -194,7 +195,7 @@ def test_predict_tile_end_to_end(checkpoint, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results, "an untrained model at threshold 0 still detects something"
     assert f"{windows} windows, {len(results)} instances" in printed
-    masks = mask_utils.decode([r["segmentation"] for r in results])
+    masks = decode_rle([r["segmentation"] for r in results])
     assert masks.shape[:2] == (200, 300) and masks.any((0, 1)).all()
     assert {r["image_id"] for r in results} == {0}
     with Image.open(out / "big_pred.png") as im:
