@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from isda.fileio import atomic_write_text
@@ -101,7 +102,7 @@ def run(steps: int, out: Path, page: Path | None, threads: int) -> dict[str, Any
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"iter": r["iter"], "train_s": r["time"], "AP": 100 * r["AP"], "AP50": 100 * r["AP50"],
               "AP75": 100 * r["AP75"]} for r in rows if r["type"] == "val"]
-    config = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     result = {"command": "isda " + " ".join(command), "steps": steps, "threads": threads, "curve": curve,
               "wall_s": time.time() - start, "data": config["data"], "load_average": os.getloadavg(),
               "instances": {s: len(json.loads(Path(a).read_text())["annotations"]) for s, (a, _) in data.items()}}
