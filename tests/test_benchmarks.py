@@ -157,6 +157,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
 
     monkeypatch.setattr(b, "_job", fake_job)
     monkeypatch.setattr(b, "MASKRCNN_SWEEP", {"a": {"lr": 1e-4}, "b": {"lr": 1e-3, "width": 32}, "c": {"lr": 2e-4}})
+    monkeypatch.setattr(b, "ISDA_SWEEP", {"lr x1 preset": {}, "lr x2": {"train.lr": 4e-4}})
     res = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
                 parts=("sweep", "test", "heldout"), save=lambda r: saved.append(1), log=lambda m: None)
     sweep, rest = calls[:len(b.ISDA_SWEEP) + 3], calls[len(b.ISDA_SWEEP) + 3:]
@@ -226,6 +227,13 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert merged["chosen"]["maskrcnn"] == mr and merged["chosen"]["isda"] == {}
     # Another configuration of the preset, or results of the earlier format, are another experiment.
     assert bench_accuracy.merge({**previous, "num_train": 5}, new) == new
+    # A preset field whose effect every run records (data.fit_sizes: input_short_side) does not split them; another
+    # changed field does.
+    cfg = {"data": {"fit_sizes": True, "test_short_side": 128}, "train": {"lr": 2e-4}}
+    flipped = {"data": {"fit_sizes": False, "test_short_side": 128}, "train": {"lr": 2e-4}}
+    assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": flipped})["sweep"] == previous["sweep"]
+    other = {**flipped, "train": {"lr": 1e-4}}
+    assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": other}) == {**new, "isda_config": other}
     assert bench_accuracy.merge({k: v for k, v in previous.items() if k != "seeds"}, new) == new
 
     render({"machine": {"cpu": "test"}, "sections": {"accuracy": merged}}, tmp_path / "b.md")
