@@ -29,6 +29,7 @@ from .common import (
     random_image,
     set_threads,
     shapes_batch,
+    with_isda_speedups,
 )
 
 
@@ -124,6 +125,8 @@ class Task:
                 kwargs["min_size"], kwargs["max_size"] = min(size), max(max(size), kwargs["max_size"])
                 self.model = limit_candidates(build_maskrcnn(seed=args.seed, frozen=args.model == "maskrcnn_frozen",
                                                              **kwargs)).eval()
+                if args.speedups:
+                    with_isda_speedups(self.model)
         else:
             if args.model == "isda":
                 self.model = build_isda(args.preset, seed=args.seed).train()
@@ -139,6 +142,8 @@ class Task:
                     t["labels"] = t["labels"] + 1  # 0 is Mask R-CNN's background
                     t["masks"] = t["masks"].to(torch.uint8)
             self.targets = targets
+            if args.speedups and args.model != "isda":
+                with_isda_speedups(self.model)
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
 
@@ -173,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speedups", action="store_true", help="Mask R-CNN: ISDA's generic CPU speed-ups "
+                   "(benchmarks.common.with_isda_speedups: BatchNorm folding, channels-last inference); ISDA has them")
     args = p.parse_args(argv)
+    if args.speedups and args.model.startswith("isda"):
+        p.error("--speedups is for the Mask R-CNN models (ISDA has these speed-ups built in)")
     set_threads(args.threads)
     start = time.perf_counter()
     task = Task(args)

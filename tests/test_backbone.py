@@ -1,11 +1,13 @@
 """Backbone: the frozen BatchNorm folded into the convolutions computes torchvision's ResNet exactly."""
 
+import copy
+
 import pytest
 import torch
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-from isda.models.backbone import Backbone, FoldedFrozenBatchNorm2d, FrozenBNConv2d, _to_ours
+from isda.models.backbone import Backbone, FoldedFrozenBatchNorm2d, FrozenBNConv2d, _to_ours, fold_frozen_batchnorm
 from isda.config import ModelConfig
 
 
@@ -40,3 +42,20 @@ def test_folded_frozen_batchnorm_equals_torchvision_resnet(name):
     expected.square().mean().backward()
     torch.testing.assert_close(ours.layer4[0].conv1.weight.grad, ref.layer4[0].conv1.weight.grad, rtol=1e-9, atol=1e-12)
     assert ours.stem[0].weight.grad is None  # frozen stage
+
+
+def test_fold_applies_to_any_module_tree_holding_a_torchvision_resnet():
+    """The fold the benchmarks give Mask R-CNN too: a torchvision ResNet inside a detection backbone (every pair
+    found, the outputs unchanged, a second fold a no-op)."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    ref, _ = _reference_and_ours("resnet18")
+    detector_backbone = _resnet_fpn_extractor(ref, 3).double().eval()
+    folded = copy.deepcopy(detector_backbone)
+    assert fold_frozen_batchnorm(folded) == sum(isinstance(m, FrozenBatchNorm2d) for m in ref.modules()) == 20
+    assert fold_frozen_batchnorm(folded) == 0
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    expected, got = detector_backbone(x), folded(x)
+    assert list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-9, atol=1e-9)

@@ -26,16 +26,18 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
 
     common = ["--task", "infer", "--size", "64x64", "--threads", "1"]
     inf = compare({"isda": [*common, "--model", "isda", "--preset", "isda_tiny"],
-                   "maskrcnn": [*common, "--model", "maskrcnn"]}, repeats=1, warmup=0, components=1, log=lambda m: None)
-    assert inf["maskrcnn"]["detections"] == 100  # the mask head ran on 100 detections
+                   "maskrcnn": [*common, "--model", "maskrcnn"], "maskrcnn_eq": [*common, "--model", "maskrcnn", "--speedups"]},
+                  repeats=1, warmup=0, components=1, log=lambda m: None)
+    assert inf["maskrcnn"]["detections"] == inf["maskrcnn_eq"]["detections"] == 100  # the mask head ran on 100
     assert inf["isda"]["detections"] == isda.config.get_preset("isda_tiny").model.num_detections
-    for name in ("isda", "maskrcnn"):
+    for name in ("isda", "maskrcnn", "maskrcnn_eq"):
         assert inf[name]["time"]["median"] > 0 and inf[name]["peak_rss_gib"] > 0.1
         assert inf[name]["components"]["total"] > 0
     c = inf["isda"]["components"]
     assert sum(v for k, v in c.items() if k != "total") == pytest.approx(c["total"])
-    inf["ratio_latency"] = inf["isda"]["time"]["median"] / inf["maskrcnn"]["time"]["median"]
-    inf["ratio_peak_rss"] = inf["isda"]["peak_rss_gib"] / inf["maskrcnn"]["peak_rss_gib"]
+    for suffix, mr in (("", "maskrcnn_eq"), ("_stock", "maskrcnn")):
+        inf["ratio_latency" + suffix] = inf["isda"]["time"]["median"] / inf[mr]["time"]["median"]
+        inf["ratio_peak_rss" + suffix] = inf["isda"]["peak_rss_gib"] / inf[mr]["peak_rss_gib"]
     msda = bench_msda.run(repeats=1, shapes=SMALL_LEVELS, queries={"encoder": 40, "decoder": 5}, log=lambda m: None)
     assert set(msda["cases"]) == {"encoder/forward", "encoder/forward_backward", "decoder/forward",
                                   "decoder/forward_backward"}
@@ -43,7 +45,55 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     render(results, tmp_path / "benchmarks.md")
     page = (tmp_path / "benchmarks.md").read_text()
     assert "ISDA / Mask R-CNN" in page and "Deformable attention core" in page and "not measured" in page.lower()
+    assert "| Mask R-CNN R50-FPN, same speed-ups |" in page and "| Mask R-CNN R50-FPN, stock torchvision |" in page
+    assert "inference latency (stock torchvision Mask R-CNN)" in page
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
+
+
+def test_isda_speedups_for_maskrcnn_keep_its_outputs():
+    """The equal-effort Mask R-CNN (the BatchNorm folded, channels-last inference) computes what stock torchvision
+    does: eval backbone features to rounding error, the same training losses for the frozen recipe."""
+    from benchmarks.common import build_maskrcnn, with_isda_speedups
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from isda.models.backbone import FrozenBNConv2d
+
+    torch.manual_seed(0)
+    stock = build_maskrcnn(seed=0, min_size=64, max_size=64).eval()
+    for m in stock.modules():  # statistics of a trained network, so that the fold has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.2)
+            m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+    stock = stock.double()  # float64: the fold only reorders rounding
+    fast = with_isda_speedups(copy.deepcopy(stock))
+    assert sum(isinstance(m, FrozenBNConv2d) for m in fast.modules()) == 53  # every ResNet-50 conv + BN pair
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in fast.modules())
+    layouts = []
+    fast.backbone.body.conv1.register_forward_pre_hook(
+        lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = stock.backbone(x), fast.backbone(x)
+    assert layouts == [True]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-9)
+    x = x.float()
+
+    # Training, the frozen recipe: the fold changes no loss (the same sampling: the same seed before each).
+    frozen = build_maskrcnn(seed=0, frozen=True, min_size=64, max_size=64).train()
+    for m in frozen.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    folded = with_isda_speedups(copy.deepcopy(frozen))
+    target = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([3]),
+               "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}]
+    target[0]["masks"][0, 8:40, 8:40] = 1
+    losses = []
+    for model in (frozen, folded):
+        torch.manual_seed(1)
+        losses.append(model([x[0]], target))
+    for key in losses[0]:
+        torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
 
 
 def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):

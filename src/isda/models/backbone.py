@@ -96,24 +96,27 @@ class FrozenBNConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
 
 
-def fold_frozen_batchnorm(backbone: Backbone) -> None:
-    """Replace every (convolution, FrozenBatchNorm2d) pair of a torchvision ResNet by a FrozenBNConv2d and a
-    FoldedFrozenBatchNorm2d, in place (parameters and buffers shared, state-dict keys unchanged)."""
-    pairs = [(backbone.stem, "0", "1")]
-    for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
-        for block in layer:
-            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"bn{i}")]
-            if block.downsample is not None:
-                pairs.append((block.downsample, "0", "1"))
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Replace every convolution directly followed (as the next child of the same parent) by a FrozenBatchNorm2d
+    with a FrozenBNConv2d and a FoldedFrozenBatchNorm2d, in place (parameters and buffers shared, state-dict keys
+    unchanged); returns the number of pairs folded. Covers torchvision's ResNets wherever they sit (our
+    Backbone, a detection model's ``backbone.body``): in their blocks ``convN`` is registered just before
+    ``bnN``, and the stem and ``downsample`` pairs are consecutive too."""
+    pairs = []
+    for parent in module.modules():
+        children = list(parent.named_children())
+        pairs += [(parent, c, b) for (c, conv), (b, bn) in zip(children, children[1:])
+                  if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d]
     for parent, conv_name, bn_name in pairs:
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        folded = FoldedFrozenBatchNorm2d(bn.weight.shape[0], bn.eps)
+        folded = FoldedFrozenBatchNorm2d(bn.weight.shape[0], bn.eps).to(bn.weight)  # keep dtype and device
         folded.load_state_dict(bn.state_dict())
         fused = FrozenBNConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                conv.dilation, conv.groups, bias=conv.bias is not None)
         fused.weight, fused.bias, fused.bn = conv.weight, conv.bias, (folded,)
         setattr(parent, conv_name, fused)
         setattr(parent, bn_name, folded)
+    return len(pairs)
 
 
 def _to_ours(key: str) -> str:
