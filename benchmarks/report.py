@@ -468,19 +468,22 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
         out += ["### Held-out family (never used for tuning)", "",
                 "`benchmarks/heldout_shapes.py`: six other shape families (hexagon, cross, ellipse, chevron, crescent, "
                 "diamond), 3-12 smaller instances per image (median about 17 px), 160 px images, flat noisy backgrounds, "
-                "JPEG (quality 80), category ids 3, 7, 8, 15, 31, 42; 2,000 train / 200 test images. Both models with "
-                "the recipes above; ISDA also with `data.fit_sizes=false` (the preset's fixed 128 px input).", ""]
+                "JPEG (quality 80), category ids 3, 7, 8, 15, 31, 42; 2,000 train / 200 test images. Each model with "
+                "the recipe chosen on tune when the run was made (the recipe column); ISDA with and without "
+                "`data.fit_sizes` (the preset's fixed 128 px input).", ""]
         out += _data_stats(acc.get("data_stats") or {})
         out += ["",
-                "| training time | run | input short side | test AP | AP50 | APs | steps | load |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| training time | run | recipe | input short side | test AP | AP50 | APs | steps | load |",
+                "|---|---|---|---|---|---|---|---|---|"]
         labels = {"isda": "ISDA tiny, data.fit_sizes=true", "isda_no_fit": "ISDA tiny, data.fit_sizes=false",
                   "maskrcnn": "Mask R-CNN R18 (the preset's input sizes)"}
         for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
             for name, label in labels.items():
                 r = runs.get(name)
                 if r and r.get("ap"):
-                    out.append(f"| {int(b) / 60:g} min | {label} | {r.get('input_short_side', '')} px | {_ap(r):.1f} | "
+                    recipe = _mr_recipe(r) if name == "maskrcnn" else " ".join(
+                        f"{k}={v}" for k, v in (r.get("overrides") or {}).items() if k != "data.fit_sizes") or "the preset"
+                    out.append(f"| {int(b) / 60:g} min | {label} | {recipe} | {r.get('input_short_side', '')} px | {_ap(r):.1f} | "
                                f"{_ap(r, 'AP50'):.1f} | {_ap(r, 'APs'):.1f} | {r['iterations']} | {_load(r)} |")
         out.append("")
         for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):

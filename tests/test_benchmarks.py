@@ -265,7 +265,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
            "maskrcnn": {"480": {"0": _acc_run(0.09, **mr), "1": _acc_run(0.10, **mr)},
                         "1800": {"0": _acc_run(0.20, **mr), "1": _acc_run(0.21, **mr)}},
            "heldout": {"480": {"isda": _acc_run(0.06, input_short_side=224), "isda_no_fit": _acc_run(0.03),
-                               "maskrcnn": _acc_run(0.04)}},
+                               "maskrcnn": _acc_run(0.04, **mr)}},
            "_meta": {"command": "python -m benchmarks.run second"}}
     new["data_stats"] = {"heldout": {"images": 2000, "instances_per_image": 7.5, "median_instance_px": 16.6,
                                      "max_instances": 12, "image_short_side": 160.0, "instance_px_at_preset_size": 13.3,
@@ -295,6 +295,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
     assert "| 8 min | ISDA tiny, data.fit_sizes=true | 224 px | 6.0 |" in page
     assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
+    assert "| 8 min | Mask R-CNN R18 (the preset's input sizes) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |" in page
     assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP" in page and "same budget: 11.0 in 10, 10 steps" in page
     assert (tmp_path / "b_accuracy.png").stat().st_size > 1000 and "b_accuracy.png" in page
     assert "benchmarks.run first" in page and "benchmarks.run second" in page
