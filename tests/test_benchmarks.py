@@ -293,7 +293,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     # 8 min: +1.5 AP with a seed noise of 2.0: a tie; 30 min: +10.0 AP, beyond the noise and the goal.
     assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page
     assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
-    assert "| 8 min | ISDA tiny, data.fit_sizes=true | 224 px | 6.0 |" in page
+    assert "| 8 min | ISDA tiny, data.fit_sizes=true | the preset | 224 px | 6.0 |" in page
     assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
     assert "| 8 min | Mask R-CNN R18 (the preset's input sizes) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |" in page
     assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP" in page and "same budget: 11.0 in 10, 10 steps" in page
