@@ -288,12 +288,13 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                                                                recipe["maskrcnn"], seed)))
     for budget in sorted(heldout_budgets_s) if "heldout" in parts else []:
         key = str(int(budget))
-        # ISDA with and without data.fit_sizes side by side (the transfer question), then Mask R-CNN.
-        for name, overrides in HELDOUT_ISDA.items():
-            todo.append((("heldout", key, name), isda_job(f"heldout {name} {key}s", "heldout", budget,
-                                                         {**recipe["isda"], **overrides})))
-        todo.append((("heldout", key, "maskrcnn"), maskrcnn_job(f"heldout maskrcnn {key}s", "heldout", budget,
-                                                               recipe["maskrcnn"])))
+        # The comparison side by side: ISDA as the preset is (data.fit_sizes off) beside Mask R-CNN; then ISDA with
+        # data.fit_sizes on (the transfer question).
+        isda = {name: (("heldout", key, name), isda_job(f"heldout {name} {key}s", "heldout", budget,
+                                                        {**recipe["isda"], **overrides}))
+                for name, overrides in HELDOUT_ISDA.items()}
+        todo += [isda["isda_no_fit"], (("heldout", key, "maskrcnn"), maskrcnn_job(
+            f"heldout maskrcnn {key}s", "heldout", budget, recipe["maskrcnn"])), isda["isda"]]
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))

@@ -223,7 +223,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert rest[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0} and rest[3]["maskrcnn"]["seed"] == 1
     assert rest[2]["overrides"] == {"train.lr": 4e-4, "train.seed": 1}
     held = rest[4:]
-    assert {j["name"] for j in held} == {"heldout isda 2s", "heldout maskrcnn 2s", "heldout isda_no_fit 2s"}
+    assert [j["name"] for j in held] == ["heldout isda_no_fit 2s", "heldout maskrcnn 2s", "heldout isda 2s"]
     assert all("heldout_3_2" in j["data"]["train"][0] for j in held)
     assert [j for j in held if "no_fit" in j["name"]][0]["overrides"]["data.fit_sizes"] is False
     assert set(res["isda"]["2"]) == {"0", "1"} and set(res["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn"}
