@@ -91,12 +91,30 @@ def _isda_run(cfg, data, out_dir: Path, budget: float, log) -> dict[str, Any]:
     summary = train(c, *data["train"], *data["val"], out_dir=out_dir, device="cpu",
                     log=lambda m: log("    " + m.replace("\n", "\n    ")))
     log(f"    isda at {budget:.0f} s: mask AP {100 * summary['val']['AP']:.1f} ({summary['iteration']} steps)")
-    return {"ap": summary["val"], "iterations": summary["iteration"], "epochs": summary["epoch"],
+    return {"ap": summary["val"], "ap_class_agnostic": _class_agnostic(data["val"][0], out_dir / "results_val.json"),
+            "iterations": summary["iteration"], "epochs": summary["epoch"],
             "train_time_s": summary["train_time_s"], "wall_s": time.perf_counter() - start,
             "seconds_per_step": summary["train_time_s"] / max(summary["iteration"], 1),
             "lr": c.train.lr, "seed": c.train.seed,
             # the size the trainer chose (data.fit_sizes), as saved with the run
             "input_short_side": yaml.safe_load((out_dir / "config.yaml").read_text())["data"]["test_short_side"]}
+
+
+def _coco(ann_file: str):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        return COCO(ann_file)
+
+
+def _class_agnostic(ann_file: str, results_file: Path) -> dict[str, float]:
+    """The class-agnostic mask AP of a run's final validation results (what wrong labels cost)."""
+    from isda.engine.evaluation import evaluate_masks
+
+    return evaluate_masks(_coco(ann_file), json.loads(results_file.read_text()), class_agnostic=True).stats
 
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:
@@ -186,15 +204,9 @@ def datasets(out_root: Path, num_train: int, num_val: int, heldout: bool) -> dic
 
 def _stats(ann_file: str) -> dict[str, Any]:
     """What the preset's fixed 128 px input makes of a training set's instances (isda.data.sizing)."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
     from isda.data.sizing import dataset_stats, fit_sizes
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        st = dataset_stats(COCO(ann_file))
+    st = dataset_stats(_coco(ann_file))
     data = get_preset("isda_tiny").data
     fitted, _ = fit_sizes(data, st, get_preset("isda_tiny").model.num_queries)
     return {"images": st.num_images, "instances_per_image": st.num_instances / max(st.num_images, 1),

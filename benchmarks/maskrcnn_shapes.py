@@ -102,8 +102,9 @@ def to_maskrcnn_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size: int = 8,
-                      num_workers: int = 0) -> dict[str, float]:
-    """COCO mask AP (isda.engine.evaluation.evaluate_masks) of Mask R-CNN on ``dataset`` (test transforms)."""
+                      num_workers: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """COCO mask AP (isda.engine.evaluation.evaluate_masks) of Mask R-CNN on ``dataset`` (test transforms), and the
+    same class-agnostic (what wrong labels cost)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
@@ -120,7 +121,8 @@ def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size
                           "boxes": out["boxes"]})
         results += predictions_to_coco_results(preds, [t["image_id"] for t in targets], dataset.cat_ids)
     model.train(was_training)
-    return evaluate_masks(dataset.coco, results, image_ids=dataset.ids).stats
+    return tuple(evaluate_masks(dataset.coco, results, image_ids=dataset.ids, class_agnostic=agnostic).stats
+                 for agnostic in (False, True))
 
 
 def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path, val_ann: str | Path,
@@ -197,7 +199,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
                 break
         epoch += 1
     result["train_time_s"] = trained
-    result["ap"] = evaluate_maskrcnn(model, val_set, tcfg.batch_size)
+    result["ap"], result["ap_class_agnostic"] = evaluate_maskrcnn(model, val_set, tcfg.batch_size)
     result["iterations"] = step
     result["epochs"] = step / steps_per_epoch
     log(f"    mask r-cnn at {budget_s:.0f} s: mask AP {100 * result['ap']['AP']:.1f} ({step} steps)")

@@ -366,6 +366,12 @@ def _ap(res: dict[str, Any] | None, key: str = "AP") -> float:
     return 100 * ((res or {}).get("ap") or {}).get(key, float("nan"))
 
 
+def _agnostic(res: dict[str, Any]) -> str:
+    """Class-agnostic mask AP (every category as one: what wrong labels cost), where the run measured it."""
+    a = res.get("ap_class_agnostic")
+    return f"{100 * a['AP']:.1f}" if a else "(not measured)"
+
+
 def _load(res: dict[str, Any]) -> str:
     la = res.get("load_average")
     return f"{la[0]:.1f} / {la[1]:.1f}" if la else ""
@@ -473,8 +479,8 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "`data.fit_sizes` (the preset's fixed 128 px input).", ""]
         out += _data_stats(acc.get("data_stats") or {})
         out += ["",
-                "| training time | run | recipe | input short side | test AP | AP50 | APs | steps | load |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| training time | run | recipe | input short side | test AP | AP50 | APs | class-agnostic AP | steps | load |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         labels = {"isda": "ISDA tiny, data.fit_sizes=true", "isda_no_fit": "ISDA tiny, data.fit_sizes=false",
                   "maskrcnn": "Mask R-CNN R18 (the preset's input sizes)"}
         for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
@@ -484,7 +490,8 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                     recipe = _mr_recipe(r) if name == "maskrcnn" else " ".join(
                         f"{k}={v}" for k, v in (r.get("overrides") or {}).items() if k != "data.fit_sizes") or "the preset"
                     out.append(f"| {int(b) / 60:g} min | {label} | {recipe} | {r.get('input_short_side', '')} px | {_ap(r):.1f} | "
-                               f"{_ap(r, 'AP50'):.1f} | {_ap(r, 'APs'):.1f} | {r['iterations']} | {_load(r)} |")
+                               f"{_ap(r, 'AP50'):.1f} | {_ap(r, 'APs'):.1f} | {_agnostic(r)} | {r['iterations']} | "
+                               f"{_load(r)} |")
         out.append("")
         for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
             on, off = runs.get("isda"), runs.get("isda_no_fit")

@@ -116,6 +116,18 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
     assert res["iterations"] == 1 and res["nonfinite_steps"] == 0
     assert set(res["ap"]) >= {"AP", "AP50", "AP75"} and 0.0 <= res["ap"]["AP"] <= 1.0
     assert res["width"] == 32 and res["optimizer"] == "sgd" and res["clip_max_norm"] == 0.0
+    assert set(res["ap_class_agnostic"]) == set(res["ap"])
+
+    # ISDA's side of the same benchmark job: a fresh run with the budget, its class-agnostic AP from the run's
+    # results file (the same evaluation as the class-aware one when every label is right).
+    from benchmarks import bench_accuracy
+
+    job = {"model": "isda", "name": "t", "budget": 0.01, "data": data, "out_dir": str(tmp_path / "isda"),
+           "overrides": {"train.num_workers": 0, "data.test_short_side": 64, "data.train_short_sides": [64],
+                         "data.test_max_size": 64, "train.batch_size": 2}}
+    res = bench_accuracy._job(job)
+    assert res["iterations"] >= 1 and res["input_short_side"] == 64 and res["overrides"] == job["overrides"]
+    assert set(res["ap_class_agnostic"]) == set(res["ap"]) and res["load_average"] and res["date"]
 
 
 def test_maskrcnn_widths_and_warmup_fraction():
@@ -264,7 +276,8 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
            "isda": {"480": {"0": _acc_run(0.10), "1": _acc_run(0.12)}, "1800": {"0": _acc_run(0.30), "1": _acc_run(0.31)}},
            "maskrcnn": {"480": {"0": _acc_run(0.09, **mr), "1": _acc_run(0.10, **mr)},
                         "1800": {"0": _acc_run(0.20, **mr), "1": _acc_run(0.21, **mr)}},
-           "heldout": {"480": {"isda": _acc_run(0.06, input_short_side=224), "isda_no_fit": _acc_run(0.03),
+           "heldout": {"480": {"isda": _acc_run(0.06, input_short_side=224),
+                               "isda_no_fit": _acc_run(0.03, ap_class_agnostic={"AP": 0.09}),
                                "maskrcnn": _acc_run(0.04, **mr)}},
            "_meta": {"command": "python -m benchmarks.run second"}}
     new["data_stats"] = {"heldout": {"images": 2000, "instances_per_image": 7.5, "median_instance_px": 16.6,
@@ -294,6 +307,8 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page
     assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
     assert "| 8 min | ISDA tiny, data.fit_sizes=true | the preset | 224 px | 6.0 |" in page
+    assert "| 8 min | ISDA tiny, data.fit_sizes=false | the preset |  px | 3.0 | 6.0 | 3.0 | 9.0 | 10 |" in page
+    assert "| 224 px | 6.0 | 12.0 | 6.0 | (not measured) |" in page
     assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
     assert "| 8 min | Mask R-CNN R18 (the preset's input sizes) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |" in page
     assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP" in page and "same budget: 11.0 in 10, 10 steps" in page

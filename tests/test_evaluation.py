@@ -201,6 +201,19 @@ def test_ground_truth_as_predictions_gives_ap_1_whatever_the_ids(coco: COCO, tmp
     assert results == untouched and path.read_text() == file_text and shifted.dataset == data
 
 
+def test_class_agnostic_ap_ignores_labels_only(coco: COCO) -> None:
+    """Perfect masks with every label wrong: class-aware AP 0, class-agnostic AP 1 (no per-category table); a
+    missed mask still costs the class-agnostic AP."""
+    preds, ids = _gt_predictions(coco)
+    results = predictions_to_coco_results(preds, ids, CAT_IDS)
+    swapped = {CAT_IDS[0]: CAT_IDS[1], CAT_IDS[1]: CAT_IDS[0]}
+    wrong = [{**r, "category_id": swapped.get(r["category_id"], CAT_IDS[2])} for r in results]
+    assert evaluate_masks(coco, wrong).stats["AP"] == pytest.approx(0.0)
+    agnostic = evaluate_masks(coco, wrong, class_agnostic=True)
+    assert agnostic.stats["AP"] == pytest.approx(1.0) and agnostic.per_category == {}
+    assert evaluate_masks(coco, wrong[1:], class_agnostic=True).stats["AP"] < 0.99
+
+
 def test_perturbed_matches_cocoeval(coco: COCO) -> None:
     preds, ids = _perturbed_predictions(coco)
     results = predictions_to_coco_results(preds, ids, CAT_IDS)

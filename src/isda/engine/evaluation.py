@@ -133,11 +133,14 @@ def evaluate_masks(
     results: Sequence[Mapping[str, Any]],
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
+    class_agnostic: bool = False,
 ) -> EvalResult:
     """COCO segmentation AP of ``results`` against ``coco_gt``.
 
     ``image_ids`` restricts evaluation to those images (e.g. a validation subset); otherwise every
-    ground-truth image counts. COCOeval's printing is suppressed unless ``verbose``. Any ids are fine
+    ground-truth image counts. ``class_agnostic``: every category counts as one (COCOeval's
+    ``useCats=0``): the AP of the masks and their ranking alone, so its difference to the class-aware AP is
+    what wrong labels cost. COCOeval's printing is suppressed unless ``verbose``. Any ids are fine
     (from 0, non-contiguous, huge): COCOeval runs on a renumbered copy; ``coco_gt`` and ``results`` are
     left as they are.
     """
@@ -148,11 +151,12 @@ def evaluate_masks(
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
         if image_ids is not None:
             coco_eval.params.imgIds = sorted(set(image_ids))
+        coco_eval.params.useCats = int(not class_agnostic)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
     stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
-    return EvalResult(stats=stats, per_category=_per_category_ap(coco_gt, coco_eval))
+    return EvalResult(stats=stats, per_category={} if class_agnostic else _per_category_ap(coco_gt, coco_eval))
 
 
 def _renumbered(coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int] | None
