@@ -568,7 +568,14 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     else:
         text += "ISDA tiny ahead" if diff > 0 else "Mask R-CNN ahead"
     goal = diff >= GOAL_MARGIN and diff > noise
-    return text + f"; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {'**met**' if goal else '**not met**'}."
+    steps = {m: [r["iterations"] for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
+             for m in ("isda", "maskrcnn")}
+    mean = {m: sum(v) / len(v) for m, v in steps.items()}
+    return (text + f"; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {'**met**' if goal else '**not met**'}. Steps taken "
+            f"(mean): ISDA tiny {mean['isda']:.0f}, Mask R-CNN {mean['maskrcnn']:.0f} (ratio "
+            f"{mean['isda'] / mean['maskrcnn']:.2f}): the difference is what each learns "
+            + ("per step, not the cost of a step." if 0.9 <= mean["isda"] / mean["maskrcnn"] <= 1.1 else
+               "in its steps and how many it takes."))
 
 
 def _variant_table(rows: list[tuple[str, dict[str, dict[str, Any] | None]]], budgets: list[str]) -> list[str]:

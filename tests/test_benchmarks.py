@@ -305,6 +305,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "| 8 min | ISDA tiny | 10.0 | 12.0 | **11.0** |" in page
     # 8 min: +1.5 AP with a seed noise of 2.0: a tie; 30 min: +10.0 AP, beyond the noise and the goal.
     assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page
+    assert "Steps taken (mean): ISDA tiny 10, Mask R-CNN 10 (ratio 1.00): the difference is what each learns per step" in page
     assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
     assert "| 8 min | ISDA tiny, data.fit_sizes=true | the preset | 224 px | 6.0 |" in page
     assert "| 8 min | ISDA tiny, data.fit_sizes=false | the preset |  px | 3.0 | 6.0 | 3.0 | 9.0 | 10 |" in page
