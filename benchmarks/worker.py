@@ -142,7 +142,7 @@ class Task:
                     t["labels"] = t["labels"] + 1  # 0 is Mask R-CNN's background
                     t["masks"] = t["masks"].to(torch.uint8)
             self.targets = targets
-            if args.speedups and args.model != "isda":
+            if args.speedups:  # Mask R-CNN only (main refuses it for ISDA)
                 with_isda_speedups(self.model)
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
