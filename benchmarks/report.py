@@ -552,8 +552,9 @@ GOAL_MARGIN = 2.6
 def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     """The difference of the seed means at ``budget``, a tie when it is within the seed noise (the larger of
     the two models' seed ranges), and where the goal stands."""
-    aps = {m: [_ap(r) for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
-           for m in ("isda", "maskrcnn")}
+    runs = {m: [r for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
+            for m in ("isda", "maskrcnn")}
+    aps = {m: [_ap(r) for r in v] for m, v in runs.items()}
     if not aps["isda"] or not aps["maskrcnn"]:
         return ""
     diff = sum(aps["isda"]) / len(aps["isda"]) - sum(aps["maskrcnn"]) / len(aps["maskrcnn"])
@@ -568,9 +569,7 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     else:
         text += "ISDA tiny ahead" if diff > 0 else "Mask R-CNN ahead"
     goal = diff >= GOAL_MARGIN and diff > noise
-    steps = {m: [r["iterations"] for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
-             for m in ("isda", "maskrcnn")}
-    mean = {m: sum(v) / len(v) for m, v in steps.items()}
+    mean = {m: sum(r["iterations"] for r in v) / len(v) for m, v in runs.items()}
     return (text + f"; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {'**met**' if goal else '**not met**'}. Steps taken "
             f"(mean): ISDA tiny {mean['isda']:.0f}, Mask R-CNN {mean['maskrcnn']:.0f} (ratio "
             f"{mean['isda'] / mean['maskrcnn']:.2f}): the difference is what each learns "
