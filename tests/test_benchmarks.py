@@ -297,6 +297,9 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": flipped})["sweep"] == previous["sweep"]
     other = {**flipped, "train": {"lr": 1e-4}}
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": other}) == {**new, "isda_config": other}
+    # A field added to the configuration since (an opt-in feature, off: the earlier code's behaviour) does not.
+    added = {**flipped, "train": {"lr": 2e-4, "new_option": 0}}
+    assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": added})["sweep"] == previous["sweep"]
     assert bench_accuracy.merge({k: v for k, v in previous.items() if k != "seeds"}, new) == new
 
     render({"machine": {"cpu": "test"}, "sections": {"accuracy": merged}}, tmp_path / "b.md")

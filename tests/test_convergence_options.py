@@ -1,5 +1,5 @@
 """Faster-convergence options of the model and losses: query selection, hybrid (one-to-many) matching, point
-refinement and the varifocal class loss. Each lever's training path runs and reaches its parameters; the
+refinement, query denoising and the varifocal class loss. Each lever's training path runs and reaches its parameters; the
 training-only levers leave inference unchanged."""
 
 import pytest
@@ -30,7 +30,8 @@ def batch():
 
 @pytest.mark.parametrize("levers", [{"query_selection": True}, {"hybrid_queries": 40},
                                     {"query_selection": True, "hybrid_queries": 40}, {"refine_points": True},
-                                    {"refine_points": True, "hybrid_queries": 40}])
+                                    {"refine_points": True, "hybrid_queries": 40}, {"denoising_groups": 3},
+                                    {"denoising_groups": 3, "hybrid_queries": 40, "refine_points": True}])
 def test_lever_training_path_runs_and_reaches_its_parameters(levers):
     model = tiny(**levers).train()
     losses = model(*batch())
@@ -39,6 +40,9 @@ def test_lever_training_path_runs_and_reaches_its_parameters(levers):
         assert {"h.loss_cls", "h.loss_dice", "h.d0.loss_cls", "h.d0.loss_dice"} <= names
     if levers.get("query_selection"):
         assert "enc.loss_cls" in names
+    if levers.get("denoising_groups"):
+        assert {"dn.loss_cls", "dn.loss_dice", "dn.d0.loss_dice"} <= names
+        assert ("dn.loss_point" in names) == model.cfg.refine_points
     if levers.get("refine_points"):
         assert {"loss_point", "d0.loss_point"} <= names and ("h.loss_point" in names) == bool(levers.get("hybrid_queries"))
     assert all(torch.isfinite(v) for v in losses.values())
@@ -51,6 +55,8 @@ def test_lever_training_path_runs_and_reaches_its_parameters(levers):
         assert t.query_selection.class_embed.weight.grad.abs().sum() > 0
     if levers.get("refine_points"):
         assert all(mlp[-1].weight.grad.abs().sum() > 0 for mlp in t.point_refine)
+    if levers.get("denoising_groups"):
+        assert all(p.grad.abs().sum() > 0 for p in model.denoising.parameters())
 
 
 @pytest.mark.parametrize("query_selection", [False, True])

@@ -52,6 +52,11 @@ class ModelConfig:
     # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
     # the next layer samples around the corrected point and KP uses it.
     refine_points: bool = False
+    # Opt-in, training only (DN-DETR's query denoising, see models/denoising.py): this many noised copies of the
+    # ground truth decoded beside the learned queries, each trained to reconstruct its instance; 0: off.
+    denoising_groups: int = 0
+    denoising_label_noise: float = 0.2  # probability that a copy's label is replaced by a random class
+    denoising_point_noise: float = 0.4  # a copy's centroid moves by up to this x half the instance's box size
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -83,6 +88,9 @@ class ModelConfig:
         _check(self.num_levels == 4, "model.num_levels", "ISDA uses the 4 maps P3..P6")
         _check(self.num_queries >= 1, "model.num_queries", "must be >= 1")
         _check(self.hybrid_queries >= 0, "model.hybrid_queries", "must be >= 0")
+        _check(self.denoising_groups >= 0, "model.denoising_groups", "must be >= 0 (0: off)")
+        _check(0 <= self.denoising_label_noise <= 1, "model.denoising_label_noise", "must be a probability in [0, 1]")
+        _check(self.denoising_point_noise >= 0, "model.denoising_point_noise", "must be >= 0")
         _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
         _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
         _check(self.hidden_dim % 32 == 0 and self.mask_feat_channels % 32 == 0, "model.hidden_dim",
@@ -112,6 +120,7 @@ class LossConfig:
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
     hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
     hybrid_weight: float = 1.0  # weight of the one-to-many branch's losses
+    denoising_weight: float = 1.0  # weight of the denoising queries' losses (model.denoising_groups)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
 from .backbone import Backbone
+from .denoising import Denoising, DenoisingQueries
 from .head import ISDAHead, apply_kernels, mask_padding
 from .losses import SetCriterion, downsample_masks, mask_centroids
 from .masked_ops import exporting, resize_mask
@@ -36,6 +37,8 @@ class ISDA(nn.Module):
         self.mask_features = MaskFeatures(cfg.hidden_dim, cfg.mask_feat_channels, cfg.mask_out_channels,
                                           cfg.mask_stride, cfg.mask_position)
         self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position)
+        self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
+                                    cfg.denoising_point_noise) if cfg.denoising_groups else None)
         self.criterion = SetCriterion(loss_cfg or LossConfig())
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
@@ -60,14 +63,17 @@ class ISDA(nn.Module):
         return batch, mask
 
     # ---- network -----------------------------------------------------------------------------
-    def forward_features(self, batch: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    def forward_features(self, batch: Tensor, mask: Tensor, denoising: DenoisingQueries | None = None
+                         ) -> dict[str, Tensor]:
         """Everything up to the head's outputs for a padded, normalized batch (mask logits of every
-        decoder layer in training, of the last one in eval). In training the mask logits carry no autograd
+        decoder layer in training, of the last one in eval); ``denoising`` queries are decoded after the learned
+        ones and returned as ``out["denoising"]``. In training the mask logits carry no autograd
         graph: the losses compute the matched queries' masks again, with it, from ``kernels`` and
         ``mask_features`` (:func:`isda.models.head.matched_mask_logits`)."""
         feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
         pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
-        out = self.transformer(feats[1:], masks[1:], pos)
+        out = self.transformer(feats[1:], masks[1:], pos, denoising)
+        out["denoising"] = denoising
         stride = self.cfg.mask_stride
         mfr_mask = resize_mask(mask, (batch.shape[-2] // stride, batch.shape[-1] // stride))
         mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
@@ -90,7 +96,10 @@ class ISDA(nn.Module):
             if targets is None:
                 raise ValueError("training mode needs targets (call model.eval() for inference)")
             _check_targets(images, targets, self.cfg.num_classes)
-        out = self.forward_features(batch, mask)
+        denoising = None
+        if self.training and self.denoising is not None:
+            denoising = self.denoising(targets, [mask_centroids(t["masks"]) for t in targets])
+        out = self.forward_features(batch, mask, denoising)
         if self.training:
             return self.losses(out, targets, batch.shape[-2:])
         sizes = [tuple(im.shape[1:]) for im in images]
@@ -99,32 +108,42 @@ class ISDA(nn.Module):
     def losses(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], padded_size: tuple[int, int]
                ) -> dict[str, Tensor]:
         """The training losses of :meth:`forward_features`' outputs for a batch padded to ``padded_size`` (H, W):
-        the set criterion on the one-to-one queries, on the one-to-many ones (``hybrid_queries``) and the
-        encoder's token classifier (query selection)."""
+        the set criterion on the one-to-one queries, on the one-to-many ones (``hybrid_queries``), on the
+        denoising ones (fixed assignment) and the encoder's token classifier (query selection)."""
         size = out["mask_logits"].shape[-2:]
         padded = [_pad_masks(t["masks"], padded_size) for t in targets]
         small = [downsample_masks(m, size) for m in padded]
         valid = (~out["padding_mask"]).flatten(1).sum(1)
-        Q = self.cfg.num_queries
         # Point refinement's supervision: each query's points against its instance's mask centroid.
         points = out["points"] if self.cfg.refine_points else None
         centroids = [mask_centroids(t["masks"]) for t in targets] if points is not None else None
         # Without autograd in the mask logits, the criterion computes the matched masks from the kernels.
         kernels = None if out["mask_logits"].requires_grad else out["kernels"]
         masks = {"mask_features": out["mask_features"], "padding_mask": out["padding_mask"]}
-        losses = self.criterion(out["logits"][:, :, :Q], out["mask_logits"][:, :, :Q], targets, small, valid,
-                                None if points is None else points[:, :, :Q], centroids,
-                                kernels=None if kernels is None else kernels[:, :, :Q], **masks)
-        if self.cfg.hybrid_queries:
-            k = self.criterion.cfg.hybrid_repeats
-            repeated = [{"labels": t["labels"].repeat(k)} for t in targets]
-            hybrid = self.criterion(out["logits"][:, :, Q:], out["mask_logits"][:, :, Q:], repeated,
-                                    [m.repeat(k, 1, 1) for m in small], valid,
-                                    None if points is None else points[:, :, Q:],
-                                    None if points is None else [c.repeat(k, 1) for c in centroids],
-                                    kernels=None if kernels is None else kernels[:, :, Q:], **masks)
-            losses["loss"] = losses["loss"] + self.criterion.cfg.hybrid_weight * hybrid.pop("loss")
-            losses.update({f"h.{name}": value for name, value in hybrid.items()})
+
+        def criterion(queries: slice, repeats: int = 1, matches: list[tuple[Tensor, Tensor]] | None = None
+                      ) -> dict[str, Tensor]:
+            """The criterion on a slice of the queries, against every instance repeated ``repeats`` times."""
+            return self.criterion(
+                out["logits"][:, :, queries], out["mask_logits"][:, :, queries],
+                [{"labels": t["labels"].repeat(repeats)} for t in targets], [m.repeat(repeats, 1, 1) for m in small],
+                valid, None if points is None else points[:, :, queries],
+                None if points is None else [c.repeat(repeats, 1) for c in centroids],
+                kernels=None if kernels is None else kernels[:, :, queries], matches=matches, **masks)
+
+        Q, H = self.cfg.num_queries, self.cfg.hybrid_queries
+        losses = criterion(slice(0, Q))
+        branches = []
+        if H:
+            branches.append(("h.", self.criterion.cfg.hybrid_weight,
+                             criterion(slice(Q, Q + H), self.criterion.cfg.hybrid_repeats)))
+        if out["denoising"] is not None:
+            dn = out["denoising"]
+            branches.append(("dn.", self.criterion.cfg.denoising_weight,
+                             criterion(slice(Q + H, None), dn.groups, dn.matches([len(t["labels"]) for t in targets]))))
+        for prefix, weight, branch in branches:
+            losses["loss"] = losses["loss"] + weight * branch.pop("loss")
+            losses.update({prefix + name: value for name, value in branch.items()})
         if "enc_logits" in out:
             losses["enc.loss_cls"] = self.criterion.encoder_loss(
                 out["enc_logits"], out["token_centers"], out["token_padding"], targets, padded)

@@ -78,13 +78,15 @@ class SetCriterion:
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
                  target_points: list[Tensor] | None = None, *, kernels: Tensor | None = None,
-                 mask_features: Tensor | None = None, padding_mask: Tensor | None = None) -> dict[str, Tensor]:
+                 mask_features: Tensor | None = None, padding_mask: Tensor | None = None,
+                 matches: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
         at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w);
         with point refinement, points (layers, B, Q, 2) and target_points[b] (N_b, 2) (mask centroids).
         When ``mask_logits`` carry no autograd graph, the matched queries' mask logits are computed again, with
         it, from the model's ``kernels`` (layers, B, Q, K), ``mask_features`` (B, K, h, w) and ``padding_mask``
-        (B, h, w) (default: indexed from ``mask_logits``).
+        (B, h, w) (default: indexed from ``mask_logits``). ``matches[b]``: a fixed (query, target) assignment of
+        image b for every layer (denoising queries), instead of Hungarian matching.
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         norm = num_instances(targets, logits.device)
@@ -94,9 +96,9 @@ class SetCriterion:
         match_layer, match_image, match_query, match_label, matched_gt, matched_points = [], [], [], [], [], []
         for i, layer in enumerate(layers):
             for b, (t, tm) in enumerate(zip(targets, target_masks)):
-                qi, ti = hungarian_match(logits[layer, b], mask_logits[layer, b].flatten(1), t["labels"],
-                                         tm.flatten(1), self.cfg, *((points[layer, b], target_points[b])
-                                                                    if points is not None else ()))
+                qi, ti = matches[b] if matches is not None else hungarian_match(
+                    logits[layer, b], mask_logits[layer, b].flatten(1), t["labels"], tm.flatten(1), self.cfg,
+                    *((points[layer, b], target_points[b]) if points is not None else ()))
                 qi, ti = qi.to(logits.device), ti.to(logits.device)
                 match_label.append(t["labels"][ti])
                 match_layer.append(torch.full_like(qi, i))

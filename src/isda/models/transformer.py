@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .deformable_attention import MSDeformAttn
+from .denoising import DenoisingQueries, self_attention_mask
 from .head import inverse_sigmoid
 from .masked_ops import exporting
 from .position_encoding import point_encoding
@@ -159,7 +160,9 @@ class DeformableTransformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
-    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor],
+                denoising: DenoisingQueries | None = None) -> dict[str, Tensor]:
+        """``denoising``: training-only queries decoded after the learned ones (isda/models/denoising.py)."""
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         if exporting():  # the sizes are graph values in a trace; as_tensor would freeze them
             spatial_shapes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in shapes])
@@ -189,10 +192,10 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = self.query_embed.weight[:total].split(memory.shape[-1], dim=1)
             query_pos, tgt = query_pos.expand(B, -1, -1), tgt.expand(B, -1, -1)
             reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2), normalized to the valid region
-        attn_mask = None
-        if hybrid:  # the two query sets do not see each other (True = blocked)
-            one = torch.arange(total, device=memory.device) < self.num_queries
-            attn_mask = one[:, None] != one[None, :]
+        if denoising is not None:
+            tgt, query_pos = torch.cat([tgt, denoising.content], 1), torch.cat([query_pos, denoising.position], 1)
+            reference = torch.cat([reference, denoising.reference], 1)
+        attn_mask = self_attention_mask(self.num_queries, hybrid, denoising, memory.device)
         hidden, points = [], []
         for i, layer in enumerate(self.decoder):
             tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, mask,

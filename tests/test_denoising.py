@@ -1,0 +1,105 @@
+"""Query denoising (``model.denoising_groups``, training only): the queries it builds, what they may see, their
+fixed assignment, that they learn, and that inference is the same model without them."""
+
+import pytest
+import torch
+
+import isda
+from isda.models.denoising import Denoising, self_attention_mask
+from isda.models.losses import mask_centroids
+
+from test_convergence_options import batch
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return isda.build_model("isda_tiny", num_classes=3, **overrides)
+
+
+def test_queries_copy_the_instances_within_the_noise():
+    images, targets = batch()  # 2 instances and 1
+    centroids = [mask_centroids(t["masks"]) for t in targets]
+    torch.manual_seed(0)
+    dn = Denoising(32, 3, groups=4, label_noise=0.0, point_noise=0.0)
+    exact = dn(targets, centroids)
+    assert (exact.groups, exact.size) == (4, 2) and exact.reference.shape == (2, 8, 2)
+    for b, (t, c) in enumerate(zip(targets, centroids)):
+        query, target = exact.matches([2, 1])[b]
+        assert sorted(target.tolist()) == list(range(4 * len(t["labels"])))  # every copy of every instance once
+        assert bool((query // 2 == target // len(t["labels"])).all())  # copy g sits in group g
+        # Without noise: the label's embedding at the centroid.
+        torch.testing.assert_close(exact.content[b, query], dn.label_embed(t["labels"].repeat(4)[target]))
+        torch.testing.assert_close(exact.reference[b, query], c.repeat(4, 1)[target], atol=1e-5, rtol=0)
+    # With noise: every copy within 0.4 x half its box of the centroid, and some labels replaced.
+    torch.manual_seed(1)
+    noisy = Denoising(32, 3, groups=200, label_noise=0.5, point_noise=0.4)
+    out = noisy(targets, centroids)
+    query, target = out.matches([2, 1])[0]
+    shift = (out.reference[0, query] - centroids[0].repeat(200, 1)[target]).abs()
+    half = torch.tensor([[19.5 / 128, 17 / 96], [29.5 / 128, 19.5 / 96]]).repeat(200, 1)[target]  # batch()'s boxes
+    assert bool((shift <= 0.4 * half + 1e-5).all()) and bool((shift > 0.2 * half).any())
+    same = (out.content[0, query] == noisy.label_embed(targets[0]["labels"].repeat(200)[target])).all(-1).float().mean()
+    assert 0.55 < same < 0.8  # 1/2 kept, plus 1/3 of the replaced ones drawn as the same class
+
+
+def test_attention_mask_separates_the_query_sets():
+    dn = Denoising(32, 3, groups=2, label_noise=0.0, point_noise=0.0)(batch()[1], [torch.rand(2, 2), torch.rand(1, 2)])
+    blocked = self_attention_mask(3, 4, dn, torch.device("cpu"))  # 3 one-to-one, 4 one-to-many, 2 groups of 2
+    sets = [range(0, 3), range(3, 7), range(7, 9), range(9, 11)]
+    for i, rows in enumerate(sets):
+        for j, cols in enumerate(sets):
+            sees = i == j or (i >= 2 and j == 0)  # each set itself; denoising groups also the one-to-one queries
+            assert bool((~blocked[rows.start:rows.stop, cols.start:cols.stop]).all() if sees
+                        else blocked[rows.start:rows.stop, cols.start:cols.stop].all()), (i, j)
+    assert self_attention_mask(3, 0, None, torch.device("cpu")) is None
+
+
+def test_learned_queries_and_other_groups_do_not_see_a_group():
+    """The one-to-one queries' outputs are the same with and without denoising queries; changing one group's
+    queries changes that group's outputs only."""
+    model = tiny(denoising_groups=2).train()  # the tiny preset has no dropout: training mode is deterministic
+    images, targets = batch()
+    batch_, mask = model.batch_images(images)
+    dn = model.denoising(targets, [mask_centroids(t["masks"]) for t in targets])
+    with torch.no_grad():
+        plain = model.forward_features(batch_, mask)
+        with_dn = model.forward_features(batch_, mask, dn)
+        Q = model.cfg.num_queries
+        torch.testing.assert_close(with_dn["hidden"][:, :, :Q], plain["hidden"], rtol=0, atol=1e-5)
+        dn.content[:, dn.size:] = torch.randn_like(dn.content[:, dn.size:])  # group 2 changed
+        changed = model.forward_features(batch_, mask, dn)["hidden"]
+    torch.testing.assert_close(changed[:, :, :Q + dn.size], with_dn["hidden"][:, :, :Q + dn.size], rtol=0, atol=1e-5)
+    assert not torch.allclose(changed[:, :, Q + dn.size:], with_dn["hidden"][:, :, Q + dn.size:])
+
+
+def test_denoising_queries_learn_to_reconstruct_their_instances():
+    model = tiny(denoising_groups=2).train()
+    images, targets = batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(20):
+        losses = model(images, targets)
+        first = first or {k: losses[k].item() for k in ("dn.loss_dice", "dn.loss_bce")}
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    # Their masks from a noised label and point (fresh noise every step): as those of the matched queries.
+    assert losses["dn.loss_dice"].item() < 0.1 * first["dn.loss_dice"]
+    assert losses["dn.loss_bce"].item() < 0.2 * first["dn.loss_bce"]
+
+
+@pytest.mark.parametrize("hybrid", [0, 40])
+def test_denoising_leaves_inference_unchanged(hybrid):
+    """A model trained with denoising queries predicts exactly what the same weights predict without them."""
+    trained = tiny(denoising_groups=3, hybrid_queries=hybrid).train()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3)
+    trained(*batch())["loss"].backward()
+    optimizer.step()
+    plain = tiny(hybrid_queries=hybrid)
+    plain.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("denoising.")})
+    images = batch()[0]
+    with torch.no_grad():
+        a, b = trained.eval()(images), plain.eval()(images)
+    for x, y in zip(a, b):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
