@@ -64,6 +64,8 @@ ISDA_SWEEP: dict[str, dict[str, Any]] = {
     "batch 4 lr x2 denoising 3": {"train.batch_size": 4, "train.lr": 4e-4, "model.denoising_groups": 3},
     "batch 4 lr x2 denoising 5": {"train.batch_size": 4, "train.lr": 4e-4, "model.denoising_groups": 5},
     "batch 4 lr x2 denoising 10": {"train.batch_size": 4, "train.lr": 4e-4, "model.denoising_groups": 10},
+    # An architecture variant (opt-in): class logits also from the mask features pooled under each query's mask.
+    "batch 4 lr x2 mask class": {"train.batch_size": 4, "train.lr": 4e-4, "model.mask_class": True},
 }
 SEEDS = (0, 1)
 HELDOUT_ISDA = {"isda": {"data.fit_sizes": True}, "isda_no_fit": {"data.fit_sizes": False}}

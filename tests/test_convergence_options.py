@@ -175,3 +175,28 @@ def test_varifocal_class_target_is_the_matched_masks_iou():
     quality[0, 2] = 0.75
     torch.testing.assert_close(losses["loss_cls"], varifocal_loss(logits[0, 0], quality, 0.25, 2.0).sum())
 
+
+
+def test_mask_class_starts_as_the_paper_head_and_classifies_mask_pooled_features():
+    """model.mask_class: zero-initialised, so the model first predicts what the same weights predict without it;
+    then each query's last-layer logits are the decoder's plus a linear map of the mask features averaged under
+    its own predicted mask."""
+    pooled, plain = tiny(mask_class=True), tiny()
+    plain.load_state_dict({k: v for k, v in pooled.state_dict().items() if "mask_class" not in k})
+    images, targets = batch()
+    with torch.no_grad():
+        for x, y in zip(pooled.eval()(images), plain.eval()(images)):
+            for key in x:
+                torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+        torch.nn.init.normal_(pooled.head.mask_class.weight)
+        torch.nn.init.normal_(pooled.head.mask_class.bias)
+        out = pooled.forward_features(*pooled.batch_images(images))
+        b, q = 1, 7
+        p = out["mask_logits"][-1, b, q].sigmoid()
+        features = (out["mask_features"][b] * p).sum((1, 2)) / p.sum()
+        expected = pooled.head.class_embed(out["hidden"][-1, b, q]) + pooled.head.mask_class(features)
+        torch.testing.assert_close(out["logits"][-1, b, q], expected, rtol=1e-4, atol=1e-4)
+        assert out["logits"].shape[0] == pooled.cfg.dec_layers  # the other layers' logits as before
+    pooled.train()
+    pooled(images, targets)["loss"].backward()
+    assert pooled.head.mask_class.weight.grad.abs().sum() > 0

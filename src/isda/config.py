@@ -52,6 +52,9 @@ class ModelConfig:
     # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
     # the next layer samples around the corrected point and KP uses it.
     refine_points: bool = False
+    # Opt-in, not in the paper: each query's class logits also from the mask features pooled under its own predicted
+    # mask (as a RoI head classifies its box's features, at the mask stride); see ISDAHead.mask_pooled_logits.
+    mask_class: bool = False
     # Opt-in, training only (DN-DETR's query denoising, see models/denoising.py): this many noised copies of the
     # ground truth decoded beside the learned queries, each trained to reconstruct its instance; 0: off.
     denoising_groups: int = 0

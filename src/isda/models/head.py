@@ -20,11 +20,16 @@ class ISDAHead(nn.Module):
     two kernel weights are the query's reference point (KP) when ``kernel_position``."""
 
     def __init__(self, dim: int, num_classes: int, kernel_dim: int, kernel_position: bool,
-                 prior_prob: float = 0.01) -> None:
+                 prior_prob: float = 0.01, mask_class: bool = False) -> None:
         super().__init__()
         self.kernel_position = kernel_position
         self.class_embed = nn.Linear(dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        # model.mask_class: zero at initialisation, so that the model starts as the paper's.
+        self.mask_class = nn.Linear(kernel_dim, num_classes) if mask_class else None
+        if self.mask_class is not None:
+            nn.init.zeros_(self.mask_class.weight)
+            nn.init.zeros_(self.mask_class.bias)
         self.kernel_embed = nn.Sequential(
             nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
             nn.Linear(dim, kernel_dim - 2 if kernel_position else kernel_dim),
@@ -33,6 +38,17 @@ class ISDAHead(nn.Module):
     def classify(self, hidden: Tensor) -> Tensor:
         """hidden (..., Q, C) -> class logits (..., Q, classes)."""
         return self.class_embed(hidden)
+
+    def mask_pooled_logits(self, logits: Tensor, mask_logits: Tensor, mask_features: Tensor) -> Tensor:
+        """``model.mask_class``: class logits (layers, B, Q, C) plus a linear classifier of each query's mask
+        features (B, K, h, w) averaged under its predicted mask (mask logits (n, B, Q, h, w) of the last n layers,
+        used as weights without gradient). The decoder reads small objects from a few stride-8 tokens; the mask
+        features are at the mask stride."""
+        weights = mask_logits.detach().sigmoid().flatten(3)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-6)
+        pooled = torch.einsum("lbqn,bkn->lbqk", weights, mask_features.flatten(2).to(weights.dtype))
+        n = mask_logits.shape[0]
+        return torch.cat([logits[:-n], logits[-n:] + self.mask_class(pooled.to(logits.dtype))])
 
     def kernels(self, hidden: Tensor, reference_points: Tensor) -> Tensor:
         """hidden (layers, B, Q, C); reference (layers, B, Q, 2) -> dynamic 1x1 kernels (layers, B, Q, K)."""

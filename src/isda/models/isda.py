@@ -36,7 +36,8 @@ class ISDA(nn.Module):
         self.transformer = DeformableTransformer(cfg)
         self.mask_features = MaskFeatures(cfg.hidden_dim, cfg.mask_feat_channels, cfg.mask_out_channels,
                                           cfg.mask_stride, cfg.mask_position)
-        self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position)
+        self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position,
+                             mask_class=cfg.mask_class)
         self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
                                     cfg.denoising_point_noise) if cfg.denoising_groups else None)
         self.criterion = SetCriterion(loss_cfg or LossConfig())
@@ -87,6 +88,8 @@ class ISDA(nn.Module):
         # full product was two GEMMs over (layers x batch x queries) rows of zero gradient.
         with torch.no_grad() if self.training else contextlib.nullcontext():
             out["mask_logits"] = mask_padding(apply_kernels(out["kernels"], mfr), mfr_mask[None, :, None])
+        if self.head.mask_class is not None:
+            out["logits"] = self.head.mask_pooled_logits(out["logits"], out["mask_logits"], mfr)
         return out
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
