@@ -60,12 +60,6 @@ ISDA_SWEEP: dict[str, dict[str, Any]] = {
     "lr x4": {"train.lr": 8e-4}, "batch 4 lr x2": {"train.batch_size": 4, "train.lr": 4e-4},
     "batch 4 lr x4": {"train.batch_size": 4, "train.lr": 8e-4},
     "batch 2 lr x1": {"train.batch_size": 2, "train.lr": 2e-4}, "batch 2 lr x2": {"train.batch_size": 2, "train.lr": 4e-4},
-    # Training-only levers (the model at inference is the same), on the best recipe: query denoising (DN-DETR).
-    "batch 4 lr x2 denoising 3": {"train.batch_size": 4, "train.lr": 4e-4, "model.denoising_groups": 3},
-    "batch 4 lr x2 denoising 5": {"train.batch_size": 4, "train.lr": 4e-4, "model.denoising_groups": 5},
-    "batch 4 lr x2 denoising 10": {"train.batch_size": 4, "train.lr": 4e-4, "model.denoising_groups": 10},
-    # An architecture variant (opt-in): class logits also from the mask features pooled under each query's mask.
-    "batch 4 lr x2 mask class": {"train.batch_size": 4, "train.lr": 4e-4, "model.mask_class": True},
 }
 SEEDS = (0, 1)
 HELDOUT_ISDA = {"isda": {"data.fit_sizes": True}, "isda_no_fit": {"data.fit_sizes": False}}
@@ -84,6 +78,8 @@ LEVERS = {
     "no_varifocal": {"loss.class_loss": "focal"},
     "query_selection": {"model.query_selection": True},
     "no_refine_points": {"model.refine_points": False},
+    "denoising": {"model.denoising_groups": 5},
+    "mask_class": {"model.mask_class": True},
 }
 
 

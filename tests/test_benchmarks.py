@@ -337,3 +337,28 @@ def test_accuracy_run_saves_each_finished_run_and_keeps_earlier_ones(tmp_path):
     assert len(run["runs"]["1"]["load_average"]) == 2
     assert res["isda"] == earlier["isda"] and res["maskrcnn"] == earlier["maskrcnn"]  # kept, not re-run
     assert res["variant_budgets_s"] == [1.0] and res["isda_config"]["loss"]["class_loss"] == "varifocal"
+
+
+def test_mask_ceiling_round_trips_by_hand(tmp_path):
+    """A mask on the stride-4 grid survives ISDA's round trip (but for its rounded corners); a 2-px line
+    vanishes at stride 4 but survives stride 2; a rectangle off the grid loses its edges at stride 4, not in Mask
+    R-CNN's 28 x 28 RoI round trip; the ceiling averages the fraction at or above each COCO IoU threshold."""
+    from benchmarks import mask_ceiling as mc
+
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, 8:24, 16:40] = True  # on the 4-px grid
+    masks[1, 30:32, 10:50] = True  # a 2-px line, off the 4-px grid
+    masks[2, 41:58, 5:27] = True  # any rectangle fills its box
+    at4, at2 = mc.iou(mc.stride_round_trip(masks, 4), masks), mc.iou(mc.stride_round_trip(masks, 2), masks)
+    assert at4[0] > 0.98 and at4[1] == 0.0 and at2[1] == 1.0 and at4[2] < 0.9
+    assert mc.iou(mc.roi_round_trip(masks), masks)[2] == 1.0
+    import numpy as np
+
+    assert mc.ceiling(np.array([1.0, 0.72, 0.3])) == pytest.approx(100 * (1 + 5 / 10 + 0) / 3)
+    # The whole measurement on a small generated set: every representation, every instance.
+    from isda.data.shapes import make_shapes_dataset
+
+    ann = make_shapes_dataset(tmp_path / "s", num_train=0, num_val=4, image_size=64, seed=0)["val"][0]
+    rows = mc.measure(ann)
+    assert set(rows) == set(mc.REPRESENTATIONS) and len({r["instances"] for r in rows.values()}) == 1
+    assert rows["ISDA, mask stride 2"]["ceiling_ap"] > rows["ISDA, mask stride 8"]["ceiling_ap"]
