@@ -80,6 +80,7 @@ LEVERS = {
     "no_refine_points": {"model.refine_points": False},
     "denoising": {"model.denoising_groups": 5},
     "mask_class": {"model.mask_class": True},
+    "denoising_mask_stride_2": {"model.denoising_groups": 5, "model.mask_stride": 2},
 }
 
 

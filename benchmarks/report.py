@@ -434,7 +434,10 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                   for name, e in sweep.get(model, {}).items() if e.get("replaced")]
         if reruns:
             out += ["", "Entries re-run on a quieter machine (the table has the re-run; the rule is the same), tune AP "
-                        "before: " + "; ".join(reruns) + "."]
+                        "before: " + "; ".join(reruns) + ". On this page's machine the speed also drifted between "
+                        "invocations hours apart (`docs/convergence.md`: the same settings took 401 and 256 steps in "
+                        "3 minutes, both quiet): compare entries at their steps; each model's winner and its "
+                        "neighbours ran within the same half hour."]
         out.append("")
         runs = [e.get("result", {}) for d in sweep.values() for e in d.values()]
         busy = [r for r in runs if max(r.get("load_average") or [0]) > BUSY_LOAD]
@@ -515,10 +518,11 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
         out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
                               + [(labels.get(n, n), e["runs"]) for n, e in acc["ablations"].items()], vbudgets)
     if acc.get("levers"):
-        out += ["### Convergence levers (issue 7; ISDA tiny, test split, seed 0)", "",
-                "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget. Read AP "
-                "together with steps (`docs/convergence.md` compares the levers at equal step counts).", ""]
-        out += _variant_table([("the tiny preset", default)] + [(f"{n} (`{_overrides(e)}`)", e["runs"])
+        out += ["### Convergence levers (ISDA tiny with the chosen recipe, test split, seed 0)", "",
+                "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget. These "
+                "rows report what a lever does; none was chosen on them (`docs/convergence.md` compares the levers on "
+                "the tune split and at equal step counts). Read AP together with steps.", ""]
+        out += _variant_table([("the chosen recipe (seed 0, beside Mask R-CNN)", default)] + [(f"{n} (`{_overrides(e)}`)", e["runs"])
                                                                 for n, e in acc["levers"].items()], vbudgets)
     out += [_meta(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
     return out
