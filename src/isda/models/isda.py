@@ -99,17 +99,19 @@ class ISDA(nn.Module):
             if targets is None:
                 raise ValueError("training mode needs targets (call model.eval() for inference)")
             _check_targets(images, targets, self.cfg.num_classes)
-        denoising = None
+        denoising = centroids = None
+        if self.training and (self.denoising is not None or self.cfg.refine_points):
+            centroids = [mask_centroids(t["masks"]) for t in targets]  # denoising's and point refinement's targets
         if self.training and self.denoising is not None:
-            denoising = self.denoising(targets, [mask_centroids(t["masks"]) for t in targets])
+            denoising = self.denoising(targets, centroids)
         out = self.forward_features(batch, mask, denoising)
         if self.training:
-            return self.losses(out, targets, batch.shape[-2:])
+            return self.losses(out, targets, batch.shape[-2:], centroids)
         sizes = [tuple(im.shape[1:]) for im in images]
         return self.postprocess(out, sizes, output_sizes or sizes)
 
-    def losses(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], padded_size: tuple[int, int]
-               ) -> dict[str, Tensor]:
+    def losses(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], padded_size: tuple[int, int],
+               centroids: list[Tensor] | None = None) -> dict[str, Tensor]:
         """The training losses of :meth:`forward_features`' outputs for a batch padded to ``padded_size`` (H, W):
         the set criterion on the one-to-one queries, on the one-to-many ones (``hybrid_queries``), on the
         denoising ones (fixed assignment) and the encoder's token classifier (query selection)."""
@@ -119,7 +121,8 @@ class ISDA(nn.Module):
         valid = (~out["padding_mask"]).flatten(1).sum(1)
         # Point refinement's supervision: each query's points against its instance's mask centroid.
         points = out["points"] if self.cfg.refine_points else None
-        centroids = [mask_centroids(t["masks"]) for t in targets] if points is not None else None
+        if points is not None and centroids is None:  # the targets' mask centroids, unless the caller has them
+            centroids = [mask_centroids(t["masks"]) for t in targets]
         # Without autograd in the mask logits, the criterion computes the matched masks from the kernels.
         kernels = None if out["mask_logits"].requires_grad else out["kernels"]
         masks = {"mask_features": out["mask_features"], "padding_mask": out["padding_mask"]}
