@@ -24,9 +24,9 @@ def small_sets(**extra):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_dir):
     """shapes -> train a few steps; shared by the tests below."""
-    root = tmp_path_factory.mktemp("cli")
+    root = module_dir
     with single_thread():
         assert main(["shapes", str(root / "data"), "--num-train", "8", "--num-val", "4", "--size", "64"]) == 0
         assert main(["train", "--preset", "isda_tiny", "--data", str(root / "data"), "--out", str(root / "run"),

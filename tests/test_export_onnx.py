@@ -25,9 +25,9 @@ TINY_64 = ["--set", "data.train_short_sides=64", "--set", "data.train_max_size=9
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(module_dir):
     """shapes (64 px) -> the isda_tiny preset trained for a few steps -> `isda export`."""
-    root = tmp_path_factory.mktemp("onnx")
+    root = module_dir
     with single_thread():
         assert main(["shapes", str(root / "data"), "--num-train", "16", "--num-val", "4", "--size", "64"]) == 0
         assert main(["train", "--preset", "isda_tiny", "--data", str(root / "data"), "--out", str(root / "run"),

@@ -602,9 +602,9 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def weights(module_dir: Path) -> Path:
     """A checkpoint of one training step on the clean two-image dataset (the baseline: it must work)."""
-    root = tmp_path_factory.mktemp("corpus")
+    root = module_dir
     with single_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(train_args(*Ctx(root, root).dataset(), root / "run")) == 0

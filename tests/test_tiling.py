@@ -166,7 +166,7 @@ def test_overlay_is_drawn_smaller_past_the_mask_budget(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_dir):
     """A tiny untrained model saved as a training checkpoint: no training needed to exercise predict."""
     from isda.engine.checkpoint import save_checkpoint
     from isda.models.isda import ISDA
@@ -174,7 +174,7 @@ def checkpoint(tmp_path_factory):
     cfg = tiny_config()
     torch.manual_seed(0)
     model = ISDA(cfg.model, cfg.loss)
-    path = tmp_path_factory.mktemp("tile") / "best.pt"
+    path = module_dir / "best.pt"
     save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(),
                      "class_names": [f"c{i}" for i in range(cfg.model.num_classes)],
                      "cat_ids": list(range(1, cfg.model.num_classes + 1))}, path)

@@ -520,8 +520,8 @@ class _RunsCode:
 
 
 @pytest.fixture(scope="module")
-def bad_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bad")
+def bad_dir(module_dir):
+    d = module_dir
     torch.manual_seed(11)
     tiny = isda.build_model("isda_tiny")
     good = d / "good.pth"
