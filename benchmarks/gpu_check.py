@@ -262,7 +262,7 @@ def check_amp_step(device: torch.device, sizes: Sizes) -> str:
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, AMP[precision]):
                 loss = model(images, targets)["loss"]
-            require(bool(torch.isfinite(loss)), f"{precision}: loss {float(loss)}")
+            require(bool(torch.isfinite(loss)), f"{precision}: loss {loss.item()}")
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grads = torch.cat([p.grad.flatten().float() for p in params if p.grad is not None])
@@ -272,7 +272,7 @@ def check_amp_step(device: torch.device, sizes: Sizes) -> str:
             if finite or not scaler.is_enabled():
                 break
         require(finite, f"{precision}: non-finite gradients (scale {scaler.get_scale() if scaler.is_enabled() else 1})")
-        results[precision] = (float(loss), grads, attempt)
+        results[precision] = (loss.item(), grads, attempt)
     base_loss, base_grad, _ = results["fp32"]
     details = []
     for precision in ("bf16", "fp16"):

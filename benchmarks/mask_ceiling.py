@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pycocotools.coco import COCO
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
+from isda.data.rle import decode_rle
 from isda.models.losses import downsample_masks
 
 from .maskrcnn_shapes import to_maskrcnn_target
@@ -71,7 +72,7 @@ def measure(ann_file: str | Path) -> dict[str, dict[str, float]]:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
         if not anns:
             continue
-        masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])).bool()
+        masks = torch.from_numpy(np.stack([decode_rle(coco.annToRLE(a)) for a in anns])).bool()
         masks = masks[masks.flatten(1).any(1)]
         for name, round_trip in REPRESENTATIONS.items():
             ious[name].append(iou(round_trip(masks), masks).numpy())

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,46 +39,36 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(h), int(w or h)
 
 
-class _Spans:
-    """Forward hooks that time module spans: name -> (first module's start, last module's end)."""
+def _time_spans(model: torch.nn.Module, images: list[torch.Tensor],
+                spans: dict[str, tuple[torch.nn.Module, ...]]) -> tuple[dict[str, float], dict[str, float]]:
+    """One no-grad inference with forward hooks on each span (its first module's start to its last module's
+    end). Returns the seconds per span, 'total' (the whole model) included, and the raw time marks."""
+    marks: dict[str, float] = {}
 
-    def __init__(self) -> None:
-        self.marks: dict[str, float] = {}
-        self.handles: list[Any] = []
+    def mark(key: str) -> Callable[..., None]:
+        return lambda *_: marks.__setitem__(key, time.perf_counter())
 
-    def span(self, name: str, first: torch.nn.Module, last: torch.nn.Module | None = None) -> None:
-        last = last or first
-        self.handles.append(first.register_forward_pre_hook(lambda *_: self._mark(name + ".start")))
-        self.handles.append(last.register_forward_hook(lambda *_: self._mark(name + ".end")))
-
-    def _mark(self, key: str) -> None:
-        self.marks[key] = time.perf_counter()
-
-    def remove(self) -> None:
-        for h in self.handles:
+    handles = []
+    for name, modules in {"total": (model,), **spans}.items():
+        handles.append(modules[0].register_forward_pre_hook(mark(name + ".start")))
+        handles.append(modules[-1].register_forward_hook(mark(name + ".end")))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
             h.remove()
+    return {k: marks[k + ".end"] - marks[k + ".start"] for k in ("total", *spans)}, marks
 
 
 def isda_components(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
     """One inference; seconds in backbone, neck, encoder, decoder, mask features, then dynamic masks +
     post-processing (head, 1x1 dynamic convolution, top-k, upsampling, boxes) and the rest."""
-    spans = _Spans()
     t = model.transformer
-    spans.span("total", model)
-    spans.span("backbone", model.backbone)
-    spans.span("neck", model.neck)
-    spans.span("encoder", t.encoder[0], t.encoder[-1])
-    spans.span("decoder", t.decoder[0], t.decoder[-1])
-    spans.span("mask_features", model.mask_features)
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        spans.remove()
-    m = spans.marks
-    out = {k: m[k + ".end"] - m[k + ".start"] for k in ("backbone", "neck", "encoder", "decoder", "mask_features")}
-    out["dynamic_masks_postprocess"] = m["total.end"] - m["mask_features.end"]
-    out["total"] = m["total.end"] - m["total.start"]
+    out, marks = _time_spans(model, images, {
+        "backbone": (model.backbone,), "neck": (model.neck,), "encoder": (t.encoder[0], t.encoder[-1]),
+        "decoder": (t.decoder[0], t.decoder[-1]), "mask_features": (model.mask_features,)})
+    out["dynamic_masks_postprocess"] = marks["total.end"] - marks["mask_features.end"]
     out["other"] = out["total"] - sum(v for k, v in out.items() if k != "total")
     return out
 
@@ -85,21 +76,9 @@ def isda_components(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[
 def maskrcnn_components(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
     """One inference; seconds in backbone + FPN, RPN, RoI heads (box head, per-class NMS, mask head) and
     the rest (normalize/resize, pasting the 28 x 28 masks into the image)."""
-    spans = _Spans()
-    spans.span("total", model)
-    spans.span("backbone_fpn", model.backbone)
-    spans.span("rpn", model.rpn)
-    spans.span("roi_heads", model.roi_heads)
-    spans.span("box_head", model.roi_heads.box_head)
-    spans.span("mask_head", model.roi_heads.mask_head)
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        spans.remove()
-    m = spans.marks
-    out = {k: m[k + ".end"] - m[k + ".start"] for k in ("backbone_fpn", "rpn", "roi_heads", "box_head", "mask_head")}
-    out["total"] = m["total.end"] - m["total.start"]
+    r = model.roi_heads
+    out, _ = _time_spans(model, images, {"backbone_fpn": (model.backbone,), "rpn": (model.rpn,), "roi_heads": (r,),
+                                         "box_head": (r.box_head,), "mask_head": (r.mask_head,)})
     out["other"] = out["total"] - out["backbone_fpn"] - out["rpn"] - out["roi_heads"]
     return out
 

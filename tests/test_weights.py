@@ -455,6 +455,51 @@ def test_isda_checkpoint_other_class_count(tmp_path, suffix):
     assert not rep.left_at_init and torch.equal(picked.head.class_embed.weight, s["head.class_embed.weight"][[4, 1]])
 
 
+def test_isda_checkpoint_with_and_without_the_opt_in_modules(tmp_path):
+    """Query denoising (training only) and the mask-pooled classifier (zero at start) are optional in a
+    checkpoint: a plain checkpoint initialises a model that has them, and their class rows follow the class
+    head when fine-tuning on other classes."""
+    torch.manual_seed(8)
+    plain = isda.build_model("isda_tiny")
+    path = save_converted(plain, tmp_path / "plain.pth")
+    extended = isda.build_model("isda_tiny", denoising_groups=2, mask_class=True)
+    init = {k: v.clone() for k, v in extended.state_dict().items()}
+    report = load_pretrained(path, extended)  # strict: only the opt-in modules may be absent
+    optional = {k for k in init if k.startswith(("denoising.", "head.mask_class."))}
+    assert len(optional) == 7 and set(report.left_at_init) == optional and not report.unused
+    for k, v in extended.state_dict().items():
+        assert torch.equal(v, init[k] if k in optional else plain.state_dict()[k]), k
+    missing_core = {k: v for k, v in plain.state_dict().items() if k != "head.class_embed.bias"}
+    with pytest.raises(WeightsError, match="lacks 1 of this model's tensors, e.g. 'head.class_embed.bias'"):
+        load_pretrained(save_converted_state(missing_core, tmp_path / "core.pth"), extended)
+
+    torch.manual_seed(9)
+    src = isda.build_model("isda_tiny", denoising_groups=2, mask_class=True)  # 5 classes
+    s = src.state_dict()
+    path = save_converted(src, tmp_path / "extended.pth")
+    rows = {"head.class_embed.weight", "head.class_embed.bias", "head.mask_class.weight", "head.mask_class.bias",
+            "denoising.label_embed.weight"}
+    other = isda.build_model("isda_tiny", num_classes=3, denoising_groups=2, mask_class=True)
+    report = load_pretrained(path, other)
+    assert set(report.left_at_init) == set(report.unused) == rows
+    assert torch.equal(other.state_dict()["denoising.pos_mlp.0.weight"], s["denoising.pos_mlp.0.weight"])
+    picked = isda.build_model("isda_tiny", num_classes=2, denoising_groups=2, mask_class=True)
+    report = load_pretrained(path, picked, class_indices=[4, 1])
+    assert not report.left_at_init
+    for k in rows:
+        assert torch.equal(picked.state_dict()[k], s[k][[4, 1]]), k
+    # Into the plain model: the opt-in tensors are reported unused, everything else loads.
+    back = isda.build_model("isda_tiny")
+    report = load_pretrained(path, back)
+    assert set(report.unused) == {k for k in s if k.startswith(("denoising.", "head.mask_class."))}
+    assert not report.left_at_init
+
+
+def save_converted_state(state: dict[str, torch.Tensor], path) -> str:
+    torch.save({"model": state}, path)
+    return str(path)
+
+
 def test_converted_file_reloads(tmp_path):
     """convert (detr) -> save_converted -> load_pretrained: the CLI's `convert` then `train --init`."""
     torch.manual_seed(7)

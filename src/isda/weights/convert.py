@@ -202,28 +202,40 @@ def _convert_class_head(state, fmt, layout, own, converted, used, report, class_
                             "by class_indices")
 
 
+# Tensors with one row per class: they follow class_indices, and keep their initialisation when the class count
+# differs (fine-tuning on other data).
+CLASS_ROWS = ("head.class_embed.weight", "head.class_embed.bias", "head.mask_class.weight", "head.mask_class.bias",
+              "denoising.label_embed.weight")
+# Opt-in modules a checkpoint of the plain model lacks; starting them at initialisation is how they train anyway:
+# query denoising is training-only and the mask-pooled classifier starts at zero (the paper head's output).
+OPTIONAL_MODULES = {"denoising.": "query denoising (training only)", "head.mask_class.": "mask-pooled classifier"}
+
+
 def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: bool,
                source: str | None) -> ConversionReport:
-    """An ISDA checkpoint: everything loads; a class head of another size keeps its initialisation."""
+    """An ISDA checkpoint: everything loads; class rows of another count keep their initialisation, and so do
+    the opt-in modules (:data:`OPTIONAL_MODULES`) the checkpoint was trained without."""
     where = source or "checkpoint"
     report = ConversionReport(fmt="isda", source=source)
     own = model.state_dict()
     converted: dict[str, Tensor] = {}
-    heads = ("head.class_embed.weight", "head.class_embed.bias")
-    if class_indices is not None and all(h in state for h in heads):
+    rows = [k for k in CLASS_ROWS if k in state and k in own]
+    if class_indices is not None and "head.class_embed.weight" in rows:
         idx = [int(i) for i in class_indices]
-        n = state[heads[0]].shape[0]
-        if len(idx) != own[heads[0]].shape[0] or (idx and (min(idx) < 0 or max(idx) >= n)):
+        n = state["head.class_embed.weight"].shape[0]
+        want = own["head.class_embed.weight"].shape[0]
+        if len(idx) != want or (idx and (min(idx) < 0 or max(idx) >= n)):
             raise WeightsError(f"{where}: class_indices must give one of the checkpoint's {n} classes for each "
-                               f"of the model's {own[heads[0]].shape[0]} classes")
-        state = {**state, **{h: state[h][idx] for h in heads}}
-        report.notes.append(f"class head: {len(idx)} of the checkpoint's {n} classes taken by class_indices")
+                               f"of the model's {want} classes")
+        state = {**state, **{k: state[k][idx] for k in rows}}
+        report.notes.append(f"class rows ({', '.join(rows)}): {len(idx)} of the checkpoint's {n} classes taken "
+                            f"by class_indices")
     for key, value in state.items():
         if key not in own:
             report.unused[key] = (UNUSED_BN_COUNTER if key.endswith("num_batches_tracked")
                                   else "not a tensor of this model")
             continue
-        if key in heads and value.shape[1:] == own[key].shape[1:] and value.shape[0] != own[key].shape[0]:
+        if key in rows and value.shape[1:] == own[key].shape[1:] and value.shape[0] != own[key].shape[0]:
             reason = f"class count differs: checkpoint {value.shape[0]}, model {own[key].shape[0]}"
             report.unused[key] = report.left_at_init[key] = reason
             continue
@@ -231,6 +243,9 @@ def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: 
         converted[key] = value
         report.loaded[key] = (key,)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    optional = {k: f"missing from the checkpoint: {what}, opt-in" for k in missing
+                for prefix, what in OPTIONAL_MODULES.items() if k.startswith(prefix)}
+    missing = [k for k in missing if k not in optional]
     if not converted and not any(k in own for k in state):
         other = guess_format(state)
         looks = f"; its keys look like the {other!r} format" if other and other != "isda" else ""
@@ -238,6 +253,7 @@ def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: 
     if missing and strict:
         raise WeightsError(f"{where}: ISDA checkpoint lacks {len(missing)} of this model's tensors, e.g. "
                            f"{missing[0]!r} (another configuration?); strict=False leaves them at initialisation")
+    report.left_at_init.update(optional)
     for key in missing:
         report.left_at_init[key] = "missing from the checkpoint"
     _load_into(model, converted, where)
