@@ -223,8 +223,8 @@ def _stats(ann_file: str) -> dict[str, Any]:
 def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], num_train: int = 2000,
         num_val: int = 200, parts: tuple[str, ...] = PARTS, sweep_budget_s: float = SWEEP_BUDGET_S,
         heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS,
-        sweep_entries: list[str] | None = None, jobs: int = 1,
-        threads: int = 2, variants: list[str] | None = None, previous: dict[str, Any] | None = None,
+        sweep_entries: list[str] | None = None, jobs: int = 1, threads: int = 2,
+        variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
         save: Callable[[dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
@@ -232,7 +232,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     seed run side by side (the machine's other load hits both alike). Results are merged into ``previous``
     (:func:`merge`); ``save`` gets them after every finished run, so that a stopped invocation keeps what it
     finished. ``sweep_entries``: only these sweep entries (e.g. to re-run those a busy machine slowed down; the
-    others are kept from ``previous``)."""
+    others are kept from ``previous``). ``variant_seeds``: each variant run at these seeds (seed 0 under
+    ``runs``, the others under ``seeds``), neighbours side by side."""
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     out_root = Path(out_root)
@@ -315,8 +316,10 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         key = str(int(budget))
         section = "ablations" if name in ABLATIONS else "levers"
         results.setdefault(section, {}).setdefault(name, {"runs": {}})["overrides"] = {**ABLATIONS, **LEVERS}[name]
-        todo.append(((section, name, "runs", key), isda_job(f"{name} {key}s", "test", budget,
-                                                            {**recipe["isda"], **{**ABLATIONS, **LEVERS}[name]})))
+        for seed in variant_seeds:
+            where = (section, name, "runs", key) if seed == 0 else (section, name, "seeds", str(seed), key)
+            todo.append((where, isda_job(f"{name} {key}s" + (f" seed {seed}" if seed else ""), "test", budget,
+                                         {**recipe["isda"], **{**ABLATIONS, **LEVERS}[name]}, seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     _run_all(todo, jobs, record)
     return results

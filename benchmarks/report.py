@@ -508,7 +508,7 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                            f"{on['iterations']} and {off['iterations']}; steps differ with the machine's load)"
                            if shapes else "") + ".", ""]
     vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
-    default = {v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}
+    default = [{v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}]
     if acc.get("ablations"):
         labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
                   "mask_stride_2": "MP + KP, mask stride 2"}
@@ -516,14 +516,18 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
                 "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
                 "1/4 36.5, 1/2 36.4 AP.", ""]
         out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
-                              + [(labels.get(n, n), e["runs"]) for n, e in acc["ablations"].items()], vbudgets)
+                              + [(labels.get(n, n), _seed_runs(e)) for n, e in acc["ablations"].items()], vbudgets)
     if acc.get("levers"):
-        out += ["### Convergence levers (ISDA tiny with the chosen recipe, test split, seed 0)", "",
+        seeds = any(e.get("seeds") for e in acc["levers"].values())
+        out += ["### Convergence levers (ISDA tiny with the chosen recipe, test split, seed 0"
+                + (", and seed 1 after a slash where it ran)" if seeds else ")"), "",
                 "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget. These "
                 "rows report what a lever does; none was chosen on them (`docs/convergence.md` compares the levers on "
                 "the tune split and at equal step counts). Read AP together with steps.", ""]
-        out += _variant_table([("the chosen recipe (seed 0, beside Mask R-CNN)", default)] + [(f"{n} (`{_overrides(e)}`)", e["runs"])
-                                                                for n, e in acc["levers"].items()], vbudgets)
+        recipe = default + ([{v: (acc["isda"].get(v) or {}).get("1") for v in vbudgets}] if seeds else [])
+        out += _variant_table([("the chosen recipe (beside Mask R-CNN)", recipe)]
+                              + [(f"{n} (`{_overrides(e)}`)", _seed_runs(e)) for n, e in acc["levers"].items()],
+                              vbudgets)
     out += [_meta(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
     return out
 
@@ -581,22 +585,29 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
                "in its steps and how many it takes."))
 
 
-def _variant_table(rows: list[tuple[str, dict[str, dict[str, Any] | None]]], budgets: list[str]) -> list[str]:
-    """Mask AP, AP50, steps and seconds per step at each budget of each (label, {budget: run result})."""
+def _variant_table(rows: list[tuple[str, list[dict[str, dict[str, Any] | None]]]], budgets: list[str]) -> list[str]:
+    """Mask AP, AP50, steps and seconds per step at each budget of each (label, [{budget: run result} per seed]);
+    where a row has several seeds at a budget, each cell gives them in seed order, separated by slashes."""
     head = "| variant |" + "".join(f" AP, {int(b) / 60:g} min | AP50 | steps | s / step |" for b in budgets)
     out = [head, "|---|" + "---|---|---|---|" * len(budgets)]
-    for label, runs in rows:
+    for label, seeds in rows:
         cells = []
         for b in budgets:
-            res = runs.get(b) or {}
-            if res.get("ap"):
-                a, steps = res["ap"], res.get("iterations", 0)
-                cells.append(f" {100 * a['AP']:.1f} | {100 * a['AP50']:.1f} | {steps} | "
-                             f"{res['train_time_s'] / max(steps, 1):.2f} |")
+            done = [res for runs in seeds if (res := runs.get(b) or {}).get("ap")]
+            if done:
+                cols = ([f"{100 * r['ap']['AP']:.1f}" for r in done], [f"{100 * r['ap']['AP50']:.1f}" for r in done],
+                        [str(r.get("iterations", 0)) for r in done],
+                        [f"{r['train_time_s'] / max(r.get('iterations', 0), 1):.2f}" for r in done])
+                cells.append("".join(f" {' / '.join(c)} |" for c in cols))
             else:
                 cells.append(" (not run) | | | |")
         out.append(f"| {label} |" + "".join(cells))
     return out + [""]
+
+
+def _seed_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """An ablation or lever entry's runs per seed: seed 0 (``runs``), then the others in seed order."""
+    return [entry["runs"], *(entry["seeds"][s] for s in sorted(entry.get("seeds", {}), key=int))]
 
 
 def _overrides(res: dict[str, Any]) -> str:

@@ -149,7 +149,8 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=Non
                               num_train=args.num_train, num_val=args.num_val, parts=args.parts,
                               sweep_budget_s=args.sweep_budget, heldout_budgets_s=args.heldout_budgets,
                               seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
-                              variants=args.variants, previous=previous, save=save, log=log)
+                              variants=args.variants, variant_seeds=args.variant_seeds, previous=previous, save=save,
+                              log=log)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sweep-budget", type=float, default=180.0, help="accuracy: seconds per sweep run")
     p.add_argument("--heldout-budgets", default="480", help="accuracy: budgets of the held-out family runs, seconds")
     p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")
+    p.add_argument("--variant-seeds", default="0", help="accuracy: seeds of each ablation/lever run (e.g. 0,1)")
     p.add_argument("--sweep-entries", default="", help="accuracy: only these sweep entries (names from "
                    "benchmarks/bench_accuracy.py, '|'-separated), e.g. to re-run those a busy machine slowed down")
     p.add_argument("--json", type=Path, help="results file (default docs/benchmarks.json, quick: runs/bench/quick.json)")
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.parts = tuple(x for x in args.parts.split(",") if x)
     args.heldout_budgets = [float(b) for b in args.heldout_budgets.split(",") if b.strip()]
     args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    args.variant_seeds = tuple(int(x) for x in args.variant_seeds.split(",") if x.strip())
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -250,6 +250,14 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert again["sweep"]["maskrcnn"]["b"] == res["sweep"]["maskrcnn"]["b"] and again["isda"] == res["isda"]
     with pytest.raises(ValueError, match="unknown sweep entries"):
         b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["zz"])
+    # A lever at two seeds: both side by side, seed 0 under "runs", seed 1 under "seeds", on the chosen recipe.
+    calls.clear()
+    lev = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("variants",), previous=res,
+                variants=["denoising@2"], variant_seeds=(0, 1), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["denoising 2s", "denoising 2s seed 1"]
+    assert calls[1]["overrides"] == {"train.lr": 4e-4, **b.LEVERS["denoising"], "train.seed": 1}
+    entry = lev["levers"]["denoising"]
+    assert set(entry["runs"]) == {"2"} and set(entry["seeds"]) == {"1"} and set(entry["seeds"]["1"]) == {"2"}
     # The test images are not the tune images.
     import json
 
@@ -302,8 +310,16 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": added})["sweep"] == previous["sweep"]
     assert bench_accuracy.merge({k: v for k, v in previous.items() if k != "seeds"}, new) == new
 
+    merged["variant_budgets_s"] = [480.0]
+    merged["levers"] = {"denoising": {"overrides": {"model.denoising_groups": 5}, "runs": {"480": _acc_run(0.14, 12)},
+                                      "seeds": {"1": {"480": _acc_run(0.16, 11)}}},
+                        "mask_class": {"overrides": {"model.mask_class": True}, "runs": {"480": _acc_run(0.09)}}}
     render({"machine": {"cpu": "test"}, "sections": {"accuracy": merged}}, tmp_path / "b.md")
     page = (tmp_path / "b.md").read_text()
+    assert "seed 0, and seed 1 after a slash where it ran" in page
+    assert "| the chosen recipe (beside Mask R-CNN) | 10.0 / 12.0 | 20.0 / 24.0 | 10 / 10 | 2.00 / 2.00 |" in page
+    assert "| denoising (`model.denoising_groups=5`) | 14.0 / 16.0 | 28.0 / 32.0 | 12 / 11 | 2.00 / 2.00 |" in page
+    assert "| mask_class (`model.mask_class=True`) | 9.0 | 18.0 | 10 | 2.00 |" in page
     assert "| Mask R-CNN | **sgd lr 0.02** | sgd lr 0.02, width 64, batch 8, 32 RoIs/image | **5.0** |" in page
     assert "| 8 min | ISDA tiny | 10.0 | 12.0 | **11.0** |" in page
     # 8 min: +1.5 AP with a seed noise of 2.0: a tie; 30 min: +10.0 AP, beyond the noise and the goal.
