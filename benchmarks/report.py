@@ -66,7 +66,9 @@ def render(results: dict[str, Any], page: Path) -> None:
     out += ["## Machine", "",
             f"- CPU: {mach.get('cpu')} ({mach.get('logical_cpus')} logical CPUs, {mach.get('usable_cpus')} usable), "
             f"kernels: {mach.get('cpu_capability')}",
-            f"- threads: `torch.set_num_threads({mach.get('threads')})` in every process",
+            # Each invocation records its own threads; the machine block is the last invocation's.
+            "- threads: `torch.set_num_threads(N)` in every process, N given under each measurement ('Measured "
+            "…, N threads'; the accuracy runs: that many divided by the runs at a time)",
             f"- torch {mach.get('torch')}, torchvision {mach.get('torchvision')}, Python {mach.get('python')}",
             "- the machine is shared: each section records the load average around it (below 1.5 = quiet)", ""]
     if "inference" in secs or "train" in secs or "msda" in secs:
