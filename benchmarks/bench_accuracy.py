@@ -315,11 +315,12 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))
         section = "ablations" if name in ABLATIONS else "levers"
-        results.setdefault(section, {}).setdefault(name, {"runs": {}})["overrides"] = {**ABLATIONS, **LEVERS}[name]
+        overrides = {**ABLATIONS, **LEVERS}[name]
+        results.setdefault(section, {}).setdefault(name, {"runs": {}})["overrides"] = overrides
         for seed in variant_seeds:
             where = (section, name, "runs", key) if seed == 0 else (section, name, "seeds", str(seed), key)
             todo.append((where, isda_job(f"{name} {key}s" + (f" seed {seed}" if seed else ""), "test", budget,
-                                         {**recipe["isda"], **{**ABLATIONS, **LEVERS}[name]}, seed)))
+                                         {**recipe["isda"], **overrides}, seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     _run_all(todo, jobs, record)
     return results

@@ -520,13 +520,13 @@ def _accuracy(acc: dict[str, Any] | None) -> list[str]:
         out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
                               + [(labels.get(n, n), _seed_runs(e)) for n, e in acc["ablations"].items()], vbudgets)
     if acc.get("levers"):
-        seeds = any(e.get("seeds") for e in acc["levers"].values())
+        extra = sorted({s for e in acc["levers"].values() for s in e.get("seeds", {})}, key=int)
         out += ["### Convergence levers (ISDA tiny with the chosen recipe, test split, seed 0"
-                + (", and seed 1 after a slash where it ran)" if seeds else ")"), "",
+                + (f", and seed {', '.join(extra)} after a slash where it ran)" if extra else ")"), "",
                 "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget. These "
                 "rows report what a lever does; none was chosen on them (`docs/convergence.md` compares the levers on "
                 "the tune split and at equal step counts). Read AP together with steps.", ""]
-        recipe = default + ([{v: (acc["isda"].get(v) or {}).get("1") for v in vbudgets}] if seeds else [])
+        recipe = default + [{v: (acc["isda"].get(v) or {}).get(s) for v in vbudgets} for s in extra]
         out += _variant_table([("the chosen recipe (beside Mask R-CNN)", recipe)]
                               + [(f"{n} (`{_overrides(e)}`)", _seed_runs(e)) for n, e in acc["levers"].items()],
                               vbudgets)
