@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from isda.config import get_preset
+from isda.config import ConfigError, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,10 @@ def fingerprint(name: str) -> str:
     unknown one."""
     kind, _, what = name.partition(":")
     if kind == "preset":
-        return preset_digest(get_preset(what).to_dict())
+        try:
+            return preset_digest(get_preset(what).to_dict())
+        except ConfigError as e:
+            raise ValueError(f"unknown fingerprint {name!r}: {e}") from None
     if kind == "data" and what in DATA:
         return _digest((ROOT / DATA[what]).read_bytes())
     raise ValueError(f"unknown fingerprint {name!r}: use preset:<preset name> or data:<{'|'.join(DATA)}>")
