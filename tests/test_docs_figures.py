@@ -168,15 +168,19 @@ def _run(ap: float, steps: int = 100) -> dict:
 def test_seed_means_and_difference() -> None:
     acc = {"seeds": [0, 1, 2], "isda": {"480": {"0": _run(0.30, 100), "1": _run(0.20, 120), "2": None}},
            "maskrcnn": {"480": {"0": _run(0.25), "1": _run(0.27), "2": _run(0.26)}},
-           "heldout": {"480": {"isda": _run(0.10), "maskrcnn": _run(0.15), "isda_no_fit": None}}}
+           "heldout": {"480": {"isda": _run(0.10), "maskrcnn": _run(0.15), "isda_no_fit": None}},
+           "levers": {"denoising": {"runs": {"480": _run(0.40), "1800": _run(0.5)}, "seeds": {"1": {"480": _run(0.30)}}}}}
     s = derived.accuracy_summary(acc)
     t = s["test"]["480"]
-    assert t["isda"]["mean_ap"] == pytest.approx(25.0) and t["isda"]["mean_steps"] == 110
-    assert t["maskrcnn"]["mean_ap"] == pytest.approx(26.0) and t["maskrcnn"]["mean_ap50"] == pytest.approx(36.0)
+    assert t["isda"]["ap_mean"] == pytest.approx(25.0) and t["isda"]["steps_mean"] == 110
+    assert t["maskrcnn"]["ap_mean"] == pytest.approx(26.0) and t["maskrcnn"]["ap50_mean"] == pytest.approx(36.0)
     assert t["difference"] == pytest.approx(-1.0) and t["noise"] == pytest.approx(10.0) and t["seeds"] == 2
-    assert s["heldout"]["480"] == {"isda": {"ap": pytest.approx(10.0), "ap50": pytest.approx(20.0)},
-                                   "maskrcnn": {"ap": pytest.approx(15.0), "ap50": pytest.approx(25.0)},
-                                   "difference": pytest.approx(-5.0)}
+    assert s["heldout"]["480"] == {"isda": {"ap": pytest.approx(10.0), "ap50": pytest.approx(20.0),
+                                            "difference": pytest.approx(-5.0)},
+                                   "maskrcnn": {"ap": pytest.approx(15.0), "ap50": pytest.approx(25.0)}}
+    lever = s["levers"]["denoising"]
+    assert set(lever) == {"480", "1800"} and lever["1800"]["seeds"] == 1
+    assert lever["480"]["ap_mean"] == pytest.approx(35.0) and lever["480"]["aps"] == pytest.approx([40.0, 30.0])
     assert derived.seed_means({"seeds": [0], "isda": {"480": {"0": _run(0.3)}}}, "480") is None
 
 
