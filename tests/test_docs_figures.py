@@ -232,3 +232,29 @@ def test_fingerprints_of_every_writer_are_known() -> None:
     args = argparse.Namespace(preset="isda_r50_coco", parts=("test",))
     for section in run.SECTIONS:
         provenance.fingerprints(run.depends_on(section, args))
+
+
+def test_benchmark_sections_record_provenance_and_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.run stores each section with its _meta (commit, depends_on) and the accuracy section's summary
+    (the sections themselves stubbed: no measurement runs here)."""
+    from benchmarks import run
+
+    acc = {"seeds": [0], "isda": {"480": {"0": _run(0.30)}}, "maskrcnn": {"480": {"0": _run(0.20)}}}
+    monkeypatch.setattr(run, "section_accuracy", lambda args, log, previous=None, save=None: dict(acc))
+    monkeypatch.setattr(run, "section_msda", lambda args, log: {"cases": {}})
+    out = tmp_path / "quick.json"
+    run.main(["--only", "accuracy,msda", "--json", str(out), "--threads", "1"])
+    secs = json.loads(out.read_text())["sections"]
+    assert secs["accuracy"]["summary"] == derived.accuracy_summary(acc)
+    assert secs["accuracy"]["summary"]["test"]["480"]["difference"] == pytest.approx(10.0)
+    meta = secs["accuracy"]["_meta"]
+    assert meta["depends_on"] == provenance.fingerprints(["preset:isda_tiny", "data:shapes", "data:heldout"])
+    assert meta["command"] == f"python -m benchmarks.run --only accuracy,msda --json {out} --threads 1"
+    assert meta["threads"] == 1 and meta["commit"] and provenance.stale(meta) == []
+    assert secs["msda"]["_meta"]["depends_on"] == {}
+
+
+def test_command_line_exit_status(capsys: pytest.CaptureFixture) -> None:
+    assert figures.main(["--check", "docs/architecture.md"]) == 0
+    assert figures.main(["--check", "docs/no_such_page.md"]) == 1
+    assert capsys.readouterr().out == "docs/no_such_page.md: no such page\n"
