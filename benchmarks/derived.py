@@ -13,11 +13,13 @@ def ap(run: dict[str, Any] | None, key: str = "AP") -> float:
     return 100 * ((run or {}).get("ap") or {}).get(key, float("nan"))
 
 
-def _finished(runs: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+def finished(runs: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The runs that finished with an AP (a run not made or stopped is None or has none)."""
     return [r for r in runs if r and r.get("ap")]
 
 
-def _means(got: list[dict[str, Any]]) -> dict[str, Any]:
+def means(got: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean AP and AP50 (0-100), the APs in order, mean steps and the count of finished runs ``got``."""
     aps = [ap(r) for r in got]
     return {"ap_mean": sum(aps) / len(aps), "ap50_mean": sum(ap(r, "AP50") for r in got) / len(got), "aps": aps,
             "steps_mean": sum(r.get("iterations", 0) for r in got) / len(got), "seeds": len(got)}
@@ -30,10 +32,10 @@ def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None)
     larger of the two models' seed ranges) and ``seeds`` (the fewer of the two counts). None when either model
     has no run."""
     seeds = [str(s) for s in (acc.get("seeds", []) if seeds is None else seeds)]
-    runs = {m: _finished([acc.get(m, {}).get(budget, {}).get(s) for s in seeds]) for m in MODELS}
+    runs = {m: finished([acc.get(m, {}).get(budget, {}).get(s) for s in seeds]) for m in MODELS}
     if not all(runs.values()):
         return None
-    out: dict[str, Any] = {m: _means(got) for m, got in runs.items()}
+    out: dict[str, Any] = {m: means(got) for m, got in runs.items()}
     out["difference"] = out["isda"]["ap_mean"] - out["maskrcnn"]["ap_mean"]
     out["noise"] = max(max(out[m]["aps"]) - min(out[m]["aps"]) for m in MODELS)
     out["seeds"] = min(out[m]["seeds"] for m in MODELS)
@@ -58,8 +60,8 @@ def variant(entry: dict[str, Any]) -> dict[str, Any]:
     ``seeds``), as :func:`seed_means` gives them per model."""
     per_seed = [entry.get("runs") or {}, *(entry.get("seeds") or {}).values()]
     budgets = sorted({b for runs in per_seed for b in runs}, key=int)
-    out = {b: _finished([runs.get(b) for runs in per_seed]) for b in budgets}
-    return {b: _means(got) for b, got in out.items() if got}
+    out = {b: finished([runs.get(b) for runs in per_seed]) for b in budgets}
+    return {b: means(got) for b, got in out.items() if got}
 
 
 def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:

@@ -199,7 +199,13 @@ def _markers(page: str, text: str, sources: _Sources, write: bool) -> tuple[list
             return match[0]
         return match[0][: match.start("text") - match.start()] + figure + match[0][match.end("text") - match.start():]
 
-    return problems, MARKER.sub(one, text)
+    new = MARKER.sub(one, text)
+    starts = {m.start() for m in MARKER.finditer(text)}
+    for m in re.finditer(r"<!--\s*/?fig\b", text):  # a marker the pattern does not read would go unchecked
+        if m.start() not in starts and not text.startswith("<!-- /fig -->", m.start()):
+            problems.append(f"{page}:{text.count(chr(10), 0, m.start()) + 1}: malformed figure marker (expected "
+                            "<!-- fig SOURCE KEYPATH [FORMAT] -->TEXT<!-- /fig --> on one line)")
+    return problems, new
 
 
 def _generated(page: str, text: str, gen: Generated, sources: _Sources, root: Path, write: bool) -> list[str]:

@@ -56,6 +56,9 @@ def test_wrong_number_fails_naming_page_and_line(tmp_path: Path) -> None:
     ("<!-- fig docs/none.json sec.x -->1<!-- /fig -->", r"^docs/page\.md:2: docs/none\.json sec\.x: docs/none\.json not found$"),
     (_fig("sec", "1"), r"^docs/page\.md:2: docs/toy\.json sec: is a dict, not a figure$"),
     (_fig("sec.x", "1", ".2q"), r"^docs/page\.md:2: docs/toy\.json sec\.x: cannot format 0\.8731 with '\.2q'"),
+    ("<!-- fig docs/toy.json -->1<!-- /fig -->", r"^docs/page\.md:2: malformed figure marker"),
+    ("<!--fig docs/toy.json sec.x-->0.8731<!-- /fig -->", r"^docs/page\.md:2: malformed figure marker"),
+    ("<!-- fig docs/toy.json sec.x -->0.8731\n<!-- /fig -->", r"^docs/page\.md:2: malformed figure marker"),
 ])
 def test_unresolvable_marker_is_one_line(tmp_path: Path, marker: str, expected: str) -> None:
     root = _repo(tmp_path, page=f"# Toy\n{marker}\n")
