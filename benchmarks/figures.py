@@ -217,7 +217,11 @@ def _generated(page: str, text: str, gen: Generated, sources: _Sources, root: Pa
     found = list(sections(data)) or ([("", None)] if gen.source else [])  # a JSON without any _meta: stale
     for section, section_meta in found:
         problems += _stale(page, gen.source, section, section_meta, gen.command)
-    rendered = gen.render(data, Path(page))
+    try:
+        rendered = gen.render(data, Path(page))
+    except Exception as e:  # a JSON its renderer no longer reads: one line, not a traceback
+        return problems + [f"{page}: `{gen.command}` cannot render it" + (f" from {gen.source}" if gen.source else "")
+                           + f": {type(e).__name__}: {e}"]
     if rendered != text:
         if write:
             atomic_write_text(root / page, rendered)
@@ -235,7 +239,8 @@ def _generated(page: str, text: str, gen: Generated, sources: _Sources, root: Pa
 def run(pages: Iterable[str] | None = None, write: bool = False, root: Path = ROOT,
         generated: dict[str, Generated] | None = None) -> list[str]:
     """Check (or with ``write``, first rewrite) ``pages`` (paths relative to ``root``; default: README.md and
-    docs/**/*.md); returns the problems left, one message each, starting ``PAGE:LINE:``."""
+    docs/**/*.md); returns the problems left, one message each, starting ``PAGE:LINE:`` (``PAGE:`` where the
+    whole page is concerned)."""
     generated = GENERATED if generated is None else generated
     sources = _Sources(root)
     problems: list[str] = []

@@ -101,6 +101,14 @@ def test_generated_page_is_rendered_and_compared(tmp_path: Path) -> None:
     assert (root / "docs" / "gen.md").read_text() == "x = 0.87\n"
 
 
+def test_generated_page_that_cannot_be_rendered_is_one_line(tmp_path: Path) -> None:
+    root = _repo(tmp_path)
+    (root / "docs" / "gen.md").write_text("x = 0.87\n")
+    gen = {"docs/gen.md": figures.Generated("docs/toy.json", lambda data, page: data["sec"]["gone"], "make gen")}
+    assert figures.run(["docs/gen.md"], root=root, generated=gen) == [
+        "docs/gen.md: `make gen` cannot render it from docs/toy.json: KeyError: 'gone'"]
+
+
 def test_generated_page_of_a_stale_json_fails(tmp_path: Path) -> None:
     root = _repo(tmp_path, depends_on={"preset:isda_tiny": "0" * 16})
     (root / "docs" / "gen.md").write_text("x = 0.87\n")
