@@ -326,8 +326,9 @@ class _Trainer:
             return "completed"
         if self.max_iters is not None and self.step >= self.max_iters:
             return "max_iters"
-        # Rank 0's clock decides, so that every process stops at the same step.
-        if self.length.budget_s > 0 and broadcast_flag(self.elapsed() >= self.length.budget_s, self.device):
+        # Rank 0's clock decides, so that every process stops at the same step; a budget shorter than a step still
+        # trains one (a run without a step has nothing to save or evaluate).
+        if self.length.budget_s > 0 and self.step > 0 and broadcast_flag(self.elapsed() >= self.length.budget_s, self.device):
             return "time_budget"
         return None
 
