@@ -206,7 +206,7 @@ def test_demo_summary_to_docs_json(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     """``isda demo`` saves summary.json (training and evaluation stubbed), demo_page turns it into demo.json."""
     import isda.data.shapes
     import isda.engine
-    from isda import demo
+    from isda.cli import demo
     from isda.engine.evaluation import EvalResult
 
     out = tmp_path / "run"
