@@ -15,7 +15,9 @@ key), FORMAT a Python format spec (default ``g`` for numbers). TEXT must be the 
 The pages in :data:`GENERATED` are rendered whole from their JSON: the check renders them again and compares.
 Either way, the JSON section quoted (the innermost object on the key path that has a ``_meta``; a generated page:
 every section of its JSON) must be current: its ``_meta.depends_on`` fingerprints equal to the tree's
-(:mod:`benchmarks.provenance`), or the figures describe code or data that has changed since.
+(:mod:`benchmarks.provenance`), or the figures describe code or data that has changed since. ``--write`` cannot
+fix that (re-run the command the message names); for a generated page it rewrites the page's text, not its charts
+(the page's own command draws those).
 """
 
 from __future__ import annotations

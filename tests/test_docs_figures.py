@@ -269,3 +269,28 @@ def test_command_line_exit_status(capsys: pytest.CaptureFixture) -> None:
     assert figures.main(["--check", "docs/architecture.md"]) == 0
     assert figures.main(["--check", "docs/no_such_page.md"]) == 1
     assert capsys.readouterr().out == "docs/no_such_page.md: no such page\n"
+
+
+def test_commit_is_dirty_only_for_tracked_code_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    for name in ("src/a.py", "benchmarks/b.py", "docs/c.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    head = git("rev-parse", "--short", "HEAD")
+    assert provenance.commit() == head
+    (tmp_path / "docs" / "c.md").write_text("y\n")  # a page: not what the figures measured
+    (tmp_path / "src" / "new.py").write_text("y\n")  # untracked
+    assert provenance.commit() == head
+    (tmp_path / "benchmarks" / "b.py").write_text("y\n")
+    assert provenance.commit() == head + "+dirty"
+    monkeypatch.setattr(provenance, "ROOT", tmp_path / "src" / "nowhere")
+    assert provenance.commit() == "unknown"
