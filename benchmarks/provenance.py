@@ -7,8 +7,10 @@ with the current tree: a page that quotes a section whose fingerprints changed i
 
 Fingerprint names:
 
-- ``preset:NAME``: the preset's resolved configuration (every field, as sorted JSON). Any change to it, a new
-  field included, counts: the check cannot know which fields a figure depends on.
+- ``preset:NAME``: the preset's resolved configuration, every field (``{"section.field": value}``). A field
+  that changed value makes the figures stale, as does a field removed. A field added since the measurement is
+  compared with its class default, the behaviour it was added with (a new switch defaults to off): added at
+  that default, the preset still does what was measured; set otherwise in the preset, it does not.
 - ``data:NAME``: the source of a data generator in :data:`DATA` (the images it makes are what was measured on).
 """
 
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from isda.config import ConfigError, get_preset
+from isda.config import Config, ConfigError, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,18 +44,18 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGITS]
 
 
-def preset_digest(config: dict[str, Any]) -> str:
-    """The fingerprint of a resolved configuration (``Config.to_dict()``)."""
-    return _digest(json.dumps(config, sort_keys=True).encode())
+def flat(config: dict[str, Any]) -> dict[str, Any]:
+    """``Config.to_dict()`` as ``{"section.field": value}``."""
+    return {f"{section}.{k}": v for section, fields in config.items() for k, v in fields.items()}
 
 
-def fingerprint(name: str) -> str:
-    """The current fingerprint called ``name`` (``preset:isda_tiny``, ``data:shapes``); ValueError names an
-    unknown one."""
+def fingerprint(name: str) -> dict[str, Any] | str:
+    """The current fingerprint called ``name``: a preset's fields (``preset:isda_tiny``), a data generator's source
+    digest (``data:shapes``); ValueError names an unknown one."""
     kind, _, what = name.partition(":")
     if kind == "preset":
         try:
-            return preset_digest(get_preset(what).to_dict())
+            return flat(json.loads(json.dumps(get_preset(what).to_dict())))
         except ConfigError as e:
             raise ValueError(f"unknown fingerprint {name!r}: {e}") from None
     if kind == "data" and what in DATA:
@@ -61,7 +63,19 @@ def fingerprint(name: str) -> str:
     raise ValueError(f"unknown fingerprint {name!r}: use preset:<preset name> or data:<{'|'.join(DATA)}>")
 
 
-def fingerprints(names: Iterable[str]) -> dict[str, str]:
+def changes(name: str, recorded: Any, now: Any) -> list[str]:
+    """How fingerprint ``name`` changed since ``recorded``: one phrase per difference (see the module doc)."""
+    if not (isinstance(recorded, dict) and isinstance(now, dict)):
+        return [] if recorded == now else [f"{name} changed (recorded {recorded}, now {now})"]
+    defaults = flat(json.loads(json.dumps(Config().to_dict())))
+    out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+    out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"
+            for k, v in now.items() if k not in recorded and v != defaults.get(k)]
+    out += [f"{name}: {k} was removed" for k in recorded if k not in now]
+    return out
+
+
+def fingerprints(names: Iterable[str]) -> dict[str, Any]:
     """{name: current fingerprint} for each name, sorted by name."""
     return {name: fingerprint(name) for name in sorted(set(names))}
 
@@ -105,6 +119,5 @@ def stale(section_meta: dict[str, Any] | None) -> list[str]:
         except ValueError as e:
             reasons.append(str(e))
             continue
-        if now != value:
-            reasons.append(f"{name} changed (recorded {value}, now {now})")
+        reasons += changes(name, value, now)
     return reasons

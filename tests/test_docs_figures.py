@@ -146,8 +146,23 @@ def test_preset_fingerprint_follows_the_preset(monkeypatch: pytest.MonkeyPatch) 
     after = provenance.fingerprints(["preset:isda_tiny", "preset:isda_r50_coco"])
     assert after["preset:isda_tiny"] != before["preset:isda_tiny"]
     assert after["preset:isda_r50_coco"] == before["preset:isda_r50_coco"]
-    assert provenance.stale({"depends_on": before}) == [
-        f"preset:isda_tiny changed (recorded {before['preset:isda_tiny']}, now {after['preset:isda_tiny']})"]
+    assert provenance.stale({"depends_on": before}) == ["preset:isda_tiny: train.lr was 0.0002, now 0.0004"]
+    # A field added since the measurement: at its class default (a new switch, off) it changes nothing ...
+    monkeypatch.setitem(config.PRESETS, "isda_tiny", config.isda_tiny)
+    recorded = {k: v for k, v in before["preset:isda_tiny"].items() if k != "model.mask_class"}
+    assert provenance.stale({"depends_on": {"preset:isda_tiny": recorded}}) == []
+
+    def switched_on() -> config.Config:
+        cfg = config.isda_tiny()
+        cfg.model.mask_class = True
+        return cfg
+
+    # ... set otherwise in the preset, the recorded figures no longer describe it; a removed field, neither.
+    monkeypatch.setitem(config.PRESETS, "isda_tiny", switched_on)
+    assert provenance.stale({"depends_on": {"preset:isda_tiny": recorded}}) == [
+        "preset:isda_tiny: model.mask_class is True, not its default False (added since)"]
+    assert provenance.stale({"depends_on": {"preset:isda_tiny": {**before["preset:isda_tiny"], "model.gone": 1}}}) == [
+        "preset:isda_tiny: model.gone was removed"]
 
 
 def test_data_fingerprint_follows_the_generator_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
