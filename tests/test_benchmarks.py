@@ -404,3 +404,7 @@ def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
     levers["b"] = runs([27.0, 28.0], 500)
     assert lever_choice(levers, "480")["winner"] == "a"
     assert lever_choice(levers, "1800")["winner"] is None
+    from benchmarks.report.accuracy import _tune_levers
+
+    page = "\n".join(_tune_levers({k: {**v, "overrides": {"model.x": 1}} for k, v in levers.items()}))
+    assert "| a (`model.x=1`) | 8 min | 30.0 / 31.0 | 30.5 | 400 |" in page and "**a**" in page

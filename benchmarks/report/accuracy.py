@@ -170,8 +170,31 @@ def accuracy(acc: dict[str, Any] | None) -> list[str]:
         out += _variant_table([("the chosen recipe (beside Mask R-CNN)", recipe)]
                               + [(f"{n} (`{_overrides(e)}`)", _seed_runs(e)) for n, e in acc["levers"].items()],
                               vbudgets)
+    if acc.get("tune_levers"):
+        out += _tune_levers(acc["tune_levers"])
     out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
     return out
+
+
+def _tune_levers(tune: dict[str, Any]) -> list[str]:
+    """The levers' choice on the tune split: each entry's AP per seed, its mean and steps, and the rule's winner."""
+    from benchmarks.bench_accuracy import lever_choice
+
+    budgets = sorted({b for e in tune.values() for b in e.get("runs", {})}, key=float)
+    out = ["### Choosing the levers (ISDA tiny, tune split)", "",
+           "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was fixed before the "
+           "runs: the best mean AP at the first budget wins, and an entry within the seed noise of the best (half the "
+           "largest spread between two seeds of one entry, at least 0.5 AP) with more steps wins the tie.", "",
+           "| entry | budget | AP per seed | mean AP | mean steps |", "|---|---|---|---|---|"]
+    for b in budgets:
+        for name, row in lever_choice(tune, b)["rows"].items():
+            label = name if name == "recipe" else f"{name} (`{_overrides(tune[name])}`)"
+            out.append(f"| {label} | {int(b) / 60:g} min | {' / '.join(f'{a:.1f}' for a in row['aps'])} | "
+                       f"{row['mean']:.1f} | {row['steps']:.0f} |")
+    choice = lever_choice(tune, budgets[0]) if budgets else {"winner": None}
+    if choice["winner"]:
+        out += ["", f"Winner at {int(budgets[0]) / 60:g} min: **{choice['winner']}** (seed noise {choice['noise']:.1f} AP)."]
+    return out + [""]
 
 
 def _data_stats(stats: dict[str, Any]) -> list[str]:
