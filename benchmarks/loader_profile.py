@@ -1,17 +1,18 @@
 """Where a small-data training run's time goes: user, system (kernel) and wall time of ``isda train``.
 
-    python -m benchmarks.loader_profile --budget 90 --before-src OLD/src --out docs/loader_profile.json
+    python -m benchmarks.loader_profile --budget 90 --before 9b1a7bc      # writes docs/loader_profile.json
 
 Runs ``isda train --preset isda_tiny`` for a time budget in a child process with 2 threads, on the real nuclei
 tiles at their own size (256 px, three training tiles: an epoch every 3 steps) and on a shapes dataset (128 px),
 and records the child's CPU times (``resource.getrusage(RUSAGE_CHILDREN)``), its steps and the load average
-around each run. ``--before-src`` runs the same commands with another source tree first on the path (a checkout
-of an earlier commit), so that before and after are measured in one invocation, alternated.
+around each run. ``--before REV`` runs the same commands with that git revision's ``src`` first on the path, so
+that before and after are measured in one invocation, alternated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench_changes import source_of
+from benchmarks.provenance import meta
 from isda.fileio import atomic_write_text
 
 
@@ -64,24 +67,26 @@ def timed_run(src: str, data: list[str], budget_s: float, out: Path) -> dict[str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=90.0, help="seconds of training per run")
-    p.add_argument("--before-src", help="source tree of the 'before' code (its src/ folder)")
+    p.add_argument("--before", help="git revision of the 'before' code")
     p.add_argument("--root", type=Path, default=Path(".cache/loader_profile"))
     p.add_argument("--out", type=Path, default=Path("docs/loader_profile.json"))
     args = p.parse_args(argv)
-    trees = {"after": str(Path("src").resolve())}
-    if args.before_src:
-        trees = {"before": str(Path(args.before_src).resolve()), **trees}
+    load_before = os.getloadavg()[0]
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        trees = {"after": str(Path("src").resolve())}
+        if args.before:
+            trees = {"before": str(stack.enter_context(source_of(args.before))), **trees}
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for name, data in datasets(args.root).items():
             for label, src in trees.items():  # alternated: before, after on one dataset, then the next
-                r = timed_run(src, data, args.budget, Path(tmp) / f"{name}_{label}")
+                r = timed_run(src, data, args.budget, tmp / f"{name}_{label}")
                 results.setdefault(name, {})[label] = r
                 print(f"{name} {label}: {r['steps']} steps, user {r['user_s']:.0f} s, sys {r['sys_s']:.0f} s "
                       f"({100 * r['sys_share']:.0f}%), load {r['load_average_before']:.2f}", flush=True)
-    result = {"budget_s": args.budget, "runs": results,
-              "_meta": {"command": "python -m benchmarks.loader_profile " + " ".join(argv or sys.argv[1:]),
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    result = {"budget_s": args.budget, "before": args.before, "runs": results,
+              "_meta": meta("python -m benchmarks.loader_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+                            ["preset:isda_tiny", "data:shapes"], load_before)}
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return result
 
