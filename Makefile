@@ -35,7 +35,7 @@ bench: venv
 bench-full: venv
 	$(PY) -m benchmarks.run --full --jobs 2
 
-# On a CUDA machine: the GPU path's checks and measurements (about 5 minutes on an H200); writes docs/gpu.md.
+# On a CUDA machine: the GPU path's checks and measurements (about 5 minutes on an H200); writes docs/gpu_check.md.
 gpu-check: venv
 	$(PY) -m benchmarks.gpu_check
 

@@ -1,4 +1,4 @@
-"""The GPU check script (benchmarks/gpu_check.py): its CPU smoke run passes and writes the page; a failing check
+"""The GPU check script (benchmarks/gpu_check/): its CPU smoke run passes and writes the page; a failing check
 makes it exit non-zero."""
 
 from __future__ import annotations
