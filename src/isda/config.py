@@ -162,7 +162,7 @@ class TrainConfig:
     warmup_iters: int = 0
     batch_size: int = 1  # per process
     accumulate: int = 1
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"  # none | bf16 (CUDA or CPU) | fp16 (CUDA only)
     num_workers: int = 2
     seed: int = 42
     checkpoint_every: int = 0  # iterations; 0: only at validations (and every epoch in a run measured in epochs)
