@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Config, ConfigError, DataConfig, from_dict
+from .config import PRECISIONS, Config, ConfigError, DataConfig, from_dict
 from .data.transforms import short_side_size
 from .engine.amp import autocast
 from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
@@ -50,9 +50,6 @@ def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cp
     return LoadedModel(model.to(device).eval(), cfg, names, cat_ids)
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def inference_precision(model: ISDA, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """The context in which ``model`` predicts in ``precision``: "fp32" (nothing changes), or "bf16": autocast,
     convolutions and matrix products in bfloat16 (faster on GPUs and on CPUs with bfloat16 matrix units, e.g.
@@ -63,7 +60,7 @@ def inference_precision(model: ISDA, precision: str = "fp32") -> contextlib.Abst
     if precision == "fp32":
         return contextlib.nullcontext()
     if hasattr(model, "predict_one"):  # an ONNX Runtime model
-        raise ValueError("precision bf16 needs an isda checkpoint: an ONNX export runs in float32 (use fp32)")
+        raise ValueError("precision bf16 needs an isda checkpoint (an ONNX export runs in float32); use fp32")
     return autocast(next(model.parameters()).device, "bf16")
 
 
