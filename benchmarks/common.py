@@ -36,6 +36,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def bf16_matrix_units() -> bool:
+    """Whether PyTorch sees bfloat16 matrix instructions on this CPU (AMX or AVX512-BF16): recorded with the bf16
+    rows, since what CPU autocast to bfloat16 gains depends on them."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))

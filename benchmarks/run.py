@@ -5,7 +5,8 @@
     python -m benchmarks.run --full --skip accuracy  # the timing sections only (the page keeps the rest)
     python -m benchmarks.run --render                # re-render docs/benchmarks.md from docs/benchmarks.json
 
-Sections: inference (latency, peak RSS, per-component time), train (one AdamW step), msda (deformable
+Sections: inference (latency, peak RSS, per-component time), train (one AdamW step); both also with the two
+models under CPU bfloat16 autocast (``_bf16`` rows, unless --no-bf16), msda (deformable
 attention core vs the textbook implementation), before_after (this tree against the git revision before
 the optimisations, ``--before REV``), profile (torch.profiler top operators of an inference and a training
 step; the profiles before the optimisations are recorded figures), accuracy (ISDA tiny vs a Mask R-CNN tuned with the same effort
@@ -30,7 +31,7 @@ from typing import Any
 
 from isda.fileio import atomic_write_text
 
-from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
+from .common import INFER_SIZE, TRAIN_SIZE, bf16_matrix_units, machine_info, set_threads
 from .derived import accuracy_summary
 from .provenance import meta
 
@@ -56,6 +57,7 @@ def section_inference(args, log) -> dict[str, Any]:
     # Mask R-CNN stock (torchvision as shipped) and with ISDA's generic speed-ups (the headline: the same effort).
     specs = {"isda": [*common, "--model", "isda", "--preset", args.preset], "maskrcnn": [*common, "--model", "maskrcnn"],
              "maskrcnn_eq": [*common, "--model", "maskrcnn", "--speedups"]}
+    specs.update(_bf16_specs(args, specs, ("isda", "maskrcnn_eq")))
     res = compare(specs, repeats=args.repeats, components=args.components, log=log)
     isda = res["isda"]
     res["ratio_latency"] = isda["time"]["median"] / res["maskrcnn_eq"]["time"]["median"]
@@ -65,7 +67,27 @@ def section_inference(args, log) -> dict[str, Any]:
     res["size"] = list(args.infer_size)
     log(f"  inference ratio ISDA / Mask R-CNN with the same speed-ups: latency {res['ratio_latency']:.2f}, peak RSS "
         f"{res['ratio_peak_rss']:.2f} (stock Mask R-CNN: {res['ratio_latency_stock']:.2f}, {res['ratio_peak_rss_stock']:.2f})")
+    if "isda_bf16" in res:
+        res["ratio_latency_bf16"] = res["isda_bf16"]["time"]["median"] / res["maskrcnn_eq_bf16"]["time"]["median"]
+        res["ratio_peak_rss_bf16"] = res["isda_bf16"]["peak_rss_gib"] / res["maskrcnn_eq_bf16"]["peak_rss_gib"]
+        _bf16_speedups(res, ("isda", "maskrcnn_eq"))
+        log(f"  bf16: ISDA / Mask R-CNN with the same speed-ups: latency {res['ratio_latency_bf16']:.2f}; bf16 speed-up "
+            f"(fp32 / bf16) ISDA {res['bf16_speedup_isda']:.2f}, Mask R-CNN {res['bf16_speedup_maskrcnn_eq']:.2f}")
     return res
+
+
+def _bf16_specs(args, specs: dict[str, list[str]], names: tuple[str, ...]) -> dict[str, list[str]]:
+    """``NAME_bf16``: worker NAME again under CPU bfloat16 autocast, the same switch for every model (none with
+    --no-bf16)."""
+    return {} if args.no_bf16 else {f"{n}_bf16": [*specs[n], "--precision", "bf16"] for n in names}
+
+
+def _bf16_speedups(res: dict[str, Any], names: tuple[str, ...]) -> None:
+    """``bf16_speedup_NAME``: NAME's float32 median time / its bf16 one (> 1: bf16 is faster); and whether the CPU
+    has bfloat16 matrix units (``benchmarks.common.bf16_matrix_units``)."""
+    for n in names:
+        res[f"bf16_speedup_{n}"] = res[n]["time"]["median"] / res[f"{n}_bf16"]["time"]["median"]
+    res["bf16_matrix_units"] = bf16_matrix_units()
 
 
 def section_train(args, log) -> dict[str, Any]:
@@ -79,10 +101,14 @@ def section_train(args, log) -> dict[str, Any]:
              "maskrcnn": [*common, "--model", "maskrcnn"]}
     if args.quick:
         specs.pop("maskrcnn")
+    specs.update(_bf16_specs(args, specs, ("isda", "maskrcnn_frozen_eq")))
     res = compare(specs, repeats=args.repeats, log=log)
     for name in ("maskrcnn_frozen", "maskrcnn_frozen_eq", "maskrcnn"):
         if name in res:
             res[f"ratio_{name}"] = res["isda"]["time"]["median"] / res[name]["time"]["median"]
+    if "isda_bf16" in res:  # both sides in bf16: ISDA bf16 / same-recipe Mask R-CNN bf16 with the same speed-ups
+        res["ratio_maskrcnn_frozen_eq_bf16"] = res["isda_bf16"]["time"]["median"] / res["maskrcnn_frozen_eq_bf16"]["time"]["median"]
+        _bf16_speedups(res, ("isda", "maskrcnn_frozen_eq"))
     res["size"] = list(args.train_size)
     log("  train step ratio ISDA / Mask R-CNN: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in res.items() if k.startswith("ratio_")))
     return res
@@ -109,7 +135,7 @@ def section_profile(args, log, previous: dict[str, Any] | None = None) -> dict[s
 
     def step(task: str, model: str, size) -> Any:
         return Task(argparse.Namespace(task=task, model=model, size=_fmt_size(size), preset=args.preset, batch=2,
-                                       seed=0)).run
+                                       seed=0, weights=None, speedups=False, precision="fp32")).run
 
     runs = {"after": step("infer", "isda", args.infer_size), "train_after": step("train", "isda", args.train_size),
             "train_maskrcnn_frozen": step("train", "maskrcnn_frozen", args.train_size)}
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--infer-size", type=_size, default=INFER_SIZE, help="HxW (default 800x1216)")
     p.add_argument("--train-size", type=_size, default=TRAIN_SIZE, help="HxW (default 512x512)")
     p.add_argument("--preset", default="isda_r50_coco")
+    p.add_argument("--no-bf16", action="store_true", help="inference, train: leave out the bf16 rows (both models "
+                   "again under CPU bfloat16 autocast), e.g. on a CPU without bfloat16 matrix units")
     p.add_argument("--budgets", default="480,1800", help="accuracy: training-time budgets, seconds")
     p.add_argument("--variant-budgets", default="480", help="accuracy: budgets of the ablation, lever and seed runs, "
                    "seconds (comma-separated; empty: none)")

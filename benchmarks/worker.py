@@ -7,12 +7,18 @@ model's peak memory (``ru_maxrss``) stays its own.
 Commands: ``run`` (one timed inference or training step), ``components`` (one inference with a
 per-component breakdown from forward hooks: no change to the models), ``stats`` (peak RSS), ``quit``.
 
-    python -m benchmarks.worker --task infer --model isda --size 800x1216 --threads 2
+``--precision bf16`` runs both (every model, both tasks) under the same generic switch, CPU autocast to bfloat16
+(``torch.autocast("cpu", dtype=torch.bfloat16)``, what ``isda predict --precision bf16`` and ``train.amp=bf16``
+use): convolutions and matrix products in bfloat16, each model keeping in float32 what autocast and the model
+itself keep there.
+
+    python -m benchmarks.worker --task infer --model isda --size 800x1216 --threads 2 [--precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -126,24 +132,32 @@ class Task:
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The forward pass's precision; the backward and the optimizer step follow the forward's dtypes."""
+        if self.args.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def run(self) -> float:
         start = time.perf_counter()
         if self.args.task == "infer":
-            with torch.no_grad():
+            with torch.no_grad(), self.precision():
                 out = self.model(self.images)
             self.detections = len(out[0]["scores"])
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self.model(self.images, self.targets)
+            with self.precision():
+                losses = self.model(self.images, self.targets)
             loss = losses["loss"] if "loss" in losses else sum(losses.values())
             loss.backward()
             self.optimizer.step()
         return time.perf_counter() - start
 
     def components(self) -> dict[str, float]:
-        if self.args.model == "isda":
-            return isda_components(self.model, self.images)
-        return maskrcnn_components(self.model, self.images)
+        with self.precision():
+            if self.args.model == "isda":
+                return isda_components(self.model, self.images)
+            return maskrcnn_components(self.model, self.images)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,9 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speedups", action="store_true", help="Mask R-CNN: ISDA's generic CPU speed-ups "
                    "(benchmarks.common.with_isda_speedups: BatchNorm folding, channels-last inference); ISDA has them")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the forward pass under CPU autocast to bfloat16, for every model alike")
     args = p.parse_args(argv)
     if args.speedups and args.model.startswith("isda"):
         p.error("--speedups is for the Mask R-CNN models (ISDA has these speed-ups built in)")
+    if args.precision == "bf16" and args.model == "isda_onnx":
+        p.error("--precision bf16 is for the PyTorch models (an ONNX export runs in float32)")
     set_threads(args.threads)
     start = time.perf_counter()
     task = Task(args)

@@ -66,6 +66,31 @@ def test_eval_prints_the_table_and_writes_loadable_results(trained, capsys):
         gt.loadRes(str(out))
 
 
+def test_eval_precision_bf16_runs_the_model_under_bf16_autocast(trained, capsys, monkeypatch):
+    """--precision bf16 reaches the model (isda.inference's autocast, asked for bf16 on the CPU) and gives the
+    float32 evaluation's scores to bfloat16's rounding (the ranked scores of each image within 0.05)."""
+    import isda.inference
+
+    asked = []
+    real = isda.inference.autocast
+    monkeypatch.setattr(isda.inference, "autocast", lambda device, amp: asked.append((device.type, amp)) or real(device, amp))
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        out = trained / f"eval_{precision}.json"
+        with single_thread():
+            assert main(["eval", "--weights", str(trained / "run" / "best.pt"), "--data", str(trained / "data"),
+                         "--results", str(out), "--precision", precision]) == 0
+        assert "AP50" in capsys.readouterr().out
+        results = json.loads(out.read_text())
+        scores[precision] = {i: sorted((r["score"] for r in results if r["image_id"] == i), reverse=True)
+                             for i in {r["image_id"] for r in results}}
+    assert asked == [("cpu", "bf16")]
+    assert scores["fp32"] and scores["fp32"].keys() == scores["bf16"].keys()
+    for i, ranked in scores["fp32"].items():
+        assert len(ranked) == len(scores["bf16"][i])
+        np.testing.assert_allclose(scores["bf16"][i], ranked, atol=0.05)
+
+
 def test_predict_writes_overlays_figures_and_results(trained, capsys):
     out = trained / "pred"
     val = trained / "data" / "val"

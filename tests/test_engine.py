@@ -296,7 +296,7 @@ def test_time_budget_is_a_target_not_capped_by_epochs(data, tmp_path, monkeypatc
 
 def test_refusals(data, tmp_path):
     with pytest.raises(ConfigError, match="train.amp"):
-        engine.train(tiny_config(amp="bf16"), *data["train"], out_dir=tmp_path / "amp", device="cpu")
+        engine.train(tiny_config(amp="fp16"), *data["train"], out_dir=tmp_path / "amp", device="cpu")
     # A checkpoint from a dataset with other categories does not resume.
     engine.train(tiny_config(), *data["train"], out_dir=tmp_path / "run", max_iters=1, log=lambda _m: None)
     ckpt = _load(tmp_path / "run" / "last.pt")

@@ -132,6 +132,8 @@ def test_one_line_errors(exported, tmp_path, capsys):
         ["predict", "--weights", str(tmp_path / "missing.onnx"), image],
         ["predict", "--weights", str(not_onnx), image],
         ["predict", "--weights", str(exported / "model.onnx"), image, "--show-sampling-points"],
+        ["predict", "--weights", str(exported / "model.onnx"), image, "--precision", "bf16"],  # runs in float32
+        ["eval", "--weights", str(exported / "model.onnx"), "--data", str(exported / "data"), "--precision", "bf16"],
         ["export", "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.onnx")],
         ["export", "--weights", str(exported / "run" / "last.pt"), "--out", str(tmp_path / "m.onnx"), "--opset", "16"],
     ]
@@ -139,6 +141,7 @@ def test_one_line_errors(exported, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"isda {argv[0]}: error:") and "\n" not in err, err
+        assert "--precision" not in argv or "precision bf16 needs an isda checkpoint" in err, err
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -1,9 +1,10 @@
 """Inference from a checkpoint: rebuild the model it was trained as, resize like the test pipeline,
-return predictions at each image's original size; predict one image and draw it (``predict``, the demo,
-a training run's pictures)."""
+return predictions at each image's original size, in float32 or bfloat16 (``inference_precision``); predict one
+image and draw it (``predict``, the demo, a training run's pictures)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Config, ConfigError, DataConfig, from_dict
+from .config import PRECISIONS, Config, ConfigError, DataConfig, from_dict
 from .data.transforms import short_side_size
+from .engine.amp import autocast
 from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .models.isda import ISDA
 
@@ -48,10 +50,26 @@ def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cp
     return LoadedModel(model.to(device).eval(), cfg, names, cat_ids)
 
 
+def inference_precision(model: ISDA, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """The context in which ``model`` predicts in ``precision``: "fp32" (nothing changes), or "bf16": autocast,
+    convolutions and matrix products in bfloat16 (faster on GPUs and on CPUs with bfloat16 matrix units, e.g.
+    Intel AMX), the deformable-attention core and the ranking of detections in float32 as ever. An ONNX Runtime
+    model runs its graph as exported: bf16 is a ValueError there."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if hasattr(model, "predict_one"):  # an ONNX Runtime model
+        raise ValueError("precision bf16 needs an isda checkpoint (an ONNX export runs in float32); use fp32")
+    return autocast(next(model.parameters()).device, "bf16")
+
+
 @torch.no_grad()
-def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor]) -> list[dict[str, Tensor]]:
+def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor], precision: str = "fp32"
+            ) -> list[dict[str, Tensor]]:
     """images: float [3, H, W] in [0, 1] at any size. Resized like the test pipeline (short side
-    ``data_cfg.test_short_side``), predicted, masks returned at the original size."""
+    ``data_cfg.test_short_side``), predicted in ``precision`` (:func:`inference_precision`; "fp32" leaves the
+    caller's autocast, if any, as it is), masks returned at the original size."""
     device = next(model.parameters(), torch.empty(0)).device  # an ONNX Runtime model has none: the CPU
     resized = []
     for im in images:
@@ -61,7 +79,8 @@ def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor]) -> list[dic
     was_training = model.training
     model.eval()
     try:
-        return model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
+        with inference_precision(model, precision):
+            return model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
     finally:
         model.train(was_training)
 

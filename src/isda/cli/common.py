@@ -1,8 +1,9 @@
-"""What several verbs share: the user-error type, the configuration, the dataset and the device."""
+"""What several verbs share: the user-error type, the configuration, the dataset, the device and the precision."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -43,3 +44,13 @@ def dataset_paths(args: argparse.Namespace, split: str) -> tuple[str, str]:
 
 def pick_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def precision_context(args: argparse.Namespace, loaded) -> contextlib.AbstractContextManager:
+    """``--precision``: the context in which ``loaded``'s model predicts (checked before any work is done)."""
+    from ..inference import inference_precision
+
+    try:
+        return inference_precision(loaded.model, args.precision)
+    except ValueError as e:
+        raise UserError(f"--weights {args.weights}: {e}") from None

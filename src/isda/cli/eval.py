@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..fileio import check_writable_file
-from .common import UserError, dataset_paths, pick_device
+from .common import UserError, dataset_paths, pick_device, precision_context
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -16,6 +16,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..inference import load_trained_model
 
     loaded = load_trained_model(args.weights, pick_device(args.device))
+    precision = precision_context(args, loaded)
     ann, images = dataset_paths(args, args.split)
     path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")
     check_writable_file(path, "--results" if args.results else "results file (next to --weights; set --results)")
@@ -23,9 +24,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if dataset.cat_ids != loaded.cat_ids:
         raise UserError(f"{ann}: categories {dataset.cat_ids} differ from the checkpoint's {loaded.cat_ids}")
     dataset.require_instances()
-    result, results = evaluate(loaded.model, dataset, pick_device(args.device), batch_size=args.batch_size)
-    write_results_json(results, path)
-    report = _eval_report(args, loaded, dataset, result, path)
+    with precision:
+        result, results = evaluate(loaded.model, dataset, pick_device(args.device), batch_size=args.batch_size)
+        write_results_json(results, path)
+        report = _eval_report(args, loaded, dataset, result, path)
     print(result.table())
     print(f"results: {path}\nreport: {report}")
 

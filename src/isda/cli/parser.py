@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from ..config import PRECISIONS
 from ..fileio import first_line
 from .common import UserError
 from .convert import cmd_convert, cmd_convert_labels
@@ -176,6 +177,10 @@ def _dataset_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
 def _inference_args(p: argparse.ArgumentParser) -> None:
     """The verbs that run a trained model (eval, predict): how to run it."""
     p.add_argument("--device")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: convolutions and matrix products in bfloat16 (autocast; faster on GPUs and on CPUs "
+                        "with bfloat16 matrix units such as Intel AMX), the deformable-attention core and the "
+                        "ranking in float32; isda checkpoints only (default: %(default)s)")
 
 
 # ---------------------------------------------------------------------------------------------------

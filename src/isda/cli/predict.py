@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import check_writable_dir
-from .common import UserError, pick_device
+from .common import UserError, pick_device, precision_context
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -38,23 +38,25 @@ def cmd_predict(args: argparse.Namespace) -> None:
     files = _find_images(args.paths)
     out = check_writable_dir(args.out, "--out")
     loaded = load_trained_model(args.weights, pick_device(args.device))
+    precision = precision_context(args, loaded)
     if args.show_sampling_points:
         loaded.model.record_sampling()
     predict_one = _predict_tiled if args.tile is not None else _predict_whole
     results, done = [], 0
-    for path in files:
-        try:
-            array = load_rgb(path)
-        except Exception as e:  # unreadable / corrupt image: say which and go on with the others
-            print(f"warning: skipping {path}: {e}", file=sys.stderr)
-            continue
-        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-        stem = f"{Path(path).stem}"
-        # The id is the index among the images listed below (skipped files take none).
-        entries, summary = predict_one(args, loaded, image, out, stem, done)
-        results += entries
-        done += 1
-        print(f"{path}: {summary} -> {out / f'{stem}_pred.png'}")
+    with precision:
+        for path in files:
+            try:
+                array = load_rgb(path)
+            except Exception as e:  # unreadable / corrupt image: say which and go on with the others
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+                continue
+            image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+            stem = f"{Path(path).stem}"
+            # The id is the index among the images listed below (skipped files take none).
+            entries, summary = predict_one(args, loaded, image, out, stem, done)
+            results += entries
+            done += 1
+            print(f"{path}: {summary} -> {out / f'{stem}_pred.png'}")
     if done == 0:
         raise UserError(f"none of the {len(files)} images could be read")
     write_results_json(results, out / "results.json")

@@ -17,8 +17,9 @@ number of data workers, the number of processes or where training resumed. A dat
 batch is repeated within the epoch, each copy augmented on its own. A "step" (``iter``) is one
 optimizer step, i.e. ``train.accumulate`` batches of ``train.batch_size`` images per process.
 
-AMP (``train.amp`` bf16/fp16) needs CUDA: on CPU ``train`` refuses it with a ConfigError rather than
-silently training in another precision than the config says.
+AMP (``train.amp``): bf16 on CUDA or CPU (where the matrix units of recent CPUs run it faster than float32),
+fp16 on CUDA only: on CPU ``train`` refuses it with a ConfigError rather than silently training in another
+precision than the config says.
 
 Why one file of about 500 lines: the loop, the checkpoint state and validation all read and update the
 same counters (step, epoch, clock, best AP, non-finite streak) of one trainer object; the recipe's parts
@@ -43,13 +44,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, DataConfig, require_backbone_init, save_config
+from ..config import Config, DataConfig, require_backbone_init, save_config
 from ..data import CocoInstanceDataset, build_transforms, collate
 from ..data.sizing import dataset_stats, fit_sizes, size_warnings
 from ..fileio import check_writable_dir, remove_stale_temps
 from ..models.isda import ISDA
 from ..weights import load_pretrained
-from .amp import autocast
+from .amp import autocast, check_amp_device
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -119,9 +120,7 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
     owns_group = not is_distributed()
     dev = init_distributed(device)
     try:
-        if cfg.train.amp != "none" and dev.type != "cuda":
-            raise ConfigError(f"config field 'train.amp': {cfg.train.amp} needs a CUDA device; "
-                              "set train.amp=none to train on CPU")
+        check_amp_device(cfg.train.amp, dev)
         out = Path(out_dir)
         if not resume and (out / "last.pt").exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): resume it (--resume) or choose another output directory")

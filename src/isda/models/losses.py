@@ -11,6 +11,7 @@ from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
 from ..config import LossConfig
+from .float32 import autocast_off
 from .head import matched_mask_logits
 from .matcher import hungarian_match
 
@@ -54,6 +55,7 @@ def _mean_over_processes(count: float, device: torch.device) -> float:
     return max(n.item(), 1.0)
 
 
+@autocast_off  # pixel-index sums over whole masks: beyond bfloat16's precision
 def mask_centroids(masks: Tensor) -> Tensor:
     """(N, H, W) bool -> (N, 2) centre of mass (x, y) of each mask, normalized by the image size; 0 when empty."""
     N, H, W = masks.shape
@@ -72,9 +74,13 @@ def downsample_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class SetCriterion:
+    """The losses run in float32 under autocast (the model's outputs are cast on entry): focal and dice terms are
+    logs and sums over thousands of mask pixels, which half precision rounds badly."""
+
     def __init__(self, cfg: LossConfig) -> None:
         self.cfg = cfg
 
+    @autocast_off
     def __call__(self, logits: Tensor, mask_logits: Tensor, targets: list[dict[str, Tensor]],
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
                  target_points: list[Tensor] | None = None, *, kernels: Tensor | None = None,
@@ -89,6 +95,8 @@ class SetCriterion:
         image b for every layer (denoising queries), instead of Hungarian matching.
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
+        logits = logits.float()
+        points = points.float() if points is not None else None
         norm = num_instances(targets, logits.device)
         last = logits.shape[0] - 1
         layers = list(range(logits.shape[0])) if self.cfg.aux_loss else [last]
@@ -111,8 +119,9 @@ class SetCriterion:
         layer_index = torch.tensor(layers, device=at.device)[at]
         # One gather (or one product) for every layer and image, not one per (layer, image): a gather's backward
         # fills a zero gradient of all the mask logits, which cost more than the masks themselves.
-        pred = (mask_logits[layer_index, image, query] if kernels is None
-                else matched_mask_logits(kernels, mask_features, padding_mask, layer_index, image, query)).flatten(1)
+        pred = (mask_logits[layer_index, image, query].float() if kernels is None
+                else matched_mask_logits(kernels.float(), mask_features.float(), padding_mask, layer_index, image,
+                                         query)).flatten(1)
         gt = torch.cat(matched_gt)
         varifocal = self.cfg.class_loss == "varifocal"
         cls_target[at, image, query, torch.cat(match_label)] = (
@@ -143,12 +152,14 @@ class SetCriterion:
         losses["loss"] = sum(weights[name] * value.sum() for name, value in terms.items())
         return losses
 
+    @autocast_off
     def encoder_loss(self, logits: Tensor, centers: Tensor, padding: Tensor, targets: list[dict[str, Tensor]],
                      masks: list[Tensor]) -> Tensor:
         """Query selection's token classifier: logits (B, S, C); token centres (S, 2) in [0, 1] of the padded
         batch; padding (B, S); masks[b] (N_b, H, W) bool, padded to the batch. A token is positive for the
         class of every instance whose mask holds its centre. Focal loss over the real tokens, normalized by
         the positive tokens (as dense detectors do)."""
+        logits = logits.float()
         target = torch.zeros_like(logits)
         for b, (t, m) in enumerate(zip(targets, masks)):
             if len(t["labels"]):

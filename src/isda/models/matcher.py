@@ -8,6 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..config import LossConfig
+from .float32 import autocast_off
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -40,6 +41,7 @@ MASK_COSTS = {"iou": soft_iou_cost, "dice": dice_cost}
 
 
 @torch.no_grad()
+@autocast_off  # the costs in float32: autocast would run the mask products in half precision
 def hungarian_match(logits: Tensor, mask_logits: Tensor, labels: Tensor, target_masks: Tensor,
                     cfg: LossConfig, points: Tensor | None = None, target_points: Tensor | None = None
                     ) -> tuple[Tensor, Tensor]:
