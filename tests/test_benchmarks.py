@@ -48,6 +48,15 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     assert "| Mask R-CNN R50-FPN, same speed-ups |" in page and "| Mask R-CNN R50-FPN, stock torchvision |" in page
     assert "inference latency (stock torchvision Mask R-CNN)" in page
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
+    # bf16 rows (the same autocast switch for both models) and their sentence, from the fields run.py writes.
+    for name in ("isda", "maskrcnn_eq"):
+        inf[name + "_bf16"] = inf[name]
+        inf["bf16_speedup_" + name] = 1.25
+    inf.update(ratio_latency_bf16=0.5, bf16_matrix_units=False)
+    render(results, tmp_path / "benchmarks.md")
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "| ISDA-R50, bf16 autocast |" in page and "| Mask R-CNN R50-FPN, same speed-ups, bf16 autocast |" in page
+    assert "**without** bf16 matrix units" in page and "ISDA float32 / bf16 time 1.25" in page and "**0.50**" in page
 
 
 def test_isda_speedups_for_maskrcnn_keep_its_outputs():

@@ -89,7 +89,8 @@ def inference(inf: dict[str, Any]) -> list[str]:
            "*stock* is torchvision as shipped. The ratios use the same-speed-ups row.", "",
            "| model | median | min | max | runs | peak RSS | ISDA / it |", "|---|---|---|---|---|---|---|"]
     for name, label in (("isda", "ISDA-R50"), ("maskrcnn_eq", "Mask R-CNN R50-FPN, same speed-ups"),
-                        ("maskrcnn", "Mask R-CNN R50-FPN, stock torchvision")):
+                        ("maskrcnn", "Mask R-CNN R50-FPN, stock torchvision"), ("isda_bf16", "ISDA-R50, bf16 autocast"),
+                        ("maskrcnn_eq_bf16", "Mask R-CNN R50-FPN, same speed-ups, bf16 autocast")):
         if name in inf:
             t = inf[name]["time"]
             ratio = "" if name == "isda" else f"{i['time']['median'] / t['median']:.2f}"
@@ -97,6 +98,7 @@ def inference(inf: dict[str, Any]) -> list[str]:
                        f"{inf[name]['peak_rss_gib']:.2f} GiB | {ratio} |")
     out += ["", f"Ratio ISDA / Mask R-CNN: latency **{inf['ratio_latency']:.2f}**, peak memory "
                 f"**{inf['ratio_peak_rss']:.2f}**.", ""]
+    out += _bf16(inf, "isda", "maskrcnn_eq", "ratio_latency_bf16")
     if "components" in i:
         c = i["components"]
         out += ["### Where ISDA's time goes", "",
@@ -132,7 +134,9 @@ def train(tr: dict[str, Any]) -> list[str]:
     for name, label in (("isda", "ISDA-R50"),
                         ("maskrcnn_frozen_eq", "Mask R-CNN R50-FPN, frozen stem + stage 1, FrozenBN, same speed-ups"),
                         ("maskrcnn_frozen", "Mask R-CNN R50-FPN, frozen stem + stage 1, FrozenBN, stock torchvision"),
-                        ("maskrcnn", "Mask R-CNN R50-FPN, all layers, BatchNorm (not the same recipe)")):
+                        ("maskrcnn", "Mask R-CNN R50-FPN, all layers, BatchNorm (not the same recipe)"),
+                        ("isda_bf16", "ISDA-R50, bf16 autocast"),
+                        ("maskrcnn_frozen_eq_bf16", "Mask R-CNN R50-FPN, same recipe, same speed-ups, bf16 autocast")):
         if name in tr:
             t = tr[name]["time"]
             ratio = f"{tr['ratio_' + name]:.2f}" if "ratio_" + name in tr else ""
@@ -140,8 +144,19 @@ def train(tr: dict[str, Any]) -> list[str]:
             ratio += " (tie)" if ratio and _tie(tr, name) else ""
             out.append(f"| {label} | {seconds(t['median'])} | {seconds(t['min'])} | {seconds(t['max'])} | {t['n']} | "
                        f"{tr[name]['peak_rss_gib']:.2f} GiB | {ratio} |")
-    out += ["", measured(tr)]
+    out += [""] + _bf16(tr, "isda", "maskrcnn_frozen_eq", "ratio_maskrcnn_frozen_eq_bf16") + [measured(tr)]
     return out
+
+
+def _bf16(sec: dict[str, Any], isda: str, maskrcnn: str, ratio: str) -> list[str]:
+    """The bf16 sentence: each model's float32 / bf16 time and ISDA / Mask R-CNN with both in bf16."""
+    if f"{isda}_bf16" not in sec:
+        return []
+    units = ("with" if sec.get("bf16_matrix_units") else "**without**") + " bf16 matrix units (AMX / AVX512-BF16)"
+    return [f"bf16 (`torch.autocast(\"cpu\", torch.bfloat16)`, the same switch for both, on a CPU {units}): "
+            f"ISDA float32 / bf16 time {sec['bf16_speedup_' + isda]:.2f}, Mask R-CNN "
+            f"{sec['bf16_speedup_' + maskrcnn]:.2f} (above 1: bf16 is faster); ISDA / Mask R-CNN with both in bf16 "
+            f"**{sec[ratio]:.2f}**.", ""]
 
 
 def msda(ms: dict[str, Any]) -> list[str]:
