@@ -41,3 +41,16 @@ gpu-check: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache
+
+.PHONY: figures figures-check demo-figures
+
+# The measured numbers on README.md and docs/*.md, from the JSON the benchmarks wrote (benchmarks/figures.py).
+figures: venv
+	$(PY) -m benchmarks.figures --write
+
+figures-check: venv
+	$(PY) -m benchmarks.figures --check
+
+# Run the demo (2 threads) and record its figures: docs/demo.json, docs/demo_predictions.png.
+demo-figures: venv
+	$(PY) -m benchmarks.demo_page --run

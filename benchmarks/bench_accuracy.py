@@ -15,6 +15,10 @@ the reported tables). Parts (``parts``):
   models with their chosen recipes, and ISDA with ``data.fit_sizes`` off (the input size fixed at the preset's).
 * ``variants``: ISDA tiny's ablations and convergence levers at each variant budget on test; the default they
   are compared with is the main ISDA run (seed 0) at the same budget.
+* ``tune_levers``: the choice of ISDA tiny's levers, on tune: the chosen recipe alone and with each lever (or the
+  ``--variants`` given), at each variant budget and variant seed. The rule, fixed before the runs
+  (:func:`lever_choice`): the best mean tune AP over the seeds at the first variant budget; an entry within the
+  seed noise of the best and cheaper (more steps) wins the tie.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from isda.data import make_shapes_dataset
 from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
 
-PARTS = ("sweep", "test", "heldout", "variants")
+PARTS = ("sweep", "test", "heldout", "variants", "tune_levers")
 SWEEP_BUDGET_S = 180.0
 # The Mask R-CNN sweep's centre (width 64: about ISDA tiny's cost per step at one thread) and the recipe used when
 # no sweep was run; each sweep entry changes one or two of these.
@@ -158,6 +162,25 @@ def chosen(sweep: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def lever_choice(tune_levers: dict[str, Any], budget: str) -> dict[str, Any]:
+    """The levers' tune results at ``budget`` (seconds, as a key) and the winner by the rule fixed before the runs:
+    the best mean AP over the seeds; among the entries within the seed noise of the best (half the largest
+    spread between two seeds of one entry, at least 0.5 AP), the one with the most steps (the cheapest per step)."""
+    rows = {}
+    for name, entry in tune_levers.items():
+        runs = [r for r in entry.get("runs", {}).get(budget, {}).values() if r.get("ap")]
+        if runs:
+            aps = [100 * r["ap"]["AP"] for r in runs]
+            rows[name] = {"aps": aps, "mean": sum(aps) / len(aps), "steps": sum(r["iterations"] for r in runs) / len(runs),
+                          "overrides": entry.get("overrides", {})}
+    if not rows:
+        return {"rows": {}, "winner": None, "noise": None}
+    noise = max(0.5, max((max(r["aps"]) - min(r["aps"])) / 2 for r in rows.values()))
+    best = max(r["mean"] for r in rows.values())
+    winner = max((n for n, r in rows.items() if r["mean"] >= best - noise), key=lambda n: rows[n]["steps"])
+    return {"rows": rows, "winner": winner, "noise": noise}
+
+
 def plan_variants(variants: list[str] | None, variant_budgets_s: list[float]) -> set[tuple[str, float]]:
     """The (variant, budget) runs that ``variants`` asks for (names, or ``name@seconds`` for one budget; None: all
     at every budget); ValueError naming the entry for an unknown name or a budget that is not a number."""
@@ -236,6 +259,9 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     ``runs``, the others under ``seeds``), neighbours side by side."""
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
+    tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
+    if any(name not in LEVERS for name, _ in tune_runs):
+        raise ValueError(f"tune_levers: only levers ({', '.join(LEVERS)}) are chosen on tune, not ablations")
     out_root = Path(out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data = datasets(out_root, num_train, num_val, "heldout" in parts and bool(heldout_budgets_s))
@@ -244,7 +270,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     per_job_threads = max(1, threads // jobs)
     results: dict[str, Any] = {
         "budgets_s": sorted(budgets_s) if "test" in parts else [], "seeds": list(seeds),
-        "variant_budgets_s": sorted({b for _, b in variant_runs}), "sweep_budget_s": sweep_budget_s,
+        "variant_budgets_s": sorted({b for _, b in variant_runs | tune_runs}), "sweep_budget_s": sweep_budget_s,
         "heldout_budgets_s": sorted(heldout_budgets_s) if "heldout" in parts else [],
         "num_train": num_train, "num_val": num_val, "image_size": 128, "jobs": jobs,
         "threads_per_run": per_job_threads, "isda_preset": "isda_tiny",
@@ -321,6 +347,14 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
             where = (section, name, "runs", key) if seed == 0 else (section, name, "seeds", str(seed), key)
             todo.append((where, isda_job(f"{name} {key}s" + (f" seed {seed}" if seed else ""), "test", budget,
                                          {**recipe["isda"], **overrides}, seed)))
+    for budget in sorted({b for _, b in tune_runs}):
+        key = str(int(budget))
+        for name in ["recipe", *[n for n in LEVERS if (n, budget) in tune_runs]]:
+            overrides = LEVERS.get(name, {})
+            results.setdefault("tune_levers", {}).setdefault(name, {"runs": {}})["overrides"] = overrides
+            for seed in variant_seeds:
+                todo.append((("tune_levers", name, "runs", key, str(seed)), isda_job(
+                    f"tune {name} {key}s seed {seed}", "tune", budget, {**recipe["isda"], **overrides}, seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     _run_all(todo, jobs, record)
     return results

@@ -33,6 +33,7 @@ from isda.fileio import atomic_write_text
 
 from .common import INFER_SIZE, build_isda, machine_info, peak_rss_gib, set_threads
 from .procs import ROOT, compare
+from .provenance import meta
 from .worker import parse_size
 
 DEFAULT_PRESETS = f"isda_r50_coco@{INFER_SIZE[0]}x{INFER_SIZE[1]},isda_tiny@128x128"
@@ -134,7 +135,7 @@ def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = ["# ONNX export: ONNX Runtime vs PyTorch eager (CPU)", "",
              f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, onnxruntime {results['onnxruntime']}; "
-             f"measured {results['date']}. Command: `{results['command']}`.", "",
+             f"measured {results['_meta']['date']}. Command: `{results['_meta']['command']}`.", "",
              "Each side runs in its own fresh process (peak RSS = `ru_maxrss` of that process, model included), one "
              "image, runs alternated eager / ONNX Runtime / int8, medians. int8 = ONNX Runtime's dynamic quantisation "
              "(`isda.deploy.onnx_export.quantize_transformer`) of the transformer's linear layers only.", ""]
@@ -190,9 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.bench_onnx " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    results: dict[str, Any] = {"machine": machine_info(args.threads), "command": command.strip(),
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "onnxruntime": onnxruntime.__version__,
+    results: dict[str, Any] = {"machine": machine_info(args.threads), "onnxruntime": onnxruntime.__version__,
                                "presets": {}}
+    load_before = _load()[0]
+    presets = [item.partition("@")[0] for item in args.presets.split(",")]
     weights = args.weights
     if weights is None and not args.no_accuracy:
         print(f"training a tiny shapes model ({args.train_seconds:.0f} s) for the AP rows", flush=True)
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         rows = accuracy(weights, onnx, args.data, args.threads)
         results["accuracy"] = {"weights": weights, "rows": rows, "load_before": before, "load_after": _load()}
         print(json.dumps({k: v["stats"]["AP"] for k, v in rows.items()}), flush=True)
+    trained = ["preset:isda_tiny", "data:shapes"] if weights is not None else []  # a tiny model trained on shapes
+    results["_meta"] = meta(command.strip(), [*(f"preset:{p}" for p in presets), *trained], load_before)
     page = render(results)
     atomic_write_text(args.page, page + "\n")
     atomic_write_text(args.page.with_suffix(".json"), json.dumps(results, indent=1) + "\n")

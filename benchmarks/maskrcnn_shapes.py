@@ -34,6 +34,7 @@ from isda.config import Config
 from isda.data import CocoInstanceDataset, build_transforms, collate
 from isda.data.sizing import dataset_stats, fit_sizes
 from isda.engine import SeededSamples, lr_factor
+from isda.engine.sampling import run_batches
 from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))
@@ -169,35 +170,29 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
                               "detections": detections, "width": width, "seed": seed,
                               "input_short_side": data.test_short_side,
                               "nonfinite_steps": 0}
-    step, epoch, trained = 0, 0, 0.0
+    step, trained = 0, 0.0
+    batches = run_batches(samples, sampler, tcfg.batch_size, collate, tcfg.num_workers, seed)
     start = time.perf_counter()
     while trained < budget_s:
-        sampler.set_epoch(epoch)
-        samples.set_epoch(epoch)
-        loader = DataLoader(samples, batch_size=tcfg.batch_size, sampler=list(sampler), collate_fn=collate,
-                            num_workers=tcfg.num_workers, generator=torch.Generator().manual_seed(seed))
-        for images, targets in loader:
-            progress = trained / budget_s
-            factor = lr_factor(step, progress, tcfg) * warmup_factor(progress, warmup_frac)
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
-            losses = model(images, [to_maskrcnn_target(t) for t in targets])
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            if math.isfinite(loss.item()):
-                loss.backward()
-                if clip_max_norm and clip_max_norm > 0:
-                    nn.utils.clip_grad_norm_(params, clip_max_norm)
-                opt.step()
-            else:
-                result["nonfinite_steps"] += 1
-            step += 1
-            trained = time.perf_counter() - start
-            if step % 50 == 0:
-                log(f"    mask r-cnn step {step} epoch {epoch} loss {loss.item():.3f} ({trained:.0f} s)")
-            if trained >= budget_s:
-                break
-        epoch += 1
+        images, targets = next(batches)
+        progress = trained / budget_s
+        factor = lr_factor(step, progress, tcfg) * warmup_factor(progress, warmup_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+        losses = model(images, [to_maskrcnn_target(t) for t in targets])
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        if math.isfinite(loss.item()):
+            loss.backward()
+            if clip_max_norm and clip_max_norm > 0:
+                nn.utils.clip_grad_norm_(params, clip_max_norm)
+            opt.step()
+        else:
+            result["nonfinite_steps"] += 1
+        step += 1
+        trained = time.perf_counter() - start
+        if step % 50 == 0:
+            log(f"    mask r-cnn step {step} epoch {step // steps_per_epoch} loss {loss.item():.3f} ({trained:.0f} s)")
     result["train_time_s"] = trained
     result["ap"], result["ap_class_agnostic"] = evaluate_maskrcnn(model, val_set, tcfg.batch_size)
     result["iterations"] = step

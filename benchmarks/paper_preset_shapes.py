@@ -7,7 +7,8 @@ losses, matching, initialisation and AdamW recipe at batch 8), with only the inp
 (one scale, no crop, as the tiny preset) and the backbone trained from scratch (``--from-scratch``: BatchNorm,
 nothing frozen; there are no ImageNet weights here). The lr stays constant (the paper's drops are at 64 % of 42
 epochs of COCO). Training runs in chunks of ``--every`` steps, each resumed exactly from the last and followed by
-COCO mask AP on the 200 validation images; the curve goes to ``OUT/curve.json`` and ``OUT/curve.png``.
+COCO mask AP on the 200 validation images; the curve goes to ``OUT/curve.json``
+(``points``, with the run's ``_meta``) and ``OUT/curve.png``.
 
 Steps, not minutes: the CPU this was measured on was shared, so the step count stands for a time budget. With one
 thread per run and two runs side by side (the accuracy benchmark's protocol, docs/benchmarks.md), the tiny preset
@@ -19,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +32,8 @@ from isda import engine
 from isda.config import apply_from_scratch, apply_overrides, get_preset
 from isda.data.shapes import make_shapes_dataset
 from isda.fileio import atomic_write_text
+
+from .provenance import meta
 
 OVERRIDES = {"data.train_short_sides": [128], "data.train_max_size": 192, "data.crop_prob": 0.0,
              "data.test_short_side": 128, "data.test_max_size": 192, "train.batch_size": 8, "train.num_workers": 1,
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = apply_from_scratch(get_preset("isda_r50_coco"))
     apply_overrides(cfg, {**OVERRIDES, **dict(item.split("=", 1) for item in args.set)})
     out = Path(args.out)
+    command = shlex.join(["python", "-m", "benchmarks.paper_preset_shapes", *(sys.argv[1:] if argv is None else argv)])
+    load_before = os.getloadavg()[0]
     curve = []
     for n in range(args.every, args.steps + args.every, args.every):
         n = min(n, args.steps)
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                       "AP50": 100 * val.get("AP50", float("nan")), "train_time_s": summary["train_time_s"],
                       "wall_s": time.time() - start})
         print(json.dumps(curve[-1]), flush=True)
-        atomic_write_text(out / "curve.json", json.dumps(curve, indent=1))
+        record = {"_meta": meta(command, ["preset:isda_r50_coco", "data:shapes"], load_before), "points": curve}
+        atomic_write_text(out / "curve.json", json.dumps(record, indent=1))
         if n >= args.steps:
             break
     _plot(curve, out / "curve.png")

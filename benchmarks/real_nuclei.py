@@ -33,6 +33,8 @@ from PIL import Image
 
 from isda.fileio import atomic_write_text
 
+from .provenance import meta
+
 WHEEL = "stardist==0.9.2"
 MEMBERS = {"image": "stardist/data/images/img2d.tif", "labels": "stardist/data/images/mask2d.tif"}
 CACHE = Path(".cache/real")
@@ -96,7 +98,7 @@ def run(steps: int, out: Path, page: Path | None, threads: int) -> dict[str, Any
     import torch
 
     torch.set_num_threads(threads)
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()[0]
     if main(command) != 0:
         raise SystemExit("training failed")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -106,6 +108,8 @@ def run(steps: int, out: Path, page: Path | None, threads: int) -> dict[str, Any
     result = {"command": "isda " + " ".join(command), "steps": steps, "threads": threads, "curve": curve,
               "wall_s": time.time() - start, "data": config["data"], "load_average": os.getloadavg(),
               "instances": {s: len(json.loads(Path(a).read_text())["annotations"]) for s, (a, _) in data.items()}}
+    rerun = f"python -m benchmarks.real_nuclei run --steps {steps} --threads {threads}" + (f" --page {page}" if page else "")
+    result["_meta"] = meta(rerun, ["preset:isda_tiny"], load_before)
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     if page is not None:
         for name in ("curves.png", "val_predictions.png"):

@@ -31,6 +31,8 @@ from typing import Any
 from isda.fileio import atomic_write_text
 
 from .common import INFER_SIZE, TRAIN_SIZE, machine_info, set_threads
+from .derived import accuracy_summary
+from .provenance import meta
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("inference", "train", "msda", "before_after", "profile", "accuracy")
@@ -153,6 +155,15 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=Non
                               log=log)
 
 
+def depends_on(section: str, args) -> list[str]:
+    """The fingerprints (benchmarks.provenance) a section's figures depend on."""
+    preset = f"preset:{args.preset}"
+    return {"inference": [preset], "train": [preset, "data:shapes"], "msda": [], "before_after": [preset, "data:shapes"],
+            "profile": [preset, "data:shapes"],
+            # the held-out family too when this invocation skips it: the section keeps the earlier runs
+            "accuracy": ["preset:isda_tiny", "data:shapes", "data:heldout"]}[section]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -253,9 +264,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"WARNING: load average {load:.2f} > 1.5: the machine is busy, timings will be noisy", file=sys.stderr)
 
     def store(name: str, data: dict[str, Any], start: float, load_before: float) -> None:
-        data["_meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - start, 1),
-                         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-                         "command": f"python -m benchmarks.run {argv_text}".strip(), "threads": args.threads}
+        if name == "accuracy":  # the seed means and differences the pages quote
+            data["summary"] = accuracy_summary(data)
+        data["_meta"] = {**meta(f"python -m benchmarks.run {argv_text}".strip(), depends_on(name, args), load_before),
+                         "seconds": round(time.time() - start, 1), "threads": args.threads}
         results["sections"][name] = data
         json_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json_path, json.dumps(results, indent=1))

@@ -258,6 +258,16 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert calls[1]["overrides"] == {"train.lr": 4e-4, **b.LEVERS["denoising"], "train.seed": 1}
     entry = lev["levers"]["denoising"]
     assert set(entry["runs"]) == {"2"} and set(entry["seeds"]) == {"1"} and set(entry["seeds"]["1"]) == {"2"}
+    # Levers are chosen on tune: the recipe alone and with each lever asked for, every seed, on the tune split.
+    calls.clear()
+    tuned = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("tune_levers",), previous=res,
+                  variants=["denoising"], variant_seeds=(0, 1), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["tune recipe 2s seed 0", "tune recipe 2s seed 1", "tune denoising 2s seed 0",
+                                          "tune denoising 2s seed 1"]
+    assert all(j["data"] == sweep[0]["data"] for j in calls)  # the tune split, as the sweep
+    assert set(tuned["tune_levers"]) == {"recipe", "denoising"} and set(tuned["tune_levers"]["recipe"]["runs"]["2"]) == {"0", "1"}
+    with pytest.raises(ValueError, match="only levers"):
+        b.run(tmp_path, [], [2.0], parts=("tune_levers",), variants=["mask_stride_2"], threads=1)
     # The test images are not the tune images.
     import json
 
@@ -378,3 +388,23 @@ def test_mask_ceiling_round_trips_by_hand(tmp_path):
     rows = mc.measure(ann)
     assert set(rows) == set(mc.REPRESENTATIONS) and len({r["instances"] for r in rows.values()}) == 1
     assert rows["ISDA, mask stride 2"]["ceiling_ap"] > rows["ISDA, mask stride 8"]["ceiling_ap"]
+
+
+def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
+    from benchmarks.bench_accuracy import lever_choice
+
+    def runs(aps, steps):
+        return {"runs": {"480": {str(i): {"ap": {"AP": ap / 100}, "iterations": steps} for i, ap in enumerate(aps)}}}
+
+    levers = {"recipe": runs([20.0, 22.0], 600), "a": runs([30.0, 31.0], 400), "b": runs([29.0, 30.6], 500),
+              "c": runs([10.0, 12.0], 900)}
+    choice = lever_choice(levers, "480")
+    assert choice["noise"] == 1.0  # half the largest spread between two seeds of one entry
+    assert choice["rows"]["a"]["mean"] == 30.5 and choice["winner"] == "b"  # 29.8 is within 1.0 of 30.5, more steps
+    levers["b"] = runs([27.0, 28.0], 500)
+    assert lever_choice(levers, "480")["winner"] == "a"
+    assert lever_choice(levers, "1800")["winner"] is None
+    from benchmarks.report.accuracy import _tune_levers
+
+    page = "\n".join(_tune_levers({k: {**v, "overrides": {"model.x": 1}} for k, v in levers.items()}))
+    assert "| a (`model.x=1`) | 8 min | 30.0 / 31.0 | 30.5 | 400 |" in page and "**a**" in page

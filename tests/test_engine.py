@@ -304,3 +304,38 @@ def test_refusals(data, tmp_path):
     torch.save(ckpt, tmp_path / "run" / "last.pt")
     with pytest.raises(CheckpointError, match="categories"):
         engine.train(tiny_config(), *data["train"], out_dir=tmp_path / "run", resume=True, log=lambda _m: None)
+
+
+def test_one_loader_serves_the_whole_run_with_each_epochs_augmentation(data, monkeypatch):
+    # A loader per epoch started its workers anew every epoch: on a 3-image dataset, every 3 steps. One iterator
+    # must now serve every epoch, with a worker giving exactly the per-epoch, per-index augmentation, and a resumed
+    # run (start epoch, batches to skip) must continue where the straight run is.
+    from torch.utils.data import DistributedSampler
+
+    from isda.data import CocoInstanceDataset, build_transforms, collate
+    from isda.engine import sampling
+
+    dataset = CocoInstanceDataset(*data["train"], build_transforms(tiny_config(crop_prob=1.0).data, True), train=True)
+    samples = sampling.SeededSamples(dataset, seed=1)
+    sampler = DistributedSampler(samples, num_replicas=1, rank=0, shuffle=True, seed=1)
+    batch = 3
+    expected = []  # what per-epoch loaders gave: epoch by epoch, the last batch of an epoch short
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        samples.set_epoch(epoch)
+        order = list(sampler)
+        expected += [[samples[i][0] for i in order[s:s + batch]] for s in range(0, len(order), batch)]
+    per_epoch = len(expected) // 3
+    assert len(samples) % batch != 0  # so that epoch boundaries are tested
+
+    iterators: list[int] = []
+    real_iter = sampling.DataLoader.__iter__
+    monkeypatch.setattr(sampling.DataLoader, "__iter__", lambda self: iterators.append(1) or real_iter(self))
+    batches = sampling.run_batches(samples, sampler, batch, collate, num_workers=1, seed=1)
+    for want in expected:
+        images, _ = next(batches)
+        assert len(images) == len(want) and all(torch.equal(a, b) for a, b in zip(images, want))
+    assert len(iterators) == 1
+    resumed = sampling.run_batches(samples, sampler, batch, collate, num_workers=0, seed=1, start_epoch=1, skip=1)
+    images, _ = next(resumed)
+    assert all(torch.equal(a, b) for a, b in zip(images, expected[per_epoch + 1]))

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, DataConfig, require_backbone_init, save_config
@@ -72,7 +72,7 @@ from .distributed import (
 )
 from .evaluation import evaluate, write_results_json
 from .metrics import MetricsLog, memory_gb
-from .sampling import SeededSamples, seed_all
+from .sampling import SeededSamples, run_batches, seed_all
 from .schedule import RunLength, lr_factor, param_groups, steps_at_budget, too_few_steps_warning
 
 # Called on rank 0 with (run directory, model, validation set or None, the run's data config: its sizes may
@@ -201,6 +201,7 @@ class _Trainer:
         self.step = 0  # optimizer steps done (skipped ones included)
         self.epoch = 0
         self.step_in_epoch = 0
+        self.batches: Iterator | None = None  # the run's training batches (see train_epoch)
         self.nonfinite = 0  # consecutive skipped steps
         self.best_ap = -1.0
         self.val_stats: dict[str, float] | None = None
@@ -307,6 +308,7 @@ class _Trainer:
                 stopped = self.should_stop() or self.train_epoch(bar)
         finally:
             bar.close()
+            self.batches = None  # ends the loader's workers
         # The end of a run measured in steps or time, or an interrupted one: evaluate and save the final state.
         improved = self.validate() if self.last_eval_step != self.step else False
         if improved or self.saved_step != self.step:
@@ -324,8 +326,9 @@ class _Trainer:
             return "completed"
         if self.max_iters is not None and self.step >= self.max_iters:
             return "max_iters"
-        # Rank 0's clock decides, so that every process stops at the same step.
-        if self.length.budget_s > 0 and broadcast_flag(self.elapsed() >= self.length.budget_s, self.device):
+        # Rank 0's clock decides, so that every process stops at the same step; a budget shorter than a step still
+        # trains one (a run without a step has nothing to save or evaluate).
+        if self.length.budget_s > 0 and self.step > 0 and broadcast_flag(self.elapsed() >= self.length.budget_s, self.device):
             return "time_budget"
         return None
 
@@ -340,14 +343,11 @@ class _Trainer:
     def train_epoch(self, bar: tqdm) -> str | None:
         """Train to the end of the epoch (in a run measured in epochs: then validate and save) and return None,
         or to a stop condition and return its name."""
-        self.sampler.set_epoch(self.epoch)
-        self.samples.set_epoch(self.epoch)
-        done = self.step_in_epoch * self.tcfg.accumulate
-        indices = list(self.sampler)[done * self.tcfg.batch_size:]  # skip the batches already trained on
-        loader = DataLoader(self.samples, batch_size=self.tcfg.batch_size, sampler=indices, collate_fn=collate,
-                            num_workers=self.tcfg.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(self.tcfg.seed))
-        batches = iter(loader)
+        if self.batches is None:  # one iterator for the rest of the run; skip the batches already trained on
+            self.batches = run_batches(self.samples, self.sampler, self.tcfg.batch_size, collate, self.tcfg.num_workers,
+                                       self.tcfg.seed, self.epoch, self.step_in_epoch * self.tcfg.accumulate,
+                                       pin_memory=self.device.type == "cuda")
+        batches = self.batches
         while self.step_in_epoch < self.steps_per_epoch:
             n = min(self.tcfg.accumulate, self.batches_per_epoch - self.step_in_epoch * self.tcfg.accumulate)
             self.train_step(batches, n, bar)

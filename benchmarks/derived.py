@@ -1,0 +1,73 @@
+"""Figures derived from the accuracy runs (seed means, differences), computed once: the benchmark stores them in
+its JSON (``sections.accuracy.summary``) for the pages to quote, and the generated page states the same ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODELS = ("isda", "maskrcnn")
+
+
+def ap(run: dict[str, Any] | None, key: str = "AP") -> float:
+    """A run's mask AP (``key``: AP, AP50, APs, ...) on the 0-100 scale; NaN when the run has none."""
+    return 100 * ((run or {}).get("ap") or {}).get(key, float("nan"))
+
+
+def finished(runs: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The runs that finished with an AP (a run not made or stopped is None or has none)."""
+    return [r for r in runs if r and r.get("ap")]
+
+
+def means(got: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean AP and AP50 (0-100), the APs in order, mean steps and the count of finished runs ``got``."""
+    aps = [ap(r) for r in got]
+    return {"ap_mean": sum(aps) / len(aps), "ap50_mean": sum(ap(r, "AP50") for r in got) / len(got), "aps": aps,
+            "steps_mean": sum(r.get("iterations", 0) for r in got) / len(got), "seeds": len(got)}
+
+
+def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None) -> dict[str, Any] | None:
+    """ISDA tiny against Mask R-CNN on the test split at ``budget`` (seconds, as the JSON keys it), over the
+    ``seeds`` (default: the section's) each model finished: per model the mean AP and AP50 (0-100), the APs in
+    seed order, the mean steps and the seed count; then ``difference`` (mean AP ISDA − Mask R-CNN), ``noise`` (the
+    larger of the two models' seed ranges) and ``seeds`` (the fewer of the two counts). None when either model
+    has no run."""
+    seeds = [str(s) for s in (acc.get("seeds", []) if seeds is None else seeds)]
+    runs = {m: finished([acc.get(m, {}).get(budget, {}).get(s) for s in seeds]) for m in MODELS}
+    if not all(runs.values()):
+        return None
+    out: dict[str, Any] = {m: means(got) for m, got in runs.items()}
+    out["difference"] = out["isda"]["ap_mean"] - out["maskrcnn"]["ap_mean"]
+    out["noise"] = max(max(out[m]["aps"]) - min(out[m]["aps"]) for m in MODELS)
+    out["seeds"] = min(out[m]["seeds"] for m in MODELS)
+    return out
+
+
+def heldout(runs: dict[str, Any]) -> dict[str, Any]:
+    """One budget of the held-out family: each finished run's AP and AP50 (0-100, one seed each), each ISDA run's
+    ``difference`` (its AP − Mask R-CNN's) and ``fit_sizes_difference`` (ISDA with data.fit_sizes − without)
+    where both ran."""
+    out: dict[str, Any] = {name: {"ap": ap(r), "ap50": ap(r, "AP50")} for name, r in runs.items() if r and r.get("ap")}
+    if "maskrcnn" in out:
+        for name in out.keys() - {"maskrcnn"}:
+            out[name]["difference"] = out[name]["ap"] - out["maskrcnn"]["ap"]
+    if "isda" in out and "isda_no_fit" in out:
+        out["fit_sizes_difference"] = out["isda"]["ap"] - out["isda_no_fit"]["ap"]
+    return out
+
+
+def variant(entry: dict[str, Any]) -> dict[str, Any]:
+    """An ablation or lever: per budget, its means over the seeds it ran (seed 0 under ``runs``, the others under
+    ``seeds``), as :func:`seed_means` gives them per model."""
+    per_seed = [entry.get("runs") or {}, *(entry.get("seeds") or {}).values()]
+    budgets = sorted({b for runs in per_seed for b in runs}, key=int)
+    out = {b: finished([runs.get(b) for runs in per_seed]) for b in budgets}
+    return {b: means(got) for b, got in out.items() if got}
+
+
+def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
+    """Every derived figure of the accuracy section: ``test`` (:func:`seed_means` per budget), ``heldout``
+    (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name)."""
+    test = {b: seed_means(acc, b) for b in sorted({*acc.get("isda", {}), *acc.get("maskrcnn", {})}, key=int)}
+    return {"test": {b: v for b, v in test.items() if v is not None},
+            "heldout": {b: heldout(r) for b, r in sorted((acc.get("heldout") or {}).items(), key=lambda kv: int(kv[0]))},
+            **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")}}

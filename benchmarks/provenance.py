@@ -1,0 +1,123 @@
+"""Where a benchmark's figures came from, and what would make them stale.
+
+Every results section a benchmark writes carries ``_meta`` (:func:`meta`): the date, the command that re-runs
+it, the load average around it, the git commit of the tree it ran on, and ``depends_on``: named fingerprints
+(:func:`fingerprints`) of what its figures depend on. ``python -m benchmarks.figures --check`` compares those
+with the current tree: a page that quotes a section whose fingerprints changed is quoting stale figures.
+
+Fingerprint names:
+
+- ``preset:NAME``: the preset's resolved configuration, every field (``{"section.field": value}``). A field
+  that changed value makes the figures stale, as does a field removed. A field added since the measurement is
+  compared with its class default, the behaviour it was added with (a new switch defaults to off): added at
+  that default, the preset still does what was measured; set otherwise in the preset, it does not.
+- ``data:NAME``: the source of a data generator in :data:`DATA` (the images it makes are what was measured on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from isda.config import Config, ConfigError, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Generated datasets, by the source file that generates them.
+DATA = {"shapes": "src/isda/data/shapes.py", "heldout": "benchmarks/heldout_shapes.py"}
+
+# What a section records when its fingerprints at measurement time cannot be known (measured before they were
+# recorded, and the inputs changed since or their history does not show): the check treats it as stale.
+UNVERIFIED = "unverified"
+
+# Length of a fingerprint: a sha256 prefix, enough to tell versions apart.
+DIGITS = 16
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:DIGITS]
+
+
+def flat(config: dict[str, Any]) -> dict[str, Any]:
+    """``Config.to_dict()`` as ``{"section.field": value}``."""
+    return {f"{section}.{k}": v for section, fields in config.items() for k, v in fields.items()}
+
+
+def fingerprint(name: str) -> dict[str, Any] | str:
+    """The current fingerprint called ``name``: a preset's fields (``preset:isda_tiny``), a data generator's source
+    digest (``data:shapes``); ValueError names an unknown one."""
+    kind, _, what = name.partition(":")
+    if kind == "preset":
+        try:
+            return flat(json.loads(json.dumps(get_preset(what).to_dict())))
+        except ConfigError as e:
+            raise ValueError(f"unknown fingerprint {name!r}: {e}") from None
+    if kind == "data" and what in DATA:
+        return _digest((ROOT / DATA[what]).read_bytes())
+    raise ValueError(f"unknown fingerprint {name!r}: use preset:<preset name> or data:<{'|'.join(DATA)}>")
+
+
+def changes(name: str, recorded: Any, now: Any) -> list[str]:
+    """How fingerprint ``name`` changed since ``recorded``: one phrase per difference (see the module doc)."""
+    if not (isinstance(recorded, dict) and isinstance(now, dict)):
+        return [] if recorded == now else [f"{name} changed (recorded {recorded}, now {now})"]
+    defaults = flat(json.loads(json.dumps(Config().to_dict())))
+    out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+    out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"
+            for k, v in now.items() if k not in recorded and v != defaults.get(k)]
+    out += [f"{name}: {k} was removed" for k in recorded if k not in now]
+    return out
+
+
+def fingerprints(names: Iterable[str]) -> dict[str, Any]:
+    """{name: current fingerprint} for each name, sorted by name."""
+    return {name: fingerprint(name) for name in sorted(set(names))}
+
+
+def commit() -> str:
+    """git HEAD (short), with ``+dirty`` when tracked files under src/ or benchmarks/ differ from it; ``unknown``
+    outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def meta(command: str, depends_on: Iterable[str], load_before: float | None = None) -> dict[str, Any]:
+    """A section's ``_meta``, made when its measurement ends: ``load_before`` is the 1-minute load average taken
+    when it started (default: now)."""
+    load = os.getloadavg()[0]
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
+            "load_average_before": round(load if load_before is None else load_before, 2),
+            "load_average_after": round(load, 2), "commit": commit(), "depends_on": fingerprints(depends_on)}
+
+
+def stale(section_meta: dict[str, Any] | None) -> list[str]:
+    """Why a section's figures are stale: one phrase per fingerprint that changed, is unverified or unknown, or
+    that the section records none; empty when it is current."""
+    recorded = (section_meta or {}).get("depends_on")
+    if not isinstance(recorded, dict):
+        return ["it records no _meta.depends_on"]
+    reasons = []
+    for name, value in sorted(recorded.items()):
+        if name == UNVERIFIED:
+            reasons.append(f"its fingerprints are unverified ({value})")
+            continue
+        try:
+            now = fingerprint(name)
+        except ValueError as e:
+            reasons.append(str(e))
+            continue
+        reasons += changes(name, value, now)
+    return reasons

@@ -1,0 +1,286 @@
+"""The page's speed sections: summary, inference, training step, deformable attention core, the optimisations
+one at a time and before/after, the goal status and the operator profile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..bench_changes import PER_CHANGE_RECORDED_AT
+from .formatting import image_size, measured, millis, seconds
+
+COMPONENTS = [("backbone", "backbone (ResNet-50)"), ("neck", "neck (channel mapper, P2..P6)"),
+              ("encoder", "encoder (6 layers, 20,197 tokens)"), ("decoder", "decoder (6 layers, 300 queries)"),
+              ("mask_features", "mask features (1/4 scale)"),
+              ("dynamic_masks_postprocess", "dynamic masks + post-processing"),
+              ("other", "other (normalize/pad, position encodings, transformer input)")]
+MRCNN_COMPONENTS = [("backbone_fpn", "backbone + FPN"), ("rpn", "RPN"), ("box_head", "RoI box head"),
+                    ("mask_head", "RoI mask head (100 RoIs)"),
+                    ("roi_rest", "RoI pooling, box post-processing and NMS, mask predictor"),
+                    ("other", "other (normalize/resize, mask pasting)")]
+
+
+# Mask R-CNN with ISDA's generic CPU speed-ups (benchmarks.common.with_isda_speedups), when measured.
+_MR_HEADLINE_INF = "maskrcnn_eq"
+
+
+def summary(secs: dict[str, Any]) -> list[str]:
+    """The headline table: ISDA against Mask R-CNN, and the deformable attention core against the textbook."""
+    if not ("inference" in secs or "train" in secs or "msda" in secs):
+        return []
+    out = ["## Summary", "", "| measure | ISDA | Mask R-CNN | ISDA / Mask R-CNN |", "|---|---|---|---|"]
+    inf = secs.get("inference")
+    if inf:  # the headline: Mask R-CNN with ISDA's generic speed-ups; stock torchvision beside it
+        m = inf[_MR_HEADLINE_INF if _MR_HEADLINE_INF in inf else "maskrcnn"]
+        eq = " (same speed-ups)" if _MR_HEADLINE_INF in inf else ""
+        out.append(f"| inference latency, {image_size(inf)}, median{eq} | {seconds(inf['isda']['time']['median'])} | "
+                   f"{seconds(m['time']['median'])} | **{inf['ratio_latency']:.2f}** |")
+        if "ratio_latency_stock" in inf:
+            out.append(f"| inference latency (stock torchvision Mask R-CNN) | {seconds(inf['isda']['time']['median'])} | "
+                       f"{seconds(inf['maskrcnn']['time']['median'])} | {inf['ratio_latency_stock']:.2f} |")
+        out.append(f"| inference peak memory (RSS){eq} | {inf['isda']['peak_rss_gib']:.2f} GiB | "
+                   f"{m['peak_rss_gib']:.2f} GiB | **{inf['ratio_peak_rss']:.2f}** |")
+    tr = secs.get("train")
+    if tr:  # the headline is the same-recipe ratio with the same speed-ups; the others are references, never bold
+        head = _train_headline(tr)
+        for name, label in (("maskrcnn_frozen_eq", "same frozen backbone recipe, same speed-ups"),
+                            ("maskrcnn_frozen", "same frozen backbone recipe, stock torchvision"),
+                            ("maskrcnn", "all layers, BatchNorm: not the same recipe")):
+            if name in tr:
+                ratio = f"{tr['ratio_' + name]:.2f}" + (" (tie: within the runs' spread)" if _tie(tr, name) else "")
+                out.append(f"| training step, batch 2, {image_size(tr, '512x512')} (Mask R-CNN: {label}) | {seconds(tr['isda']['time']['median'])} | "
+                           f"{seconds(tr[name]['time']['median'])} | {'**' + ratio + '**' if name == head else ratio} |")
+    ms = secs.get("msda")
+    if ms:
+        for case in ("encoder/forward", "encoder/forward_backward", "decoder/forward", "decoder/forward_backward"):
+            if case in ms["cases"]:
+                c = ms["cases"][case]
+                out.append(f"| `ms_deform_attn` {case.replace('_', '+')}: ISDA vs textbook | "
+                           f"{millis(c['isda']['median'])} ms | (textbook) {millis(c['reference']['median'])} ms | "
+                           f"{c['isda']['median'] / c['reference']['median']:.2f} |")
+    out.append("")
+    return out
+
+
+def _train_headline(tr: dict[str, Any]) -> str:
+    return "maskrcnn_frozen_eq" if "maskrcnn_frozen_eq" in tr else "maskrcnn_frozen"
+
+
+def _tie(tr: dict[str, Any], name: str) -> bool:
+    """Whether ISDA's and ``name``'s timed runs overlap (min..max): the ratio is then within the noise."""
+    a, b = tr["isda"]["time"], tr[name]["time"]
+    return a["min"] <= b["max"] and b["min"] <= a["max"]
+
+
+def inference(inf: dict[str, Any]) -> list[str]:
+    i, m = inf["isda"], inf["maskrcnn"]
+    out = [f"## Inference (one {image_size(inf)} image)", "",
+           "`isda.build_model(\"isda_r50_coco\")` vs `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, "
+           "min_size=800, max_size=1333, box_detections_per_img=100)`, both eval, float32, one random image kept at "
+           f"{image_size(inf)}, each model in its own fresh process (peak RSS = `ru_maxrss` of that process, model included). "
+           f"Mask R-CNN ran its mask head on {m.get('detections', '?')} detections, ISDA returned "
+           f"{i.get('detections', '?')}: a random Mask R-CNN scores every class about 1/91, under the default "
+           "threshold 0.05, so its score threshold is set per image to keep the 1,000 best (proposal, class) pairs "
+           "(as a trained model keeps a few hundred to a few thousand on a busy image), then the standard per-class "
+           "NMS and the best 100 go through the mask head (`benchmarks.common.limit_candidates`). Mask R-CNN's "
+           "masks are pasted at full size (float probabilities), ISDA's are full-size booleans. The same generic "
+           "speed-ups for both: ISDA folds its frozen BatchNorm into the convolutions and feeds its backbone a "
+           "channels-last batch in CPU inference; *same speed-ups* is Mask R-CNN with both "
+           "(`benchmarks.common.with_isda_speedups`: its eval-mode BatchNorm frozen, then folded the same way), "
+           "*stock* is torchvision as shipped. The ratios use the same-speed-ups row.", "",
+           "| model | median | min | max | runs | peak RSS | ISDA / it |", "|---|---|---|---|---|---|---|"]
+    for name, label in (("isda", "ISDA-R50"), ("maskrcnn_eq", "Mask R-CNN R50-FPN, same speed-ups"),
+                        ("maskrcnn", "Mask R-CNN R50-FPN, stock torchvision")):
+        if name in inf:
+            t = inf[name]["time"]
+            ratio = "" if name == "isda" else f"{i['time']['median'] / t['median']:.2f}"
+            out.append(f"| {label} | {seconds(t['median'])} | {seconds(t['min'])} | {seconds(t['max'])} | {t['n']} | "
+                       f"{inf[name]['peak_rss_gib']:.2f} GiB | {ratio} |")
+    out += ["", f"Ratio ISDA / Mask R-CNN: latency **{inf['ratio_latency']:.2f}**, peak memory "
+                f"**{inf['ratio_peak_rss']:.2f}**.", ""]
+    if "components" in i:
+        c = i["components"]
+        out += ["### Where ISDA's time goes", "",
+                "Forward hooks on the model's modules (no code change), median of the breakdown runs:", "",
+                "| component | time | share |", "|---|---|---|"]
+        for key, label in COMPONENTS:
+            out.append(f"| {label} | {seconds(c[key])} | {100 * c[key] / c['total']:.0f}% |")
+        out += [f"| total | {seconds(c['total'])} | |", ""]
+    if "components" in m:
+        c = dict(m["components"])
+        c["roi_rest"] = c["roi_heads"] - c["box_head"] - c["mask_head"]
+        out += ["Mask R-CNN, same way:", "", "| component | time | share |", "|---|---|---|"]
+        for key, label in MRCNN_COMPONENTS:
+            out.append(f"| {label} | {seconds(c[key])} | {100 * c[key] / c['total']:.0f}% |")
+        out += [f"| total | {seconds(c['total'])} | |", ""]
+    out += [f"Commands: `{i['command']}`, `{m['command']}` (driven by `benchmarks/procs.py`).", measured(inf)]
+    return out
+
+
+def train(tr: dict[str, Any]) -> list[str]:
+    out = [f"## Training step (batch 2, {image_size(tr, '512x512')})", "",
+           f"One AdamW step (zero_grad, forward with losses, backward, step), two {image_size(tr, '512x512')} images with 2-6 instances "
+           "each from the shapes generator (masks; Mask R-CNN also gets their boxes), no resizing. ISDA-R50 freezes the "
+           "stem + stage 1 and uses FrozenBatchNorm (the paper's recipe); the first Mask R-CNN row uses the same backbone "
+           "recipe (FrozenBatchNorm, `trainable_backbone_layers=3`, torchvision's COCO configuration), the second is "
+           "`maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)` as is (BatchNorm, every layer trained). "
+           "ISDA folds its frozen BatchNorm into the convolutions; the same-recipe Mask R-CNN is timed stock and with "
+           "that fold (`benchmarks.common.with_isda_speedups`; channels-last is inference-only for both, since it "
+           "measured no faster in ISDA's training). A trained BatchNorm cannot be folded, so the last row has no "
+           "such variant. The headline ratio is the same recipe with the same speed-ups.", "",
+           "| model | median | min | max | runs | peak RSS | ISDA / it |", "|---|---|---|---|---|---|---|"]
+    head = _train_headline(tr)
+    for name, label in (("isda", "ISDA-R50"),
+                        ("maskrcnn_frozen_eq", "Mask R-CNN R50-FPN, frozen stem + stage 1, FrozenBN, same speed-ups"),
+                        ("maskrcnn_frozen", "Mask R-CNN R50-FPN, frozen stem + stage 1, FrozenBN, stock torchvision"),
+                        ("maskrcnn", "Mask R-CNN R50-FPN, all layers, BatchNorm (not the same recipe)")):
+        if name in tr:
+            t = tr[name]["time"]
+            ratio = f"{tr['ratio_' + name]:.2f}" if "ratio_" + name in tr else ""
+            ratio = f"**{ratio}**" if ratio and name == head else ratio
+            ratio += " (tie)" if ratio and _tie(tr, name) else ""
+            out.append(f"| {label} | {seconds(t['median'])} | {seconds(t['min'])} | {seconds(t['max'])} | {t['n']} | "
+                       f"{tr[name]['peak_rss_gib']:.2f} GiB | {ratio} |")
+    out += ["", measured(tr)]
+    return out
+
+
+def msda(ms: dict[str, Any]) -> list[str]:
+    q = ms["queries"]
+    out = ["## Deformable attention core (`isda.ops.ms_deform_attn`)", "",
+           f"Levels {', '.join('x'.join(map(str, s)) for s in ms['shapes'])} (strides 8..64 of 800x1216), 8 heads x 32 "
+           f"dims, 4 points, batch 1; encoder: {q['encoder']:,} queries (every token), decoder: {q['decoder']} queries. "
+           "*textbook*: per level `grid_sample`, stack all levels, multiply by the weights, sum "
+           "(`benchmarks.common.reference_ms_deform_attn`, also the reference of tests/test_ops_reference.py); "
+           "*ISDA before*: the previous implementation (per-level `grid_sample` accumulated, `impl=\"grid_sample\"`, "
+           "still the default off CPU); *ISDA*: the CPU default (`impl=\"gather\"`).", "",
+           "| case | textbook | ISDA before | ISDA | speed-up vs textbook | vs before |", "|---|---|---|---|---|---|"]
+    for case, c in ms["cases"].items():
+        ref, old, new = c["reference"]["median"], c["isda_grid_sample"]["median"], c["isda"]["median"]
+        out.append(f"| {case.replace('_', ' + ')} | {millis(ref)} ms | {millis(old)} ms | {millis(new)} ms | "
+                   f"**{ref / new:.2f}x** | {old / new:.2f}x |")
+    out += ["", measured(ms)]
+    return out
+
+
+def changes(ch: dict[str, Any]) -> list[str]:
+    names = ch["changes"]
+    out = ["## Optimisations, one at a time", "",
+           "ISDA-R50, one process, configurations alternated run by run: each row adds one change to the row above "
+           "(the first row is the code before any of them). Ratio = this row / the row above. Recorded figures: "
+           f"measured at revision {PER_CHANGE_RECORDED_AT}, which kept the code before each change and switched it back "
+           "in; the whole set is re-measured against a git revision by the `before_after` section.", ""]
+    for part, label in (("inference", f"inference, {image_size(ch)}"),
+                        ("train", f"training step, batch 2, {'x'.join(map(str, ch.get('train_size', [512, 512])))}")):
+        if part not in ch:
+            continue
+        stats = ch[part]
+        keys = list(stats)
+        out += [f"### {label}", "", "| configuration | median | ratio to previous | ratio to baseline |", "|---|---|---|---|"]
+        base = stats[keys[0]]["median"]
+        for k, key in enumerate(keys):
+            med = stats[key]["median"]
+            prev = stats[keys[k - 1]]["median"] if k else med
+            name = "baseline (before)" if k == 0 else f"+ {names[k - 1]}"
+            out.append(f"| {name} | {seconds(med)} | {med / prev:.2f} | {med / base:.2f} |")
+        out.append("")
+    out += ["Changes:", ""]
+    for n in names:
+        out.append(f"- `{n}`: {ch['descriptions'][n]}")
+    out += ["", measured(ch)]
+    return out
+
+
+def before_after(ba: dict[str, Any]) -> list[str]:
+    out = [f"## Before and after the optimisations (revision {ba['before']} vs {ba['after']})", "",
+           f"{ba['preset']}, each side in its own worker process importing isda from its revision, runs alternated. "
+           "Ratio = after / before.", "", "| | before | after | ratio |", "|---|---|---|---|"]
+    for part, label in (("inference", f"inference, {image_size(ba)}"),
+                        ("train", f"training step, batch 2, {'x'.join(map(str, ba['train_size']))}")):
+        if part in ba:
+            r = ba[part]
+            out.append(f"| {label} | {seconds(r['before']['time']['median'])} | {seconds(r['after']['time']['median'])} | "
+                       f"**{r['ratio']:.2f}** |")
+    out += ["", measured(ba)]
+    return out
+
+
+DENSE = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
+         "aten::convolution_backward")
+MSDA_CORE = ("aten::_embedding_bag_forward_only", "aten::_embedding_bag", "aten::sparse_sampled_addmm", "aten::sort")
+
+
+def _op_seconds(profile: dict[str, Any], ops: tuple[str, ...]) -> float:
+    """Self CPU seconds of the named operators among the profile's top operators (a lower bound)."""
+    return sum(t["self_cpu_s"] for t in profile["top"] if t["op"] in ops)
+
+
+def analysis(secs: dict[str, Any]) -> list[str]:
+    """The goal (ISDA <= 0.9 x Mask R-CNN latency, memory no higher, training step no slower) against the
+    measurements, and what bounds it (from the profile)."""
+    inf, tr, pr = secs.get("inference"), secs.get("train"), secs.get("profile")
+    if not inf:
+        return []
+    goal = 0.9 * inf[_MR_HEADLINE_INF if _MR_HEADLINE_INF in inf else "maskrcnn"]["time"]["median"]
+    out = ["## Goal status and what bounds it", "",
+           f"- Latency: ISDA / Mask R-CNN{' with the same speed-ups' if _MR_HEADLINE_INF in inf else ''} = "
+           f"**{inf['ratio_latency']:.2f}** (goal <= 0.90, i.e. ISDA <= {seconds(goal)}): "
+           + ("**met**." if inf["ratio_latency"] <= 0.9 else "**not met**."),
+           f"- Peak memory: ratio **{inf['ratio_peak_rss']:.2f}** (goal <= 1.00): "
+           + ("met." if inf["ratio_peak_rss"] <= 1.0 else "not met.")]
+    if tr:
+        head = _train_headline(tr)
+        if "ratio_" + head in tr:
+            r = tr["ratio_" + head]
+            verdict = "a tie (the two sides' runs overlap)" if _tie(tr, head) else "met" if r <= 1.0 else "not met"
+            out.append(f"- Training step vs Mask R-CNN, same frozen-backbone recipe"
+                       f"{', same speed-ups' if head.endswith('_eq') else ''} (the headline): ratio **{r:.2f}** "
+                       f"(goal <= 1.00): {verdict}.")
+        if "ratio_maskrcnn" in tr:
+            out.append(f"- Against Mask R-CNN with every layer trained and BatchNorm (not the same recipe, a reference "
+                       f"only): ratio {tr['ratio_maskrcnn']:.2f}"
+                       + (", within the runs' spread: a tie." if _tie(tr, "maskrcnn") else "."))
+    if pr and "after" in pr:
+        p = pr["after"]
+        out += ["", f"- Inference profile after the optimisations: dense compute (GEMMs and convolutions) is "
+                    f"{seconds(_op_seconds(p, DENSE))} of {seconds(p['self_cpu_s'])} of operator time."]
+    if pr and "train_after" in pr and "train_maskrcnn_frozen" in pr:
+        p, m = pr["train_after"], pr["train_maskrcnn_frozen"]
+        dense_p, dense_m = _op_seconds(p, DENSE), _op_seconds(m, DENSE)
+        roi = _op_seconds(m, ("torchvision::_roi_align_backward", "GeneratedBackwardFor_torchvision_roi_align_default"))
+        out.append(
+            f"- Training step, profiled in one process each ({seconds(p['wall_s'])} ISDA, {seconds(m['wall_s'])} Mask R-CNN, ratio "
+            f"{p['wall_s'] / m['wall_s']:.2f}; the alternated workers above time every model's step longer than a "
+            f"process running alone, see the before/after table): "
+            f"dense compute (GEMMs and convolutions, forward and backward) is {seconds(dense_p)} for ISDA and "
+            f"{seconds(dense_m)} for Mask R-CNN; everything else {seconds(p['self_cpu_s'] - dense_p)} and "
+            f"{seconds(m['self_cpu_s'] - dense_m)}. ISDA's largest other costs are the paper's dropout 0.1 in the "
+            f"transformer, whose masks `aten::bernoulli_` draws one random number per element on one thread "
+            f"({seconds(_op_seconds(p, ('aten::bernoulli_',)))}; Mask R-CNN has no dropout), and the deformable attention "
+            f"core (gathers, their transposed sums and the sampled products of the backward: "
+            f"{seconds(_op_seconds(p, MSDA_CORE))}); Mask R-CNN's is RoIAlign's backward ({seconds(roi)}). "
+            "Both ISDA costs come with the paper's recipe and architecture (the paper preset keeps dropout 0.1 "
+            "and the six-layer deformable encoder over every P3..P6 token).")
+    out.append("")
+    return out
+
+
+def profile(pr: dict[str, Any]) -> list[str]:
+    out = [f"## Profile (torch.profiler: one ISDA-R50 inference at {image_size(pr)}, one training step each)", "",
+           "Self CPU time by operator, before the optimisations (recorded figures, measured at revision "
+           f"{PER_CHANGE_RECORDED_AT}) and after (the profiler adds some overhead).", ""]
+    train = "x".join(map(str, pr.get("train_size", ())))
+    for name, label in (("before", "inference, before"), ("after", "inference, after"),
+                        ("train_before", f"training step (batch 2, {train}), before"),
+                        ("train_after", f"training step (batch 2, {train}), after"),
+                        ("train_maskrcnn_frozen", f"Mask R-CNN R50-FPN training step (batch 2, {train}; frozen stem "
+                                                  "+ stage 1, FrozenBN), for comparison")):
+        if name not in pr:
+            continue
+        p = pr[name]
+        out += [f"**{label}**: {p['wall_s']:.2f} s wall, {p['self_cpu_s']:.2f} s self CPU", "",
+                "| operator | self CPU | share | calls |", "|---|---|---|---|"]
+        for t in p["top"][:12]:
+            out.append(f"| `{t['op']}` | {seconds(t['self_cpu_s'])} | {100 * t['share']:.1f}% | {t['calls']} |")
+        out.append("")
+    out += [measured(pr)]
+    return out
