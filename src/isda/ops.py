@@ -15,6 +15,8 @@ Two implementations of the same function, chosen by device (``impl="auto"``):
   gradient as a sampled dense-dense product, and the location / weight gradients in closed form.
 * ``"grid_sample"`` (other devices): ``F.grid_sample`` per level with the heads folded into the batch.
 
+:func:`ms_deform_attn_traceable` is the ONNX export's form of the gather (``Gather`` + ``MatMul`` per level).
+
 Both agree with a dense float64 reference to ~1e-12 (tests/test_ops.py, tests/test_ops_reference.py).
 """
 
@@ -64,12 +66,43 @@ def ms_deform_attn(
 
 def ms_deform_attn_traceable(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                              attention_weights: Tensor) -> Tensor:
-    """:func:`ms_deform_attn` for ONNX export: the grid_sample implementation (ONNX GridSample, opset 16+) with
-    the level sizes taken from ``spatial_shapes`` as tensors, so that a trace keeps them as graph values and
-    the exported graph takes any image size (the checks and ``.tolist()`` above would freeze the sizes)."""
-    levels = sampling_locations.shape[3]
-    shapes = [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(levels)]
-    return _grid_sample_ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+    """:func:`ms_deform_attn` for ONNX export, as gathers: per level, the 4 bilinear corners of every sample are
+    rows of the channels-last value map (one ``Gather``), weighted and summed by one batched ``MatMul``. The
+    corner weights (bilinear x attention, zero outside the map) are computed once per sample, not once per
+    channel as ONNX ``GridSample`` does. The level sizes come from ``spatial_shapes`` as tensors, so that a
+    trace keeps them as graph values and the exported graph takes any image size (the checks and
+    ``.tolist()`` of :func:`ms_deform_attn` would freeze them)."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    # Table row of (batch b, pixel i, head m): (b * pixels + i) * M + m (value's own layout, no copy).
+    base = torch.arange(B).view(B, 1, 1, 1)
+    head = torch.arange(M).view(1, 1, M, 1)
+    out, start = None, 0
+    for lvl in range(L):
+        h, w = spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]
+        table = value[:, start : start + h * w].reshape(-1, D)
+        start = start + h * w
+        # align_corners=False: pixel centres at integers after scaling to pixels and shifting by half a pixel.
+        xy = sampling_locations[:, :, :, lvl] * torch.stack([w, h]).to(value.dtype) - 0.5  # (B, Q, M, P, 2)
+        xy0 = xy.floor()
+        frac = xy - xy0
+        x0, y0 = xy0[..., 0].long(), xy0[..., 1].long()
+        fx, fy = frac[..., 0], frac[..., 1]
+        attn = attention_weights[:, :, :, lvl]
+        rows, weights = [], []
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            y = y0 + dy
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                x = x0 + dx
+                inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)  # outside corners read zeros
+                weights.append(attn * wy * wx * inside.to(value.dtype))
+                pixel = torch.minimum(torch.maximum(y, torch.zeros_like(y)), h - 1) * w \
+                    + torch.minimum(torch.maximum(x, torch.zeros_like(x)), w - 1)
+                rows.append((base * (h * w) + pixel) * M + head)
+        sampled = table[torch.cat(rows, -1)]  # (B, Q, M, 4P, D)
+        part = (torch.cat(weights, -1).unsqueeze(-2) @ sampled).squeeze(-2)  # (B, Q, M, D)
+        out = part if out is None else out + part
+    return out.reshape(B, Q, M * D)
 
 
 # ---- grid_sample implementation ------------------------------------------------------------------
