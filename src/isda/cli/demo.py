@@ -14,25 +14,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import get_preset
+from ..config import get_preset
 
 if TYPE_CHECKING:  # the engine is imported when a command runs, not for --help
-    from .engine.evaluation import EvalResult
+    from ..engine.evaluation import EvalResult
 
-DEMO_MINUTES = 11.0  # training budget: the whole demo stays under 15 minutes on 2 CPU cores
+DEMO_MINUTES = 11.0  # training budget (--minutes): the whole demo stays under 15 minutes on 2 CPU cores
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .data.shapes import make_shapes_dataset
-    from .engine import train
-    from .inference import draw_run
+    from ..data.shapes import make_shapes_dataset
+    from ..engine import train
+    from ..inference import draw_run
 
     t0 = time.time()
     out = Path(args.out)
     print(f"[1/4] shapes dataset in {args.data} (generated once)")
     paths = make_shapes_dataset(args.data)
     cfg = get_preset("isda_tiny")
-    cfg.train.time_budget_s = (args.minutes if args.minutes is not None else DEMO_MINUTES) * 60
+    cfg.train.time_budget_s = args.minutes * 60
     cfg.train.evals_per_run = 3  # each validation of the 200 images takes ~20 s of the demo's wall time
     if (out / "last.pt").exists():
         print(f"      replacing the previous demo run in {out}")
@@ -56,12 +56,12 @@ def evaluate_and_draw(out: Path, val_ann: str | Path, val_images: str | Path, de
                       summary: dict[str, Any]) -> tuple[EvalResult, dict[str, Path]]:
     """Steps 3 and 4 of the demo on a trained run directory ``out``: COCO mask AP of its best.pt on the
     validation split, the pictures, and report.html. Returns (the AP, {name: path of each picture})."""
-    from .data import CocoInstanceDataset, build_transforms
-    from .engine import evaluate
-    from .engine.evaluation import write_results_json
-    from .inference import load_trained_model, predict, query_reference_points, save_examples
-    from .report import write_run_report
-    from .visualize import plot_reference_points, plot_sampling_points
+    from ..data import CocoInstanceDataset, build_transforms
+    from ..engine import evaluate
+    from ..engine.evaluation import write_results_json
+    from ..inference import load_trained_model, predict, query_reference_points, save_examples
+    from ..report import write_run_report
+    from ..visualize import plot_reference_points, plot_sampling_points
 
     print("[3/4] evaluating best.pt on the held-out split")
     weights = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
