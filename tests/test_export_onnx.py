@@ -161,8 +161,10 @@ def _val_images(root):
 def test_static_int8_export_agrees_with_float(exported):
     """`isda export --int8`: static QDQ convolutions (calibrated on the training images) + dynamic transformer
     linears. int8 moves every activation by up to half a quantisation step, so mask borders shift by a pixel
-    and near-tied scores reorder: the float model's detections are found again (same query and class) with
-    masks that mostly agree, and COCO AP stays close."""
+    and near-tied scores reorder: nearly all of the float model's detections are found again (same query and
+    class; a few near the top-k cut drop out) with masks of mean IoU >= 0.8 (a one-pixel border shift of the
+    fixture's 10-20 px masks costs 0.1-0.2; observed about 0.93), and COCO AP stays within 5 points (the
+    fixture's 30-step model has a small AP: that bound only catches a collapse, the IoU is the sharp check)."""
     from isda.data import CocoInstanceDataset, build_transforms
     from isda.engine import evaluate
 
@@ -180,7 +182,7 @@ def test_static_int8_export_agrees_with_float(exported):
         n = int((ref["scores"] > 1e-3).sum())
         ious.append(_matched_mask_iou(ref, got, n))
     ious = torch.cat(ious)
-    assert len(ious) >= 12 and float(ious.mean()) >= 0.8, ious
+    assert len(ious) >= 12 and float((ious > 0).float().mean()) >= 0.9 and float(ious.mean()) >= 0.8, ious
     aps = []
     for loaded in (fp, q):
         dataset = CocoInstanceDataset(exported / "data" / "annotations" / "instances_val.json",
