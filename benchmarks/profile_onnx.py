@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -56,6 +57,16 @@ def profile(onnx: str | os.PathLike, size: tuple[int, int], runs: int = 2, threa
     return dict(by_op), dict(by_node)
 
 
+def by_scope(by_node: dict[str, float], depth: int = 3) -> dict[str, float]:
+    """Node times summed per module scope, layer indices merged: ``/transformer/encoder.3/self_attn/Gather_5``
+    -> ``/transformer/encoder/self_attn`` (every encoder layer's deformable attention together)."""
+    scopes: dict[str, float] = defaultdict(float)
+    for name, t in by_node.items():
+        parts = re.sub(r"\.\d+", "", name).split("/")[1:-1]  # leading "", trailing node name
+        scopes["/" + "/".join(parts[:depth]) if parts else "(top level)"] += t
+    return dict(scopes)
+
+
 def table(times: dict[str, float], top: int) -> list[str]:
     total = sum(times.values()) or 1.0
     rows = sorted(times.items(), key=lambda kv: -kv[1])[:top]
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     by_op, by_node = profile(onnx, args.size, args.runs, args.threads, args.optimization)
     print(f"{onnx} at {args.size[0]}x{args.size[1]}, {args.threads} threads, {args.runs} runs")
     print("per op type:", *table(by_op, args.top), sep="\n")
+    print("per module (layer indices merged):", *table(by_scope(by_node), args.top), sep="\n")
     print("per node:", *table(by_node, args.top), sep="\n")
 
 

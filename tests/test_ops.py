@@ -45,7 +45,7 @@ def random_problem(shapes, B=2, Q=5, M=2, D=3, P=3, spread=0.2, seed=0, dtype=to
     return value, spatial_shapes, loc, weights
 
 
-@pytest.mark.parametrize("core", [ms_deform_attn, ms_deform_attn_traceable])  # the latter: ONNX export's
+@pytest.mark.parametrize("core", [ms_deform_attn, ms_deform_attn_traceable])  # the latter: ONNX export's core
 @pytest.mark.parametrize("shapes", [[(6, 4), (3, 5), (2, 2), (1, 3)], [(7, 7)], [(4, 9), (1, 1)]])
 def test_matches_dense_reference(shapes, core):
     value, ss, loc, w = random_problem(shapes)

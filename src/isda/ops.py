@@ -15,8 +15,6 @@ Two implementations of the same function, chosen by device (``impl="auto"``):
   gradient as a sampled dense-dense product, and the location / weight gradients in closed form.
 * ``"grid_sample"`` (other devices): ``F.grid_sample`` per level with the heads folded into the batch.
 
-:func:`ms_deform_attn_traceable` is the ONNX export's form of the gather (``Gather`` + ``MatMul`` per level).
-
 Both agree with a dense float64 reference to ~1e-12 (tests/test_ops.py, tests/test_ops_reference.py).
 """
 
@@ -66,48 +64,12 @@ def ms_deform_attn(
 
 def ms_deform_attn_traceable(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                              attention_weights: Tensor) -> Tensor:
-    """:func:`ms_deform_attn` for ONNX export, as gathers (the gather implementation's arithmetic in ONNX ops):
-    every level of the channels-last value map gets a zero border (1 pixel before, 2 after), so a sample's
-    clamped position has its 4 bilinear corners inside the table and no corner needs a bounds check; the
-    corners' rows and weights (bilinear x attention) are computed once per sample for all levels, not once per
-    channel as ONNX ``GridSample`` does; then per level one ``Gather`` of the corner rows and one batched
-    ``MatMul`` with the weights. The level sizes come from ``spatial_shapes`` as tensors, so that a trace keeps
-    them as graph values and the exported graph takes any image size (the checks and ``.tolist()`` of
-    :func:`ms_deform_attn` would freeze them)."""
-    B, S, M, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    levels, start = [], 0
-    for lvl in range(L):
-        h, w = spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]
-        level = value[:, start : start + h * w].reshape(B, h, w, M * D)
-        levels.append(F.pad(level, (0, 0, 1, 2, 1, 2)).reshape(B, -1, M, D))
-        start = start + h * w
-    table = torch.cat(levels, 1)
-    rows = table.shape[1]
-    table = table.reshape(-1, D)  # row (b * rows + padded pixel) * M + head
-    size = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(value.dtype).view(L, 1, 2)  # (w, h)
-    stride = spatial_shapes[:, 1] + 3  # padded row length per level
-    area = (spatial_shapes[:, 0] + 3) * stride
-    starts = torch.cumsum(area, 0) - area
-    # Border pixels, pixel centres at 1..size (align_corners=False), clamped to [0, size + 1]: a sample beyond
-    # that has both corners in the border either way.
-    xy = torch.minimum((sampling_locations * size + 0.5).clamp(min=0), size + 1)  # (B, Q, M, L, P, 2)
-    xy0 = xy.floor()
-    fx, fy = (xy - xy0).unbind(-1)
-    x0, y0 = xy0.long().unbind(-1)
-    top_left = ((torch.arange(B).view(B, 1, 1, 1, 1) * rows + starts.view(L, 1) + y0 * stride.view(L, 1) + x0) * M
-                + torch.arange(M).view(1, 1, M, 1, 1))
-    # Corners (y, x) = 00, 01, 10, 11: + 0, + 1 pixel, + 1 row, + 1 row and pixel.
-    corner = torch.stack([torch.zeros_like(stride), torch.ones_like(stride), stride, stride + 1], -1) * M
-    idx = top_left.unsqueeze(-1) + corner.view(L, 1, 4)  # (B, Q, M, L, P, 4)
-    wy = torch.stack([1 - fy, fy], -1) * attention_weights.unsqueeze(-1)
-    weights = (wy.unsqueeze(-1) * torch.stack([1 - fx, fx], -1).unsqueeze(-2)).flatten(-2)  # (B, Q, M, L, P, 4)
-    out = None
-    for lvl in range(L):  # per level: one level's gathered corners in memory at a time
-        sampled = table[idx[:, :, :, lvl].flatten(-2)]  # (B, Q, M, 4P, D)
-        part = (weights[:, :, :, lvl].flatten(-2).unsqueeze(-2) @ sampled).flatten(-2)  # (B, Q, M, D)
-        out = part if out is None else out + part
-    return out.reshape(B, Q, M * D)
+    """:func:`ms_deform_attn` for ONNX export: the grid_sample implementation (ONNX GridSample, opset 16+) with
+    the level sizes taken from ``spatial_shapes`` as tensors, so that a trace keeps them as graph values and
+    the exported graph takes any image size (the checks and ``.tolist()`` above would freeze the sizes)."""
+    levels = sampling_locations.shape[3]
+    shapes = [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(levels)]
+    return _grid_sample_ms_deform_attn(value, shapes, sampling_locations, attention_weights)
 
 
 # ---- grid_sample implementation ------------------------------------------------------------------

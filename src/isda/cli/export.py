@@ -12,7 +12,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ..deploy.quantize import calibration_images, quantize_int8
 
     if args.opset < 17:
-        raise UserError(f"--opset must be >= 17 (LayerNormalization), got {args.opset}")
+        raise UserError(f"--opset must be >= 17 (GridSample, LayerNormalization), got {args.opset}")
     if args.int8 != bool(args.calib_images):
         raise UserError("--int8 needs --calib-images DIR (and --calib-images needs --int8)")
     images = calibration_images(args.calib_images, args.calib_count) if args.int8 else []

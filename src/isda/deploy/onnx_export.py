@@ -27,7 +27,7 @@ from ..fileio import atomic_write_bytes
 from ..models.isda import ISDA, _boxes, rank_detections
 from . import require
 
-OPSET = 17  # LayerNormalization needs 17
+OPSET = 17  # GridSample needs 16; LayerNormalization 17
 INPUTS = {
     "image": "float32 [1, 3, H, W]: one RGB image, values in [0, 1] (not normalised: the graph subtracts the "
              "training mean, divides by the std and zero-pads to a multiple of 32 itself); any H, W",
@@ -139,7 +139,7 @@ def export_model(model: ISDA, out: str | os.PathLike, metadata: dict[str, str], 
     import onnx
 
     if opset < 17:
-        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+        raise ValueError(f"opset must be >= 17 (GridSample, LayerNormalization), got {opset}")
     model.eval()
     attn = model.transformer.decoder[-1].cross_attn
     keep = attn.keep_sampling
