@@ -99,7 +99,8 @@ def export_worker(preset: str, size: tuple[int, int], out: Path, weights: str | 
     nodes = quantize_transformer(out, path_file(out, "onnxruntime_int8"))
     int8_s = time.perf_counter() - start
     start = time.perf_counter()
-    counts = quantize_int8(out, path_file(out, "onnxruntime_int8_static"), calibration_images(calib_images, calib_count))
+    images = calibration_images(calib_images, calib_count)
+    counts = quantize_int8(out, path_file(out, "onnxruntime_int8_static"), images)
     return {"export_s": info.seconds, "export_peak_rss_gib": rss, "bytes": info.size_bytes,
             "int8_s": int8_s, "int8_bytes": path_file(out, "onnxruntime_int8").stat().st_size,
             "int8_nodes": len(nodes), "int8_static_s": time.perf_counter() - start,

@@ -154,7 +154,8 @@ def _matched_mask_iou(ref: dict, out: dict, n: int) -> torch.Tensor:
 
 
 def _val_images(root):
-    return [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255 for p in sorted((root / "data" / "val").iterdir())]
+    paths = sorted((root / "data" / "val").iterdir())
+    return [torch.from_numpy(load_rgb(p)).permute(2, 0, 1).float() / 255 for p in paths]
 
 
 def test_static_int8_export_agrees_with_float(exported):

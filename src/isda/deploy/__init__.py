@@ -1,6 +1,6 @@
-"""Deployment: the whole NMS-free model as one ONNX graph (:mod:`.onnx_export`) and an ONNX Runtime
-predictor with the PyTorch model's per-image outputs (:mod:`.runtime`). Needs ``pip install isda[export]`` (``isda[openvino]`` for
-the OpenVINO runtime)."""
+"""Deployment: the whole NMS-free model as one ONNX graph (:mod:`.onnx_export`), its int8 versions
+(:mod:`.quantize`) and an ONNX Runtime or OpenVINO predictor with the PyTorch model's per-image outputs
+(:mod:`.runtime`). Needs ``pip install isda[export]`` (``isda[openvino]`` for the OpenVINO runtime)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""ONNX Runtime (or OpenVINO) inference with the PyTorch model's interface: ``model(images, output_sizes=...)`` -> per-image
-dicts (``masks`` bool [K, H, W], ``labels``, ``scores``, ``boxes``, ``query_index``, ``reference_points``), so
-``isda predict`` / ``isda eval`` and :func:`isda.engine.evaluate` run an exported file unchanged."""
+"""ONNX Runtime (or OpenVINO) inference with the PyTorch model's interface: ``model(images, output_sizes=...)``
+-> per-image dicts (``masks`` bool [K, H, W], ``labels``, ``scores``, ``boxes``, ``query_index``,
+``reference_points``), so ``isda predict`` / ``isda eval`` and :func:`isda.engine.evaluate` run an exported file
+unchanged."""
 
 from __future__ import annotations
 
@@ -19,11 +20,9 @@ from ..models.isda import _check_images
 from . import require
 from .onnx_export import OUTPUTS
 
-Infer = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> the outputs in OUTPUTS order
 DETECTION_KEYS = ("scores", "labels", "masks", "boxes", "query_index", "reference_points")
-
-
 RUNTIMES = ("onnxruntime", "openvino")
+Infer = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> the outputs in OUTPUTS order
 
 
 class OnnxISDA(nn.Module):
@@ -74,7 +73,8 @@ class OnnxISDA(nn.Module):
                                   "for --show-sampling-points")
 
 
-def _onnxruntime(path: Path, threads: int | None, providers: tuple[str, ...]) -> tuple[Infer, dict[str, str], list[str]]:
+def _onnxruntime(path: Path, threads: int | None, providers: tuple[str, ...]
+                 ) -> tuple[Infer, dict[str, str], list[str]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
