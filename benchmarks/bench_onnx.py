@@ -5,13 +5,17 @@
     python -m benchmarks.bench_onnx --presets isda_tiny@128x128 --repeats 3 --train-seconds 120
 
 Per preset and size: the export (wall time, peak RSS of the exporting process, file size), then the latency of
-one image through PyTorch eager, ONNX Runtime float32 and ONNX Runtime with the transformer's linear layers
-quantised to int8, each in its own fresh process (peak RSS its own), runs alternated and medians reported
-(:func:`benchmarks.procs.compare`). ``isda_r50_coco`` has its random initialisation (seed 0); the tiny preset
-the trained model when there is one. Then COCO mask AP of the trained tiny model on the shapes validation
-split through the three paths. Writes ``docs/onnx.{md,json}`` (``--page``).
+one image through each path of :data:`PATHS` (PyTorch eager; ONNX Runtime float32 with every graph optimisation;
+ONNX Runtime with the transformer's linear layers dynamically quantised to int8; ONNX Runtime with the
+convolutions statically quantised as well, calibrated on ``--calib-count`` images of the shapes training split;
+OpenVINO float32 when it is installed), each in its own fresh process (peak RSS its own), runs alternated and
+medians reported (:func:`benchmarks.procs.compare`). ``isda_r50_coco`` has its random initialisation (seed 0);
+the tiny preset the trained model when there is one. Then COCO mask AP of the trained tiny model on the shapes
+validation split through every path. Writes ``docs/onnx.{md,json}`` (``--page``).
 
-Timings are only meaningful on a quiet machine: the load average is recorded before and after each part.
+Timings are only meaningful on a quiet machine: the 1-minute load average is recorded before and after each
+section, and a section with either above :data:`MAX_LOAD` is marked invalid (the page prints "invalid: load X"
+instead of its figures).
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from .worker import parse_size
 
 DEFAULT_PRESETS = f"isda_r50_coco@{INFER_SIZE[0]}x{INFER_SIZE[1]},isda_tiny@128x128"
 GOAL = 0.7  # ONNX Runtime latency / PyTorch eager latency
+MAX_LOAD = 1.5  # a timed section with a 1-minute load average above this (before or after) is not quoted
+# path -> (runtime, file suffix after the export's stem); "eager" runs the PyTorch model.
+PATHS = {"onnxruntime": ("onnxruntime", ""), "onnxruntime_int8": ("onnxruntime", "_int8"),
+         "onnxruntime_int8_static": ("onnxruntime", "_int8_static"), "openvino": ("openvino", "")}
 
 
 def _env() -> dict[str, str]:
@@ -50,11 +58,34 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def section_load(before: list[float], after: list[float]) -> dict[str, Any]:
+    """A timed section's load record: the 1-minute averages before and after, and whether it counts."""
+    worst = max(before[0], after[0])
+    return {"load_before": before, "load_after": after, "valid": worst <= MAX_LOAD, "load_max": worst}
+
+
+def timed(sec: dict[str, Any], text: str) -> str:
+    """``text`` (a timing figure), or what the page says instead when its section ran on a busy machine."""
+    return text if sec.get("valid", True) else f"invalid: load {sec['load_max']:.2f}"
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def path_file(onnx: Path, name: str) -> Path:
+    return onnx.with_name(onnx.stem + PATHS[name][1] + ".onnx")
+
+
 # ---- export (a fresh process: its peak RSS is the export's) ---------------------------------------------
 
-def export_worker(preset: str, size: tuple[int, int], out: Path, weights: str | None, threads: int) -> dict[str, Any]:
+def export_worker(preset: str, size: tuple[int, int], out: Path, weights: str | None, threads: int,
+                  calib_images: Path, calib_count: int) -> dict[str, Any]:
     from isda.config import get_preset
     from isda.deploy.onnx_export import export_model, isda_metadata, quantize_transformer
+    from isda.deploy.quantize import calibration_images, quantize_int8
     from isda.inference import load_trained_model
 
     set_threads(threads)
@@ -66,15 +97,23 @@ def export_worker(preset: str, size: tuple[int, int], out: Path, weights: str | 
     info = export_model(model, out, metadata, size=size)
     rss = peak_rss_gib()
     start = time.perf_counter()
-    nodes = quantize_transformer(out, out.with_name(out.stem + "_int8.onnx"))
+    nodes = quantize_transformer(out, path_file(out, "onnxruntime_int8"))
+    int8_s = time.perf_counter() - start
+    start = time.perf_counter()
+    images = calibration_images(calib_images, calib_count)
+    counts = quantize_int8(out, path_file(out, "onnxruntime_int8_static"), images)
     return {"export_s": info.seconds, "export_peak_rss_gib": rss, "bytes": info.size_bytes,
-            "int8_s": time.perf_counter() - start, "int8_bytes": out.with_name(out.stem + "_int8.onnx").stat().st_size,
-            "int8_nodes": len(nodes)}
+            "int8_s": int8_s, "int8_bytes": path_file(out, "onnxruntime_int8").stat().st_size,
+            "int8_nodes": len(nodes), "int8_static_s": time.perf_counter() - start,
+            "int8_static_bytes": path_file(out, "onnxruntime_int8_static").stat().st_size,
+            "int8_static_nodes": counts, "calib_images": calib_count}
 
 
-def run_export(preset: str, size: tuple[int, int], out: Path, weights: str | None, threads: int) -> dict[str, Any]:
+def run_export(preset: str, size: tuple[int, int], out: Path, weights: str | None, threads: int,
+               calib_images: Path, calib_count: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.bench_onnx", "--export-worker", preset, "--size", f"{size[0]}x{size[1]}",
-           "--out", str(out), "--threads", str(threads)] + (["--weights", weights] if weights else [])
+           "--out", str(out), "--threads", str(threads), "--data", str(calib_images.parent),
+           "--calib-count", str(calib_count)] + (["--weights", weights] if weights else [])
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"export failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
@@ -84,14 +123,15 @@ def run_export(preset: str, size: tuple[int, int], out: Path, weights: str | Non
 # ---- latency --------------------------------------------------------------------------------------------
 
 def latency(preset: str, size: tuple[int, int], onnx: Path, weights: str | None, threads: int, repeats: int,
-            log=print) -> dict[str, Any]:
+            paths: list[str], log=print) -> dict[str, Any]:
     common = ["--task", "infer", "--size", f"{size[0]}x{size[1]}", "--threads", str(threads), "--preset", preset]
-    specs = {"eager": common + ["--model", "isda"] + (["--weights", weights] if weights else []),
-             "onnxruntime": common + ["--model", "isda_onnx", "--onnx", str(onnx)],
-             "onnxruntime_int8": common + ["--model", "isda_onnx", "--onnx", str(onnx.with_name(onnx.stem + "_int8.onnx"))]}
+    specs = {"eager": common + ["--model", "isda"] + (["--weights", weights] if weights else [])}
+    for name in paths:
+        specs[name] = common + ["--model", "isda_onnx", "--onnx", str(path_file(onnx, name)),
+                                "--runtime", PATHS[name][0]]
     out = compare(specs, repeats=repeats, warmup=1, log=log)
     eager = out["eager"]["time"]["median"]
-    for name in ("onnxruntime", "onnxruntime_int8"):
+    for name in paths:
         out[name]["ratio_to_eager"] = out[name]["time"]["median"] / eager
     return out
 
@@ -111,16 +151,16 @@ def train_tiny(data: Path, out: Path, seconds: float) -> str:
     return str(out / "best.pt")
 
 
-def accuracy(weights: str, onnx: Path, data: Path, threads: int) -> dict[str, Any]:
+def accuracy(weights: str, onnx: Path, data: Path, threads: int, paths: list[str]) -> dict[str, Any]:
     from isda.data import CocoInstanceDataset, build_transforms
     from isda.engine import evaluate
     from isda.inference import load_trained_model
 
     set_threads(threads)
     rows = {}
-    for name, path in (("eager", weights), ("onnxruntime", str(onnx)),
-                       ("onnxruntime_int8", str(onnx.with_name(onnx.stem + "_int8.onnx")))):
-        loaded = load_trained_model(path)
+    for name in ["eager", *paths]:
+        path, runtime = (weights, "onnxruntime") if name == "eager" else (path_file(onnx, name), PATHS[name][0])
+        loaded = load_trained_model(path, runtime=runtime)
         dataset = CocoInstanceDataset(data / "annotations" / "instances_val.json", data / "val",
                                       build_transforms(loaded.cfg.data, train=False), train=False)
         start = time.perf_counter()
@@ -133,28 +173,41 @@ def accuracy(weights: str, onnx: Path, data: Path, threads: int) -> dict[str, An
 
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
-    lines = ["# ONNX export: ONNX Runtime vs PyTorch eager (CPU)", "",
-             f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, onnxruntime {results['onnxruntime']}; "
-             f"measured {results['_meta']['date']}. Command: `{results['_meta']['command']}`.", "",
-             "Each side runs in its own fresh process (peak RSS = `ru_maxrss` of that process, model included), one "
-             "image, runs alternated eager / ONNX Runtime / int8, medians. int8 = ONNX Runtime's dynamic quantisation "
-             "(`isda.deploy.onnx_export.quantize_transformer`) of the transformer's linear layers only.", ""]
+    lines = ["# ONNX export: ONNX Runtime and OpenVINO vs PyTorch eager (CPU)", "",
+             f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, onnxruntime {results['onnxruntime']}"
+             + (f", openvino {results['openvino']}" if results.get("openvino") else "")
+             + f"; measured {results['_meta']['date']}. Command: `{results['_meta']['command']}`.", "",
+             "Each path runs in its own fresh process (peak RSS = `ru_maxrss` of that process, model included), one "
+             "image, runs alternated, medians. onnxruntime: float32, every graph optimisation. onnxruntime_int8: "
+             "ONNX Runtime's dynamic quantisation of the transformer's linear layers "
+             "(`isda.deploy.onnx_export.quantize_transformer`). onnxruntime_int8_static: that plus the backbone's, "
+             "neck's and mask features' convolutions statically quantised (`isda.deploy.quantize.quantize_int8`, "
+             "`isda export --int8`). openvino: the float32 file in OpenVINO (`--runtime openvino`).",
+             f"A section whose 1-minute load average was above {MAX_LOAD} before or after it is marked invalid.", ""]
     for key, sec in results["presets"].items():
         lat, exp = sec["latency"], sec["export"]
         lines += [f"## {key}" + (" (trained on shapes)" if sec.get("weights") else " (random initialisation)"), "",
                   "| path | median | min | max | runs | ratio to eager | peak RSS |", "|---|---|---|---|---|---|---|"]
-        for name in ("eager", "onnxruntime", "onnxruntime_int8"):
+        for name in lat:
             t = lat[name]["time"]
             ratio = lat[name].get("ratio_to_eager", 1.0)
-            lines.append(f"| {name} | {t['median']:.3f} s | {t['min']:.3f} s | {t['max']:.3f} s | {t['n']} | "
-                         f"**{ratio:.2f}** | {lat[name]['peak_rss_gib']:.2f} GiB |")
-        lines += ["", f"Export: {exp['export_s']:.1f} s, peak RSS {exp['export_peak_rss_gib']:.2f} GiB, "
-                      f"{exp['bytes'] / 2**20:.1f} MiB; int8 quantisation {exp['int8_s']:.1f} s "
-                      f"({exp['int8_nodes']} MatMul/Gemm nodes), {exp['int8_bytes'] / 2**20:.1f} MiB. "
-                      f"Goal ONNX Runtime <= {GOAL} x eager: "
-                      f"**{'met' if lat['onnxruntime']['ratio_to_eager'] <= GOAL else 'not met'}** "
-                      f"({lat['onnxruntime']['ratio_to_eager']:.2f}).",
-                  f"<sub>load average {sec['load_before']} before, {sec['load_after']} after.</sub>", ""]
+            cells = [*(timed(sec, f"{t[k]:.3f} s") for k in ("median", "min", "max")), str(t["n"]),
+                     timed(sec, f"**{ratio:.2f}**"), f"{lat[name]['peak_rss_gib']:.2f} GiB"]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+        static = exp.get("int8_static_nodes")
+        goal = lat["onnxruntime"]["ratio_to_eager"]
+        lines += ["", timed(exp, f"Export: {exp['export_s']:.1f} s, peak RSS {exp['export_peak_rss_gib']:.2f} GiB")
+                  + f", {exp['bytes'] / 2**20:.1f} MiB; int8 quantisation "
+                  + timed(exp, f"{exp['int8_s']:.1f} s") + f" ({exp['int8_nodes']} MatMul/Gemm nodes), "
+                  f"{exp['int8_bytes'] / 2**20:.1f} MiB"
+                  + (f"; static int8 {timed(exp, format(exp['int8_static_s'], '.1f') + ' s')} ("
+                     + ", ".join(f"{n} {kind}" for kind, n in static.items())
+                     + f"; {exp['calib_images']} calibration images), {exp['int8_static_bytes'] / 2**20:.1f} MiB"
+                     if static else "")
+                  + f". Goal ONNX Runtime <= {GOAL} x eager: "
+                  + timed(sec, f"**{'met' if goal <= GOAL else 'not met'}** ({goal:.2f})") + ".",
+                  f"<sub>load average {exp.get('load_before')} before the export, {exp.get('load_after')} after; "
+                  f"{sec['load_before']} before the latency runs, {sec['load_after']} after.</sub>", ""]
     if results.get("accuracy"):
         acc = results["accuracy"]
         lines += ["## Mask AP on the shapes validation split (isda_tiny)", "",
@@ -163,7 +216,7 @@ def render(results: dict[str, Any]) -> str:
         for name, row in acc["rows"].items():
             s = row["stats"]
             lines.append(f"| {name} | {100 * s['AP']:.2f} | {100 * s['AP50']:.2f} | {100 * s['AP75']:.2f} | "
-                         f"{row['seconds']:.1f} s ({row['images']} images) |")
+                         f"{timed(acc, format(row['seconds'], '.1f') + ' s')} ({row['images']} images) |")
         lines += ["", f"<sub>load average {acc['load_before']} before, {acc['load_after']} after.</sub>", ""]
     return "\n".join(lines)
 
@@ -178,13 +231,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_onnx", help="exports and the trained model")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--calib-count", type=int, default=8, help="static int8: calibration images (shapes train split)")
     p.add_argument("--page", type=Path, default=ROOT / "docs" / "onnx.md")
     p.add_argument("--export-worker", metavar="PRESET", help=argparse.SUPPRESS)
     p.add_argument("--size", type=parse_size, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.export_worker:
-        print(json.dumps(export_worker(args.export_worker, args.size, args.out, args.weights, args.threads)))
+        print(json.dumps(export_worker(args.export_worker, args.size, args.out, args.weights, args.threads,
+                                       args.data / "train", args.calib_count)))
         return None
 
     import onnxruntime
@@ -195,6 +250,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                                "presets": {}}
     load_before = _load()[0]
     presets = [item.partition("@")[0] for item in args.presets.split(",")]
+    paths = [name for name in PATHS if PATHS[name][0] != "openvino" or openvino_available()]
+    if openvino_available():
+        import openvino
+
+        results["openvino"] = openvino.__version__
+    if not (args.data / "train").is_dir():  # the calibration images of the static int8 path
+        subprocess.run([sys.executable, "-m", "isda", "shapes", str(args.data)], cwd=ROOT, env=_env(), check=True)
     weights = args.weights
     if weights is None and not args.no_accuracy:
         print(f"training a tiny shapes model ({args.train_seconds:.0f} s) for the AP rows", flush=True)
@@ -207,19 +269,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"{key}: export", flush=True)
         before = _load()
         onnx = args.work / f"{preset}_{size[0]}x{size[1]}.onnx"
-        export = run_export(preset, size, onnx, own, args.threads)
+        export = run_export(preset, size, onnx, own, args.threads, args.data / "train", args.calib_count)
+        export.update(section_load(before, _load()))
         print(f"  {export['export_s']:.1f} s, {export['bytes'] / 2**20:.1f} MiB; latency", flush=True)
-        lat = latency(preset, size, onnx, own, args.threads, args.repeats, log=lambda s: print(s, flush=True))
-        results["presets"][key] = {"export": export, "latency": lat, "weights": own, "load_before": before,
-                                   "load_after": _load()}
-        print(f"  ratio onnxruntime / eager {lat['onnxruntime']['ratio_to_eager']:.2f}, int8 "
-              f"{lat['onnxruntime_int8']['ratio_to_eager']:.2f}", flush=True)
-    if weights is not None and not args.no_accuracy:
         before = _load()
+        lat = latency(preset, size, onnx, own, args.threads, args.repeats, paths, log=lambda s: print(s, flush=True))
+        results["presets"][key] = {"export": export, "latency": lat, "weights": own, **section_load(before, _load())}
+        print("  ratio to eager: " + ", ".join(f"{name} {lat[name]['ratio_to_eager']:.2f}" for name in paths)
+              + ("" if results["presets"][key]["valid"] else f" (invalid: load above {MAX_LOAD})"), flush=True)
+    if weights is not None and not args.no_accuracy:
         onnx = args.work / "isda_tiny_accuracy.onnx"
-        run_export("isda_tiny", (133, 181), onnx, weights, args.threads)
-        rows = accuracy(weights, onnx, args.data, args.threads)
-        results["accuracy"] = {"weights": weights, "rows": rows, "load_before": before, "load_after": _load()}
+        run_export("isda_tiny", (133, 181), onnx, weights, args.threads, args.data / "train", args.calib_count)
+        before = _load()
+        rows = accuracy(weights, onnx, args.data, args.threads, paths)
+        results["accuracy"] = {"weights": weights, "rows": rows, **section_load(before, _load())}
         print(json.dumps({k: v["stats"]["AP"] for k, v in rows.items()}), flush=True)
     trained = ["preset:isda_tiny", "data:shapes"] if weights is not None else []  # a tiny model trained on shapes
     results["_meta"] = meta(command.strip(), [*(f"preset:{p}" for p in presets), *trained], load_before)

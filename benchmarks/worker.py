@@ -104,7 +104,7 @@ class Task:
             elif args.model == "isda_onnx":  # an `isda export` file in ONNX Runtime (benchmarks/bench_onnx.py)
                 from isda.deploy.runtime import OnnxISDA
 
-                self.model = OnnxISDA(args.onnx, threads=args.threads)
+                self.model = OnnxISDA(args.onnx, threads=args.threads, runtime=args.runtime)
             else:
                 kwargs = dict(MASKRCNN_INFER_KWARGS)
                 kwargs["min_size"], kwargs["max_size"] = min(size), max(max(size), kwargs["max_size"])
@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", choices=["isda", "isda_onnx", "maskrcnn", "maskrcnn_frozen"], required=True)
     p.add_argument("--weights", help="isda: a trained checkpoint instead of the preset's random initialisation")
     p.add_argument("--onnx", help="isda_onnx: the .onnx file")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="isda_onnx: what runs the file")
     p.add_argument("--size", default="800x1216", help="HxW")
     p.add_argument("--preset", default="isda_r50_coco")
     p.add_argument("--batch", type=int, default=2)

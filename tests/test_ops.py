@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from isda.ops import ms_deform_attn
+from isda.ops import ms_deform_attn, ms_deform_attn_traceable
 
 
 def reference_ms_deform_attn(value, spatial_shapes, locations, weights):
@@ -45,12 +45,13 @@ def random_problem(shapes, B=2, Q=5, M=2, D=3, P=3, spread=0.2, seed=0, dtype=to
     return value, spatial_shapes, loc, weights
 
 
+@pytest.mark.parametrize("core", [ms_deform_attn, ms_deform_attn_traceable])  # the latter: ONNX export's core
 @pytest.mark.parametrize("shapes", [[(6, 4), (3, 5), (2, 2), (1, 3)], [(7, 7)], [(4, 9), (1, 1)]])
-def test_matches_dense_reference(shapes):
+def test_matches_dense_reference(shapes, core):
     value, ss, loc, w = random_problem(shapes)
     assert (loc < 0).any() and (loc > 1).any()  # the problem really tests out-of-map points
     expected = reference_ms_deform_attn(value, ss, loc, w)
-    got = ms_deform_attn(value, ss, loc, w)
+    got = core(value, ss, loc, w)
     assert got.shape == (2, 5, 2 * 3)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 

@@ -28,13 +28,17 @@ class LoadedModel:
     cat_ids: list[int]
 
 
-def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                       runtime: str = "onnxruntime") -> LoadedModel:
     """An isda checkpoint (``last.pt`` / ``best.pt``) -> the eval-mode model with its config and classes; an
-    ``isda export`` file (``.onnx``) -> its ONNX Runtime session with the same interface (CPU)."""
+    ``isda export`` file (``.onnx``) -> its ONNX Runtime (or ``runtime="openvino"``) session with the same
+    interface (CPU)."""
     if Path(path).suffix.lower() == ".onnx":
         from .deploy.runtime import load_onnx_model
 
-        return load_onnx_model(path)
+        return load_onnx_model(path, runtime=runtime)
+    if runtime != "onnxruntime":
+        raise CheckpointError(f"--runtime {runtime} runs an isda export (.onnx), not {path}")
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path}: no config stored; is this an isda training checkpoint?")
@@ -65,17 +69,20 @@ def inference_precision(model: ISDA, precision: str = "fp32") -> contextlib.Abst
 
 
 @torch.no_grad()
+def resize_for_test(image: Tensor, data_cfg: DataConfig) -> Tensor:
+    """float [3, H, W] in [0, 1] -> resized like the test pipeline (short side ``data_cfg.test_short_side``,
+    long side at most ``data_cfg.test_max_size``)."""
+    h, w = short_side_size(image.shape[1], image.shape[2], data_cfg.test_short_side, data_cfg.test_max_size)
+    return F.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
 def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor], precision: str = "fp32"
             ) -> list[dict[str, Tensor]]:
     """images: float [3, H, W] in [0, 1] at any size. Resized like the test pipeline (short side
     ``data_cfg.test_short_side``), predicted in ``precision`` (:func:`inference_precision`; "fp32" leaves the
     caller's autocast, if any, as it is), masks returned at the original size."""
     device = next(model.parameters(), torch.empty(0)).device  # an ONNX Runtime model has none: the CPU
-    resized = []
-    for im in images:
-        h, w = short_side_size(im.shape[1], im.shape[2], data_cfg.test_short_side, data_cfg.test_max_size)
-        resized.append(F.interpolate(im[None].to(device), size=(h, w), mode="bilinear", antialias=True,
-                                     align_corners=False)[0].clamp(0, 1))
+    resized = [resize_for_test(im.to(device), data_cfg) for im in images]
     was_training = model.training
     model.eval()
     try:

@@ -15,7 +15,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..engine.evaluation import write_results_json
     from ..inference import load_trained_model
 
-    loaded = load_trained_model(args.weights, pick_device(args.device))
+    loaded = load_trained_model(args.weights, pick_device(args.device), runtime=args.runtime)
     precision = precision_context(args, loaded)
     ann, images = dataset_paths(args, args.split)
     path = Path(args.results) if args.results else Path(args.weights).with_name(f"results_{Path(ann).stem}.json")

@@ -46,7 +46,9 @@ EXAMPLES = {
     "export": """examples:
   isda export --weights runs/tiny/best.pt --out runs/tiny/model.onnx
   isda eval --weights runs/tiny/model.onnx --data data/shapes --split val      # the exported file's AP
-  isda predict --weights runs/tiny/model.onnx photos/ --out runs/pred-onnx""",
+  isda predict --weights runs/tiny/model.onnx photos/ --out runs/pred-onnx
+  isda export --weights runs/tiny/best.pt --out runs/tiny/model.onnx --int8 --calib-images data/shapes/train
+  isda predict --weights runs/tiny/model.onnx photos/ --runtime openvino    # OpenVINO instead of ONNX Runtime""",
     "demo": """examples:
   isda demo                                         # shapes -> train tiny (CPU) -> eval -> pictures in runs/demo
   isda demo --minutes 3 --out runs/quick""",
@@ -119,6 +121,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="isda checkpoint (best.pt / last.pt)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write OUT_int8.onnx: convolutions (backbone, neck, mask features) statically "
+                        "quantised with ranges calibrated on --calib-images, transformer linear layers dynamically")
+    p.add_argument("--calib-images", metavar="DIR", help="--int8: a folder of images like the ones to segment")
+    p.add_argument("--calib-count", type=int, default=32, metavar="N",
+                   help="--int8: calibrate on the first N images of --calib-images (sorted by name)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +189,9 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
                    help="bf16: convolutions and matrix products in bfloat16 (autocast; faster on GPUs and on CPUs "
                         "with bfloat16 matrix units such as Intel AMX), the deformable-attention core and the "
                         "ranking in float32; isda checkpoints only (default: %(default)s)")
+    p.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="what runs an .onnx --weights file (CPU): ONNX Runtime, or OpenVINO "
+                        "(pip install 'isda[openvino]')")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                             "not with --tile")
     files = _find_images(args.paths)
     out = check_writable_dir(args.out, "--out")
-    loaded = load_trained_model(args.weights, pick_device(args.device))
+    loaded = load_trained_model(args.weights, pick_device(args.device), runtime=args.runtime)
     precision = precision_context(args, loaded)
     if args.show_sampling_points:
         loaded.model.record_sampling()

@@ -1,5 +1,6 @@
-"""Deployment: the whole NMS-free model as one ONNX graph (:mod:`.onnx_export`) and an ONNX Runtime
-predictor with the PyTorch model's per-image outputs (:mod:`.runtime`). Needs ``pip install isda[export]``."""
+"""Deployment: the whole NMS-free model as one ONNX graph (:mod:`.onnx_export`), its int8 versions
+(:mod:`.quantize`) and an ONNX Runtime or OpenVINO predictor with the PyTorch model's per-image outputs
+(:mod:`.runtime`). Needs ``pip install isda[export]`` (``isda[openvino]`` for the OpenVINO runtime)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import importlib
 from ..engine.checkpoint import CheckpointError
 
 
+EXTRAS = {"openvino": "openvino"}  # module -> the pip extra that installs it (default: export)
+
+
 class ExportDependencyError(CheckpointError):
-    """onnx / onnxruntime is not installed (a one-line user error)."""
+    """onnx / onnxruntime / openvino is not installed (a one-line user error)."""
 
 
 def require(*modules: str) -> None:
@@ -18,5 +22,6 @@ def require(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise ExportDependencyError(f"{name} is not installed: pip install 'isda[export]' "
-                                        "(onnx, onnxruntime)") from None
+            extra = EXTRAS.get(name, "export")
+            raise ExportDependencyError(f"{name} is not installed: pip install 'isda[{extra}]'"
+                                        + (" (onnx, onnxruntime)" if extra == "export" else "")) from None

@@ -54,6 +54,7 @@ class ExportableISDA(nn.Module):
     def __init__(self, model: ISDA) -> None:
         super().__init__()
         self.model = model
+        self.output_resize = OutputResize()
 
     def forward(self, image: Tensor, output_size: Tensor) -> tuple[Tensor, ...]:
         cfg = self.model.cfg
@@ -67,11 +68,53 @@ class ExportableISDA(nn.Module):
         logits = out["logits"][-1, 0]
         k = min(cfg.num_detections, logits.numel())
         scores, labels, query, probs = rank_detections(logits, out["mask_logits"][-1, 0], k, cfg.mask_threshold)
-        size = (output_size[0], output_size[1])
-        masks = self.model.upsample_probs(probs, (h, w), size) > cfg.mask_threshold
+        probs = self.model.upsample_probs(probs, (h, w), (h, w))
+        masks = self.output_resize(probs, output_size) > cfg.mask_threshold
         points = out["reference_points"][0]
         return (scores, labels, masks, _boxes(masks), query, points[query], points,
                 logits.sigmoid().amax(-1))
+
+
+class OutputResize(nn.Module):
+    """(K, h, w) mask probabilities at the image's size -> (K, H, W) at ``output_size`` (bilinear, as
+    :meth:`ISDA.upsample_probs`). Its own module so that the exported Resize node is found by name
+    (:func:`skip_same_size_resize`): a trace cannot record the branch that skips it."""
+
+    def forward(self, probs: Tensor, output_size: Tensor) -> Tensor:
+        size = (output_size[0], output_size[1])
+        return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False).flatten(0, 1)
+
+
+def skip_same_size_resize(graph: "onnx.GraphProto", scope: str = "/output_resize/") -> None:
+    """Wrap the output Resize node of ``graph`` (onnx GraphProto, edited in place) in an ``If`` that passes
+    its input through when the output size equals the input's: a bilinear resize to the same size is the
+    identity (align_corners=False maps every pixel to itself), but ONNX Runtime would compute it."""
+    from onnx import TensorProto, helper
+
+    (index,) = [i for i, n in enumerate(graph.node) if n.op_type == "Resize" and n.name.startswith(scope)]
+    resize = graph.node[index]
+    x, sizes, out = resize.input[0], resize.input[3], resize.output[0]
+    rank4 = [None] * 4  # static rank (OpenVINO needs it downstream), dynamic sizes
+
+    def branch(name: str, node: "onnx.NodeProto") -> "onnx.GraphProto":
+        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT,
+                                                                                    rank4)])
+
+    same = helper.make_node("Identity", [x], [f"{out}_same"])
+    resized = helper.make_node("Resize", list(resize.input), [f"{out}_resized"], name=resize.name)
+    resized.attribute.extend(resize.attribute)
+    nodes = [
+        helper.make_node("Shape", [x], [f"{out}_in_shape"]),
+        helper.make_node("Equal", [f"{out}_in_shape", sizes], [f"{out}_equal"]),
+        helper.make_node("Cast", [f"{out}_equal"], [f"{out}_equal_int"], to=TensorProto.INT64),
+        helper.make_node("ReduceMin", [f"{out}_equal_int"], [f"{out}_all_int"], keepdims=0),
+        helper.make_node("Cast", [f"{out}_all_int"], [f"{out}_all"], to=TensorProto.BOOL),
+        helper.make_node("If", [f"{out}_all"], [out], name=f"{scope}If",
+                         then_branch=branch("same_size", same), else_branch=branch("resize", resized)),
+    ]
+    del graph.node[index]
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
 
 
 @dataclass
@@ -115,6 +158,7 @@ def export_model(model: ISDA, out: str | os.PathLike, metadata: dict[str, str], 
     finally:
         attn.keep_sampling = keep
     proto = onnx.load_from_string(buffer.getvalue())
+    skip_same_size_resize(proto.graph)
     props = {**metadata, "isda.inputs": json.dumps(INPUTS), "isda.outputs": json.dumps(OUTPUTS)}
     onnx.helper.set_model_props(proto, props)
     proto.doc_string = "ISDA instance segmentation, NMS-free: image -> scores, labels, masks, boxes"

@@ -1,12 +1,14 @@
-"""ONNX Runtime inference with the PyTorch model's interface: ``model(images, output_sizes=...)`` -> per-image
-dicts (``masks`` bool [K, H, W], ``labels``, ``scores``, ``boxes``, ``query_index``, ``reference_points``), so
-``isda predict`` / ``isda eval`` and :func:`isda.engine.evaluate` run an exported file unchanged."""
+"""ONNX Runtime (or OpenVINO) inference with the PyTorch model's interface: ``model(images, output_sizes=...)``
+-> per-image dicts (``masks`` bool [K, H, W], ``labels``, ``scores``, ``boxes``, ``query_index``,
+``reference_points``), so ``isda predict`` / ``isda eval`` and :func:`isda.engine.evaluate` run an exported file
+unchanged."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,35 +21,36 @@ from . import require
 from .onnx_export import OUTPUTS
 
 DETECTION_KEYS = ("scores", "labels", "masks", "boxes", "query_index", "reference_points")
+RUNTIMES = ("onnxruntime", "openvino")
+Infer = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> the outputs in OUTPUTS order
 
 
 class OnnxISDA(nn.Module):
-    """An exported ISDA graph in an ONNX Runtime session (CPU unless other ``providers`` are named). An ``nn.Module`` without parameters only so that
-    code written for the PyTorch model (``eval()``, ``train(mode)``) runs it as is; images go one at a time
-    (the graph takes batch 1)."""
+    """An exported ISDA graph in ONNX Runtime (CPU unless other ``providers`` are named; every graph
+    optimisation on) or in OpenVINO (``runtime="openvino"``, CPU; ``pip install isda[openvino]``). An
+    ``nn.Module`` without parameters only so that code written for the PyTorch model (``eval()``,
+    ``train(mode)``) runs it as is; images go one at a time (the graph takes batch 1)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), runtime: str = "onnxruntime") -> None:
         super().__init__()
-        require("onnxruntime")
-        import onnxruntime as ort
-
+        if runtime not in RUNTIMES:
+            raise CheckpointError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        require(runtime)
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"ONNX model not found: {path}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+            if runtime == "openvino":
+                self._infer, self.metadata, names = _openvino(path, threads)
+            else:
+                self._infer, self.metadata, names = _onnxruntime(path, threads, providers)
         except Exception as e:  # not an ONNX file, truncated, unsupported opset
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"{path}: not a loadable ONNX model ({first})") from None
-        self.metadata = self.session.get_modelmeta().custom_metadata_map
-        names = [o.name for o in self.session.get_outputs()]
         if "isda.config" not in self.metadata or names != list(OUTPUTS):
             raise CheckpointError(f"{path}: not an isda ONNX export (no isda metadata or other outputs: {names})")
-        self.path = path
+        self.path, self.runtime = path, runtime
 
     def forward(self, images: list[Tensor], output_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
         _check_images(images)
@@ -57,7 +60,7 @@ class OnnxISDA(nn.Module):
     def _run(self, image: Tensor, output_size: tuple[int, int]) -> dict[str, Tensor]:
         feed = {"image": image[None].detach().float().cpu().contiguous().numpy(),
                 "output_size": np.asarray(output_size, dtype=np.int64)}
-        return {name: torch.from_numpy(value) for name, value in zip(OUTPUTS, self.session.run(None, feed))}
+        return {name: torch.from_numpy(value) for name, value in zip(OUTPUTS, self._infer(feed))}
 
     def predict_one(self, image: Tensor, output_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """All the graph's outputs for one image [3, H, W] in [0, 1]."""
@@ -70,11 +73,45 @@ class OnnxISDA(nn.Module):
                                   "for --show-sampling-points")
 
 
-def load_onnx_model(path: str | os.PathLike, threads: int | None = None):
+def _onnxruntime(path: Path, threads: int | None, providers: tuple[str, ...]
+                 ) -> tuple[Infer, dict[str, str], list[str]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # (the default, made explicit)
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    names = [o.name for o in session.get_outputs()]
+    return (lambda feed: session.run(None, feed)), session.get_modelmeta().custom_metadata_map, names
+
+
+def _openvino(path: Path, threads: int | None) -> tuple[Infer, dict[str, str], list[str]]:
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))  # the ONNX frontend; the file's metadata props land in rt_info "framework"
+    info = model.get_rt_info()
+    metadata = {key: model.get_rt_info(["framework", key]).astype(str)
+                for key in (info["framework"] if "framework" in info else {})}
+    names = [o.get_any_name() for o in model.outputs]
+    # float32 throughout: on CPUs with bf16 units OpenVINO would otherwise compute in bf16.
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def infer(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = request.infer(feed)
+        return [np.array(result[out]) for out in compiled.outputs]  # copies: the request reuses its buffers
+
+    return infer, metadata, names
+
+
+def load_onnx_model(path: str | os.PathLike, threads: int | None = None, runtime: str = "onnxruntime"):
     """An ``isda export`` file -> :class:`isda.inference.LoadedModel` (the session, the stored config, classes)."""
     from ..inference import LoadedModel
 
-    model = OnnxISDA(path, threads)
+    model = OnnxISDA(path, threads, runtime=runtime)
     try:
         cfg = from_dict(json.loads(model.metadata["isda.config"])).validate()
         names = json.loads(model.metadata["isda.class_names"])

@@ -201,10 +201,11 @@ class ISDA(nn.Module):
         h, w = image_size
         p = F.interpolate(probs[:, None], scale_factor=self.cfg.mask_stride, mode="bilinear",
                           align_corners=False)[:, :, :h, :w]
-        # An exported graph always resizes (sizes are graph values there): to the same size it is the identity.
-        if exporting() or (h, w) != tuple(output_size):
+        if (h, w) != tuple(output_size):
             p = F.interpolate(p, size=output_size, mode="bilinear", align_corners=False)
-        return p.squeeze(1)  # (not p[:, 0]: in ONNX a Gather that copies every mask)
+        # flatten, not squeeze(1) or p[:, 0]: in ONNX a Reshape of static rank (squeeze of a dimension the
+        # exporter cannot prove is 1 becomes an If of unknown rank; p[:, 0] a Gather that copies every mask).
+        return p.flatten(0, 1)
 
 
 def rank_detections(logits: Tensor, mask_logits: Tensor, k: int, mask_threshold: float

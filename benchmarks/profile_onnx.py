@@ -1,0 +1,104 @@
+"""Where an exported graph spends its time in ONNX Runtime: per op type and per node, as shares of the total.
+
+    python -m benchmarks.profile_onnx --preset isda_r50_coco --size 800x1216    # exports (random init), profiles
+    python -m benchmarks.profile_onnx --onnx model.onnx --size 800x1216 --runs 2
+
+ONNX Runtime's own profiler (``SessionOptions.enable_profiling``) records every node's kernel time; the first
+run (allocations, one-off work) is left out. Shares only: no latency is printed (take those on a quiet machine
+with ``benchmarks.bench_onnx``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .worker import parse_size
+
+
+def profile(onnx: str | os.PathLike, size: tuple[int, int], runs: int = 2, threads: int = 2,
+            optimization: str = "all") -> tuple[dict[str, float], dict[str, float]]:
+    """Kernel microseconds per op type and per node name over ``runs`` runs after one warm-up."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = levels[optimization]
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feed = {"image": rng.random((1, 3, *size), dtype=np.float32), "output_size": np.asarray(size, np.int64)}
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = defaultdict(float)
+    by_node: dict[str, float] = defaultdict(float)
+    # Events are written as they end (a run's after its nodes): the warm-up is the earliest model_run span.
+    warmup = min((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                 key=lambda e: e["ts"])
+    for e in events:
+        if (e.get("cat") != "Node" or not e["name"].endswith("_kernel_time")
+                or e["ts"] <= warmup["ts"] + warmup["dur"]):
+            continue
+        by_op[e["args"]["op_name"]] += e["dur"]
+        by_node[e["name"][: -len("_kernel_time")]] += e["dur"]
+    return dict(by_op), dict(by_node)
+
+
+def by_scope(by_node: dict[str, float], depth: int = 3) -> dict[str, float]:
+    """Node times summed per module scope, layer indices merged: ``/transformer/encoder.3/self_attn/Gather_5``
+    -> ``/transformer/encoder/self_attn`` (every encoder layer's deformable attention together)."""
+    scopes: dict[str, float] = defaultdict(float)
+    for name, t in by_node.items():
+        parts = re.sub(r"\.\d+", "", name).split("/")[1:-1]  # leading "", trailing node name
+        scopes["/" + "/".join(parts[:depth]) if parts else "(top level)"] += t
+    return dict(scopes)
+
+
+def table(times: dict[str, float], top: int) -> list[str]:
+    total = sum(times.values()) or 1.0
+    rows = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return [f"{100 * t / total:6.1f}%  {name}" for name, t in rows]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx", type=Path, help="an exported file (default: export --preset with random weights)")
+    p.add_argument("--preset", default="isda_tiny")
+    p.add_argument("--size", type=parse_size, default=(800, 1216), help="HxW of the profiled image")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--optimization", choices=("none", "basic", "all"), default="all",
+                   help="ONNX Runtime graph optimisation level")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+    onnx = args.onnx
+    if onnx is None:
+        from isda.config import get_preset
+        from isda.deploy.onnx_export import export_model, isda_metadata
+
+        from .common import build_isda
+
+        onnx = Path(tempfile.mkdtemp()) / f"{args.preset}.onnx"
+        export_model(build_isda(args.preset, seed=0).eval(), onnx, isda_metadata(get_preset(args.preset)))
+    by_op, by_node = profile(onnx, args.size, args.runs, args.threads, args.optimization)
+    print(f"{onnx} at {args.size[0]}x{args.size[1]}, {args.threads} threads, {args.runs} runs")
+    print("per op type:", *table(by_op, args.top), sep="\n")
+    print("per module (layer indices merged):", *table(by_scope(by_node), args.top), sep="\n")
+    print("per node:", *table(by_node, args.top), sep="\n")
+
+
+if __name__ == "__main__":
+    main()
