@@ -107,14 +107,14 @@ def test_dense_aux_learns_on_generated_images():
     first = None
     for _ in range(STEPS):
         losses = model(images, targets)
-        first = first or {k: float(v) for k, v in losses.items() if k.startswith("dense.")}
+        first = first or {k: v.item() for k, v in losses.items() if k.startswith("dense.")}
         optimizer.zero_grad()
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
     with torch.no_grad():
         after = mean_best_iou(model.eval()(images), targets)
-    last = {k: float(v) for k, v in losses.items() if k.startswith("dense.")}
+    last = {k: v.item() for k, v in losses.items() if k.startswith("dense.")}
     print(f"dense aux: {STEPS} steps, {first} -> {last}; mean mask IoU {before:.3f} -> {after:.3f}")
     assert last["dense.loss_cls"] < 0.5 * first["dense.loss_cls"]
     assert last["dense.loss_dice"] < 0.5 * first["dense.loss_dice"]
