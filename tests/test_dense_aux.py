@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import isda
+from isda.data.shapes import generate_image
 from isda.deploy.onnx_export import export_model
 from isda.models.dense_aux import assign_tokens, level_sizes
 from isda.models.transformer import token_centers
@@ -16,7 +17,6 @@ from isda.weights import load_pretrained, save_converted
 from engine_utils import single_thread
 from test_convergence_options import batch
 from test_overfit import mean_best_iou
-from isda.data.shapes import generate_image
 
 
 STEPS = 40  # of the overfit on generated images
@@ -60,6 +60,25 @@ def test_assignment_numerical_reference():
     # Within half a stride of (20, 20): centre 20 at stride 8, 24 at 16, 16 at 32 (and 32 at 64, padded here).
     near = assign_tokens(centers, sizes, padding, masks[:1], 0.5)
     assert torch.nonzero(near >= 0).flatten().tolist() == [2 * 8 + 2, 64 + 1 * 4 + 1, 80]
+
+
+def test_assignment_does_not_depend_on_the_batch_padding():
+    """The reference's 64 x 64 image alone and padded into a 96 x 128 batch: the same positives at P3..P5 (the
+    stride-64 map's tokens move with the padded size) and none in the padding."""
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, :40, :40] = True
+    masks[1, 16:32, 16:32] = True
+    positives = []
+    for shapes, size in (([(8, 8), (4, 4), (2, 2), (1, 1)], (64, 64)), ([(12, 16), (6, 8), (3, 4), (2, 2)], (96, 128))):
+        centers, sizes = token_centers(shapes, torch.device("cpu")), level_sizes(shapes, torch.device("cpu"))
+        pixels = centers * torch.tensor([size[1], size[0]])
+        padding = (pixels >= 64).any(-1)
+        padded = torch.nn.functional.pad(masks, (0, size[1] - 64, 0, size[0] - 64))
+        got = assign_tokens(centers, sizes, padding, padded, 1.5)
+        assert not bool((got[padding] >= 0).any())
+        fine = len(centers) - shapes[-1][0] * shapes[-1][1]  # P3..P5
+        positives.append({(tuple(pixels[i].round().tolist()), int(got[i])) for i in range(fine) if got[i] >= 0})
+    assert positives[0] == positives[1] and len(positives[0]) == 14
 
 
 def test_losses_are_finite_and_reach_the_encoder():
