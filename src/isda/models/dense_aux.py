@@ -28,18 +28,19 @@ def level_sizes(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
     return token_level_ratios(shapes, sizes[None])[0]
 
 
-def assign_tokens(centers: Tensor, level_sizes: Tensor, padding: Tensor, masks: Tensor, radius: float) -> Tensor:
-    """One image: token centres (S, 2) (x, y) in [0, 1] of the padded batch, each token's level's map size (S, 2)
-    (width, height in tokens), padding (S,) True = padded token, instance masks (N, H, W) bool padded to the batch.
-    Returns (S,) the instance each token is positive for, -1 for a negative: its centre's pixel is in the mask and
-    within ``radius`` tokens of the mask centroid along both axes; of several such instances the smallest."""
+def assign_tokens(centers: Tensor, sizes: Tensor, padding: Tensor, masks: Tensor, radius: float) -> Tensor:
+    """One image: token centres (S, 2) (x, y) in [0, 1] of the padded batch, ``sizes`` (S, 2) each token's level's
+    map size (width, height in tokens, :func:`level_sizes`), padding (S,) True = padded token, instance masks
+    (N, H, W) bool padded to the batch. Returns (S,) the instance each token is positive for, -1 for a negative:
+    its centre's pixel is in the mask and within ``radius`` tokens of the mask centroid along both axes; of several
+    such instances the smallest."""
     S, (N, H, W) = centers.shape[0], masks.shape
     if N == 0:
         return torch.full((S,), -1, dtype=torch.long, device=centers.device)
     x = (centers[:, 0] * W).long().clamp(max=W - 1)
     y = (centers[:, 1] * H).long().clamp(max=H - 1)
     inside = masks[:, y, x].T  # (S, N)
-    near = ((centers[:, None] - mask_centroids(masks)[None]).abs() * level_sizes[:, None] < radius).all(-1)
+    near = ((centers[:, None] - mask_centroids(masks)[None]).abs() * sizes[:, None] < radius).all(-1)
     candidate = inside & near & ~padding[:, None]
     area = masks.flatten(1).sum(1).float()
     smallest = area.expand(S, N).masked_fill(~candidate, float("inf")).argmin(1)
