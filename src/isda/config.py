@@ -60,6 +60,9 @@ class ModelConfig:
     denoising_groups: int = 0
     denoising_label_noise: float = 0.2  # probability that a copy's label is replaced by a random class
     denoising_point_noise: float = 0.4  # a copy's centroid moves by up to this x half the instance's box size
+    # Opt-in, training only (Co-DETR-style dense auxiliary head, see models/dense_aux.py): every encoder token
+    # classified and given a mask kernel, one-to-many positives near each instance's centroid; not built unless on.
+    dense_aux: bool = False
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -124,6 +127,9 @@ class LossConfig:
     hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
     hybrid_weight: float = 1.0  # weight of the one-to-many branch's losses
     denoising_weight: float = 1.0  # weight of the denoising queries' losses (model.denoising_groups)
+    dense_aux_weight: float = 1.0  # weight of the dense auxiliary head's losses (model.dense_aux)
+    dense_aux_max_pos: int = 64  # dense auxiliary head: mask loss on at most this many positive tokens per image
+    dense_aux_radius: float = 1.5  # dense auxiliary head: positives within this many token strides of the centroid
 
 
 @dataclass
@@ -200,6 +206,9 @@ class Config:
         _check(self.loss.match_mask_cost_kind in ("iou", "dice"), "loss.match_mask_cost_kind",
                f"must be iou or dice, got {self.loss.match_mask_cost_kind!r}")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
+        _check(self.loss.dense_aux_weight >= 0, "loss.dense_aux_weight", "must be >= 0")
+        _check(self.loss.dense_aux_max_pos >= 1, "loss.dense_aux_max_pos", "must be >= 1")
+        _check(self.loss.dense_aux_radius > 0, "loss.dense_aux_radius", "must be > 0")
         _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
         _check(self.train.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.train.eval_every >= 1, "train.eval_every", "must be >= 1")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..config import Config, ConfigError, LossConfig, ModelConfig, apply_overrides, get_preset
 from .backbone import Backbone
 from .denoising import Denoising, DenoisingQueries
+from .dense_aux import DenseAux
 from .head import ISDAHead, apply_kernels, mask_padding
 from .losses import SetCriterion, downsample_masks, mask_centroids
 from .masked_ops import exporting, resize_mask
@@ -41,6 +42,7 @@ class ISDA(nn.Module):
         self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
                                     cfg.denoising_point_noise) if cfg.denoising_groups else None)
         self.criterion = SetCriterion(loss_cfg or LossConfig())
+        self.dense_aux = DenseAux(cfg, self.criterion.cfg) if cfg.dense_aux else None
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
 
@@ -114,7 +116,8 @@ class ISDA(nn.Module):
                centroids: list[Tensor] | None = None) -> dict[str, Tensor]:
         """The training losses of :meth:`forward_features`' outputs for a batch padded to ``padded_size`` (H, W):
         the set criterion on the one-to-one queries, on the one-to-many ones (``hybrid_queries``), on the
-        denoising ones (fixed assignment) and the encoder's token classifier (query selection)."""
+        denoising ones (fixed assignment), the encoder's token classifier (query selection) and the dense auxiliary
+        head on the encoder's tokens (``model.dense_aux``)."""
         size = out["mask_logits"].shape[-2:]
         padded = [_pad_masks(t["masks"], padded_size) for t in targets]
         small = [downsample_masks(m, size) for m in padded]
@@ -147,6 +150,9 @@ class ISDA(nn.Module):
             dn = out["denoising"]
             branches.append(("dn.", self.criterion.cfg.denoising_weight,
                              criterion(slice(Q + H, None), dn.groups, dn.matches([len(t["labels"]) for t in targets]))))
+        if self.dense_aux is not None:
+            branches.append(("dense.", self.criterion.cfg.dense_aux_weight,
+                             self.dense_aux(out, targets, padded, small, valid)))
         for prefix, weight, branch in branches:
             losses["loss"] = losses["loss"] + weight * branch.pop("loss")
             losses.update({prefix + name: value for name, value in branch.items()})

@@ -29,6 +29,13 @@ def dice_loss(mask_logits: Tensor, targets: Tensor, form: str = "official", eps:
     raise ValueError(f"config field 'loss.dice_form': must be official or laplace, got {form!r}")
 
 
+def mask_bce_loss(mask_logits: Tensor, targets: Tensor, pixels: Tensor) -> Tensor:
+    """(M, HW) logits and targets, (M,) each mask's image's own pixels -> (M,) binary cross-entropy per pixel of
+    the image: a dense per-pixel gradient next to dice's global one. Padding (logit -1e4, target 0) adds 0 to the
+    sum, so the loss does not depend on the batch's padding."""
+    return F.binary_cross_entropy_with_logits(mask_logits, targets, reduction="none").sum(-1) / pixels
+
+
 def varifocal_loss(logits: Tensor, quality: Tensor, alpha: float, gamma: float) -> Tensor:
     """VarifocalNet's loss, elementwise: positives (quality q > 0) binary cross-entropy towards q weighted by
     q; negatives down-weighted by (1 - alpha) * p^gamma, as the focal loss with the same alpha weighs them."""
@@ -135,12 +142,9 @@ class SetCriterion:
                                         self.cfg.focal_gamma).sum((1, 2, 3)) / norm,
                  "loss_dice": per_layer(dice_loss(pred, gt, self.cfg.dice_form, self.cfg.dice_eps))}
         if self.cfg.mask_bce_weight:
-            # A dense per-pixel gradient next to dice's global one. The padding (logit -1e4, target 0) adds 0 to
-            # the sum, and the mean is over the image's own pixels: the loss does not depend on the batch.
             pixels = (valid_pixels.to(pred.dtype)[image] if valid_pixels is not None
                       else pred.new_full((pred.shape[0],), pred.shape[1]))
-            bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").sum(-1) / pixels
-            terms["loss_bce"] = per_layer(bce)
+            terms["loss_bce"] = per_layer(mask_bce_loss(pred, gt, pixels))
         if points is not None:
             terms["loss_point"] = per_layer((points[layer_index, image, query] - torch.cat(matched_points)).abs().sum(-1))
         weights = {"loss_cls": self.cfg.class_weight, "loss_dice": self.cfg.dice_weight,

@@ -183,10 +183,11 @@ class DeformableTransformer(nn.Module):
         # Training-only one-to-many queries (H-DETR) follow the one-to-one queries; at inference they are not built.
         hybrid = self.hybrid_queries if self.training else 0
         total = self.num_queries + hybrid
-        out = {"memory": memory, "spatial_shapes": spatial_shapes, "valid_ratios": ratios}
+        # The tokens' centres (padded-map and valid-region coordinates) and padding: what the token losses need.
+        out = {"memory": memory, "spatial_shapes": spatial_shapes, "valid_ratios": ratios, "token_centers": centers,
+               "token_positions": positions, "token_padding": mask}
         if self.query_selection is not None:
             out["enc_logits"], reference, query_pos = self.query_selection(memory, mask, positions, total)
-            out["token_centers"], out["token_padding"] = centers, mask
             tgt = self.query_content.weight[:total].expand(B, -1, -1)
         else:
             query_pos, tgt = self.query_embed.weight[:total].split(memory.shape[-1], dim=1)

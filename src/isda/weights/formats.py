@@ -253,4 +253,6 @@ def init_reason(key: str) -> str:
         return "P2 lateral (Deformable DETR's projections start at C3)"
     if key.startswith("transformer.point_refine."):
         return "point refinement (model.refine_points; ISDA only)"
+    if key.startswith("dense_aux."):
+        return "dense auxiliary head (model.dense_aux, training only; ISDA only)"
     return "missing from the checkpoint"
