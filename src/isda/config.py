@@ -52,6 +52,9 @@ class ModelConfig:
     # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
     # the next layer samples around the corrected point and KP uses it.
     refine_points: bool = False
+    # Opt-in, with refine_points (DINO's look forward twice): a layer's point is its correction of the previous layer's
+    # point with that point's gradient, so each layer's correction also learns from the next layer's loss.
+    look_forward_twice: bool = False
     # Opt-in, not in the paper: each query's class logits also from the mask features pooled under its own predicted
     # mask (as a RoI head classifies its box's features, at the mask stride); see ISDAHead.mask_pooled_logits.
     mask_class: bool = False
@@ -91,6 +94,8 @@ class ModelConfig:
         _check(self.num_levels == 4, "model.num_levels", "ISDA uses the 4 maps P3..P6")
         _check(self.num_queries >= 1, "model.num_queries", "must be >= 1")
         _check(self.hybrid_queries >= 0, "model.hybrid_queries", "must be >= 0")
+        _check(not self.look_forward_twice or self.refine_points, "model.look_forward_twice",
+               "needs model.refine_points=true (it changes how the refined points are learned)")
         _check(self.denoising_groups >= 0, "model.denoising_groups", "must be >= 0 (0: off)")
         _check(0 <= self.denoising_label_noise <= 1, "model.denoising_label_noise", "must be a probability in [0, 1]")
         _check(self.denoising_point_noise >= 0, "model.denoising_point_noise", "must be >= 0")
@@ -120,6 +125,12 @@ class LossConfig:
     # Matching's mask cost on the sigmoid masks. iou (official MaskIoUCost, soft IoU):
     # 1 - sum(p t) / (sum(p) + sum(t) - sum(p t)); dice: 1 - the laplace dice above.
     match_mask_cost_kind: str = "iou"
+    # Opt-in (Stable-DINO's position-modulated cost): the matching's class cost scores p^(1-a) * softIoU^a, a = this;
+    # 0: off. The matching ranks queries as the varifocal loss (IoU target: Stable-DINO's position-supervised loss) does.
+    match_quality: float = 0.0
+    # Opt-in (MS-DETR / Align-DETR one-to-many supervision of the same queries): on the decoder layers before the last
+    # each instance is matched to its o2m_topk cheapest queries (a query keeps its cheapest instance); 0: off.
+    o2m_topk: int = 0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
     hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
     hybrid_weight: float = 1.0  # weight of the one-to-many branch's losses
@@ -199,6 +210,11 @@ class Config:
         _check(self.loss.dice_eps > 0, "loss.dice_eps", f"must be > 0, got {self.loss.dice_eps}")
         _check(self.loss.match_mask_cost_kind in ("iou", "dice"), "loss.match_mask_cost_kind",
                f"must be iou or dice, got {self.loss.match_mask_cost_kind!r}")
+        _check(0 <= self.loss.match_quality < 1, "loss.match_quality",
+               f"must be in [0, 1) (0: off), got {self.loss.match_quality}")
+        _check(self.loss.o2m_topk >= 0, "loss.o2m_topk", f"must be >= 0 (0: off), got {self.loss.o2m_topk}")
+        _check(not self.loss.o2m_topk or self.loss.aux_loss, "loss.o2m_topk",
+               "needs loss.aux_loss=true (it supervises the decoder layers before the last)")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.train.accumulate >= 1, "train.accumulate", "must be >= 1")
         _check(self.train.log_every >= 1, "train.log_every", "must be >= 1")
