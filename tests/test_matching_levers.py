@@ -156,11 +156,11 @@ def test_each_lever_trains_on_generated_images(lever):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
     for name in ("loss_dice", "d0.loss_dice", "loss_bce"):
-        assert losses[name].item() < 0.5 * first[name], name
+        assert losses[name].item() < 0.2 * first[name], name
     model.eval()
     with torch.no_grad():
         after = mean_best_iou(model(images), targets)
-    assert after > before + 0.2
+    assert after > before + 0.4
 
 
 @pytest.mark.parametrize("levers", [*LEVERS, {k: v for lever in LEVERS for k, v in lever.items()}],
