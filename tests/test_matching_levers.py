@@ -124,11 +124,13 @@ def test_look_forward_twice_reaches_the_previous_layer_only(on):
         assert reached == [i == layer or (on and i == layer - 1) for i in range(3)]
     with torch.no_grad():
         other = tiny(look_forward_twice=not on).train()
-        assert torch.equal(other.forward_features(batch_, mask)["points"], model.forward_features(batch_, mask)["points"])
+        points = [m.forward_features(batch_, mask)["points"] for m in (model, other)]
+    assert torch.equal(*points)
 
 
 def test_bad_values_name_the_field():
-    for overrides, field in (({"loss.o2m_topk": -1}, "loss.o2m_topk"), ({"loss.match_quality": 1.0}, "loss.match_quality"),
+    for overrides, field in (({"loss.o2m_topk": -1}, "loss.o2m_topk"),
+                             ({"loss.match_quality": 1.0}, "loss.match_quality"),
                              ({"loss.o2m_topk": 2, "loss.aux_loss": False}, "loss.o2m_topk"),
                              ({"model.look_forward_twice": True, "model.refine_points": False},
                               "model.look_forward_twice")):

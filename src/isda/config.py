@@ -126,7 +126,7 @@ class LossConfig:
     # 1 - sum(p t) / (sum(p) + sum(t) - sum(p t)); dice: 1 - the laplace dice above.
     match_mask_cost_kind: str = "iou"
     # Opt-in (Stable-DINO's position-modulated cost): the matching's class cost scores p^(1-a) * softIoU^a, a = this;
-    # 0: off. The matching ranks queries as the varifocal loss (IoU target: Stable-DINO's position-supervised loss) does.
+    # 0: off. The matching then ranks queries as the varifocal loss (Stable-DINO's position-supervised loss) does.
     match_quality: float = 0.0
     # Opt-in (MS-DETR / Align-DETR one-to-many supervision of the same queries): on the decoder layers before the last
     # each instance is matched to its o2m_topk cheapest queries (a query keeps its cheapest instance); 0: off.
