@@ -52,8 +52,7 @@ class ModelConfig:
     # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
     # the next layer samples around the corrected point and KP uses it.
     refine_points: bool = False
-    # Opt-in, with refine_points (DINO's look forward twice): a layer's point is its correction of the previous layer's
-    # point with that point's gradient, so each layer's correction also learns from the next layer's loss.
+    # Opt-in, needs refine_points (DINO's look forward twice): a point correction also learns from the next layer's loss
     look_forward_twice: bool = False
     # Opt-in, not in the paper: each query's class logits also from the mask features pooled under its own predicted
     # mask (as a RoI head classifies its box's features, at the mask stride); see ISDAHead.mask_pooled_logits.
@@ -125,11 +124,9 @@ class LossConfig:
     # Matching's mask cost on the sigmoid masks. iou (official MaskIoUCost, soft IoU):
     # 1 - sum(p t) / (sum(p) + sum(t) - sum(p t)); dice: 1 - the laplace dice above.
     match_mask_cost_kind: str = "iou"
-    # Opt-in (Stable-DINO's position-modulated cost): the matching's class cost scores p^(1-a) * softIoU^a, a = this;
-    # 0: off. The matching then ranks queries as the varifocal loss (Stable-DINO's position-supervised loss) does.
+    # Opt-in (Stable-DINO's position-modulated cost): matching class cost on p^(1-a) * soft mask IoU^a, a = this; 0: off
     match_quality: float = 0.0
-    # Opt-in (MS-DETR / Align-DETR one-to-many supervision of the same queries): on the decoder layers before the last
-    # each instance is matched to its o2m_topk cheapest queries (a query keeps its cheapest instance); 0: off.
+    # Opt-in (MS-DETR / Align-DETR): decoder layers before the last match each instance to k cheapest queries; 0: off
     o2m_topk: int = 0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
     hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
