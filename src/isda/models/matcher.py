@@ -15,7 +15,8 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float,
                      quality: float = 0.0) -> Tensor:
     """(Q, C) logits, (N,) labels -> (Q, N): focal loss of predicting the label minus of not predicting it.
     With ``iou`` (Q, N), Stable-DINO's position-modulated cost: the score is p^(1 - quality) * iou^quality, so
-    that a confident query with a poor mask is no cheaper a match than the class score alone makes it."""
+    that a confident query with a poor mask is not the cheapest match (the matching ranks queries as the varifocal
+    loss's IoU target does, which is Stable-DINO's position-supervised loss)."""
     p = logits.sigmoid()[:, labels]
     if iou is not None:
         p = p.pow(1 - quality) * iou.pow(quality)
