@@ -85,6 +85,9 @@ LEVERS = {
     "denoising": {"model.denoising_groups": 5},
     "mask_class": {"model.mask_class": True},
     "denoising_mask_stride_2": {"model.denoising_groups": 5, "model.mask_stride": 2},
+    "o2m_matching": {"loss.o2m_topk": 3},
+    "quality_matching": {"loss.match_quality": 0.5},
+    "look_forward_twice": {"model.look_forward_twice": True},
 }
 
 

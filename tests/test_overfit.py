@@ -23,15 +23,21 @@ def mean_best_iou(preds, targets, score_thr=0.3):
     return float(np.mean(ious))
 
 
-def test_tiny_preset_overfits_generated_images():
-    torch.manual_seed(0)
-    rng = np.random.default_rng(3)
+def generated_images(seed: int = 3, count: int = 2):
+    """``count`` generated 128 px images with 3-5 instances each, and their targets."""
+    rng = np.random.default_rng(seed)
     images, targets = [], []
-    for _ in range(2):
+    for _ in range(count):
         image, instances = generate_image(rng, 128, min_instances=3, max_instances=5)
         images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
         targets.append({"labels": torch.tensor([label for label, _ in instances]),
                         "masks": torch.from_numpy(np.stack([m for _, m in instances]))})
+    return images, targets
+
+
+def test_tiny_preset_overfits_generated_images():
+    torch.manual_seed(0)
+    images, targets = generated_images()
     assert all(len(t["labels"]) >= 3 for t in targets)
     model = isda.build_model("isda_tiny", num_classes=5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)

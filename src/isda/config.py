@@ -52,6 +52,8 @@ class ModelConfig:
     # refinement with points for boxes), supervised by the matched instance's mask centroid (loss.point_weight);
     # the next layer samples around the corrected point and KP uses it.
     refine_points: bool = False
+    # Opt-in, needs refine_points (DINO's look forward twice): a point correction also learns from the next layer's loss
+    look_forward_twice: bool = False
     # Opt-in, not in the paper: each query's class logits also from the mask features pooled under its own predicted
     # mask (as a RoI head classifies its box's features, at the mask stride); see ISDAHead.mask_pooled_logits.
     mask_class: bool = False
@@ -94,6 +96,8 @@ class ModelConfig:
         _check(self.num_levels == 4, "model.num_levels", "ISDA uses the 4 maps P3..P6")
         _check(self.num_queries >= 1, "model.num_queries", "must be >= 1")
         _check(self.hybrid_queries >= 0, "model.hybrid_queries", "must be >= 0")
+        _check(not self.look_forward_twice or self.refine_points, "model.look_forward_twice",
+               "needs model.refine_points=true (it changes how the refined points are learned)")
         _check(self.denoising_groups >= 0, "model.denoising_groups", "must be >= 0 (0: off)")
         _check(0 <= self.denoising_label_noise <= 1, "model.denoising_label_noise", "must be a probability in [0, 1]")
         _check(self.denoising_point_noise >= 0, "model.denoising_point_noise", "must be >= 0")
@@ -123,6 +127,10 @@ class LossConfig:
     # Matching's mask cost on the sigmoid masks. iou (official MaskIoUCost, soft IoU):
     # 1 - sum(p t) / (sum(p) + sum(t) - sum(p t)); dice: 1 - the laplace dice above.
     match_mask_cost_kind: str = "iou"
+    # Opt-in (Stable-DINO's position-modulated cost): matching class cost on p^(1-a) * soft mask IoU^a, a = this; 0: off
+    match_quality: float = 0.0
+    # Opt-in (MS-DETR / Align-DETR): decoder layers before the last match each instance to k cheapest queries; 0: off
+    o2m_topk: int = 0
     aux_loss: bool = True  # same losses on every decoder layer (deep supervision)
     hybrid_repeats: int = 6  # one-to-many branch: each ground-truth instance repeated this many times
     hybrid_weight: float = 1.0  # weight of the one-to-many branch's losses
@@ -205,6 +213,11 @@ class Config:
         _check(self.loss.dice_eps > 0, "loss.dice_eps", f"must be > 0, got {self.loss.dice_eps}")
         _check(self.loss.match_mask_cost_kind in ("iou", "dice"), "loss.match_mask_cost_kind",
                f"must be iou or dice, got {self.loss.match_mask_cost_kind!r}")
+        _check(0 <= self.loss.match_quality < 1, "loss.match_quality",
+               f"must be in [0, 1) (0: off), got {self.loss.match_quality}")
+        _check(self.loss.o2m_topk >= 0, "loss.o2m_topk", f"must be >= 0 (0: off), got {self.loss.o2m_topk}")
+        _check(not self.loss.o2m_topk or self.loss.aux_loss, "loss.o2m_topk",
+               "needs loss.aux_loss=true (it supervises the decoder layers before the last)")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.loss.dense_aux_weight >= 0, "loss.dense_aux_weight", "must be >= 0")
         _check(self.loss.dense_aux_max_pos >= 1, "loss.dense_aux_max_pos", "must be >= 1")

@@ -130,18 +130,18 @@ class ISDA(nn.Module):
         kernels = None if out["mask_logits"].requires_grad else out["kernels"]
         masks = {"mask_features": out["mask_features"], "padding_mask": out["padding_mask"]}
 
-        def criterion(queries: slice, repeats: int = 1, matches: list[tuple[Tensor, Tensor]] | None = None
-                      ) -> dict[str, Tensor]:
+        def criterion(queries: slice, repeats: int = 1, matches: list[tuple[Tensor, Tensor]] | None = None,
+                      topk: int = 0) -> dict[str, Tensor]:
             """The criterion on a slice of the queries, against every instance repeated ``repeats`` times."""
             return self.criterion(
                 out["logits"][:, :, queries], out["mask_logits"][:, :, queries],
                 [{"labels": t["labels"].repeat(repeats)} for t in targets], [m.repeat(repeats, 1, 1) for m in small],
                 valid, None if points is None else points[:, :, queries],
                 None if points is None else [c.repeat(repeats, 1) for c in centroids],
-                kernels=None if kernels is None else kernels[:, :, queries], matches=matches, **masks)
+                kernels=None if kernels is None else kernels[:, :, queries], matches=matches, topk=topk, **masks)
 
         Q, H = self.cfg.num_queries, self.cfg.hybrid_queries
-        losses = criterion(slice(0, Q))
+        losses = criterion(slice(0, Q), topk=self.criterion.cfg.o2m_topk)  # (one-to-many on the earlier layers)
         branches = []
         if H:
             branches.append(("h.", self.criterion.cfg.hybrid_weight,

@@ -13,7 +13,7 @@ from torchvision.ops import sigmoid_focal_loss
 from ..config import LossConfig
 from .float32 import autocast_off
 from .head import matched_mask_logits
-from .matcher import hungarian_match
+from .matcher import hungarian_match, matching_cost, topk_match
 
 
 def dice_loss(mask_logits: Tensor, targets: Tensor, form: str = "official", eps: float = 1e-3) -> Tensor:
@@ -54,12 +54,13 @@ def num_instances(targets: list[dict[str, Tensor]], device: torch.device) -> flo
     return _mean_over_processes(float(sum(len(t["labels"]) for t in targets)), device)
 
 
-def _mean_over_processes(count: float, device: torch.device) -> float:
-    n = torch.tensor(count, device=device)
+def _mean_over_processes(count: float | Tensor, device: torch.device) -> float | Tensor:
+    """A count (float), or counts (a tensor), averaged over processes and at least 1."""
+    n = torch.as_tensor(count, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(n)
         n = n / dist.get_world_size()
-    return max(n.item(), 1.0)
+    return max(n.item(), 1.0) if n.dim() == 0 else n.clamp(min=1)
 
 
 @autocast_off  # pixel-index sums over whole masks: beyond bfloat16's precision
@@ -92,14 +93,15 @@ class SetCriterion:
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
                  target_points: list[Tensor] | None = None, *, kernels: Tensor | None = None,
                  mask_features: Tensor | None = None, padding_mask: Tensor | None = None,
-                 matches: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+                 matches: list[tuple[Tensor, Tensor]] | None = None, topk: int = 0) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
         at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w);
         with point refinement, points (layers, B, Q, 2) and target_points[b] (N_b, 2) (mask centroids).
         When ``mask_logits`` carry no autograd graph, the matched queries' mask logits are computed again, with
         it, from the model's ``kernels`` (layers, B, Q, K), ``mask_features`` (B, K, h, w) and ``padding_mask``
         (B, h, w) (default: indexed from ``mask_logits``). ``matches[b]``: a fixed (query, target) assignment of
-        image b for every layer (denoising queries), instead of Hungarian matching.
+        image b for every layer (denoising queries), instead of Hungarian matching. ``topk`` (``loss.o2m_topk``):
+        the layers before the last match each instance to its ``topk`` cheapest queries (:func:`topk_match`).
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         logits = logits.float()
@@ -109,11 +111,13 @@ class SetCriterion:
         layers = list(range(logits.shape[0])) if self.cfg.aux_loss else [last]
         cls_target = torch.zeros_like(logits[layers])
         match_layer, match_image, match_query, match_label, matched_gt, matched_points = [], [], [], [], [], []
+        one_to_many = [bool(topk) and matches is None and layer != last for layer in layers]
         for i, layer in enumerate(layers):
             for b, (t, tm) in enumerate(zip(targets, target_masks)):
-                qi, ti = matches[b] if matches is not None else hungarian_match(
-                    logits[layer, b], mask_logits[layer, b].flatten(1), t["labels"], tm.flatten(1), self.cfg,
-                    *((points[layer, b], target_points[b]) if points is not None else ()))
+                args = (logits[layer, b], mask_logits[layer, b].flatten(1), t["labels"], tm.flatten(1), self.cfg,
+                        *((points[layer, b], target_points[b]) if points is not None else ()))
+                qi, ti = (matches[b] if matches is not None else topk_match(matching_cost(*args), topk)
+                          if one_to_many[i] else hungarian_match(*args))
                 qi, ti = qi.to(logits.device), ti.to(logits.device)
                 match_label.append(t["labels"][ti])
                 match_layer.append(torch.full_like(qi, i))
@@ -123,6 +127,9 @@ class SetCriterion:
                 if points is not None:
                     matched_points.append(target_points[b][ti])
         at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
+        if any(one_to_many):  # those layers' losses per positive query (about topk per instance), as H-DETR's branch
+            positives = _mean_over_processes(torch.bincount(at, minlength=len(layers)).float(), logits.device)
+            norm = torch.where(torch.tensor(one_to_many, device=at.device), positives, norm)
         layer_index = torch.tensor(layers, device=at.device)[at]
         # One gather (or one product) for every layer and image, not one per (layer, image): a gather's backward
         # fills a zero gradient of all the mask logits, which cost more than the masks themselves.

@@ -132,6 +132,7 @@ class DeformableTransformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.point_refine = nn.ModuleList(_point_mlp(d) for _ in range(cfg.dec_layers)) if cfg.refine_points else None
+        self.look_forward_twice = cfg.look_forward_twice
         if cfg.query_selection:
             self.query_selection = QuerySelection(d, cfg.num_classes)
             self.query_content = nn.Embedding(total, d)
@@ -198,6 +199,7 @@ class DeformableTransformer(nn.Module):
             reference = torch.cat([reference, denoising.reference], 1)
         attn_mask = self_attention_mask(self.num_queries, hybrid, denoising, memory.device)
         hidden, points = [], []
+        previous = reference  # look forward twice: the previous layer's point, with its gradient
         for i, layer in enumerate(self.decoder):
             tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, mask,
                         attn_mask)
@@ -205,8 +207,12 @@ class DeformableTransformer(nn.Module):
             if self.point_refine is None:
                 points.append(reference)
                 continue
-            point = (inverse_sigmoid(reference) + self.point_refine[i](tgt)).sigmoid()
-            points.append(point)
+            delta = self.point_refine[i](tgt)
+            point = (inverse_sigmoid(reference) + delta).sigmoid()
+            # The same value; with DINO's look forward twice the gradient also reaches the previous layer's correction.
+            points.append((inverse_sigmoid(previous) + delta).sigmoid() if self.look_forward_twice and self.training
+                          else point)
+            previous = point
             reference = point.detach()  # each layer's correction is learned from its own loss (Deformable DETR)
         # points: each layer's query points (its mask kernels' KP input); reference_points: the last layer's.
         return {**out, "hidden": torch.stack(hidden), "points": torch.stack(points), "reference_points": points[-1]}
