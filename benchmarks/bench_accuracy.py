@@ -75,7 +75,7 @@ ABLATIONS = {
     "mask_stride_8": {"model.mask_stride": 8},
     "mask_stride_2": {"model.mask_stride": 2},
 }
-# Issue 7's convergence levers, each switched off (the preset's) or on (the others) alone.
+# Convergence levers, each switched off (the preset's) or on (the others) alone.
 LEVERS = {
     "hybrid_matching": {"model.hybrid_queries": 200},
     "no_mask_bce": {"loss.mask_bce_weight": 0.0},
@@ -88,6 +88,9 @@ LEVERS = {
     "o2m_matching": {"loss.o2m_topk": 3},
     "quality_matching": {"loss.match_quality": 0.5},
     "look_forward_twice": {"model.look_forward_twice": True},
+    "dense_aux": {"model.dense_aux": True},
+    # A generic speed-up rather than a learning lever: more steps in the same minutes where bf16 is fast.
+    "bf16": {"train.amp": "bf16"},
 }
 
 
