@@ -75,7 +75,7 @@ ABLATIONS = {
     "mask_stride_8": {"model.mask_stride": 8},
     "mask_stride_2": {"model.mask_stride": 2},
 }
-# Issue 7's convergence levers, each switched off (the preset's) or on (the others) alone.
+# The convergence levers, each switched off (the preset's) or on (the others) alone.
 LEVERS = {
     "hybrid_matching": {"model.hybrid_queries": 200},
     "no_mask_bce": {"loss.mask_bce_weight": 0.0},

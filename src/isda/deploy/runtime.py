@@ -71,7 +71,7 @@ class OnnxISDA(nn.Module):
 
 
 def load_onnx_model(path: str | os.PathLike, threads: int | None = None):
-    """An ``isda export`` file -> :class:`isda.inference.LoadedModel` (the session, the stored config, classes)."""
+    """An ``isda export`` file -> :class:`isda.inference.LoadedModel` (the ONNX Runtime session, its config, classes)."""
     from ..inference import LoadedModel
 
     model = OnnxISDA(path, threads)
