@@ -9,12 +9,14 @@ How a page is run (one test per page, ``test_page_snippets[<page>]``):
   ``train/`` and ``val.json`` + ``val/`` (copies of its splits), ``photos/`` (two of its images) and
   ``.cache`` (a link to the checkout's real-data cache, where it exists).
 - Shell blocks run with ``bash -e -o pipefail``, one command per line (a line ending in ``\\`` continues on
-  the next; ``#`` comments are dropped). ``isda`` and ``python`` resolve to this interpreter
-  (``python -m isda``) and the package is this checkout's. Lines starting with a prefix in
-  ``NOT_EXECUTED`` (``pip install``, ``make``) are shown, not run: the test environment is already set up.
+  the next; ``#`` comments are dropped). ``isda``, ``python`` and ``.venv/bin/python`` resolve to this
+  interpreter (shims in the folder's ``.venv/bin``, first on PATH) and the package is this checkout's.
+  Lines starting with a prefix in ``NOT_EXECUTED`` (``pip install``, ``make``) are shown, not run: the test
+  environment is already set up.
 - Commands are made toy-sized by ``REWRITES``, visible in the command line the failure message shows:
-  ``isda shapes`` / ``train`` / ``demo`` get flags appended (the last value of a flag wins), and
-  ``--preset isda_r50_coco`` becomes ``--preset isda_tiny`` in ``isda train``.
+  ``isda shapes`` / ``train`` / ``demo`` get flags appended (the last value of a flag or ``--set`` field wins:
+  ``TRAIN`` is two steps of batch 2 at 64 px with one validation), and ``--preset isda_r50_coco`` becomes
+  ``--preset isda_tiny`` in ``isda train``.
 - Python blocks run in a fresh interpreter in the same directory and environment.
 - A block that cannot run here (``torchrun``, COCO paths, a GPU, a download) gets
   ``<!-- snippet: skip (reason) -->`` on the line directly before its opening fence; it is reported as
@@ -47,8 +49,10 @@ NOT_EXECUTED = {  # command prefix -> why it is shown but not run
     ("make",): "make targets create a virtual environment or run the suite and the long benchmarks",
 }
 SHAPES = ["--num-train", "16", "--num-val", "4", "--size", "64"]
+# Two steps of batch 2 at the toy images' own 64 px, one validation.
 TRAIN = ["--set", "train.max_steps=2", "--set", "train.time_budget_s=0", "--set", "train.evals_per_run=1",
-         "--set", "train.batch_size=2", "--set", "train.num_workers=0"]
+         "--set", "train.batch_size=2", "--set", "train.num_workers=0", "--set", "data.train_short_sides=[64]",
+         "--set", "data.test_short_side=64"]
 REWRITES = {"shapes": SHAPES, "train": TRAIN, "demo": ["--minutes", "0.05"]}  # isda subcommand -> appended
 PRESETS = {"isda_r50_coco": "isda_tiny"}  # isda train: preset -> the one it runs as here
 BLOCK_TIMEOUT_S = 300
@@ -96,7 +100,7 @@ def parse_page(path: Path, name: str) -> list[Block]:
         i += 1
         body = []
         while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
-            body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i].lstrip())
+            body.append(lines[i][indent:] if not lines[i][:indent].strip() else lines[i].lstrip())
             i += 1
         i += 1
         marked = start - 1 in markers
@@ -210,10 +214,10 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
         raise SnippetError(f"{block.page}:{block.line}: {block.kind} block failed (exit {done.returncode})\n{tail}")
 
 
-def run_page(path: Path, name: str, workdir: Path, shim: Path) -> list[Block]:
+def run_page(path: Path, name: str, workdir: Path) -> list[Block]:
     """Run a page's executed blocks in order in ``workdir``; returns the skipped ones."""
     blocks = parse_page(path, name)
-    env = environment(shim)
+    env = environment(make_shim(workdir / ".venv" / "bin"))
     for block in blocks:
         if block.skip is None:
             run_block(block, workdir, env)
@@ -259,9 +263,9 @@ def workdir(tmp_path: Path, shapes_data: Path) -> Path:
 
 
 @pytest.mark.parametrize("page", _pages())
-def test_page_snippets(page: str, workdir: Path, tmp_path: Path) -> None:
+def test_page_snippets(page: str, workdir: Path) -> None:
     try:
-        run_page(DOCS_ROOT / page, page, workdir, make_shim(tmp_path / "bin"))
+        run_page(DOCS_ROOT / page, page, workdir)
     except SnippetError as e:
         pytest.fail(str(e), pytrace=False)
 
@@ -285,20 +289,21 @@ def test_harness_runs_blocks_in_order_and_skips_what_it_should(tmp_path: Path) -
     page = _page(tmp_path, "\n".join([
         "```bash", "pip install isda  # not executed", "make test", "echo one \\", "  two > out.txt  # a comment",
         "```", "```text", "false", "```", "<!-- snippet: skip (needs a GPU) -->", "```bash", "false", "```",
-        "```python", "from pathlib import Path", "assert Path('out.txt').read_text() == 'one two\\n'", "```", ""]))
-    skipped = run_page(page, "page.md", work, make_shim(tmp_path / "bin"))
+        "```python", "from pathlib import Path", "assert Path('out.txt').read_text() == 'one two\\n'", "```",
+        "```sh", ".venv/bin/python -c 'import isda' && isda --help > help.txt", "```", ""]))
+    skipped = run_page(page, "page.md", work)
     assert [(b.line, b.skip) for b in skipped] == [(11, "needs a GPU")]
-    assert (work / "out.txt").read_text() == "one two\n"
+    assert (work / "out.txt").read_text() == "one two\n" and "usage: isda" in (work / "help.txt").read_text()
 
 
 def test_harness_fails_a_failing_block_with_page_line_and_stderr(tmp_path: Path) -> None:
     page = _page(tmp_path, "intro\n\n```sh\necho fine\necho 'it broke' >&2\nexit 3\necho never\n```\n")
     with pytest.raises(SnippetError) as e:
-        run_page(page, "page.md", tmp_path, make_shim(tmp_path / "bin"))
+        run_page(page, "page.md", tmp_path)
     assert str(e.value).startswith("page.md:3: shell block failed (exit 3)") and "it broke" in str(e.value)
     page = _page(tmp_path, "```python\nraise SystemExit('python broke')\n```\n")
     with pytest.raises(SnippetError, match=r"(?s)page.md:1: python block failed \(exit 1\).*python broke"):
-        run_page(page, "page.md", tmp_path, make_shim(tmp_path / "bin"))
+        run_page(page, "page.md", tmp_path)
 
 
 @pytest.mark.parametrize("text", ["<!-- snippet: skip -->\n```bash\nfalse\n```\n",
@@ -307,7 +312,7 @@ def test_harness_fails_a_failing_block_with_page_line_and_stderr(tmp_path: Path)
                                   "<!-- snippet: skip (why) -->\n```text\nfalse\n```\n"])
 def test_harness_rejects_a_malformed_skip_marker(tmp_path: Path, text: str) -> None:
     with pytest.raises(SnippetError, match="page.md:1: a skip marker"):
-        run_page(_page(tmp_path, text), "page.md", tmp_path, make_shim(tmp_path / "bin"))
+        run_page(_page(tmp_path, text), "page.md", tmp_path)
 
 
 def test_commands_become_toy_sized() -> None:
