@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -205,13 +206,18 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
         argv = ["bash", "-e", "-o", "pipefail", "-c", shell_script(block)]
     else:
         argv = [sys.executable, "-c", block.code]
+    # Its own process group, so that a timeout also ends the commands the block started.
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+        stdout, stderr = proc.communicate(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         raise SnippetError(f"{block.page}:{block.line}: {block.kind} block ran past {BLOCK_TIMEOUT_S} s") from e
-    if done.returncode != 0:
-        tail = (done.stdout[-1500:] + "\n--- stderr ---\n" + done.stderr[-3000:]).strip()
-        raise SnippetError(f"{block.page}:{block.line}: {block.kind} block failed (exit {done.returncode})\n{tail}")
+    if proc.returncode != 0:
+        tail = (stdout[-1500:] + "\n--- stderr ---\n" + stderr[-3000:]).strip()
+        raise SnippetError(f"{block.page}:{block.line}: {block.kind} block failed (exit {proc.returncode})\n{tail}")
 
 
 def run_page(path: Path, name: str, workdir: Path) -> list[Block]:
