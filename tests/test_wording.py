@@ -35,7 +35,7 @@ ALLOWED = [
     (r"\.session\b", "the attribute that holds an onnxruntime InferenceSession"),
     (r"scope=[\"']session[\"']", "a pytest fixture scope"),
     (r"#[0-9a-fA-F]{3}(?:[0-9a-fA-F]{3})?;", "a CSS colour in the HTML report's style sheet"),
-    (r"measured before (?:they were recorded|fingerprints)",
+    (r"measured before (?:they were\b|fingerprints)",
      "benchmarks.provenance's state of a result whose inputs' fingerprints were not recorded with it"),
 ]
 _ALLOWED = re.compile("|".join(f"(?:{pattern})" for pattern, _ in ALLOWED))
