@@ -139,6 +139,7 @@ images and label images); three train ({result['instances']['train']} nuclei), t
 **Command** (what a new user types; the preset with its input size fitted, nothing tuned on the held-out tile; {result['threads']}
 thread(s), 2-core CPU):
 
+<!-- snippet: skip (trains for minutes on the tiles `run` cuts from the downloaded image) -->
 ```bash
 {result['command']}
 ```

@@ -17,7 +17,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def module_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A folder shared by one module's tests, removed when the module ends: a tiny checkpoint is ~165 MB and
-    the suite writes dozens (7.6 GB kept on disk until the session ended filled CI's disk)."""
+    the suite writes dozens (kept until the end of the run, they would fill a CI disk)."""
     path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -18,7 +18,7 @@ def test_paper_preset_is_the_official_recipe():
     assert (data.test_short_side, data.test_max_size) == (800, 1333)
     assert (model.backbone, model.backbone_norm, model.frozen_stages) == ("resnet50", "frozen_bn", 1)
     assert (model.mask_position, model.kernel_position, model.mask_stride) == (True, True, 4)
-    # The convergence levers (issue 7) are switches, off in the paper's recipe.
+    # The convergence levers are switches, off in the paper's recipe.
     assert (model.query_selection, model.hybrid_queries, model.refine_points, model.num_queries) == (False, 0, False, 300)
     assert model.denoising_groups == 0
     assert (loss.mask_bce_weight, loss.class_loss) == (0.0, "focal")

@@ -418,7 +418,6 @@ class Case:
     exit: int  # 0: the run went on; 2: one error line
     message: str  # in the error line (exit 2) or in a warning / stderr (exit 0); "" for none
     behaviour: str  # what happens (docs)
-    issue: str = ""  # the item of issue 16 that fixed it, or ISSUE.ITEM of a later one ("" : it already behaved so)
     unchanged: tuple[str, ...] = ()  # files (relative to the case folder) that must not change
     check: Callable[[Ctx, str], None] | None = None
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
@@ -430,7 +429,7 @@ def polygon_cases() -> list[Case]:
              "polygon with < 3 points", "warning naming image and annotation; annotation skipped"),
         Case("nan_polygon", "train", "NaN in a polygon", bad_polygon([[6, 4, math.nan, 4, 30, 20, 6, 20]]), 2,
              "annotation 12 (image '2.png' (id 2)) field 'segmentation[0]' must be a list of numbers (it holds NaN",
-             "one line naming file, annotation and field, saying NaN", issue="7"),
+             "one line naming file, annotation and field, saying NaN"),
         Case("polygon_outside", "train", "a polygon partly, another wholly outside the image",
              bad_polygon([rect(-10, -10, 20, 20), rect(100, 100, 120, 120)]), 0, "clipped",
              "warning; the part outside is clipped (an annotation wholly outside is skipped)"),
@@ -454,8 +453,7 @@ CASES: list[Case] = [
          0, "", "alpha dropped, no warning"),
     Case("16_bit", "eval", "a 16-bit grayscale PNG",
          lambda c: one_image(c, lambda p: Image.fromarray(picture(0)[..., 0].astype(np.uint16) * 257).save(p)), 0, "",
-         "its own range: values <= 255 as 8-bit, else the 0.1th-99.9th percentile stretched to 0..255; no warning",
-         issue="18.4"),
+         "its own range: values <= 255 as 8-bit, else the 0.1th-99.9th percentile stretched to 0..255; no warning"),
     Case("exif_rotated", "eval", "a JPEG stored sideways with EXIF orientation 6", lambda c: one_image(
         c, save_exif_rotated, name="x.jpg"), 0, "", "EXIF orientation applied when the json's size is the rotated one"),
     Case("size_mismatch", "eval", "the json's width/height differ from the file's",
@@ -463,11 +461,10 @@ CASES: list[Case] = [
          "does not match the annotation's width x height", "warning naming the file; black placeholder"),
     Case("float_tiff_inf", "eval", "a float TIFF with one inf pixel",
          lambda c: one_image(c, save_float_tiff(with_inf), name="x.tiff"), 0, "1 of 1536 pixels are NaN or inf",
-         "warning; the pixel becomes 0, the rest keeps its scale", issue="6", check=check_not_black),
+         "warning; the pixel becomes 0, the rest keeps its scale", check=check_not_black),
     Case("float_tiff_all_nan", "eval", "an all-NaN float TIFF",
          lambda c: one_image(c, save_float_tiff(lambda a: a * np.nan), name="x.tiff"), 0,
-         "1536 of 1536 pixels are NaN or inf", "warning (no numpy 'All-NaN slice' warning); a black image",
-         issue="6"),
+         "1536 of 1536 pixels are NaN or inf", "warning (no numpy 'All-NaN slice' warning); a black image"),
     # --- annotations
     *polygon_cases(),
     Case("unknown_category", "train", "an annotation with an unknown category_id", lambda c: train_args(*c.dataset(
@@ -480,7 +477,7 @@ CASES: list[Case] = [
         anns=[{"id": 5, "image_id": i, "category_id": 1, "segmentation": [rect(6, 4, 30, 20)]} for i in (1, 2)]),
         c.out()), 2, "duplicate annotation id 5", "one line naming file and id"),
     Case("ids_from_zero", "eval", "image, annotation and category ids from 0 (annotation-tool export)", ids_from_zero, 0, "",
-         "evaluated exactly (ground truth as predictions: AP 100); results keep the file's ids", issue="8",
+         "evaluated exactly (ground truth as predictions: AP 100); results keep the file's ids",
          unchanged=("ann.json",), check=check_ids_kept_and_exact_ap),
     Case("crowd_rle", "train", "crowd regions as compressed and uncompressed RLE", crowd_both_forms, 0, "",
          "ignored regions for training and evaluation, no warning"),
@@ -492,23 +489,22 @@ CASES: list[Case] = [
         *c.dataset(raw='{"images": [{"id": 1,'), c.out()), 2, "ann.json: not valid JSON",
          "one line naming the file, line and column"),
     Case("empty_annotations", "train", "'annotations': []", lambda c: train_args(*c.dataset(anns=[]), c.out()), 2,
-         "ann.json: no usable instance in 2 image(s)", "one line naming the file, before training", issue="1"),
+         "ann.json: no usable instance in 2 image(s)", "one line naming the file, before training"),
     Case("empty_annotations_eval", "eval", "'annotations': [] given to isda eval",
          lambda c: eval_args(c, *c.dataset(anns=[])), 2, "ann.json: no usable instance",
-         "one line naming the file, before evaluating", issue="1"),
+         "one line naming the file, before evaluating"),
     Case("empty_images", "train", "'images': []", lambda c: train_args(*c.dataset(images=[], anns=[]), c.out()), 2,
-         "ann.json: field 'images' is empty", "one line naming the file and field", issue="3"),
+         "ann.json: field 'images' is empty", "one line naming the file and field"),
     Case("no_image_exists", "train", "an --images folder holding none of the listed files",
          lambda c: train_args(*c.dataset(write_images=False), c.out()), 2,
-         "none of the 2 image files listed in 'images' is in", "one line naming the file and folder", issue="3"),
+         "none of the 2 image files listed in 'images' is in", "one line naming the file and folder"),
     # --- configuration
     Case("lr_inf", "train", "--set train.lr=inf", lambda c: train_args(*c.dataset(), c.out(), "--set", "train.lr=inf"), 2,
-         "config field 'train.lr': must be a finite number > 0, got inf", "one line naming the field, before training",
-         issue="2"),
+         "config field 'train.lr': must be a finite number > 0, got inf", "one line naming the field, before training"),
     Case("lr_nan", "train", "--set train.lr=nan", lambda c: train_args(*c.dataset(), c.out(), "--set", "train.lr=nan"), 2,
-         "config field 'train.lr'", "one line naming the field", issue="2"),
+         "config field 'train.lr'", "one line naming the field"),
     Case("lr_negative", "train", "--set train.lr=-1", lambda c: train_args(*c.dataset(), c.out(), "--set", "train.lr=-1"), 2,
-         "config field 'train.lr'", "one line naming the field", issue="2"),
+         "config field 'train.lr'", "one line naming the field"),
     Case("bad_set", "train", "--set with an unknown key", lambda c: train_args(*c.dataset(), c.out(), "--set", "train.nope=1"),
          2, "train.nope", "one line naming the key"),
     Case("bad_set_value", "train", "--set with a value of the wrong type",
@@ -516,29 +512,29 @@ CASES: list[Case] = [
          "one line naming the field"),
     Case("weights_nonfinite", "train", "the weights become NaN during training (an overflowing step)",
          lambda c: train_args(*c.dataset(), c.out(), "--set", "train.checkpoint_every=1", "--max-iters", "3"), 2,
-         "the weights became non-finite", "one line, exit 2; last.pt keeps the last finite weights", issue="2",
+         "the weights became non-finite", "one line, exit 2; last.pt keeps the last finite weights",
          check=check_last_finite, patch=weights_turn_nan),
     # --- output
     Case("out_unwritable", "train", "an --out folder that cannot be written", lambda c: train_args(
-        *c.dataset(), unwritable_dir(c)), 2, "output folder: cannot write in", "one line naming the folder, before training",
-         issue="4"),
+        *c.dataset(), unwritable_dir(c)), 2, "output folder: cannot write in",
+         "one line naming the folder, before training"),
     Case("out_under_a_file", "train", "--out below a file", lambda c: train_args(*c.dataset(), a_file(c) / "run"), 2,
-         "output folder: cannot write in", "one line naming the folder", issue="4", unchanged=("a_file",)),
+         "output folder: cannot write in", "one line naming the folder", unchanged=("a_file",)),
     Case("out_is_a_file", "train", "--out pointing at a file", lambda c: train_args(*c.dataset(), a_file(c)), 2,
-         "a_file is a file, not a folder", "one line naming the path", issue="4", unchanged=("a_file",)),
+         "a_file is a file, not a folder", "one line naming the path", unchanged=("a_file",)),
     Case("eval_results_unwritable", "eval", "isda eval --results in a folder that cannot be written",
          lambda c: [*eval_args(c, *c.dataset())[:-4], "--results", str(unwritable_dir(c) / "r.json"), "--device",
-                    "cpu"], 2, "--results: cannot write in", "one line naming the path, before evaluating", issue="4",
+                    "cpu"], 2, "--results: cannot write in", "one line naming the path, before evaluating",
          patch=lambda m: m.setattr("isda.engine.evaluate", not_called)),
     Case("predict_out_unwritable", "predict", "isda predict --out in a folder that cannot be written",
          lambda c: [*predict_args(c, c.dataset()[1])[:-6], "--out", str(unwritable_dir(c))], 2,
-         "--out: cannot write in", "one line naming the folder, before predicting", issue="4"),
+         "--out: cannot write in", "one line naming the folder, before predicting"),
     Case("existing_run", "train", "train into a run folder without --resume", existing_run, 2, "already holds a run",
          "one line; last.pt not overwritten", unchanged=("out/last.pt",)),
     # --- predict
     Case("predict_junk", "predict", "a predict folder with text files, a broken JPEG, an empty PNG and a subfolder",
          junk_folder, 0, "skipping", "a warning naming each unreadable image (other files are not listed); "
-         "results' image_id = index among the images listed", issue="5", check=check_predict_ids),
+         "results' image_id = index among the images listed", check=check_predict_ids),
     Case("huge_image", "predict", "a PNG claiming 40000 x 40000 px (decompression bomb)",
          lambda c: predict_args(c, c.dataset()[1] / "1.png", (huge_png_header(c.dir / "huge.png"), c.dir / "huge.png")[1]),
          0, "DecompressionBombError", "warning naming the file; skipped without decoding"),
@@ -559,12 +555,12 @@ CASES: list[Case] = [
     Case("label_size_mismatch", "convert labels", "a label image of another size than its image",
          label_images(lambda d: Image.fromarray(np.ones((20, 20), np.uint8)).save(d / "2.png")), 2,
          "2.png: label image size 20x20 differs from its image 2.png (48x32)", "one line naming the file, before "
-         "writing anything", issue="18.4"),
+         "writing anything"),
     Case("label_float", "convert labels", "a float TIFF as label image",
          label_images(lambda d: Image.fromarray(np.ones((H, W), np.float32)).save(d / "2.tif")), 2,
-         "2.tif: label image of pixel mode F", "one line naming the file and its mode", issue="18.4"),
+         "2.tif: label image of pixel mode F", "one line naming the file and its mode"),
     Case("label_missing", "convert labels", "an image without a label image", label_images(), 0,
-         "have no label image", "warning naming the image; it is left out of the json", issue="18.4",
+         "have no label image", "warning naming the image; it is left out of the json",
          check=check_one_image_converted),
     Case("missing_checkpoint", "eval", "--weights naming a file that does not exist",
          lambda c: eval_args(c, *c.dataset(), weights=c.dir / "missing.pt"), 2, "checkpoint not found:",
@@ -579,7 +575,7 @@ CASES: list[Case] = [
     Case("malicious_checkpoint", "predict", "a checkpoint whose unpickling runs a shell command",
          lambda c: predict_args(c, c.dataset()[1], weights=evil_checkpoint(c)), 2,
          "refused to unpickle the Python object posix.system",
-         "one line; nothing runs; never suggests weights_only=False", issue="7",
+         "one line; nothing runs; never suggests weights_only=False",
          check=lambda c, _: None if not c.extra["marker"].exists() else pytest.fail("pickled code ran")),
     Case("truncated_checkpoint", "eval", "a checkpoint cut in half", lambda c: eval_args(
         c, *c.dataset(), weights=truncated_checkpoint(c)), 2, "truncated.pt: not a readable checkpoint",
@@ -588,7 +584,7 @@ CASES: list[Case] = [
          "resumes from the last checkpoint and trains each step once", check=check_resumed),
     Case("kill_during_checkpoint_write", "train", "kill -9 while last.pt is being written, then --resume",
          lambda c: killed_run(c, "write"), 0, "removed",
-         "the previous last.pt is intact; the resumed run removes the partial temp file", issue="7",
+         "the previous last.pt is intact; the resumed run removes the partial temp file",
          check=check_write_killed),
 ]
 
@@ -653,16 +649,15 @@ def render() -> str:
         f"{len(CASES)} cases; none ends in a traceback or in a silent success: exit 2 prints exactly one line",
         "`isda <command>: error: ...` naming the file or field, before any work where the run cannot be",
         "meaningful; exit 0 means the run went on, with a warning naming the file wherever something was",
-        "skipped or changed. *Issue* marks the cases an issue fixed: its item number for issue 16, `18.4` for",
-        "item 4 of issue 18 (label images in, 16-bit images).",
+        "skipped or changed.",
         "",
-        "| # | case | command | input | exit | message (fragment) | behaviour | issue |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | case | command | input | exit | message (fragment) | behaviour |",
+        "|---|---|---|---|---|---|---|",
     ]
     for i, c in enumerate(CASES, 1):
         message = f"`{c.message}`" if c.message else "none"
         cells = [str(i), c.name, f"`isda {c.command}`", c.fault, str(c.exit), message.replace("|", "\\|"),
-                 c.behaviour, c.issue]
+                 c.behaviour]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -80,7 +80,7 @@ def test_losses_equal_hand_computed_values():
     assert losses["loss_dice"].item() == pytest.approx(expected_dice, abs=1e-6)  # float32: 1 - 0.99916
     assert losses["loss"].item() == pytest.approx(2 * expected_cls + 3 * expected_dice, rel=1e-5)
 
-    # Opt-in binary cross-entropy on the matched mask (issue 7 lever), mean over its pixels.
+    # Opt-in binary cross-entropy on the matched mask (a convergence lever), mean over its pixels.
     losses = SetCriterion(LossConfig(aux_loss=False, mask_bce_weight=2.0))(logits, mask_logits, targets, target_masks)
     expected_bce = -(math.log(s) * 2 + math.log(s) * 2) / 4  # logits 4, 4 on 1-pixels and -4, -4 on 0-pixels
     assert losses["loss_bce"].item() == pytest.approx(expected_bce, rel=1e-5)

@@ -16,7 +16,8 @@ from .accuracy import accuracy
 from .charts import accuracy_chart, speed_chart
 from .speed import analysis, before_after, changes, inference, msda, profile, summary, train
 
-REPRODUCE = """```sh
+REPRODUCE = """<!-- snippet: skip (runs the benchmarks for minutes to hours and rewrites this page) -->
+```sh
 make bench        # quick: inference, training step, deformable attention core (a minute or two; prints only)
 make bench-full   # everything below, rewrites this page (the accuracy section takes about 3 hours at two 1-thread runs at a time)
 # sections one at a time (the page keeps the others), e.g. the timings only, or the accuracy parts one by one:
