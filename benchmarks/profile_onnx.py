@@ -37,12 +37,12 @@ def profile(onnx: str | os.PathLike, size: tuple[int, int], runs: int = 2, threa
         options.graph_optimization_level = levels[optimization]
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+        ort_session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
         feed = {"image": rng.random((1, 3, *size), dtype=np.float32), "output_size": np.asarray(size, np.int64)}
         for _ in range(runs + 1):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
+            ort_session.run(None, feed)
+        events = json.loads(Path(ort_session.end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)
     by_node: dict[str, float] = defaultdict(float)
     # Events are written as they end (a run's after its nodes): the warm-up is the earliest model_run span.

@@ -34,6 +34,7 @@ ALLOWED = [
     (r"\bort session", "onnxruntime's InferenceSession, abbreviated"),
     (r"\.session\b", "the attribute that holds an onnxruntime InferenceSession"),
     (r"scope=[\"']session[\"']", "a pytest fixture scope"),
+    (r"== \"Session\"", "an event category of ONNX Runtime's profiler"),
     (r"#[0-9a-fA-F]{3}(?:[0-9a-fA-F]{3})?;", "a CSS colour in the HTML report's style sheet"),
     (r"measured before (?:they were\b|fingerprints)",
      "benchmarks.provenance's state of a result whose inputs' fingerprints were not recorded with it"),

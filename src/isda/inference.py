@@ -31,8 +31,8 @@ class LoadedModel:
 def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                        runtime: str = "onnxruntime") -> LoadedModel:
     """An isda checkpoint (``last.pt`` / ``best.pt``) -> the eval-mode model with its config and classes; an
-    ``isda export`` file (``.onnx``) -> its ONNX Runtime (or ``runtime="openvino"``) session with the same
-    interface (CPU)."""
+    ``isda export`` file (``.onnx``) -> the same interface over ONNX Runtime (or ``runtime="openvino"``) on the
+    CPU."""
     if Path(path).suffix.lower() == ".onnx":
         from .deploy.runtime import load_onnx_model
 

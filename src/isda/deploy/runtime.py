@@ -81,9 +81,9 @@ def _onnxruntime(path: Path, threads: int | None, providers: tuple[str, ...]
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # (the default, made explicit)
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
-    names = [o.name for o in session.get_outputs()]
-    return (lambda feed: session.run(None, feed)), session.get_modelmeta().custom_metadata_map, names
+    ort_session = ort.InferenceSession(str(path), options, providers=list(providers))
+    names = [o.name for o in ort_session.get_outputs()]
+    return (lambda feed: ort_session.run(None, feed)), ort_session.get_modelmeta().custom_metadata_map, names
 
 
 def _openvino(path: Path, threads: int | None) -> tuple[Infer, dict[str, str], list[str]]:
@@ -108,7 +108,7 @@ def _openvino(path: Path, threads: int | None) -> tuple[Infer, dict[str, str], l
 
 
 def load_onnx_model(path: str | os.PathLike, threads: int | None = None, runtime: str = "onnxruntime"):
-    """An ``isda export`` file -> :class:`isda.inference.LoadedModel` (the session, the stored config, classes)."""
+    """An ``isda export`` file -> :class:`isda.inference.LoadedModel` (the ONNX Runtime session, the stored config, classes)."""
     from ..inference import LoadedModel
 
     model = OnnxISDA(path, threads, runtime=runtime)
