@@ -4,7 +4,6 @@ run by run (:func:`benchmarks.procs.compare`).
 
 The "before" side is a revision of this repository (:data:`BEFORE_OPTIMISATIONS` by default: the last one
 before the first optimisation), extracted with ``git archive``; no copy of old code lives next to the new.
-The per-change table of docs/benchmarks.md is a recorded figure (see :data:`PER_CHANGE_RECORDED_AT`).
 """
 
 from __future__ import annotations
@@ -21,9 +20,6 @@ from .procs import ROOT, compare
 
 # The last revision before the CPU optimisations (grid_sample deformable attention, NCHW everywhere, ...).
 BEFORE_OPTIMISATIONS = "929957d"
-# The revision whose benchmarks/baseline.py still switched the old code back in change by change: the per-change
-# table (the "changes" section of docs/benchmarks.json) was measured with it and is kept as a recorded figure.
-PER_CHANGE_RECORDED_AT = "9ffb381"
 
 
 @contextlib.contextmanager

@@ -94,8 +94,6 @@ def _render_faults(data: None, page: Path) -> str:
 GENERATED: dict[str, Generated] = {
     "docs/benchmarks.md": Generated("docs/benchmarks.json", _render_benchmarks, "python -m benchmarks.run --render"),
     "docs/onnx.md": Generated("docs/onnx.json", _render_onnx, "python -m benchmarks.bench_onnx (see docs/onnx.json _meta)"),
-    "docs/onnx_1thread.md": Generated("docs/onnx_1thread.json", _render_onnx,
-                                      "python -m benchmarks.bench_onnx (see docs/onnx_1thread.json _meta)"),
     "docs/real_data.md": Generated("docs/real_data.json", _render_real_data,
                                    "python -m benchmarks.real_nuclei render --page docs/real_data.md"),
     "docs/faults.md": Generated(None, _render_faults, "python tests/test_fault_corpus.py"),

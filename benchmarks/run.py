@@ -9,10 +9,9 @@ Sections: inference (latency, peak RSS, per-component time), train (one AdamW st
 models under CPU bfloat16 autocast (``_bf16`` rows, unless --no-bf16), msda (deformable
 attention core vs the textbook implementation), before_after (this tree against the git revision before
 the optimisations, ``--before REV``), profile (torch.profiler top operators of an inference and a training
-step; the profiles before the optimisations are recorded figures), accuracy (ISDA tiny vs a Mask R-CNN tuned with the same effort
+step), accuracy (ISDA tiny vs a Mask R-CNN tuned with the same effort
 under the same CPU budget: sweep on the tune split, test split, a held-out generated family, the paper's
-ablations; full mode only unless --accuracy-budget is given). The per-change table
-of the page ("changes") is a recorded figure: no section re-measures it.
+ablations; full mode only unless --accuracy-budget is given).
 
 Every comparison is one run on one machine with the sides alternated run by run, and reports medians.
 Timings are only meaningful on a quiet machine: the load average is recorded with each section.
@@ -127,10 +126,9 @@ def section_before_after(args, log) -> dict[str, Any]:
                              train_size=args.train_size, preset=args.preset, threads=args.threads, log=log)
 
 
-def section_profile(args, log, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def section_profile(args, log) -> dict[str, Any]:
     """torch.profiler of one ISDA inference and one training step, and of one training step of Mask R-CNN
-    (same frozen-backbone recipe). The profiles before the optimisations ("before", "train_before") are
-    recorded figures, kept from the earlier results."""
+    (same frozen-backbone recipe)."""
     from .worker import Task
 
     def step(task: str, model: str, size) -> Any:
@@ -140,7 +138,6 @@ def section_profile(args, log, previous: dict[str, Any] | None = None) -> dict[s
     runs = {"after": step("infer", "isda", args.infer_size), "train_after": step("train", "isda", args.train_size),
             "train_maskrcnn_frozen": step("train", "maskrcnn_frozen", args.train_size)}
     out: dict[str, Any] = {"size": list(args.infer_size), "train_size": list(args.train_size)}
-    out.update({k: v for k, v in (previous or {}).items() if k in ("before", "train_before")})
     for name, fn in runs.items():
         out[name] = _profile_top(fn)
         log(f"  profile {name}: {_top_line(out[name])}")
@@ -307,8 +304,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
             extra = {"previous": results["sections"].get("accuracy"),
                      "save": lambda data, name=name, start=start, load=load_before: store(name, data, start, load)}
-        elif name == "profile":  # keeps the recorded profiles of the code before the optimisations
-            extra = {"previous": results["sections"].get("profile")}
         store(name, globals()[f"section_{name}"](args, print, **extra), start, load_before)
     print(f"results: {json_path}")
     if not args.quick:

@@ -14,7 +14,7 @@ from isda.fileio import atomic_write_text
 
 from .accuracy import accuracy
 from .charts import accuracy_chart, speed_chart
-from .speed import analysis, before_after, changes, inference, msda, profile, summary, train
+from .speed import analysis, before_after, inference, msda, profile, summary, train
 
 REPRODUCE = """<!-- snippet: skip (runs the benchmarks for minutes to hours and rewrites this page) -->
 ```sh
@@ -59,9 +59,6 @@ def render(results: dict[str, Any], page: Path) -> None:
     ms = secs.get("msda")
     if ms:
         out += msda(ms)
-    ch = secs.get("changes")
-    if ch:
-        out += changes(ch)
     ba = secs.get("before_after")
     if ba:
         out += before_after(ba)

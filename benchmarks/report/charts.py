@@ -15,7 +15,7 @@ def speed_chart(secs: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     panels = []
-    inf, tr, ms, ch = secs.get("inference"), secs.get("train"), secs.get("msda"), secs.get("changes")
+    inf, tr, ms = secs.get("inference"), secs.get("train"), secs.get("msda")
     if inf:
         names = [n for n in ("isda", "maskrcnn_eq", "maskrcnn") if n in inf]
         labels = {"isda": "ISDA-R50", "maskrcnn_eq": "Mask R-CNN\n(same speed-ups)",
@@ -33,10 +33,6 @@ def speed_chart(secs: dict[str, Any], path: Path) -> bool:
         cases = list(ms["cases"])
         panels.append(("ms_deform_attn speed-up vs textbook (x)", [c.replace("/", "\n").replace("_", "+") for c in cases],
                        [ms["cases"][c]["reference"]["median"] / ms["cases"][c]["isda"]["median"] for c in cases]))
-    if ch and "inference" in ch:
-        keys = list(ch["inference"])
-        panels.append(("ISDA inference after each change (s)", ["before"] + [f"+{n}" for n in ch["changes"]],
-                       [ch["inference"][k]["median"] for k in keys]))
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))

@@ -1,11 +1,10 @@
 """The page's speed sections: summary, inference, training step, deformable attention core, the optimisations
-one at a time and before/after, the goal status and the operator profile."""
+before/after, the goal status and the operator profile."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..bench_changes import PER_CHANGE_RECORDED_AT
 from .formatting import image_size, measured, millis, seconds
 
 COMPONENTS = [("backbone", "backbone (ResNet-50)"), ("neck", "neck (channel mapper, P2..P6)"),
@@ -177,34 +176,6 @@ def msda(ms: dict[str, Any]) -> list[str]:
     return out
 
 
-def changes(ch: dict[str, Any]) -> list[str]:
-    names = ch["changes"]
-    out = ["## Optimisations, one at a time", "",
-           "ISDA-R50, one process, configurations alternated run by run: each row adds one change to the row above "
-           "(the first row is the code before any of them). Ratio = this row / the row above. Recorded figures: "
-           f"measured at revision {PER_CHANGE_RECORDED_AT}, which kept the code before each change and switched it back "
-           "in; the whole set is re-measured against a git revision by the `before_after` section.", ""]
-    for part, label in (("inference", f"inference, {image_size(ch)}"),
-                        ("train", f"training step, batch 2, {'x'.join(map(str, ch.get('train_size', [512, 512])))}")):
-        if part not in ch:
-            continue
-        stats = ch[part]
-        keys = list(stats)
-        out += [f"### {label}", "", "| configuration | median | ratio to previous | ratio to baseline |", "|---|---|---|---|"]
-        base = stats[keys[0]]["median"]
-        for k, key in enumerate(keys):
-            med = stats[key]["median"]
-            prev = stats[keys[k - 1]]["median"] if k else med
-            name = "baseline (before)" if k == 0 else f"+ {names[k - 1]}"
-            out.append(f"| {name} | {seconds(med)} | {med / prev:.2f} | {med / base:.2f} |")
-        out.append("")
-    out += ["Changes:", ""]
-    for n in names:
-        out.append(f"- `{n}`: {ch['descriptions'][n]}")
-    out += ["", measured(ch)]
-    return out
-
-
 def before_after(ba: dict[str, Any]) -> list[str]:
     out = [f"## Before and after the optimisations (revision {ba['before']} vs {ba['after']})", "",
            f"{ba['preset']}, each side in its own worker process importing isda from its revision, runs alternated. "
@@ -281,12 +252,9 @@ def analysis(secs: dict[str, Any]) -> list[str]:
 
 def profile(pr: dict[str, Any]) -> list[str]:
     out = [f"## Profile (torch.profiler: one ISDA-R50 inference at {image_size(pr)}, one training step each)", "",
-           "Self CPU time by operator, before the optimisations (recorded figures, measured at revision "
-           f"{PER_CHANGE_RECORDED_AT}) and after (the profiler adds some overhead).", ""]
+           "Self CPU time by operator (the profiler adds some overhead).", ""]
     train = "x".join(map(str, pr.get("train_size", ())))
-    for name, label in (("before", "inference, before"), ("after", "inference, after"),
-                        ("train_before", f"training step (batch 2, {train}), before"),
-                        ("train_after", f"training step (batch 2, {train}), after"),
+    for name, label in (("after", "inference"), ("train_after", f"training step (batch 2, {train})"),
                         ("train_maskrcnn_frozen", f"Mask R-CNN R50-FPN training step (batch 2, {train}; frozen stem "
                                                   "+ stage 1, FrozenBN), for comparison")):
         if name not in pr:
