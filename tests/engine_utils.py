@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from isda.config import Config, apply_overrides, get_preset
-from isda.data.shapes import make_shapes_dataset
+from isda.data.shapes import generate_image, make_shapes_dataset
 
 # isda_tiny, smaller still: 64 px images, a one-layer encoder, two decoder layers, ten queries (and twenty
 # training-only hybrid ones); multi-scale and crops (padded batches).
@@ -41,3 +42,16 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def generated_images(count: int = 2, size: int = 128, instances: tuple[int, int] = (3, 5), seed: int = 3
+                     ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``count`` generated images of ``size`` px with ``instances`` (min, max) instances each, and their targets."""
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for _ in range(count):
+        image, found = generate_image(rng, size, min_instances=instances[0], max_instances=instances[1])
+        images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+        targets.append({"labels": torch.tensor([label for label, _ in found]),
+                        "masks": torch.from_numpy(np.stack([m for _, m in found]))})
+    return images, targets

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import isda.engine as engine
 import isda.models.deformable_attention as deformable_attention
 from isda.config import LossConfig
-from isda.data.shapes import generate_image
 from isda.deploy.runtime import OnnxISDA
 from isda.inference import inference_precision, predict
 from isda.models.deformable_attention import MSDeformAttn
@@ -22,7 +20,7 @@ from isda.models.isda import ISDA
 from isda.models.losses import SetCriterion, mask_centroids
 from isda.models.matcher import hungarian_match
 
-from engine_utils import shapes, tiny_config
+from engine_utils import generated_images, shapes, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LEVELS = ((9, 13), (5, 7), (3, 4), (1, 2))
@@ -122,13 +120,7 @@ def test_train_amp_bf16_on_cpu_trains_with_the_float32_loss(tmp_path):
 def fitted() -> tuple[ISDA, list[torch.Tensor], object]:
     """The small tiny model fitted to two generated 64 px images: confident detections to compare."""
     torch.manual_seed(0)
-    rng = np.random.default_rng(3)
-    images, targets = [], []
-    for _ in range(2):
-        image, instances = generate_image(rng, 64, min_instances=2, max_instances=4)
-        images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
-        targets.append({"labels": torch.tensor([label for label, _ in instances]),
-                        "masks": torch.from_numpy(np.stack([m for _, m in instances]))})
+    images, targets = generated_images(2, 64, (2, 4))
     cfg = tiny_config(num_classes=5)
     model = ISDA(cfg.model, cfg.loss).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)

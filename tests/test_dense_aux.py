@@ -2,13 +2,11 @@
 assignment, that its losses train the encoder and learn, and that inference, the ONNX graph and checkpoint
 initialisation are those of the model without it."""
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 import isda
-from isda.data.shapes import generate_image
 from isda.deploy.onnx_export import export_model
 from isda.models.dense_aux import assign_tokens, level_sizes
 from isda.models.transformer import token_centers
@@ -111,13 +109,7 @@ def test_dense_aux_learns_on_generated_images():
     """Two generated images, 40 steps with the switch on: the dense head's losses fall and the model's (decoder)
     masks match the instances better."""
     torch.manual_seed(0)
-    rng = np.random.default_rng(3)
-    images, targets = [], []
-    for _ in range(2):
-        image, instances = generate_image(rng, 128, min_instances=3, max_instances=5)
-        images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
-        targets.append({"labels": torch.tensor([label for label, _ in instances]),
-                        "masks": torch.from_numpy(np.stack([m for _, m in instances]))})
+    images, targets = generated_images()
     model = isda.build_model("isda_tiny", num_classes=5, dense_aux=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
     with torch.no_grad():

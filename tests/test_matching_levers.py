@@ -16,7 +16,8 @@ from isda.models.losses import SetCriterion, dice_loss
 from isda.models.matcher import focal_class_cost, hungarian_match, matching_cost, soft_iou, topk_match
 
 from test_convergence_options import batch
-from test_overfit import generated_images, mean_best_iou
+from engine_utils import generated_images
+from test_overfit import mean_best_iou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 import isda
-from isda.data.shapes import generate_image
+
+from engine_utils import generated_images
 
 
 def mean_best_iou(preds, targets, score_thr=0.3):
@@ -21,18 +22,6 @@ def mean_best_iou(preds, targets, score_thr=0.3):
             union = (cand | mask).flatten(1).sum(1).float()
             ious.append((inter / union).max().item())
     return float(np.mean(ious))
-
-
-def generated_images(seed: int = 3, count: int = 2):
-    """``count`` generated 128 px images with 3-5 instances each, and their targets."""
-    rng = np.random.default_rng(seed)
-    images, targets = [], []
-    for _ in range(count):
-        image, instances = generate_image(rng, 128, min_instances=3, max_instances=5)
-        images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
-        targets.append({"labels": torch.tensor([label for label, _ in instances]),
-                        "masks": torch.from_numpy(np.stack([m for _, m in instances]))})
-    return images, targets
 
 
 def test_tiny_preset_overfits_generated_images():

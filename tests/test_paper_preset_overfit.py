@@ -7,26 +7,14 @@ no ImageNet weights here, and a frozen random backbone never learns)."""
 import numpy as np
 import torch
 
-from engine_utils import single_thread
+from engine_utils import generated_images, single_thread
 from isda import ISDA
 from isda.config import apply_from_scratch, get_preset
-from isda.data.shapes import generate_image
 from isda.engine import param_groups
 from isda.models.losses import downsample_masks
 from isda.models.matcher import hungarian_match
 
 SIZE, STEPS = 96, 60
-
-
-def generated_images(n: int, seed: int = 3) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    rng = np.random.default_rng(seed)
-    images, targets = [], []
-    for _ in range(n):
-        image, instances = generate_image(rng, SIZE, min_instances=2, max_instances=4)
-        images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
-        targets.append({"labels": torch.tensor([label for label, _ in instances]),
-                        "masks": torch.from_numpy(np.stack([m for _, m in instances]))})
-    return images, targets
 
 
 @torch.no_grad()
@@ -55,7 +43,7 @@ def matched_mask_iou(model: ISDA, images, targets) -> float:
 
 def test_paper_preset_overfits_generated_images():
     torch.manual_seed(0)
-    images, targets = generated_images(2)
+    images, targets = generated_images(2, SIZE, (2, 4))
     assert sum(len(t["labels"]) for t in targets) >= 4
     cfg = apply_from_scratch(get_preset("isda_r50_coco"))
     cfg.model.num_classes = 5
