@@ -424,8 +424,8 @@ def test_onnx_page_does_not_quote_timings_measured_under_load():
     lat = {name: {"time": t, "peak_rss_gib": 1.0, "ratio_to_eager": 0.5} for name in ("eager", "onnxruntime")}
     export = {"export_s": 9.87, "export_peak_rss_gib": 2.0, "bytes": 2**20, "int8_s": 3.21, "int8_nodes": 4,
               "int8_bytes": 2**20, **section_load([0.2, 0, 0], [0.3, 0, 0])}
-    results = {"machine": {"cpu": "cpu", "threads": 2, "torch": "x"}, "onnxruntime": "x", "date": "d",
-               "command": "c", "presets": {}}
+    results = {"machine": {"cpu": "cpu", "threads": 2, "torch": "x"}, "onnxruntime": "x",
+               "_meta": {"date": "d", "command": "c"}, "presets": {}}
     results["presets"]["quiet"] = {"export": export, "latency": lat, **section_load([0.1, 0, 0], [0.2, 0, 0])}
     busy = section_load([0.5, 0, 0], [MAX_LOAD + 1, 0, 0])
     results["presets"]["busy"] = {"export": {**export, **busy}, "latency": lat, **busy}
