@@ -12,7 +12,7 @@ from isda.models.dense_aux import assign_tokens, level_sizes
 from isda.models.transformer import token_centers
 from isda.weights import load_pretrained, save_converted
 
-from engine_utils import single_thread
+from engine_utils import generated_images, single_thread
 from test_convergence_options import batch
 from test_overfit import mean_best_iou
 
