@@ -21,8 +21,10 @@ $(REAL_DATA): $(VENV)/.installed
 
 real-data: $(REAL_DATA)
 
+# Two workers (most tests run one thread; a module's tests stay on one worker, its fixtures made once); the
+# slowest tests are listed at the end.
 test: venv $(REAL_DATA)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=20 tests
 
 demo: venv
 	$(VENV)/bin/isda demo

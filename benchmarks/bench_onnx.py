@@ -13,9 +13,9 @@ medians reported (:func:`benchmarks.procs.compare`). ``isda_r50_coco`` has its r
 the tiny preset the trained model when there is one. Then COCO mask AP of the trained tiny model on the shapes
 validation split through every path. Writes ``docs/onnx.{md,json}`` (``--page``).
 
-Timings are only meaningful on a quiet machine: the 1-minute load average is recorded before and after each
-section, and a section with either above :data:`MAX_LOAD` is marked invalid (the page prints "invalid: load X"
-instead of its figures).
+Timings are only meaningful on a quiet machine: each section waits for the load average to settle and records
+the CPU time other work used while it ran (:func:`benchmarks.quiet.measured`); a section that started busy or ran
+beside other work is marked invalid (the page prints "invalid: ..." and the reason instead of its figures).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,11 @@ from isda.fileio import atomic_write_text
 from .common import INFER_SIZE, build_isda, machine_info, peak_rss_gib, set_threads
 from .procs import ROOT, compare
 from .provenance import meta
+from .quiet import MAX_LOAD, MAX_OTHER_CPUS, measured, quiet_note, worst
 from .worker import parse_size
 
 DEFAULT_PRESETS = f"isda_r50_coco@{INFER_SIZE[0]}x{INFER_SIZE[1]},isda_tiny@128x128"
 GOAL = 0.7  # ONNX Runtime latency / PyTorch eager latency
-MAX_LOAD = 1.5  # a timed section with a 1-minute load average above this (before or after) is not quoted
 # path -> (runtime, file suffix after the export's stem); "eager" runs the PyTorch model.
 PATHS = {"onnxruntime": ("onnxruntime", ""), "onnxruntime_int8": ("onnxruntime", "_int8"),
          "onnxruntime_int8_static": ("onnxruntime", "_int8_static"), "openvino": ("openvino", "")}
@@ -54,19 +53,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def section_load(before: list[float], after: list[float]) -> dict[str, Any]:
-    """A timed section's load record: the 1-minute averages before and after, and whether it counts."""
-    worst = max(before[0], after[0])
-    return {"load_before": before, "load_after": after, "valid": worst <= MAX_LOAD, "load_max": worst}
-
-
 def timed(sec: dict[str, Any], text: str) -> str:
-    """``text`` (a timing figure), or what the page says instead when its section ran on a busy machine."""
-    return text if sec.get("valid", True) else f"invalid: load {sec['load_max']:.2f}"
+    """``text`` (a timing figure), or what the page says instead when its section was not measured quietly."""
+    return text if sec.get("valid", True) else f"invalid: {sec.get('invalid_because', 'busy machine')}"
 
 
 def openvino_available() -> bool:
@@ -183,7 +172,9 @@ def render(results: dict[str, Any]) -> str:
              "(`isda.deploy.onnx_export.quantize_transformer`). onnxruntime_int8_static: that plus the backbone's, "
              "neck's and mask features' convolutions statically quantised (`isda.deploy.quantize.quantize_int8`, "
              "`isda export --int8`). openvino: the float32 file in OpenVINO (`--runtime openvino`).",
-             f"A section whose 1-minute load average was above {MAX_LOAD} before or after it is marked invalid.", ""]
+             f"Each section waited for the 1-minute load average to settle to {MAX_LOAD} and counted the CPU time other "
+             f"work used while it ran; one that started busy or ran beside more than {MAX_OTHER_CPUS} CPUs of other "
+             "work is marked invalid.", ""]
     for key, sec in results["presets"].items():
         lat, exp = sec["latency"], sec["export"]
         lines += [f"## {key}" + (" (trained on shapes)" if sec.get("weights") else " (random initialisation)"), "",
@@ -206,8 +197,7 @@ def render(results: dict[str, Any]) -> str:
                      if static else "")
                   + f". Goal ONNX Runtime <= {GOAL} x eager: "
                   + timed(sec, f"**{'met' if goal <= GOAL else 'not met'}** ({goal:.2f})") + ".",
-                  f"<sub>load average {exp.get('load_before')} before the export, {exp.get('load_after')} after; "
-                  f"{sec['load_before']} before the latency runs, {sec['load_after']} after.</sub>", ""]
+                  f"<sub>export: {quiet_note(exp)}; latency runs: {quiet_note(sec)}.</sub>", ""]
     if results.get("accuracy"):
         acc = results["accuracy"]
         lines += ["## Mask AP on the shapes validation split (isda_tiny)", "",
@@ -217,7 +207,7 @@ def render(results: dict[str, Any]) -> str:
             s = row["stats"]
             lines.append(f"| {name} | {100 * s['AP']:.2f} | {100 * s['AP50']:.2f} | {100 * s['AP75']:.2f} | "
                          f"{timed(acc, format(row['seconds'], '.1f') + ' s')} ({row['images']} images) |")
-        lines += ["", f"<sub>load average {acc['load_before']} before, {acc['load_after']} after.</sub>", ""]
+        lines += ["", f"<sub>{quiet_note(acc)}.</sub>", ""]
     return "\n".join(lines)
 
 
@@ -244,11 +234,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     import onnxruntime
 
+    def log(text: str) -> None:
+        print(text, flush=True)
+
     args.work.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.bench_onnx " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     results: dict[str, Any] = {"machine": machine_info(args.threads), "onnxruntime": onnxruntime.__version__,
                                "presets": {}}
-    load_before = _load()[0]
     presets = [item.partition("@")[0] for item in args.presets.split(",")]
     paths = [name for name in PATHS if PATHS[name][0] != "openvino" or openvino_available()]
     if openvino_available():
@@ -267,25 +259,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         key = f"{preset} {size[0]}x{size[1]}"
         own = weights if preset == "isda_tiny" else None
         print(f"{key}: export", flush=True)
-        before = _load()
         onnx = args.work / f"{preset}_{size[0]}x{size[1]}.onnx"
-        export = run_export(preset, size, onnx, own, args.threads, args.data / "train", args.calib_count)
-        export.update(section_load(before, _load()))
+        with measured(log=log) as timing:
+            export = run_export(preset, size, onnx, own, args.threads, args.data / "train", args.calib_count)
+        export.update(timing)
         print(f"  {export['export_s']:.1f} s, {export['bytes'] / 2**20:.1f} MiB; latency", flush=True)
-        before = _load()
-        lat = latency(preset, size, onnx, own, args.threads, args.repeats, paths, log=lambda s: print(s, flush=True))
-        results["presets"][key] = {"export": export, "latency": lat, "weights": own, **section_load(before, _load())}
+        with measured(log=log) as timing:
+            lat = latency(preset, size, onnx, own, args.threads, args.repeats, paths, log=log)
+        results["presets"][key] = {"export": export, "latency": lat, "weights": own, **timing}
         print("  ratio to eager: " + ", ".join(f"{name} {lat[name]['ratio_to_eager']:.2f}" for name in paths)
-              + ("" if results["presets"][key]["valid"] else f" (invalid: load above {MAX_LOAD})"), flush=True)
+              + ("" if timing["valid"] else f" (invalid: {timing['invalid_because']})"), flush=True)
     if weights is not None and not args.no_accuracy:
         onnx = args.work / "isda_tiny_accuracy.onnx"
         run_export("isda_tiny", (133, 181), onnx, weights, args.threads, args.data / "train", args.calib_count)
-        before = _load()
-        rows = accuracy(weights, onnx, args.data, args.threads, paths)
-        results["accuracy"] = {"weights": weights, "rows": rows, **section_load(before, _load())}
+        with measured(log=log) as timing:
+            rows = accuracy(weights, onnx, args.data, args.threads, paths)
+        results["accuracy"] = {"weights": weights, "rows": rows, **timing}
         print(json.dumps({k: v["stats"]["AP"] for k, v in rows.items()}), flush=True)
     trained = ["preset:isda_tiny", "data:shapes"] if weights is not None else []  # a tiny model trained on shapes
-    results["_meta"] = meta(command.strip(), [*(f"preset:{p}" for p in presets), *trained], load_before)
+    sections = [s for sec in results["presets"].values() for s in (sec, sec["export"])] + \
+        ([results["accuracy"]] if "accuracy" in results else [])
+    results["_meta"] = meta(command.strip(), [*(f"preset:{p}" for p in presets), *trained], worst(sections))
     page = render(results)
     atomic_write_text(args.page, page + "\n")
     atomic_write_text(args.page.with_suffix(".json"), json.dumps(results, indent=1) + "\n")

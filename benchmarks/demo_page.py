@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from isda.fileio import atomic_write_bytes, atomic_write_text
 
 from .provenance import ROOT, meta
+from .quiet import measured
 
 THREADS = 2
 COMMAND = "python -m benchmarks.demo_page --run"
@@ -40,13 +40,14 @@ def figures(run_dir: Path) -> dict[str, Any]:
         raise SystemExit(f"{path}: not a demo summary ({type(e).__name__}: {e})") from None
 
 
-def write(run_dir: Path, docs: Path, load_before: float | None = None) -> dict[str, Any]:
-    """docs/demo.json and docs/demo_predictions.png from ``run_dir``; returns the JSON written."""
+def write(run_dir: Path, docs: Path, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """docs/demo.json and docs/demo_predictions.png from ``run_dir`` (``timing``: the run's
+    :func:`benchmarks.quiet.measured` record); returns the JSON written."""
     run_dir, docs = Path(run_dir), Path(docs)
     picture = run_dir / "predictions.png"
     if not picture.is_file():
         raise SystemExit(f"{picture} not found: not a finished demo run")
-    data = {"demo": {"_meta": meta(COMMAND, ["preset:isda_tiny", "data:shapes"], load_before), **figures(run_dir)}}
+    data = {"demo": {"_meta": meta(COMMAND, ["preset:isda_tiny", "data:shapes"], timing), **figures(run_dir)}}
     atomic_write_bytes(docs / "demo_predictions.png", picture.read_bytes())
     atomic_write_text(docs / "demo.json", json.dumps(data, indent=1) + "\n")
     return data
@@ -57,18 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="the demo's run directory")
     p.add_argument("--run", action="store_true", help=f"run `isda demo` ({THREADS} threads) into --run-dir first")
     args = p.parse_args(argv)
-    load_before = None
+    timing = None
     if args.run:
         import torch
 
         from isda.cli import main as isda
 
-        load_before = os.getloadavg()[0]
         torch.set_num_threads(THREADS)
-        if isda(["demo", "--out", str(args.run_dir)]) != 0:
-            raise SystemExit("isda demo failed")
+        with measured(log=print) as timing:
+            if isda(["demo", "--out", str(args.run_dir)]) != 0:
+                raise SystemExit("isda demo failed")
     docs = ROOT / "docs"
-    data = write(args.run_dir, docs, load_before)
+    data = write(args.run_dir, docs, timing)
     print(json.dumps({k: v for k, v in data["demo"].items() if k != "_meta"}))
     print(f"wrote {docs / 'demo.json'} and {docs / 'demo_predictions.png'}", file=sys.stderr)
 

@@ -231,7 +231,7 @@ def _generated(page: str, text: str, gen: Generated, sources: _Sources, root: Pa
             changed = "".join(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True), "committed",
                                                    "rendered", n=0))
             problems.append(f"{page}:{diff}: differs from what `{gen.command}` renders"
-                            + (f" from {gen.source}" if gen.source else "") + f" (hand-edited or stale):\n"
+                            + (f" from {gen.source}" if gen.source else "") + " (hand-edited or stale):\n"
                             + "\n".join("    " + line for line in changed.splitlines()[:12]))
     return problems
 

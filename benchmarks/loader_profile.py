@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.bench_changes import source_of
 from benchmarks.provenance import meta
+from benchmarks.quiet import measured, worst
 from isda.fileio import atomic_write_text
 
 
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--root", type=Path, default=Path(".cache/loader_profile"))
     p.add_argument("--out", type=Path, default=Path("docs/loader_profile.json"))
     args = p.parse_args(argv)
-    load_before = os.getloadavg()[0]
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         trees = {"after": str(Path("src").resolve())}
@@ -80,13 +80,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for name, data in datasets(args.root).items():
             for label, src in trees.items():  # alternated: before, after on one dataset, then the next
-                r = timed_run(src, data, args.budget, tmp / f"{name}_{label}")
+                with measured(log=print) as timing:  # each run starts settled
+                    r = timed_run(src, data, args.budget, tmp / f"{name}_{label}")
+                r["quiet"] = timing
                 results.setdefault(name, {})[label] = r
                 print(f"{name} {label}: {r['steps']} steps, user {r['user_s']:.0f} s, sys {r['sys_s']:.0f} s "
                       f"({100 * r['sys_share']:.0f}%), load {r['load_average_before']:.2f}", flush=True)
     result = {"budget_s": args.budget, "before": args.before, "runs": results,
               "_meta": meta("python -m benchmarks.loader_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
-                            ["preset:isda_tiny", "data:shapes"], load_before)}
+                            ["preset:isda_tiny", "data:shapes"],
+                            worst([r["quiet"] for runs in results.values() for r in runs.values()]))}
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return result
 

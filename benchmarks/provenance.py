@@ -12,6 +12,9 @@ Fingerprint names:
   compared with its class default, the behaviour it was added with (a new switch defaults to off): added at
   that default, the preset still does what was measured; set otherwise in the preset, it does not.
 - ``data:NAME``: the source of a data generator in :data:`DATA` (the images it makes are what was measured on).
+
+A section not measured on a quiet machine (:mod:`benchmarks.quiet`: started above its load line, or beside
+other work) is stale from the start: its figures cannot be quoted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from isda.config import Config, ConfigError, get_preset
+
+from .quiet import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,13 +99,18 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def meta(command: str, depends_on: Iterable[str], load_before: float | None = None) -> dict[str, Any]:
-    """A section's ``_meta``, made when its measurement ends: ``load_before`` is the 1-minute load average taken
-    when it started (default: now)."""
+def meta(command: str, depends_on: Iterable[str], timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A section's ``_meta``, made when its measurement ends. ``timing``: the record of
+    :func:`benchmarks.quiet.measured` around it (a partial one, with only ``load_before``, for a section saved
+    part-way); without it, the load average now."""
     load = os.getloadavg()[0]
+    timing = dict(timing or {"load_before": load})
+    quiet_record = {"other_cpus": timing.get("other_cpus"),
+                    **verdict(timing["load_before"], timing.get("other_cpus"))}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
-            "load_average_before": round(load if load_before is None else load_before, 2),
-            "load_average_after": round(load, 2), "commit": commit(), "depends_on": fingerprints(depends_on)}
+            "load_average_before": round(timing["load_before"], 2),
+            "load_average_after": round(timing.get("load_after", load), 2), **quiet_record,
+            "commit": commit(), "depends_on": fingerprints(depends_on)}
 
 
 def stale(section_meta: dict[str, Any] | None) -> list[str]:
@@ -110,6 +120,11 @@ def stale(section_meta: dict[str, Any] | None) -> list[str]:
     if not isinstance(recorded, dict):
         return ["it records no _meta.depends_on"]
     reasons = []
+    # Measured beside other work: recorded as invalid, or (a section from before that record) started busy.
+    quiet_record = verdict(section_meta.get("load_average_before") or 0.0, section_meta.get("other_cpus"))
+    if section_meta.get("valid") is False or not quiet_record["valid"]:
+        why = section_meta.get("invalid_because") or quiet_record.get("invalid_because")
+        reasons.append(f"it was not measured on a quiet machine ({why})")
     for name, value in sorted(recorded.items()):
         if name == UNVERIFIED:
             reasons.append(f"its fingerprints are unverified ({value})")

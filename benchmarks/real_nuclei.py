@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from PIL import Image
 from isda.fileio import atomic_write_text
 
 from .provenance import meta
+from .quiet import measured
 
 WHEEL = "stardist==0.9.2"
 MEMBERS = {"image": "stardist/data/images/img2d.tif", "labels": "stardist/data/images/mask2d.tif"}
@@ -98,18 +98,19 @@ def run(steps: int, out: Path, page: Path | None, threads: int) -> dict[str, Any
     import torch
 
     torch.set_num_threads(threads)
-    start, load_before = time.time(), os.getloadavg()[0]
-    if main(command) != 0:
-        raise SystemExit("training failed")
+    start = time.time()
+    with measured(log=print) as timing:
+        if main(command) != 0:
+            raise SystemExit("training failed")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"iter": r["iter"], "train_s": r["time"], "AP": 100 * r["AP"], "AP50": 100 * r["AP50"],
               "AP75": 100 * r["AP75"]} for r in rows if r["type"] == "val"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     result = {"command": "isda " + " ".join(command), "steps": steps, "threads": threads, "curve": curve,
-              "wall_s": time.time() - start, "data": config["data"], "load_average": os.getloadavg(),
+              "wall_s": time.time() - start, "data": config["data"], "load_average": [timing["load_before"], timing["load_after"]],
               "instances": {s: len(json.loads(Path(a).read_text())["annotations"]) for s, (a, _) in data.items()}}
     rerun = f"python -m benchmarks.real_nuclei run --steps {steps} --threads {threads}" + (f" --page {page}" if page else "")
-    result["_meta"] = meta(rerun, ["preset:isda_tiny"], load_before)
+    result["_meta"] = meta(rerun, ["preset:isda_tiny"], timing)
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     if page is not None:
         for name in ("curves.png", "val_predictions.png"):
@@ -156,8 +157,8 @@ batch of 8 by being seen 8 times per epoch, each copy cropped apart.
 |---|---|---|---|---|
 {rows}
 
-After {result['steps']} steps ({final['train_s'] / 60:.1f} minutes of training at {result['threads']} thread(s), while
-the machine's load average was {result['load_average'][1]:.1f}) from scratch: **AP {final['AP']:.1f}**, AP50
+After {result['steps']} steps ({final['train_s'] / 60:.1f} minutes of training at {result['threads']} thread(s), load average
+{result['load_average'][0]:.2f} before the run) from scratch: **AP {final['AP']:.1f}**, AP50
 {final['AP50']:.1f} on the held-out tile.
 
 ![curves]({page.stem}_curves.png)

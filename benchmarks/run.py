@@ -33,6 +33,7 @@ from isda.fileio import atomic_write_text
 from .common import INFER_SIZE, TRAIN_SIZE, bf16_matrix_units, machine_info, set_threads
 from .derived import accuracy_summary
 from .provenance import meta
+from .quiet import measured
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("inference", "train", "msda", "before_after", "profile", "accuracy")
@@ -282,16 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["mode"] = "quick" if args.quick else "full"
     results.setdefault("sections", {})
     argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
-    load = os.getloadavg()[0]
     print(f"benchmarks ({results['mode']}): {', '.join(sections)}; {args.threads} threads; "
-          f"{results['machine']['cpu']}; load average {load:.2f}")
-    if load > 1.5:
-        print(f"WARNING: load average {load:.2f} > 1.5: the machine is busy, timings will be noisy", file=sys.stderr)
+          f"{results['machine']['cpu']}; load average {os.getloadavg()[0]:.2f} (each section waits for it to settle)")
 
-    def store(name: str, data: dict[str, Any], start: float, load_before: float) -> None:
+    def store(name: str, data: dict[str, Any], start: float, timing: dict[str, Any]) -> None:
         if name == "accuracy":  # the seed means and differences the pages quote
             data["summary"] = accuracy_summary(data)
-        data["_meta"] = {**meta(f"python -m benchmarks.run {argv_text}".strip(), depends_on(name, args), load_before),
+        data["_meta"] = {**meta(f"python -m benchmarks.run {argv_text}".strip(), depends_on(name, args), timing),
                          "seconds": round(time.time() - start, 1), "threads": args.threads}
         results["sections"][name] = data
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,12 +297,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for name in sections:
         print(f"[{name}]")
-        start, load_before = time.time(), os.getloadavg()[0]
-        extra = {}
-        if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
-            extra = {"previous": results["sections"].get("accuracy"),
-                     "save": lambda data, name=name, start=start, load=load_before: store(name, data, start, load)}
-        store(name, globals()[f"section_{name}"](args, print, **extra), start, load_before)
+        with measured(settle_first=not args.quick, log=print) as timing:
+            start, extra = time.time(), {}
+            if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
+                extra = {"previous": results["sections"].get("accuracy"),
+                         "save": lambda data, name=name, start=start, t=timing: store(name, data, start, t)}
+            data = globals()[f"section_{name}"](args, print, **extra)
+        store(name, data, start, timing)
     print(f"results: {json_path}")
     if not args.quick:
         from .report import render

@@ -417,19 +417,24 @@ def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
 
     page = "\n".join(_tune_levers({k: {**v, "overrides": {"model.x": 1}} for k, v in levers.items()}))
     assert "| a (`model.x=1`) | 8 min | 30.0 / 31.0 | 30.5 | 400 |" in page and "**a**" in page
-def test_onnx_page_does_not_quote_timings_measured_under_load():
-    from benchmarks.bench_onnx import MAX_LOAD, render, section_load
+def test_onnx_page_does_not_quote_timings_measured_beside_other_work():
+    from benchmarks.bench_onnx import render
+    from benchmarks.quiet import verdict
+
+    def record(load_before: float, other: float) -> dict:
+        return {"load_before": load_before, "load_after": 1.9, "other_cpus": other, **verdict(load_before, other)}
 
     t = {"median": 1.234, "min": 1.2, "max": 1.3, "n": 3}
     lat = {name: {"time": t, "peak_rss_gib": 1.0, "ratio_to_eager": 0.5} for name in ("eager", "onnxruntime")}
     export = {"export_s": 9.87, "export_peak_rss_gib": 2.0, "bytes": 2**20, "int8_s": 3.21, "int8_nodes": 4,
-              "int8_bytes": 2**20, **section_load([0.2, 0, 0], [0.3, 0, 0])}
+              "int8_bytes": 2**20, **record(0.2, 0.01)}
     results = {"machine": {"cpu": "cpu", "threads": 2, "torch": "x"}, "onnxruntime": "x",
                "_meta": {"date": "d", "command": "c"}, "presets": {}}
-    results["presets"]["quiet"] = {"export": export, "latency": lat, **section_load([0.1, 0, 0], [0.2, 0, 0])}
-    busy = section_load([0.5, 0, 0], [MAX_LOAD + 1, 0, 0])
+    results["presets"]["quiet"] = {"export": export, "latency": lat, **record(0.1, 0.02)}
+    busy = record(0.5, 0.9)
     results["presets"]["busy"] = {"export": {**export, **busy}, "latency": lat, **busy}
     quiet_page, busy_page = render(results).split("## busy")
     assert "1.234 s" in quiet_page and "9.9 s" in quiet_page and "invalid" not in quiet_page.split("## quiet")[1]
+    assert "other work 0.02 CPUs" in quiet_page
     assert "1.234 s" not in busy_page and "9.9 s" not in busy_page and "3.2 s" not in busy_page
-    assert f"invalid: load {MAX_LOAD + 1:.2f}" in busy_page
+    assert "invalid: 0.90 CPUs of other work" in busy_page

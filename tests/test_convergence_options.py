@@ -6,26 +6,10 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-import isda
 from isda.config import LossConfig
 from isda.models.losses import SetCriterion, mask_centroids, varifocal_loss
 
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return isda.build_model("isda_tiny", num_classes=3, **overrides)
-
-
-def batch():
-    torch.manual_seed(1)
-    images = [torch.rand(3, 96, 128), torch.rand(3, 128, 96)]
-    targets = []
-    for im, boxes in zip(images, ([(5, 40, 10, 50), (50, 90, 60, 120)], [(20, 100, 30, 80)])):
-        masks = torch.zeros(len(boxes), *im.shape[1:], dtype=torch.bool)
-        for m, (y0, y1, x0, x1) in zip(masks, boxes):
-            m[y0:y1, x0:x1] = True
-        targets.append({"labels": torch.arange(len(boxes)), "masks": masks})
-    return images, targets
+from model_utils import assert_same_predictions, batch, tiny
 
 
 @pytest.mark.parametrize("levers", [{"query_selection": True}, {"hybrid_queries": 40},
@@ -70,14 +54,9 @@ def test_hybrid_queries_leave_inference_unchanged(query_selection):
     assert state[name].shape[0] == 140
     state[name] = state[name][:100]
     plain.load_state_dict(state)
-    images = batch()[0]
-    with torch.no_grad():
-        a, b = hybrid.eval()(images), plain.eval()(images)
-    for x, y in zip(a, b):
-        assert set(x) == set(y) == {"scores", "labels", "masks", "boxes", "query_index", "reference_points"}
+    for x in assert_same_predictions(hybrid, plain):
+        assert set(x) == {"scores", "labels", "masks", "boxes", "query_index", "reference_points"}
         assert int(x["query_index"].max()) < 100
-        for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
 
 
 def test_query_selection_puts_reference_points_on_the_top_scoring_tokens():
@@ -121,12 +100,8 @@ def test_point_refinement_starts_as_the_paper_model_and_learns_the_centroids():
     instances' mask centroids."""
     refine, plain = tiny(refine_points=True), tiny(refine_points=False)
     plain.load_state_dict({k: v for k, v in refine.state_dict().items() if "point_refine" not in k})
+    assert_same_predictions(refine, plain, exact=False)
     images, targets = batch()
-    with torch.no_grad():
-        a, b = refine.eval()(images), plain.eval()(images)
-    for x, y in zip(a, b):
-        for key in x:
-            torch.testing.assert_close(x[key], y[key])
     refine.train()
     optimizer = torch.optim.AdamW(refine.parameters(), lr=1e-3)
     first = None

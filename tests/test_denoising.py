@@ -4,16 +4,10 @@ fixed assignment, that they learn, and that inference is the same model without 
 import pytest
 import torch
 
-import isda
 from isda.models.denoising import Denoising, self_attention_mask
 from isda.models.losses import mask_centroids
 
-from test_convergence_options import batch
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return isda.build_model("isda_tiny", num_classes=3, **overrides)
+from model_utils import assert_same_predictions, batch, tiny, train_one_step
 
 
 def test_queries_copy_the_instances_within_the_noise():
@@ -91,15 +85,7 @@ def test_denoising_queries_learn_to_reconstruct_their_instances():
 @pytest.mark.parametrize("hybrid", [0, 40])
 def test_denoising_leaves_inference_unchanged(hybrid):
     """A model trained with denoising queries predicts exactly what the same weights predict without them."""
-    trained = tiny(denoising_groups=3, hybrid_queries=hybrid).train()
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3)
-    trained(*batch())["loss"].backward()
-    optimizer.step()
+    trained = train_one_step(tiny(denoising_groups=3, hybrid_queries=hybrid))
     plain = tiny(hybrid_queries=hybrid)
     plain.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("denoising.")})
-    images = batch()[0]
-    with torch.no_grad():
-        a, b = trained.eval()(images), plain.eval()(images)
-    for x, y in zip(a, b):
-        for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+    assert_same_predictions(trained, plain)

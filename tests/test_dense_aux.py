@@ -13,16 +13,11 @@ from isda.models.transformer import token_centers
 from isda.weights import load_pretrained, save_converted
 
 from engine_utils import generated_images, single_thread
-from test_convergence_options import batch
+from model_utils import assert_same_predictions, batch, tiny, train_one_step
 from test_overfit import mean_best_iou
 
 
 STEPS = 40  # of the overfit on generated images
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return isda.build_model("isda_tiny", num_classes=3, **overrides)
 
 
 def shared_state(model):
@@ -134,24 +129,14 @@ def test_dense_aux_learns_on_generated_images():
 
 def trained_pair():
     """A model trained one step with the dense head and the plain model with the same shared weights."""
-    trained = tiny(dense_aux=True).train()
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3)
-    trained(*batch())["loss"].backward()
-    optimizer.step()
+    trained = train_one_step(tiny(dense_aux=True))
     plain = tiny()
     plain.load_state_dict(shared_state(trained))
     return trained.eval(), plain.eval()
 
 
 def test_dense_aux_leaves_inference_unchanged():
-    trained, plain = trained_pair()
-    images = batch()[0]
-    with torch.no_grad():
-        a, b = trained(images), plain(images)
-    for x, y in zip(a, b):
-        assert set(x) == set(y)
-        for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+    assert_same_predictions(*trained_pair())
 
 
 def canonical(graph: onnx.GraphProto) -> bytes:

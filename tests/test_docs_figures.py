@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import demo_page, derived, figures, provenance
+from benchmarks import demo_page, derived, figures, provenance, quiet
 from isda import config
 
 CURRENT = {"preset:isda_tiny": provenance.fingerprint("preset:isda_tiny")}
@@ -178,7 +178,7 @@ def test_data_fingerprint_follows_the_generator_source(tmp_path: Path, monkeypat
 
 
 def test_meta_records_provenance() -> None:
-    m = provenance.meta("python -m benchmarks.toy", ["data:shapes", "preset:isda_tiny"], load_before=1.234)
+    m = provenance.meta("python -m benchmarks.toy", ["data:shapes", "preset:isda_tiny"], {"load_before": 1.234})
     assert m["command"] == "python -m benchmarks.toy" and m["load_average_before"] == 1.23
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", m["date"])
     assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown", m["commit"]), m["commit"]
@@ -269,6 +269,8 @@ def test_benchmark_sections_record_provenance_and_summary(tmp_path: Path, monkey
     acc = {"seeds": [0], "isda": {"480": {"0": _run(0.30)}}, "maskrcnn": {"480": {"0": _run(0.20)}}}
     monkeypatch.setattr(run, "section_accuracy", lambda args, log, previous=None, save=None: dict(acc))
     monkeypatch.setattr(run, "section_msda", lambda args, log: {"cases": {}})
+    monkeypatch.setattr(quiet, "load", lambda: 0.5)  # a quiet machine, whatever else runs beside the suite
+    monkeypatch.setattr(quiet, "_busy_cpu_seconds", lambda: None)
     out = tmp_path / "quick.json"
     run.main(["--only", "accuracy,msda", "--json", str(out), "--threads", "1"])
     secs = json.loads(out.read_text())["sections"]

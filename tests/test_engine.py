@@ -11,7 +11,7 @@ import torch
 import isda.engine as engine
 import isda.engine.trainer
 from isda.engine.checkpoint import CheckpointError
-from isda.config import ConfigError, TrainConfig, apply_overrides, from_dict, get_preset
+from isda.config import ConfigError, TrainConfig, from_dict, get_preset
 from isda.engine.schedule import RunLength, too_few_steps_warning
 from isda.models.isda import ISDA
 

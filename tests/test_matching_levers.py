@@ -15,7 +15,7 @@ from isda.deploy.onnx_export import export_model
 from isda.models.losses import SetCriterion, dice_loss
 from isda.models.matcher import focal_class_cost, hungarian_match, matching_cost, soft_iou, topk_match
 
-from test_convergence_options import batch
+from model_utils import assert_same_predictions, batch, tiny, train_one_step
 from engine_utils import generated_images
 from test_overfit import mean_best_iou
 
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LEVERS = [{"loss.o2m_topk": 3}, {"loss.match_quality": 0.5}, {"model.look_forward_twice": True}]
 STEPS = 15
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return isda.build_model("isda_tiny", num_classes=3, **overrides)
 
 
 @pytest.mark.parametrize("cost, expected", [
@@ -171,18 +166,10 @@ def test_each_lever_trains_on_generated_images(lever):
 def test_levers_leave_inference_and_the_onnx_graph_unchanged(levers, tmp_path):
     """Trained one step with the lever on, the weights predict exactly what they predict with it off; with every
     lever on, they also export the same ONNX graph."""
-    trained = tiny(**levers).train()
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3)
-    trained(*batch())["loss"].backward()
-    optimizer.step()
+    trained = train_one_step(tiny(**levers))
     plain = tiny()
     plain.load_state_dict(trained.state_dict())
-    images = batch()[0]
-    with torch.no_grad():
-        a, b = trained.eval()(images), plain.eval()(images)
-    for x, y in zip(a, b):
-        for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+    assert_same_predictions(trained, plain)
     if len(levers) > 1:
         graphs = []
         for name, model in (("on", trained), ("off", plain)):

@@ -24,6 +24,7 @@ make bench-full   # everything below, rewrites this page (the accuracy section t
 .venv/bin/python -m benchmarks.run --full --skip accuracy
 .venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts sweep          # both recipes, tune split
 .venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts test,heldout --budgets 480,1800
+.venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts tune_levers --variant-seeds 0,1  # levers, tune split
 # ISDA's variants at other budgets (merged into the page's earlier runs of the same configuration):
 .venv/bin/python -m benchmarks.run --full --only accuracy --parts variants --variant-budgets 1800 --variants no_varifocal
 .venv/bin/python -m benchmarks.run --render  # re-render this page from docs/benchmarks.json
@@ -48,24 +49,16 @@ def render(results: dict[str, Any], page: Path) -> None:
             "- threads: `torch.set_num_threads(N)` in every process, N given under each measurement ('Measured "
             "…, N threads'; the accuracy runs: that many divided by the runs at a time)",
             f"- torch {mach.get('torch')}, torchvision {mach.get('torchvision')}, Python {mach.get('python')}",
-            "- the machine is shared: each section records the load average around it (below 1.5 = quiet)", ""]
+            "- the machine is shared: each section waits for the load average to settle below 1.5 and records the CPU "
+            "time other work used while it ran (`benchmarks/quiet.py`); a section measured beside other work is "
+            "not quoted", ""]
     out += summary(secs)
-    inf = secs.get("inference")
-    if inf:
-        out += inference(inf)
-    tr = secs.get("train")
-    if tr:
-        out += train(tr)
-    ms = secs.get("msda")
-    if ms:
-        out += msda(ms)
-    ba = secs.get("before_after")
-    if ba:
-        out += before_after(ba)
+    for name, section in (("inference", inference), ("train", train), ("msda", msda), ("before_after", before_after)):
+        if secs.get(name):
+            out += section(secs[name])
     out += analysis(secs)
-    pr = secs.get("profile")
-    if pr:
-        out += profile(pr)
+    if secs.get("profile"):
+        out += profile(secs["profile"])
     acc_lines = accuracy(secs.get("accuracy"))
     acc_chart = page.with_name(page.stem + "_accuracy.png")
     if accuracy_chart(secs.get("accuracy"), acc_chart):
