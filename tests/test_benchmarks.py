@@ -403,7 +403,8 @@ def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
     from benchmarks.bench_accuracy import lever_choice
 
     def runs(aps, steps):
-        return {"runs": {"480": {str(i): {"ap": {"AP": ap / 100}, "iterations": steps} for i, ap in enumerate(aps)}}}
+        return {"runs": {"480": {str(i): {"ap": {"AP": ap / 100}, "iterations": steps, "load_average": [0.4, 1.9]}
+                                 for i, ap in enumerate(aps)}}}
 
     levers = {"recipe": runs([20.0, 22.0], 600), "a": runs([30.0, 31.0], 400), "b": runs([29.0, 30.6], 500),
               "c": runs([10.0, 12.0], 900)}
@@ -416,7 +417,7 @@ def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
     from benchmarks.report.accuracy import _tune_levers
 
     page = "\n".join(_tune_levers({k: {**v, "overrides": {"model.x": 1}} for k, v in levers.items()}))
-    assert "| a (`model.x=1`) | 8 min | 30.0 / 31.0 | 30.5 | 400 |" in page and "**a**" in page
+    assert "| a (`model.x=1`) | 8 min | 30.0 / 31.0 | 30.5 | 400 | 0.4 / 1.9; 0.4 / 1.9 |" in page and "**a**" in page
 def test_onnx_page_does_not_quote_timings_measured_beside_other_work():
     from benchmarks.bench_onnx import render
     from benchmarks.quiet import verdict

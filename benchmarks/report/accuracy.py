@@ -185,12 +185,14 @@ def _tune_levers(tune: dict[str, Any]) -> list[str]:
            "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was fixed before the "
            "runs: the best mean AP at the first budget wins, and an entry within the seed noise of the best (half the "
            "largest spread between two seeds of one entry, at least 0.5 AP) with more steps wins the tie.", "",
-           "| entry | budget | AP per seed | mean AP | mean steps |", "|---|---|---|---|---|"]
+           "| entry | budget | AP per seed | mean AP | mean steps | load per seed (before / after) |",
+           "|---|---|---|---|---|---|"]
     for b in budgets:
         for name, row in lever_choice(tune, b)["rows"].items():
             label = name if name == "recipe" else f"{name} (`{_overrides(tune[name])}`)"
+            loads = "; ".join(_load(r) for r in tune[name]["runs"][b].values() if r.get("ap"))
             out.append(f"| {label} | {int(b) / 60:g} min | {' / '.join(f'{a:.1f}' for a in row['aps'])} | "
-                       f"{row['mean']:.1f} | {row['steps']:.0f} |")
+                       f"{row['mean']:.1f} | {row['steps']:.0f} | {loads} |")
     choice = lever_choice(tune, budgets[0]) if budgets else {"winner": None}
     if choice["winner"]:
         out += ["", f"Winner at {int(budgets[0]) / 60:g} min: **{choice['winner']}** (seed noise {choice['noise']:.1f} AP)."]
