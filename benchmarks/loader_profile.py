@@ -4,8 +4,8 @@
 
 Runs ``isda train --preset isda_tiny`` for a time budget in a child process with 2 threads, on the real nuclei
 tiles at their own size (256 px, three training tiles: an epoch every 3 steps) and on a shapes dataset (128 px),
-and records the child's CPU times (``resource.getrusage(RUSAGE_CHILDREN)``), its steps and the load average
-around each run. ``--before REV`` runs the same commands with that git revision's ``src`` first on the path, so
+and records the child's CPU times (``resource.getrusage(RUSAGE_CHILDREN)``), its steps and, per run, the quiet-machine
+record of :func:`benchmarks.quiet.measured` (each run starts settled). ``--before REV`` runs the same commands with that git revision's ``src`` first on the path, so
 that before and after are measured in one invocation, alternated.
 """
 
@@ -52,7 +52,7 @@ def timed_run(src: str, data: list[str], budget_s: float, out: Path) -> dict[str
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join([src, os.getcwd()])}
     command = [sys.executable, "-m", "isda", "train", "--preset", "isda_tiny", *data, "--out", str(out),
                "--set", f"train.time_budget_s={budget_s}", "--set", "train.evals_per_run=1"]
-    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -61,8 +61,7 @@ def timed_run(src: str, data: list[str], budget_s: float, out: Path) -> dict[str
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     steps = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["iteration"]
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    return {"steps": steps, "wall_s": wall, "user_s": user, "sys_s": system, "sys_share": system / (user + system),
-            "load_average_before": load, "load_average_after": os.getloadavg()[0]}
+    return {"steps": steps, "wall_s": wall, "user_s": user, "sys_s": system, "sys_share": system / (user + system)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -80,12 +79,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for name, data in datasets(args.root).items():
             for label, src in trees.items():  # alternated: before, after on one dataset, then the next
-                with measured(log=print) as timing:  # each run starts settled
+                with measured(log=print) as timing:
                     r = timed_run(src, data, args.budget, tmp / f"{name}_{label}")
                 r["quiet"] = timing
                 results.setdefault(name, {})[label] = r
                 print(f"{name} {label}: {r['steps']} steps, user {r['user_s']:.0f} s, sys {r['sys_s']:.0f} s "
-                      f"({100 * r['sys_share']:.0f}%), load {r['load_average_before']:.2f}", flush=True)
+                      f"({100 * r['sys_share']:.0f}%), load {timing['load_before']:.2f}", flush=True)
     result = {"budget_s": args.budget, "before": args.before, "runs": results,
               "_meta": meta("python -m benchmarks.loader_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
                             ["preset:isda_tiny", "data:shapes"],
