@@ -11,14 +11,19 @@ the reported tables). Parts (``parts``):
   tune AP of each model is its recipe for the other parts (:func:`chosen`).
 * ``test``: each budget (default 8 and 30 minutes of training time, evaluation excluded) x each seed, one
   fresh run per model (both lr schedules follow the budget), on test.
-* ``heldout``: the second generated family (:mod:`benchmarks.heldout_shapes`), never used for tuning: both
-  models with their chosen recipes, and ISDA with ``data.fit_sizes`` off (the input size fixed at the preset's).
+* ``heldout``: the second generated family (:mod:`benchmarks.heldout_shapes`), never used for tuning: each
+  held-out budget x each seed, both models with their chosen recipes side by side (ISDA with ``data.fit_sizes``
+  off, the preset's fixed input size), then ISDA with ``data.fit_sizes`` on at each seed.
 * ``variants``: ISDA tiny's ablations and convergence levers at each variant budget on test; the default they
   are compared with is the main ISDA run (seed 0) at the same budget.
 * ``tune_levers``: the choice of ISDA tiny's levers, on tune: the chosen recipe alone and with each lever (or the
   ``--variants`` given), at each variant budget and variant seed. The rule, fixed before the runs
   (:func:`lever_choice`): the best mean tune AP over the seeds at the first variant budget; an entry within the
   seed noise of the best and cheaper (more steps) wins the tie.
+
+The sweep and the lever choice decide the preset's defaults; once a winner becomes a default, the preset changes and
+the earlier runs cannot be merged with new ones (:func:`merge`). They are then kept as the ``choice`` section
+(``benchmarks.json``): what was chosen, on which configuration; the recipes of a section without a sweep come from it.
 """
 
 from __future__ import annotations
@@ -256,7 +261,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS,
         sweep_entries: list[str] | None = None, jobs: int = 1, threads: int = 2,
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
-        save: Callable[[dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
+        choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -264,7 +269,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     (:func:`merge`); ``save`` gets them after every finished run, so that a stopped invocation keeps what it
     finished. ``sweep_entries``: only these sweep entries (e.g. to re-run those a busy machine slowed down; the
     others are kept from ``previous``). ``variant_seeds``: each variant run at these seeds (seed 0 under
-    ``runs``, the others under ``seeds``), neighbours side by side."""
+    ``runs``, the others under ``seeds``), neighbours side by side. ``choice``: the section that recorded the sweep
+    behind the preset's defaults, for the recipes when neither this invocation nor ``previous`` ran one."""
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
@@ -326,7 +332,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):] + isda[len(mrcnn):]
         log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
         _run_all(todo, jobs, record)
-    recipe = chosen(results.get("sweep"))
+    recipe = chosen(results.get("sweep") or (choice or {}).get("sweep"))
     results["chosen"] = recipe
     todo = []
     if "test" in parts:
@@ -340,11 +346,16 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         key = str(int(budget))
         # The comparison side by side: ISDA as the preset is (data.fit_sizes off) beside Mask R-CNN; then ISDA with
         # data.fit_sizes on (the transfer question).
-        isda = {name: (("heldout", key, name), isda_job(f"heldout {name} {key}s", "heldout", budget,
-                                                        {**recipe["isda"], **overrides}))
-                for name, overrides in HELDOUT_ISDA.items()}
-        todo += [isda["isda_no_fit"], (("heldout", key, "maskrcnn"), maskrcnn_job(
-            f"heldout maskrcnn {key}s", "heldout", budget, recipe["maskrcnn"])), isda["isda"]]
+        for seed in seeds:
+            s = str(seed)
+            todo += [(("heldout", key, "isda_no_fit", s), isda_job(
+                         f"heldout isda_no_fit {key}s seed {s}", "heldout", budget,
+                         {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed)),
+                     (("heldout", key, "maskrcnn", s), maskrcnn_job(
+                         f"heldout maskrcnn {key}s seed {s}", "heldout", budget, recipe["maskrcnn"], seed))]
+        todo += [(("heldout", key, "isda", str(seed)), isda_job(
+            f"heldout isda {key}s seed {seed}", "heldout", budget, {**recipe["isda"], **HELDOUT_ISDA["isda"]}, seed))
+            for seed in seeds]
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))

@@ -168,14 +168,16 @@ def _top_line(profile: dict[str, Any]) -> str:
         f"{t['op']} {100 * t['share']:.0f}%" for t in profile["top"][:6])
 
 
-def section_accuracy(args, log, previous: dict[str, Any] | None = None, save=None) -> dict[str, Any]:
+def section_accuracy(args, log, previous: dict[str, Any] | None = None, choice: dict[str, Any] | None = None,
+                     save=None) -> dict[str, Any]:
     from . import bench_accuracy
 
     return bench_accuracy.run(ROOT / "runs" / "bench", args.budgets, args.variant_budgets,
                               num_train=args.num_train, num_val=args.num_val, parts=args.parts,
                               sweep_budget_s=args.sweep_budget, heldout_budgets_s=args.heldout_budgets,
                               seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
-                              variants=args.variants, variant_seeds=args.variant_seeds, previous=previous, save=save,
+                              variants=args.variants, variant_seeds=args.variant_seeds, previous=previous,
+                              choice=choice, save=save,
                               log=log)
 
 
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with measured(settle_first=not args.quick, log=print) as timing:
             start, extra = time.time(), {}
             if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
-                extra = {"previous": results["sections"].get("accuracy"),
+                extra = {"previous": results["sections"].get("accuracy"), "choice": results["sections"].get("choice"),
                          "save": lambda data, name=name, start=start, t=timing: store(name, data, start, t)}
             data = globals()[f"section_{name}"](args, print, **extra)
         store(name, data, start, timing)

@@ -244,10 +244,16 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert rest[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0} and rest[3]["maskrcnn"]["seed"] == 1
     assert rest[2]["overrides"] == {"train.lr": 4e-4, "train.seed": 1}
     held = rest[4:]
-    assert [j["name"] for j in held] == ["heldout isda_no_fit 2s", "heldout maskrcnn 2s", "heldout isda 2s"]
+    # Held out: both models side by side at each seed, then ISDA with data.fit_sizes at each seed.
+    assert [j["name"] for j in held] == [
+        "heldout isda_no_fit 2s seed 0", "heldout maskrcnn 2s seed 0", "heldout isda_no_fit 2s seed 1",
+        "heldout maskrcnn 2s seed 1", "heldout isda 2s seed 0", "heldout isda 2s seed 1"]
     assert all("heldout_3_2" in j["data"]["train"][0] for j in held)
-    assert [j for j in held if "no_fit" in j["name"]][0]["overrides"]["data.fit_sizes"] is False
+    assert held[0]["overrides"]["data.fit_sizes"] is False and held[2]["overrides"]["train.seed"] == 1
+    assert held[3]["maskrcnn"]["seed"] == 1 and held[5]["overrides"] == {"train.lr": 4e-4, "data.fit_sizes": True,
+                                                                          "train.seed": 1}
     assert set(res["isda"]["2"]) == {"0", "1"} and set(res["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn"}
+    assert all(set(runs) == {"0", "1"} for runs in res["heldout"]["2"].values())
     assert len(saved) == len(calls)
     assert res["data_stats"]["heldout"]["image_short_side"] == 160 and res["data_stats"]["test"]["images"] == 3
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
