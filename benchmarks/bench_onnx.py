@@ -276,10 +276,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             rows = accuracy(weights, onnx, args.data, args.threads, paths)
         results["accuracy"] = {"weights": weights, "rows": rows, **timing}
         print(json.dumps({k: v["stats"]["AP"] for k, v in rows.items()}), flush=True)
-    trained = ["preset:isda_tiny", "data:shapes"] if weights is not None else []  # a tiny model trained on shapes
+    # What is measured: each preset's network and input size, and the runtimes' agreement on a tiny model trained on
+    # shapes (whatever recipe trained it): not the losses or the training recipe.
+    trained = ["preset:isda_tiny:model,data", "data:shapes"] if weights is not None else []
     sections = [s for sec in results["presets"].values() for s in (sec, sec["export"])] + \
         ([results["accuracy"]] if "accuracy" in results else [])
-    results["_meta"] = meta(command.strip(), [*(f"preset:{p}" for p in presets), *trained], worst(sections))
+    results["_meta"] = meta(command.strip(), [*(f"preset:{p}:model,data" for p in presets), *trained],
+                            worst(sections))
     page = render(results)
     atomic_write_text(args.page, page + "\n")
     atomic_write_text(args.page.with_suffix(".json"), json.dumps(results, indent=1) + "\n")

@@ -43,15 +43,17 @@ def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None)
 
 
 def heldout(runs: dict[str, Any]) -> dict[str, Any]:
-    """One budget of the held-out family: each finished run's AP and AP50 (0-100, one seed each), each ISDA run's
-    ``difference`` (its AP − Mask R-CNN's) and ``fit_sizes_difference`` (ISDA with data.fit_sizes − without)
-    where both ran."""
-    out: dict[str, Any] = {name: {"ap": ap(r), "ap50": ap(r, "AP50")} for name, r in runs.items() if r and r.get("ap")}
+    """One budget of the held-out family (``{run name: {seed: result}}``): per run name its means over the seeds
+    (:func:`means`), each ISDA entry's ``difference`` (its mean AP − Mask R-CNN's); ``noise`` (the largest seed
+    range of any entry) and ``fit_sizes_difference`` (ISDA with data.fit_sizes − without) where both ran."""
+    out: dict[str, Any] = {name: means(got) for name, seeds in runs.items() if (got := finished(list(seeds.values())))}
     if "maskrcnn" in out:
         for name in out.keys() - {"maskrcnn"}:
-            out[name]["difference"] = out[name]["ap"] - out["maskrcnn"]["ap"]
+            out[name]["difference"] = out[name]["ap_mean"] - out["maskrcnn"]["ap_mean"]
+    if out:
+        out["noise"] = max(max(v["aps"]) - min(v["aps"]) for v in out.values())
     if "isda" in out and "isda_no_fit" in out:
-        out["fit_sizes_difference"] = out["isda"]["ap"] - out["isda_no_fit"]["ap"]
+        out["fit_sizes_difference"] = out["isda"]["ap_mean"] - out["isda_no_fit"]["ap_mean"]
     return out
 
 

@@ -6,7 +6,8 @@ Runs ``isda train --preset isda_tiny`` for a time budget in a child process with
 tiles at their own size (256 px, three training tiles: an epoch every 3 steps) and on a shapes dataset (128 px),
 and records the child's CPU times (``resource.getrusage(RUSAGE_CHILDREN)``), its steps and, per run, the quiet-machine
 record of :func:`benchmarks.quiet.measured` (each run starts settled). ``--before REV`` runs the same commands with that git revision's ``src`` first on the path, so
-that before and after are measured in one invocation, alternated.
+that before and after are measured in one invocation, alternated. ``--set KEY=VALUE`` goes to both trees' runs: an
+older tree's preset may differ from today's (e.g. ``--set train.batch_size=4`` runs both at today's batch).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def datasets(root: Path) -> dict[str, list[str]]:
             "shapes_128px": ["--data", str(shapes)]}
 
 
-def timed_run(src: str, data: list[str], budget_s: float, out: Path) -> dict[str, Any]:
-    """``isda train`` with the source tree ``src`` first on the path; the child's CPU times and steps."""
+def timed_run(src: str, data: list[str], budget_s: float, out: Path, sets: list[str] = ()) -> dict[str, Any]:
+    """``isda train`` with the source tree ``src`` first on the path and ``sets`` as ``--set`` overrides; the
+    child's CPU times and steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join([src, os.getcwd()])}
     command = [sys.executable, "-m", "isda", "train", "--preset", "isda_tiny", *data, "--out", str(out),
-               "--set", f"train.time_budget_s={budget_s}", "--set", "train.evals_per_run=1"]
+               "--set", f"train.time_budget_s={budget_s}", "--set", "train.evals_per_run=1",
+               *[a for kv in sets for a in ("--set", kv)]]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--before", help="git revision of the 'before' code")
     p.add_argument("--root", type=Path, default=Path(".cache/loader_profile"))
     p.add_argument("--out", type=Path, default=Path("docs/loader_profile.json"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="a config override for both trees' runs (repeatable)")
     args = p.parse_args(argv)
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -80,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, data in datasets(args.root).items():
             for label, src in trees.items():  # alternated: before, after on one dataset, then the next
                 with measured(log=print) as timing:
-                    r = timed_run(src, data, args.budget, tmp / f"{name}_{label}")
+                    r = timed_run(src, data, args.budget, tmp / f"{name}_{label}", args.sets)
                 r["quiet"] = timing
                 results.setdefault(name, {})[label] = r
                 print(f"{name} {label}: {r['steps']} steps, user {r['user_s']:.0f} s, sys {r['sys_s']:.0f} s "
                       f"({100 * r['sys_share']:.0f}%), load {timing['load_before']:.2f}", flush=True)
-    result = {"budget_s": args.budget, "before": args.before, "runs": results,
+    result = {"budget_s": args.budget, "before": args.before, "set": args.sets, "runs": results,
               "_meta": meta("python -m benchmarks.loader_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
                             ["preset:isda_tiny", "data:shapes"],
                             worst([r["quiet"] for runs in results.values() for r in runs.values()]))}

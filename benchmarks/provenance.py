@@ -11,7 +11,13 @@ Fingerprint names:
   that changed value makes the figures stale, as does a field removed. A field added since the measurement is
   compared with its class default, the behaviour it was added with (a new switch defaults to off): added at
   that default, the preset still does what was measured; set otherwise in the preset, it does not.
+- ``preset:NAME:SECTIONS``: only those sections of it (comma-separated), e.g. ``preset:isda_tiny:model,data`` for
+  an inference figure, which neither the losses nor the training recipe change.
 - ``data:NAME``: the source of a data generator in :data:`DATA` (the images it makes are what was measured on).
+
+A section that decided preset values (the sweep and lever choice behind a preset's defaults) records them in
+``_meta.decided`` (``{"section.field": value}``): the preset taking exactly those values is what the section
+measured for, not a change that makes it stale.
 
 A section not measured on a quiet machine (:mod:`benchmarks.quiet`: started above its load line, or beside
 other work) is stale from the start: its figures cannot be quoted.
@@ -55,25 +61,35 @@ def flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def fingerprint(name: str) -> dict[str, Any] | str:
-    """The current fingerprint called ``name``: a preset's fields (``preset:isda_tiny``), a data generator's source
-    digest (``data:shapes``); ValueError names an unknown one."""
+    """The current fingerprint called ``name``: a preset's fields (``preset:isda_tiny``, or some sections of them:
+    ``preset:isda_tiny:model,data``), a data generator's source digest (``data:shapes``); ValueError names an
+    unknown one."""
     kind, _, what = name.partition(":")
     if kind == "preset":
+        preset, _, scope = what.partition(":")
         try:
-            return flat(json.loads(json.dumps(get_preset(what).to_dict())))
+            fields = json.loads(json.dumps(get_preset(preset).to_dict()))
         except ConfigError as e:
             raise ValueError(f"unknown fingerprint {name!r}: {e}") from None
+        sections = scope.split(",") if scope else list(fields)
+        if set(sections) - set(fields):
+            raise ValueError(f"unknown fingerprint {name!r}: sections are {', '.join(fields)}")
+        return flat({k: v for k, v in fields.items() if k in sections})
     if kind == "data" and what in DATA:
         return _digest((ROOT / DATA[what]).read_bytes())
-    raise ValueError(f"unknown fingerprint {name!r}: use preset:<preset name> or data:<{'|'.join(DATA)}>")
+    raise ValueError(f"unknown fingerprint {name!r}: use preset:<preset name>[:<sections>] or "
+                     f"data:<{'|'.join(DATA)}>")
 
 
-def changes(name: str, recorded: Any, now: Any) -> list[str]:
-    """How fingerprint ``name`` changed since ``recorded``: one phrase per difference (see the module doc)."""
+def changes(name: str, recorded: Any, now: Any, decided: dict[str, Any] | None = None) -> list[str]:
+    """How fingerprint ``name`` changed since ``recorded``: one phrase per difference (see the module doc); a field
+    now at the value ``decided`` records is not one."""
     if not (isinstance(recorded, dict) and isinstance(now, dict)):
         return [] if recorded == now else [f"{name} changed (recorded {recorded}, now {now})"]
     defaults = flat(json.loads(json.dumps(Config().to_dict())))
-    out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+    decided = decided or {}
+    out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items()
+           if k in recorded and recorded[k] != v and not (k in decided and decided[k] == v)]
     out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"
             for k, v in now.items() if k not in recorded and v != defaults.get(k)]
     out += [f"{name}: {k} was removed" for k in recorded if k not in now]
@@ -134,5 +150,5 @@ def stale(section_meta: dict[str, Any] | None) -> list[str]:
         except ValueError as e:
             reasons.append(str(e))
             continue
-        reasons += changes(name, value, now)
+        reasons += changes(name, value, now, section_meta.get("decided"))
     return reasons

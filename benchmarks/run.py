@@ -184,7 +184,7 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, choice: 
 def depends_on(section: str, args) -> list[str]:
     """The fingerprints (benchmarks.provenance) a section's figures depend on."""
     preset = f"preset:{args.preset}"
-    return {"inference": [preset], "train": [preset, "data:shapes"], "msda": [], "before_after": [preset, "data:shapes"],
+    return {"inference": [f"{preset}:model,data"], "train": [preset, "data:shapes"], "msda": [], "before_after": [preset, "data:shapes"],
             "profile": [preset, "data:shapes"],
             # the held-out family too when this invocation skips it: the section keeps the earlier runs
             "accuracy": ["preset:isda_tiny", "data:shapes", "data:heldout"]}[section]

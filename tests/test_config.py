@@ -30,9 +30,9 @@ def test_yaml_round_trip_and_preset_base(tmp_path):
     back = load_config(tmp_path / "c.yaml")
     assert back == cfg and back.train.lr == 3e-4 and back.model.mask_stride == 8
     assert back.data.train_short_sides == (96, 128)
-    (tmp_path / "p.yaml").write_text("preset: isda_tiny\ntrain:\n  batch_size: 4\n")
+    (tmp_path / "p.yaml").write_text("preset: isda_tiny\ntrain:\n  batch_size: 2\n")
     small = load_config(tmp_path / "p.yaml")
-    assert small.model.backbone == "resnet18" and small.train.batch_size == 4
+    assert small.model.backbone == "resnet18" and small.train.batch_size == 2
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -146,7 +146,17 @@ def test_preset_fingerprint_follows_the_preset(monkeypatch: pytest.MonkeyPatch) 
     after = provenance.fingerprints(["preset:isda_tiny", "preset:isda_r50_coco"])
     assert after["preset:isda_tiny"] != before["preset:isda_tiny"]
     assert after["preset:isda_r50_coco"] == before["preset:isda_r50_coco"]
-    assert provenance.stale({"depends_on": before}) == ["preset:isda_tiny: train.lr was 0.0002, now 0.0004"]
+    lr = config.isda_tiny().train.lr
+    assert provenance.stale({"depends_on": before}) == [f"preset:isda_tiny: train.lr was {lr!r}, now {2 * lr!r}"]
+    # A section that decided that value (the choice behind a default) is current; one that decided another is not.
+    assert provenance.stale({"depends_on": before, "decided": {"train.lr": 2 * lr}}) == []
+    assert len(provenance.stale({"depends_on": before, "decided": {"train.lr": 3 * lr}})) == 1
+    # A figure that depends on the network and its input only (preset:NAME:model,data) is not stale by the lr.
+    scoped = {"preset:isda_tiny:model,data": {k: v for k, v in before["preset:isda_tiny"].items()
+                                              if k.startswith(("model.", "data."))}}
+    assert provenance.fingerprints(scoped) == scoped and provenance.stale({"depends_on": scoped}) == []
+    with pytest.raises(ValueError, match="sections are model, loss, data, train"):
+        provenance.fingerprint("preset:isda_tiny:model,optimizer")
     # A field added since the measurement: at its class default (a new switch, off) it changes nothing ...
     monkeypatch.setitem(config.PRESETS, "isda_tiny", config.isda_tiny)
     recorded = {k: v for k, v in before["preset:isda_tiny"].items() if k != "model.mask_class"}
@@ -195,16 +205,19 @@ def _run(ap: float, steps: int = 100) -> dict:
 def test_seed_means_and_difference() -> None:
     acc = {"seeds": [0, 1, 2], "isda": {"480": {"0": _run(0.30, 100), "1": _run(0.20, 120), "2": None}},
            "maskrcnn": {"480": {"0": _run(0.25), "1": _run(0.27), "2": _run(0.26)}},
-           "heldout": {"480": {"isda": _run(0.10), "maskrcnn": _run(0.15), "isda_no_fit": None}},
+           "heldout": {"480": {"isda": {"0": _run(0.10), "1": _run(0.14)}, "maskrcnn": {"0": _run(0.15), "1": None},
+                               "isda_no_fit": {"0": None}}},
            "levers": {"denoising": {"runs": {"480": _run(0.40), "1800": _run(0.5)}, "seeds": {"1": {"480": _run(0.30)}}}}}
     s = derived.accuracy_summary(acc)
     t = s["test"]["480"]
     assert t["isda"]["ap_mean"] == pytest.approx(25.0) and t["isda"]["steps_mean"] == 110
     assert t["maskrcnn"]["ap_mean"] == pytest.approx(26.0) and t["maskrcnn"]["ap50_mean"] == pytest.approx(36.0)
     assert t["difference"] == pytest.approx(-1.0) and t["noise"] == pytest.approx(10.0) and t["seeds"] == 2
-    assert s["heldout"]["480"] == {"isda": {"ap": pytest.approx(10.0), "ap50": pytest.approx(20.0),
-                                            "difference": pytest.approx(-5.0)},
-                                   "maskrcnn": {"ap": pytest.approx(15.0), "ap50": pytest.approx(25.0)}}
+    held = s["heldout"]["480"]
+    assert set(held) == {"isda", "maskrcnn", "noise"}  # the run that did not finish is left out
+    assert held["isda"]["ap_mean"] == pytest.approx(12.0) and held["isda"]["seeds"] == 2
+    assert held["isda"]["difference"] == pytest.approx(-3.0) and held["noise"] == pytest.approx(4.0)
+    assert held["maskrcnn"]["ap50_mean"] == pytest.approx(25.0) and held["maskrcnn"]["seeds"] == 1
     lever = s["levers"]["denoising"]
     assert set(lever) == {"480", "1800"} and lever["1800"]["seeds"] == 1
     assert lever["480"]["ap_mean"] == pytest.approx(35.0) and lever["480"]["aps"] == pytest.approx([40.0, 30.0])
@@ -267,7 +280,7 @@ def test_benchmark_sections_record_provenance_and_summary(tmp_path: Path, monkey
     from benchmarks import run
 
     acc = {"seeds": [0], "isda": {"480": {"0": _run(0.30)}}, "maskrcnn": {"480": {"0": _run(0.20)}}}
-    monkeypatch.setattr(run, "section_accuracy", lambda args, log, previous=None, save=None: dict(acc))
+    monkeypatch.setattr(run, "section_accuracy", lambda args, log, previous=None, choice=None, save=None: dict(acc))
     monkeypatch.setattr(run, "section_msda", lambda args, log: {"cases": {}})
     monkeypatch.setattr(quiet, "load", lambda: 0.5)  # a quiet machine, whatever else runs beside the suite
     monkeypatch.setattr(quiet, "_busy_cpu_seconds", lambda: None)

@@ -1,9 +1,9 @@
 """Learning: the tiny preset trained from scratch on the built-in shapes dataset reaches mask AP >= 5
-on its held-out split in what 8 minutes of this 2-core CPU train: 500 steps of 8 images (about 0.9 s each at
-two threads), the lr dropping x0.1 at 80 % of them as a time-budgeted run's does. A fixed number of steps, not a
-time budget, so that a slower machine takes longer instead of failing. Measured with these settings: see
-docs/convergence.md (AP 14.1 in the full-suite run; a random model scores 0.0). The trained checkpoint is then
-evaluated in bfloat16 as well (``--precision bf16``): its AP within 0.3 of float32's on the same split."""
+on its held-out split in fewer steps than 8 minutes of this 2-core CPU train: 500 steps of the preset's batch of 4
+(one epoch of the 2000 training images), the lr dropping x0.1 at 80 % of them as a time-budgeted run's does. A
+fixed number of steps, not a time budget, so that a slower machine takes longer instead of failing; a random model
+scores 0.0, and the 8-minute runs of docs/benchmarks.md score several times the floor. The trained checkpoint is
+then evaluated in bfloat16 as well (``--precision bf16``): its AP within 0.3 of float32's on the same split."""
 
 import time
 
@@ -15,7 +15,7 @@ from isda.data.shapes import make_shapes_dataset
 from isda.engine import evaluate, train
 from isda.inference import inference_precision, load_trained_model
 
-STEPS = 500  # two epochs of the 2000 training images; the lr drops at 0.8 of them (the preset's)
+STEPS = 500  # one epoch of the 2000 training images at the preset's batch; the lr drops at 0.8 of them
 
 
 def test_tiny_preset_learns_shapes(tmp_path):

@@ -36,6 +36,18 @@ def test_ms_deform_attn_matches_textbook_reference_float64(impl, batch, queries)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_export_core_matches_textbook_reference_float64():
+    """The core the ONNX export traces (level sizes as tensors), with samples on and far outside the borders."""
+    from isda.ops import ms_deform_attn_traceable
+
+    value, ss, loc, w = msda_problem(9, SMALL_LEVELS, batch=2, heads=3, head_dim=4, points=2, dtype=torch.float64)
+    loc[0, 0, 0, 0, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    loc[1, -1, -1, -1, -1] = torch.tensor([3.0, -2.0], dtype=torch.float64)
+    loc[1, 2, 1, 2] = torch.tensor([-0.01, 1.01], dtype=torch.float64)  # just outside: one corner row inside
+    torch.testing.assert_close(ms_deform_attn_traceable(value, ss, loc, w),
+                               reference_ms_deform_attn(value, ss, loc, w), rtol=1e-12, atol=1e-12)
+
+
 def test_ms_deform_attn_float32_at_encoder_like_size():
     value, ss, loc, w = msda_problem(2000, ((40, 60), (20, 30), (10, 15), (5, 8)))
     torch.testing.assert_close(ms_deform_attn(value, ss, loc, w), reference_ms_deform_attn(value, ss, loc, w),

@@ -62,8 +62,8 @@ def test_fit_sizes_raises_the_input_size_for_the_nuclei(nuclei):
 
 def test_the_tiny_preset_learns_real_nuclei_from_scratch(nuclei, tmp_path):
     """The first 200 of the benchmark's 500 steps (docs/real_data.md; same schedule, seed and thread count): the
-    preset with data.fit_sizes, from scratch, scored on the held-out tile. The benchmark measured AP50 2.3 at step 100 and
-    14.8 (AP 4.6) at step 200; asserted well above zero."""
+    preset with data.fit_sizes, from scratch, scored on the held-out tile: AP50 of at least 5 (a random model scores
+    0; the benchmark's curve in docs/real_data.json is above it from step 100)."""
     from isda.engine import train
 
     cfg = get_preset("isda_tiny")

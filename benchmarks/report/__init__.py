@@ -59,7 +59,7 @@ def render(results: dict[str, Any], page: Path) -> None:
     out += analysis(secs)
     if secs.get("profile"):
         out += profile(secs["profile"])
-    acc_lines = accuracy(secs.get("accuracy"))
+    acc_lines = accuracy(secs.get("accuracy"), secs.get("choice"))
     acc_chart = page.with_name(page.stem + "_accuracy.png")
     if accuracy_chart(secs.get("accuracy"), acc_chart):
         acc_lines.insert(2, f"![test-split mask AP vs training time]({acc_chart.name})\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.derived import heldout
+
 from .formatting import ap, measured
 
 
@@ -19,20 +21,26 @@ def _load(res: dict[str, Any]) -> str:
     return f"{la[0]:.1f} / {la[1]:.1f}" if la else ""
 
 
+def _mean(runs: list[dict[str, Any]], key: str) -> float:
+    return sum(ap(r, key) for r in runs) / len(runs)
+
+
 def _mr_recipe(m: dict[str, Any]) -> str:
     clip = f", clip {m['clip_max_norm']:g}" if m.get("clip_max_norm") and m.get("optimizer") == "sgd" else ""
     return (f"{m.get('optimizer')} lr {m.get('lr'):g}{clip}, width {m.get('width', 256)}, batch {m.get('batch_size', 8)}, "
             f"{m.get('roi_batch', 512)} RoIs/image")
 
 
-def accuracy(acc: dict[str, Any] | None) -> list[str]:
+def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -> list[str]:
+    """The section: the runs of ``acc`` (the accuracy section), and the sweep and lever choice from ``choice`` (the
+    record of the runs that chose the preset's defaults) where ``acc`` has none of its own."""
     out = ["## Accuracy under the same CPU budget (generated data)", ""]
     if not acc or "seeds" not in acc:
+        if choice:
+            return out + _choice(choice, own=False)
         return out + ["Not measured in this revision of the page (about 3 hours): `.venv/bin/python -m benchmarks.run "
                       "--full --only accuracy --jobs 2` (or `make bench-full`); see `benchmarks/bench_accuracy.py`.", ""]
-    nan = float("nan")
     seeds = [str(s) for s in acc["seeds"]]
-    ch = acc.get("chosen", {})
     out += [f"Shapes dataset: {acc['num_train']:,} train images, {acc['num_val']} **tune** images (the generator's val "
             f"split: every recipe choice below, for both models, is made on it) and {acc['num_val']} **test** images "
             f"(seed 1, never looked at before the tables), {acc['image_size']} px, 5 classes. ISDA: the "
@@ -48,9 +56,125 @@ def accuracy(acc: dict[str, Any] | None) -> list[str]:
             "BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for ISDA), "
             "and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    sweep = acc.get("sweep") or {}
+    own = bool(acc.get("sweep") or acc.get("tune_levers")) or not choice
+    out += _choice(acc if own else choice, own)
+    budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
+    if budgets:
+        out += ["### Test split", "",
+                "| training time | model | " + " | ".join(f"AP seed {s}" for s in seeds) + " | mean AP | AP50 (mean) | "
+                "steps | s / step | load |", "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
+        for b in budgets:
+            for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18")):
+                runs = [acc.get(model, {}).get(b, {}).get(s) for s in seeds]
+                got = [r for r in runs if r and r.get("ap")]
+                if not got:
+                    continue
+                mean = sum(ap(r) for r in got) / len(got)
+                out.append(f"| {int(b) / 60:g} min | {label} | " + " | ".join(
+                    f"{ap(r):.1f}" if r and r.get("ap") else "(not run)" for r in runs)
+                    + f" | **{mean:.1f}** | {sum(ap(r, 'AP50') for r in got) / len(got):.1f} | "
+                    + ", ".join(str(r["iterations"]) for r in got) + " | "
+                    + ", ".join(f"{r['train_time_s'] / max(r['iterations'], 1):.2f}" for r in got) + " | "
+                    + ", ".join(_load(r) for r in got) + " |")
+        out.append("")
+        for b in budgets:
+            v = _verdict(acc, b, seeds)
+            if v:
+                out += [v, ""]
+    held = acc.get("heldout") or {}
+    if held:
+        out += ["### Held-out family (never used for tuning)", "",
+                "`benchmarks/heldout_shapes.py`: six other shape families (hexagon, cross, ellipse, chevron, crescent, "
+                "diamond), 3-12 smaller instances per image (median about 17 px), 160 px images, flat noisy backgrounds, "
+                "JPEG (quality 80), category ids 3, 7, 8, 15, 31, 42; 2,000 train / 200 test images. Each model with "
+                "the recipe chosen on tune when the run was made (the recipe column); ISDA with and without "
+                "`data.fit_sizes` (the preset's fixed 128 px input).", ""]
+        out += _data_stats(acc.get("data_stats") or {})
+        hseeds = sorted({s for runs in held.values() for by_seed in runs.values() for s in by_seed}, key=int)
+        out += ["",
+                "| training time | run | recipe | input short side | " + " | ".join(f"AP seed {s}" for s in hseeds)
+                + " | mean AP | AP50 (mean) | APs (mean) | class-agnostic AP | steps | load |",
+                "|---|---|---|---|" + "---|" * len(hseeds) + "---|---|---|---|---|---|"]
+        labels = {"isda_no_fit": "ISDA tiny (the preset's input size)", "maskrcnn": "Mask R-CNN R18 (the same input sizes)",
+                  "isda": "ISDA tiny, data.fit_sizes=true"}
+        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
+            for name, label in labels.items():
+                got = [r for r in (runs.get(name) or {}).values() if r and r.get("ap")]
+                if not got:
+                    continue
+                by_seed = runs[name]
+                recipe = _mr_recipe(got[0]) if name == "maskrcnn" else " ".join(
+                    f"{k}={v}" for k, v in (got[0].get("overrides") or {}).items()
+                    if k not in ("data.fit_sizes", "train.seed")) or "the preset"
+                out.append(f"| {int(b) / 60:g} min | {label} | {recipe} | {got[0].get('input_short_side', '')} px | "
+                           + " | ".join(f"{ap(by_seed[s]):.1f}" if (by_seed.get(s) or {}).get("ap") else "(not run)"
+                                        for s in hseeds)
+                           + f" | **{_mean(got, 'AP'):.1f}** | {_mean(got, 'AP50'):.1f} | {_mean(got, 'APs'):.1f} | "
+                           + ", ".join(_agnostic(r) for r in got) + " | " + ", ".join(str(r["iterations"]) for r in got)
+                           + " | " + ", ".join(_load(r) for r in got) + " |")
+        out.append("")
+        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
+            v = heldout(runs)
+            if "isda_no_fit" in v and "maskrcnn" in v:
+                d, n = v["isda_no_fit"]["difference"], v["noise"]
+                seeds_n = min(v["isda_no_fit"]["seeds"], v["maskrcnn"]["seeds"])
+                text = (f"At {int(b) / 60:g} min on the held-out family: ISDA tiny − Mask R-CNN **{d:+.1f}** AP (means of "
+                        f"{seeds_n} seed(s)")
+                if seeds_n >= 2:
+                    verdict = "a **tie** (within the seed noise)" if abs(d) <= n else (
+                        "ISDA tiny ahead" if d > 0 else "Mask R-CNN ahead")
+                    goal = d >= GOAL_MARGIN and d > n
+                    text += (f"; seed noise {n:.1f} AP): {verdict}; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: "
+                             f"{'**met**' if goal else '**not met**'}.")
+                else:
+                    text += "; one seed: no verdict beyond the figure)."
+                out += [text, ""]
+            if "fit_sizes_difference" in v:
+                out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
+                        f"**{v['fit_sizes_difference']:+.1f}** AP (means of the seeds above; seed noise {v['noise']:.1f}).",
+                        ""]
+    vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
+    default = [{v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}]
+    if acc.get("ablations"):
+        labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
+                  "mask_stride_2": "MP + KP, mask stride 2"}
+        out += ["### Ablations in miniature (ISDA tiny, test split, seed 0)", "",
+                "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
+                "1/4 36.5, 1/2 36.4 AP.", ""]
+        out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
+                              + [(labels.get(n, n), _seed_runs(e)) for n, e in acc["ablations"].items()], vbudgets)
+    if acc.get("levers"):
+        extra = sorted({s for e in acc["levers"].values() for s in e.get("seeds", {})}, key=int)
+        out += ["### Convergence levers (ISDA tiny with the chosen recipe, test split, seed 0"
+                + (f", and seed {', '.join(extra)} after a slash where it ran)" if extra else ")"), "",
+                "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget. These "
+                "rows report what a lever does; none was chosen on them (`docs/convergence.md` compares the levers on "
+                "the tune split and at equal step counts). Read AP together with steps.", ""]
+        recipe = default + [{v: (acc["isda"].get(v) or {}).get(s) for v in vbudgets} for s in extra]
+        out += _variant_table([("the chosen recipe (beside Mask R-CNN)", recipe)]
+                              + [(f"{n} (`{_overrides(e)}`)", _seed_runs(e)) for n, e in acc["levers"].items()],
+                              vbudgets)
+    out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
+    return out
+
+
+def _choice(sec: dict[str, Any], own: bool) -> list[str]:
+    """The sweep, the recipes it chose and the lever choice of ``sec``; ``own``: they are the accuracy section's
+    (else the record of the runs behind the preset's defaults, made on the preset before them)."""
+    nan = float("nan")
+    ch = sec.get("chosen", {})
+    out: list[str] = []
+    if not own:
+        decided = (sec.get("_meta") or {}).get("decided") or {}
+        before = sec.get("isda_config") or {}
+        was = ", ".join(f"`{k}={before.get(k.split('.')[0], {}).get(k.split('.')[1])}`" for k in decided)
+        out += ["### How `isda_tiny`'s defaults were chosen (tune split)", "",
+                "The sweep and the lever choice below ran on the preset as it was then (" + was + "); their winners "
+                "became its defaults (" + ", ".join(f"`{k}={v}`" for k, v in decided.items()) + "). The runs after it "
+                "on this page use the new defaults.", ""]
+    sweep = sec.get("sweep") or {}
     if sweep:
-        out += [f"### Sweep on the tune split ({acc['sweep_budget_s'] / 60:g} min per run)", "",
+        out += [f"### Sweep on the tune split ({sec['sweep_budget_s'] / 60:g} min per run)", "",
                 "The same tuning effort for both: Mask R-CNN's optimiser (AdamW, SGD + momentum 0.9) x three lrs, then "
                 "from the sweep's centre one change at a time: its widths (FPN, RPN, the four mask-head convolutions: 64 "
                 "costs about what an ISDA tiny step costs at one thread; 256 is torchvision's), batch and RoIs sampled "
@@ -91,88 +215,10 @@ def accuracy(acc: dict[str, Any] | None) -> list[str]:
     out += [f"Recipes: Mask R-CNN {_mr_recipe(ch.get('maskrcnn', {}))}; ISDA tiny "
             f"{' '.join(f'{k}={v}' for k, v in ch.get('isda', {}).items()) or 'as the preset'} "
             f"({'chosen on tune: ' + ', '.join(ch['from_sweep']) if ch.get('from_sweep') else 'no sweep run'}).", ""]
-    budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
-    if budgets:
-        out += ["### Test split", "",
-                "| training time | model | " + " | ".join(f"AP seed {s}" for s in seeds) + " | mean AP | AP50 (mean) | "
-                "steps | s / step | load |", "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
-        for b in budgets:
-            for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18")):
-                runs = [acc.get(model, {}).get(b, {}).get(s) for s in seeds]
-                got = [r for r in runs if r and r.get("ap")]
-                if not got:
-                    continue
-                mean = sum(ap(r) for r in got) / len(got)
-                out.append(f"| {int(b) / 60:g} min | {label} | " + " | ".join(
-                    f"{ap(r):.1f}" if r and r.get("ap") else "(not run)" for r in runs)
-                    + f" | **{mean:.1f}** | {sum(ap(r, 'AP50') for r in got) / len(got):.1f} | "
-                    + ", ".join(str(r["iterations"]) for r in got) + " | "
-                    + ", ".join(f"{r['train_time_s'] / max(r['iterations'], 1):.2f}" for r in got) + " | "
-                    + ", ".join(_load(r) for r in got) + " |")
-        out.append("")
-        for b in budgets:
-            v = _verdict(acc, b, seeds)
-            if v:
-                out += [v, ""]
-    held = acc.get("heldout") or {}
-    if held:
-        out += ["### Held-out family (never used for tuning)", "",
-                "`benchmarks/heldout_shapes.py`: six other shape families (hexagon, cross, ellipse, chevron, crescent, "
-                "diamond), 3-12 smaller instances per image (median about 17 px), 160 px images, flat noisy backgrounds, "
-                "JPEG (quality 80), category ids 3, 7, 8, 15, 31, 42; 2,000 train / 200 test images. Each model with "
-                "the recipe chosen on tune when the run was made (the recipe column); ISDA with and without "
-                "`data.fit_sizes` (the preset's fixed 128 px input).", ""]
-        out += _data_stats(acc.get("data_stats") or {})
-        out += ["",
-                "| training time | run | recipe | input short side | test AP | AP50 | APs | class-agnostic AP | steps | load |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        labels = {"isda": "ISDA tiny, data.fit_sizes=true", "isda_no_fit": "ISDA tiny, data.fit_sizes=false",
-                  "maskrcnn": "Mask R-CNN R18 (the preset's input sizes)"}
-        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
-            for name, label in labels.items():
-                r = runs.get(name)
-                if r and r.get("ap"):
-                    recipe = _mr_recipe(r) if name == "maskrcnn" else " ".join(
-                        f"{k}={v}" for k, v in (r.get("overrides") or {}).items() if k != "data.fit_sizes") or "the preset"
-                    out.append(f"| {int(b) / 60:g} min | {label} | {recipe} | {r.get('input_short_side', '')} px | {ap(r):.1f} | "
-                               f"{ap(r, 'AP50'):.1f} | {ap(r, 'APs'):.1f} | {_agnostic(r)} | {r['iterations']} | "
-                               f"{_load(r)} |")
-        out.append("")
-        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
-            on, off = runs.get("isda"), runs.get("isda_no_fit")
-            shapes = [r for r in (acc.get("isda", {}).get(b) or {}).values() if r and r.get("ap")]
-            if on and off and on.get("ap") and off.get("ap"):
-                out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
-                        f"**{ap(on) - ap(off):+.1f}** AP (one seed each, side by side)"
-                        + (f"; ISDA tiny on the shapes test split at the same budget: "
-                           f"{sum(ap(r) for r in shapes) / len(shapes):.1f} in "
-                           f"{', '.join(str(r['iterations']) for r in shapes)} steps (the held-out runs: "
-                           f"{on['iterations']} and {off['iterations']}; steps differ with the machine's load)"
-                           if shapes else "") + ".", ""]
-    vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
-    default = [{v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}]
-    if acc.get("ablations"):
-        labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
-                  "mask_stride_2": "MP + KP, mask stride 2"}
-        out += ["### Ablations in miniature (ISDA tiny, test split, seed 0)", "",
-                "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
-                "1/4 36.5, 1/2 36.4 AP.", ""]
-        out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
-                              + [(labels.get(n, n), _seed_runs(e)) for n, e in acc["ablations"].items()], vbudgets)
-    if acc.get("levers"):
-        extra = sorted({s for e in acc["levers"].values() for s in e.get("seeds", {})}, key=int)
-        out += ["### Convergence levers (ISDA tiny with the chosen recipe, test split, seed 0"
-                + (f", and seed {', '.join(extra)} after a slash where it ran)" if extra else ")"), "",
-                "Each lever switched off (the preset's levers) or on (the others) alone, a fresh run per budget. These "
-                "rows report what a lever does; none was chosen on them (`docs/convergence.md` compares the levers on "
-                "the tune split and at equal step counts). Read AP together with steps.", ""]
-        recipe = default + [{v: (acc["isda"].get(v) or {}).get(s) for v in vbudgets} for s in extra]
-        out += _variant_table([("the chosen recipe (beside Mask R-CNN)", recipe)]
-                              + [(f"{n} (`{_overrides(e)}`)", _seed_runs(e)) for n, e in acc["levers"].items()],
-                              vbudgets)
-    if acc.get("tune_levers"):
-        out += _tune_levers(acc["tune_levers"])
-    out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
+    if sec.get("tune_levers"):
+        out += _tune_levers(sec["tune_levers"])
+    if not own:
+        out += [measured(sec)]
     return out
 
 
