@@ -68,12 +68,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     update = torch.cat([(single["model"][k] - init["model"][k]).flatten() for k in keys]).norm()
     assert difference / update < 1e-2
     # Logged losses are averaged over ranks; with the all-reduced instance normaliser they equal the
-    # single-process loss of the same global batch.
+    # single-process loss of the same global batch: the first step's exactly (same weights, only the summation
+    # order differs), the later ones as closely as the weights agree (the Adam noise above, ~1e-4 relative).
     rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("ddp", "single")}
     ddp_losses = [r["loss"] for r in rows["ddp"] if r["type"] == "train"]
     single_losses = [r["loss"] for r in rows["single"] if r["type"] == "train"]
-    assert ddp_losses == pytest.approx(single_losses, rel=1e-5)
+    assert len(ddp_losses) == len(single_losses) == 4
+    assert ddp_losses[0] == pytest.approx(single_losses[0], rel=1e-5)
+    assert ddp_losses[1:] == pytest.approx(single_losses[1:], rel=1e-3)
     # Validation predictions were gathered from both ranks.
     results = json.loads((tmp_path / "ddp" / "results_val.json").read_text())
     assert {r["image_id"] for r in results} == {1, 2, 3, 4}
