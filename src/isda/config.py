@@ -70,11 +70,6 @@ class ModelConfig:
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
     mask_stride: int = 4  # 8 | 4 | 2 (paper ablation; 4 is best)
     mask_position: bool = True  # MP: coordinates concatenated to the 1/32 MFR input
-    # Opt-in, not in the paper: 0 measures positions (the encoder's sine encoding, MP's coordinates) relative to each
-    # image, so a model trained on crops sees a larger whole image at a smaller position scale. N > 0 measures them
-    # in pixels, N px being the unit the paper's encoding spans over an image (an N px image is encoded as before):
-    # the same object looks the same in a crop and in the whole image (the crop-vs-whole question of data.fit_sizes).
-    position_extent_px: int = 0
     kernel_position: bool = True  # KP: reference point as the kernel's last 2 weights
     # Inference.
     num_detections: int = 100
@@ -95,11 +90,6 @@ class ModelConfig:
         _check(not (self.from_scratch and self.backbone_weights), "model.from_scratch",
                "contradicts model.backbone_weights: drop one")
         _check(self.mask_stride in (2, 4, 8), "model.mask_stride", f"must be 8, 4 or 2, got {self.mask_stride}")
-        _check(self.position_extent_px == 0 or self.position_extent_px >= 32, "model.position_extent_px",
-               f"must be 0 (relative to each image) or >= 32 px, got {self.position_extent_px}")
-        _check(self.position_extent_px == 0 or not (self.query_selection or self.denoising_groups),
-               "model.position_extent_px", "is not implemented with model.query_selection or model.denoising_groups "
-               "(their point encodings are relative to the image)")
         _check(self.num_classes >= 1, "model.num_classes", "must be >= 1")
         _check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim", "must be divisible by num_heads")
         _check(self.hidden_dim % 2 == 0, "model.hidden_dim", "must be even (sine encoding)")

@@ -90,7 +90,7 @@ class DenseAux(nn.Module):
             index[b, :len(c)] = c
         hidden = memory.gather(1, index[..., None].expand(-1, -1, memory.shape[-1]))
         points = out["token_positions"].gather(1, index[..., None].expand(-1, -1, 2))
-        kernels = self.head.kernels(hidden[None], points[None], out["point_scale"])  # (1, B, slots, K): one layer
+        kernels = self.head.kernels(hidden[None], points[None])  # (1, B, slots, K): a one-layer "decoder"
         image = torch.cat([torch.full_like(c, b) for b, c in enumerate(chosen)])
         slot = torch.cat([torch.arange(len(c), device=c.device) for c in chosen])
         if len(image):

@@ -50,17 +50,12 @@ class ISDAHead(nn.Module):
         n = mask_logits.shape[0]
         return torch.cat([logits[:-n], logits[-n:] + self.mask_class(pooled.to(logits.dtype))])
 
-    def kernels(self, hidden: Tensor, reference_points: Tensor, point_scale: Tensor | None = None) -> Tensor:
-        """hidden (layers, B, Q, C); reference (layers, B, Q, 2) in [0, 1] of each image -> dynamic 1x1 kernels
-        (layers, B, Q, K). ``point_scale`` (B, 2), ``model.position_extent_px``: each image's (width, height) in
-        units of that extent; KP's weights are then the point in [-1, 1] over the extent (as MP's coordinates)."""
+    def kernels(self, hidden: Tensor, reference_points: Tensor) -> Tensor:
+        """hidden (layers, B, Q, C); reference (layers, B, Q, 2) -> dynamic 1x1 kernels (layers, B, Q, K)."""
         kernels = self.kernel_embed(hidden)
         if self.kernel_position:
-            if point_scale is None:
-                ref = inverse_sigmoid(reference_points)
-            else:
-                ref = 2 * reference_points * point_scale[None, :, None] - 1
-            kernels = torch.cat([kernels, ref.to(kernels.dtype)], -1)
+            ref = inverse_sigmoid(reference_points).to(kernels.dtype)
+            kernels = torch.cat([kernels, ref], -1)
         return kernels
 
 

@@ -36,7 +36,7 @@ class ISDA(nn.Module):
         self.neck = Neck(self.backbone.out_channels, cfg.hidden_dim)
         self.transformer = DeformableTransformer(cfg)
         self.mask_features = MaskFeatures(cfg.hidden_dim, cfg.mask_feat_channels, cfg.mask_out_channels,
-                                          cfg.mask_stride, cfg.mask_position, position_extent_px=cfg.position_extent_px)
+                                          cfg.mask_stride, cfg.mask_position)
         self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position,
                              mask_class=cfg.mask_class)
         self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
@@ -74,14 +74,9 @@ class ISDA(nn.Module):
         graph: the losses compute the matched queries' masks again, with it, from ``kernels`` and
         ``mask_features`` (:func:`isda.models.head.matched_mask_logits`)."""
         feats, masks = self.neck(self.backbone(batch), mask)  # P2..P6
-        extent = self.cfg.position_extent_px
-        pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2, extent=extent / (8 << level) if extent else None
-                                      ).to(f.dtype) for level, (f, m) in enumerate(zip(feats[1:], masks[1:]))]  # 1/8..
+        pos = [sine_position_encoding(m, self.cfg.hidden_dim // 2).to(f.dtype) for f, m in zip(feats[1:], masks[1:])]
         out = self.transformer(feats[1:], masks[1:], pos, denoising)
         out["denoising"] = denoising
-        # model.position_extent_px: each image's (width, height) in units of the extent, for KP
-        out["point_scale"] = (torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1).float() / extent
-                              if extent else None)
         stride = self.cfg.mask_stride
         mfr_mask = resize_mask(mask, (batch.shape[-2] // stride, batch.shape[-1] // stride))
         mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
@@ -89,7 +84,7 @@ class ISDA(nn.Module):
         # Deep supervision needs every layer's masks; inference only the last layer's.
         layers = slice(None) if self.training else slice(-1, None)
         out["kernels"], out["mask_features"], out["padding_mask"] = (
-            self.head.kernels(out["hidden"][layers], out["points"][layers], out["point_scale"]), mfr, mfr_mask)
+            self.head.kernels(out["hidden"][layers], out["points"][layers]), mfr, mfr_mask)
         # The mask losses see matched queries only, so in training every query's masks (for the matcher) are
         # computed without autograd and the losses compute the matched ones again with it: the backward of the
         # full product was two GEMMs over (layers x batch x queries) rows of zero gradient.

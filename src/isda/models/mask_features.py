@@ -22,15 +22,11 @@ class ConvGNReLU(nn.Module):
         return torch.relu_(masked_group_norm(self.conv(x), padding_mask, self.norm))
 
 
-def coordinate_map(padding_mask: Tensor, extent: float | None = None) -> Tensor:
-    """(B, H, W) -> (B, 2, H, W) pixel-centre coordinates (x, y) in [-1, 1] over each image's valid area; with
-    ``extent`` (cells, ``model.position_extent_px`` / the map's stride), over that many cells from the top left."""
+def coordinate_map(padding_mask: Tensor) -> Tensor:
+    """(B, H, W) -> (B, 2, H, W) pixel-centre coordinates (x, y) in [-1, 1] over each image's valid area."""
     valid = ~padding_mask
-    if extent is None:
-        h = valid[:, :, 0].sum(1).clamp(min=1).float().view(-1, 1, 1)
-        w = valid[:, 0, :].sum(1).clamp(min=1).float().view(-1, 1, 1)
-    else:
-        h = w = torch.full((len(padding_mask), 1, 1), float(extent), device=padding_mask.device)
+    h = valid[:, :, 0].sum(1).clamp(min=1).float().view(-1, 1, 1)
+    w = valid[:, 0, :].sum(1).clamp(min=1).float().view(-1, 1, 1)
     H, W = padding_mask.shape[-2:]
     ys = torch.arange(H, device=padding_mask.device, dtype=torch.float32).view(1, H, 1) + 0.5
     xs = torch.arange(W, device=padding_mask.device, dtype=torch.float32).view(1, 1, W) + 0.5
@@ -42,13 +38,11 @@ class MaskFeatures(nn.Module):
     the 1/32 level gets coordinates first (MP); sum; 1x1 conv to out_channels + GN + ReLU."""
 
     def __init__(self, in_channels: int, feat_channels: int, out_channels: int, mask_stride: int,
-                 mask_position: bool, level_strides: tuple[int, ...] = (4, 8, 16, 32),
-                 position_extent_px: int = 0) -> None:
+                 mask_position: bool, level_strides: tuple[int, ...] = (4, 8, 16, 32)) -> None:
         super().__init__()
         self.mask_position = mask_position
         self.levels = [i for i, s in enumerate(level_strides) if s >= mask_stride]
         self.coord_level = len(level_strides) - 1  # the 1/32 map
-        self.coord_extent = position_extent_px / level_strides[self.coord_level] if position_extent_px else None
         self.branches = nn.ModuleList()
         for i in self.levels:
             stages = max(int(math.log2(level_strides[i] // mask_stride)), 1)
@@ -77,7 +71,7 @@ class MaskFeatures(nn.Module):
         for i, convs, ups in zip(self.levels, self.branches, self.upsamples):
             x, m = feats[i], masks[i]
             if self.mask_position and i == self.coord_level:
-                x = torch.cat([x, coordinate_map(m, self.coord_extent).to(x.dtype)], 1)
+                x = torch.cat([x, coordinate_map(m).to(x.dtype)], 1)
             for s, conv in enumerate(convs):
                 x = conv(x, m)
                 if s < ups:  # each conv stage of a coarser level ends with a 2x upsample

@@ -9,15 +9,14 @@ from torch import Tensor
 
 
 def sine_position_encoding(padding_mask: Tensor, num_feats: int = 128, temperature: float = 10000.0,
-                           offset: float = -0.5, eps: float = 1e-6, extent: float | None = None) -> Tensor:
-    """(B, H, W) padding mask -> (B, 2*num_feats, H, W): [y features, x features], the valid region spanning 2*pi;
-    with ``extent`` (cells, ``model.position_extent_px`` / the map's stride), ``extent`` cells span 2*pi instead."""
+                           offset: float = -0.5, eps: float = 1e-6) -> Tensor:
+    """(B, H, W) padding mask -> (B, 2*num_feats, H, W): [y features, x features], normalized to 2*pi."""
     not_mask = (~padding_mask).to(torch.float32)
     y = not_mask.cumsum(1)
     x = not_mask.cumsum(2)
     scale = 2 * math.pi
-    y = (y + offset) / (y[:, -1:, :] + eps if extent is None else extent) * scale
-    x = (x + offset) / (x[:, :, -1:] + eps if extent is None else extent) * scale
+    y = (y + offset) / (y[:, -1:, :] + eps) * scale
+    x = (x + offset) / (x[:, :, -1:] + eps) * scale
     pos_x, pos_y = _interleaved_sine(x, num_feats, temperature), _interleaved_sine(y, num_feats, temperature)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
