@@ -1,5 +1,6 @@
 """Matching levers, each opt-in: one-to-many matching of the intermediate decoder layers (``loss.o2m_topk``), the
-position-modulated class cost (``loss.match_quality``) and look forward twice (``model.look_forward_twice``). The
+position-modulated class cost (``loss.match_quality``), look forward twice (``model.look_forward_twice``) and the
+mask losses at a finer resolution (``loss.mask_loss_upsample``, tested further in test_mask_loss_upsample.py). The
 assignments and costs against hand computations, the gradient paths, that each trains, and that inference and the
 ONNX graph do not depend on them."""
 
@@ -21,7 +22,8 @@ from test_overfit import mean_best_iou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LEVERS = [{"loss.o2m_topk": 3}, {"loss.match_quality": 0.5}, {"model.look_forward_twice": True}]
+LEVERS = [{"loss.o2m_topk": 3}, {"loss.match_quality": 0.5}, {"model.look_forward_twice": True},
+          {"loss.mask_loss_upsample": 4}]
 STEPS = 15
 
 

@@ -121,6 +121,10 @@ class LossConfig:
     dice_form: str = "official"
     dice_eps: float = 1e-3
     mask_bce_weight: float = 0.0  # opt-in, not in the paper: + binary cross-entropy on matched masks
+    # Opt-in, not in the paper (PointRend / Mask2Former take their mask losses at a finer resolution than the
+    # logits): the matched masks' losses on the logits upsampled bilinearly by this factor, against targets at
+    # that resolution, as inference upsamples them; 1: at the mask stride (official).
+    mask_loss_upsample: int = 1
     point_weight: float = 5.0  # L1 to the mask centroid in loss and matching, with model.refine_points (DETR's box L1)
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
@@ -218,6 +222,9 @@ class Config:
         _check(self.loss.o2m_topk >= 0, "loss.o2m_topk", f"must be >= 0 (0: off), got {self.loss.o2m_topk}")
         _check(not self.loss.o2m_topk or self.loss.aux_loss, "loss.o2m_topk",
                "needs loss.aux_loss=true (it supervises the decoder layers before the last)")
+        up = self.loss.mask_loss_upsample
+        _check(isinstance(up, int) and up >= 1 and self.model.mask_stride % up == 0, "loss.mask_loss_upsample",
+               f"must be an integer >= 1 that divides model.mask_stride ({self.model.mask_stride}), got {up!r}")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.loss.dense_aux_weight >= 0, "loss.dense_aux_weight", "must be >= 0")
         _check(self.loss.dense_aux_max_pos >= 1, "loss.dense_aux_max_pos", "must be >= 1")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masked_ops import has_padding
@@ -83,6 +85,25 @@ def mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
     """Padded pixels are no part of any mask: without this their logit is 0 (p = 0.5, the MFR is zero there),
     which the dice loss and the matcher would count against every prediction."""
     return mask_logits.masked_fill(padding, PADDING_LOGIT) if has_padding(padding) else mask_logits
+
+
+def upsample_mask_logits(mask_logits: Tensor, padding: Tensor | None, factor: int) -> Tensor:
+    """(n, h, w) mask logits and their (n, h, w) padding (or None) -> (n, h * factor, w * factor): bilinear from the
+    image's own cells only (at its border as the image alone would be upsampled, not blended with the padding's
+    -1e4), padded out again at the finer resolution."""
+    if factor == 1:
+        return mask_logits
+    up = partial(F.interpolate, scale_factor=factor, mode="bilinear", align_corners=False)
+    if not has_padding(padding):
+        return up(mask_logits[:, None])[:, 0]
+    valid = (~padding[:, None]).to(mask_logits.dtype)
+    fine = up(mask_logits[:, None] * valid) / up(valid).clamp(min=1e-6)
+    return mask_padding(fine[:, 0], fine_padding(padding, factor))
+
+
+def fine_padding(padding: Tensor, factor: int) -> Tensor:
+    """A padding mask at ``factor`` times the resolution: a fine pixel is padding where its cell is."""
+    return padding.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
 
 
 def matched_mask_logits(kernels: Tensor, mask_features: Tensor, padding_mask: Tensor, layer: Tensor, image: Tensor,

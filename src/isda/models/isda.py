@@ -121,6 +121,8 @@ class ISDA(nn.Module):
         size = out["mask_logits"].shape[-2:]
         padded = [_pad_masks(t["masks"], padded_size) for t in targets]
         small = [downsample_masks(m, size) for m in padded]
+        up = self.criterion.cfg.mask_loss_upsample  # the matched masks' losses at a finer resolution (opt-in)
+        fine = [downsample_masks(m, (size[0] * up, size[1] * up)) for m in padded] if up > 1 else None
         valid = (~out["padding_mask"]).flatten(1).sum(1)
         # Point refinement's supervision: each query's points against its instance's mask centroid.
         points = out["points"] if self.cfg.refine_points else None
@@ -138,7 +140,8 @@ class ISDA(nn.Module):
                 [{"labels": t["labels"].repeat(repeats)} for t in targets], [m.repeat(repeats, 1, 1) for m in small],
                 valid, None if points is None else points[:, :, queries],
                 None if points is None else [c.repeat(repeats, 1) for c in centroids],
-                kernels=None if kernels is None else kernels[:, :, queries], matches=matches, topk=topk, **masks)
+                kernels=None if kernels is None else kernels[:, :, queries], matches=matches, topk=topk,
+                fine_masks=None if fine is None else [m.repeat(repeats, 1, 1) for m in fine], **masks)
 
         Q, H = self.cfg.num_queries, self.cfg.hybrid_queries
         losses = criterion(slice(0, Q), topk=self.criterion.cfg.o2m_topk)  # (one-to-many on the earlier layers)

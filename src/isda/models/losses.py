@@ -12,7 +12,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ..config import LossConfig
 from .float32 import autocast_off
-from .head import matched_mask_logits
+from .head import matched_mask_logits, upsample_mask_logits
 from .matcher import hungarian_match, matching_cost, topk_match
 
 
@@ -93,7 +93,8 @@ class SetCriterion:
                  target_masks: list[Tensor], valid_pixels: Tensor | None = None, points: Tensor | None = None,
                  target_points: list[Tensor] | None = None, *, kernels: Tensor | None = None,
                  mask_features: Tensor | None = None, padding_mask: Tensor | None = None,
-                 matches: list[tuple[Tensor, Tensor]] | None = None, topk: int = 0) -> dict[str, Tensor]:
+                 matches: list[tuple[Tensor, Tensor]] | None = None, topk: int = 0,
+                 fine_masks: list[Tensor] | None = None) -> dict[str, Tensor]:
         """logits (layers, B, Q, C); mask logits (layers, B, Q, h, w); target_masks[b]: (N_b, h, w) float
         at the mask stride; valid_pixels (B,): each image's un-padded pixels at that scale (default h * w);
         with point refinement, points (layers, B, Q, 2) and target_points[b] (N_b, 2) (mask centroids).
@@ -102,8 +103,13 @@ class SetCriterion:
         (B, h, w) (default: indexed from ``mask_logits``). ``matches[b]``: a fixed (query, target) assignment of
         image b for every layer (denoising queries), instead of Hungarian matching. ``topk`` (``loss.o2m_topk``):
         the layers before the last match each instance to its ``topk`` cheapest queries (:func:`topk_match`).
+        ``fine_masks[b]``: image b's targets at ``loss.mask_loss_upsample`` times the mask stride's resolution, where
+        the matched masks' losses are then taken (matching stays at the mask stride; required when it is > 1).
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
+        up = self.cfg.mask_loss_upsample
+        if up > 1 and fine_masks is None:
+            raise ValueError(f"loss.mask_loss_upsample={up} needs the targets at that resolution (fine_masks)")
         logits = logits.float()
         points = points.float() if points is not None else None
         norm = num_instances(targets, logits.device)
@@ -123,7 +129,7 @@ class SetCriterion:
                 match_layer.append(torch.full_like(qi, i))
                 match_image.append(torch.full_like(qi, b))
                 match_query.append(qi)
-                matched_gt.append(tm[ti].flatten(1))
+                matched_gt.append((fine_masks[b] if up > 1 else tm)[ti].flatten(1))
                 if points is not None:
                     matched_points.append(target_points[b][ti])
         at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
@@ -135,7 +141,8 @@ class SetCriterion:
         # fills a zero gradient of all the mask logits, which cost more than the masks themselves.
         pred = (mask_logits[layer_index, image, query].float() if kernels is None
                 else matched_mask_logits(kernels.float(), mask_features.float(), padding_mask, layer_index, image,
-                                         query)).flatten(1)
+                                         query))
+        pred = upsample_mask_logits(pred, None if padding_mask is None else padding_mask[image], up).flatten(1)
         gt = torch.cat(matched_gt)
         varifocal = self.cfg.class_loss == "varifocal"
         cls_target[at, image, query, torch.cat(match_label)] = (
@@ -149,7 +156,7 @@ class SetCriterion:
                                         self.cfg.focal_gamma).sum((1, 2, 3)) / norm,
                  "loss_dice": per_layer(dice_loss(pred, gt, self.cfg.dice_form, self.cfg.dice_eps))}
         if self.cfg.mask_bce_weight:
-            pixels = (valid_pixels.to(pred.dtype)[image] if valid_pixels is not None
+            pixels = (valid_pixels.to(pred.dtype)[image] * up * up if valid_pixels is not None
                       else pred.new_full((pred.shape[0],), pred.shape[1]))
             terms["loss_bce"] = per_layer(mask_bce_loss(pred, gt, pixels))
         if points is not None:

@@ -1,0 +1,99 @@
+"""``loss.mask_loss_upsample``: the matched masks' losses on the logits upsampled by a factor, against targets at
+that resolution. The upsampling against plain bilinear on the image alone (padding-invariant), the criterion's
+terms against a hand computation from its matches, the model's fine targets, and bad values. That it trains and
+leaves inference and the ONNX graph unchanged is in test_matching_levers.py, with the other levers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from isda.config import ConfigError, LossConfig, apply_overrides, get_preset
+from isda.models.head import PADDING_LOGIT, upsample_mask_logits
+from isda.models.losses import SetCriterion, dice_loss, downsample_masks, mask_bce_loss, mask_iou, varifocal_loss
+from isda.models.matcher import hungarian_match
+
+from model_utils import batch, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bilinear(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return F.interpolate(x[:, None], scale_factor=factor, mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_upsampling_inside_an_image_does_not_depend_on_its_padding(factor):
+    """An image of 4 x 3 cells padded to 5 x 6: its fine logits are what plain bilinear upsampling of the image
+    alone gives (edge-clamped, not blended with the padding's -1e4); the padding stays padding."""
+    g = torch.Generator().manual_seed(0)
+    alone = torch.randn(2, 4, 3, generator=g) * 3
+    padded = torch.full((2, 5, 6), PADDING_LOGIT)
+    padded[:, :4, :3] = alone
+    padding = torch.ones(2, 5, 6, dtype=torch.bool)
+    padding[:, :4, :3] = False
+    fine = upsample_mask_logits(padded, padding, factor)
+    assert fine.shape == (2, 5 * factor, 6 * factor)
+    torch.testing.assert_close(fine[:, : 4 * factor, : 3 * factor], _bilinear(alone, factor))
+    assert (fine[:, 4 * factor :] == PADDING_LOGIT).all() and (fine[:, :, 3 * factor :] == PADDING_LOGIT).all()
+    # No padding: plain bilinear; factor 1: the logits themselves.
+    torch.testing.assert_close(upsample_mask_logits(alone, None, factor), _bilinear(alone, factor))
+    assert upsample_mask_logits(padded, padding, 1) is padded
+
+
+def test_criterion_takes_the_mask_terms_at_the_fine_resolution_and_matches_at_the_stride():
+    """Matching on the stride's logits and soft targets; dice, BCE (per fine pixel of the image) and the varifocal
+    target (IoU) of each match on the upsampled logits against the fine targets."""
+    g = torch.Generator().manual_seed(1)
+    factor, Q, C = 4, 5, 3
+    mask_logits = torch.randn(1, 2, Q, 4, 4, generator=g) * 3
+    logits = torch.randn(1, 2, Q, C, generator=g)
+    fine = [(torch.rand(2, 16, 16, generator=g) > 0.5).float(), (torch.rand(1, 16, 16, generator=g) > 0.5).float()]
+    small = [downsample_masks(m.bool(), (4, 4)) for m in fine]
+    targets = [{"labels": torch.tensor([0, 2])}, {"labels": torch.tensor([1])}]
+    cfg = LossConfig(aux_loss=False, mask_bce_weight=1.0, class_loss="varifocal", mask_loss_upsample=factor)
+    losses = SetCriterion(cfg)(logits, mask_logits, targets, small, torch.tensor([16, 16]), fine_masks=fine)
+    dice = bce = 0.0
+    quality = torch.zeros(2, Q, C)
+    for b in range(2):
+        query, target = hungarian_match(logits[0, b], mask_logits[0, b].flatten(1), targets[b]["labels"],
+                                        small[b].flatten(1), cfg)
+        pred = _bilinear(mask_logits[0, b, query], factor).flatten(1)
+        gt = fine[b][target].flatten(1)
+        dice += dice_loss(pred, gt).sum()
+        bce += mask_bce_loss(pred, gt, torch.full((len(query),), 256.0)).sum()
+        quality[b, query, targets[b]["labels"][target]] = mask_iou(pred, gt)
+    torch.testing.assert_close(losses["loss_dice"], dice / 3)
+    torch.testing.assert_close(losses["loss_bce"], bce / 3)
+    assert not torch.equal(losses["loss_dice"], SetCriterion(LossConfig(aux_loss=False))(
+        logits, mask_logits, targets, small)["loss_dice"])
+    torch.testing.assert_close(losses["loss_cls"], varifocal_loss(logits[0], quality, 0.25, 2.0).sum() / 3)
+    with pytest.raises(ValueError, match="mask_loss_upsample"):
+        SetCriterion(cfg)(logits, mask_logits, targets, small)
+
+
+def test_the_model_hands_the_criterion_targets_at_the_fine_resolution(monkeypatch):
+    """In the model, the fine targets are the images' masks (padded to the batch) at the mask stride's resolution
+    times the factor: at factor = stride, the masks themselves."""
+    model = tiny(**{"loss.mask_loss_upsample": 4}).train()
+    seen = {}
+    criterion = type(model.criterion)
+    original = criterion.__call__
+
+    def spy(self, *args, fine_masks=None, **kwargs):
+        seen.setdefault("fine", fine_masks)
+        return original(self, *args, fine_masks=fine_masks, **kwargs)
+
+    monkeypatch.setattr(criterion, "__call__", spy)
+    images, targets = batch()
+    model(images, targets)
+    for fine, t in zip(seen["fine"], targets):
+        assert fine.shape[-2:] == (128, 128)  # the batch's padded size: stride 4 x factor 4
+        h, w = t["masks"].shape[-2:]
+        assert torch.equal(fine[:, :h, :w], t["masks"].float()) and fine[:, h:].sum() == fine[:, :, w:].sum() == 0
+
+
+@pytest.mark.parametrize("value", [0, -4, 3, 8])
+def test_bad_values_name_the_field(value):
+    cfg = apply_overrides(get_preset("isda_tiny"), {"loss.mask_loss_upsample": value})  # mask stride 4
+    with pytest.raises(ConfigError, match=r"loss\.mask_loss_upsample"):
+        cfg.validate()
