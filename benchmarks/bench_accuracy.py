@@ -18,8 +18,8 @@ the reported tables). Parts (``parts``):
   are compared with is the main ISDA run (seed 0) at the same budget.
 * ``tune_levers``: the choice of ISDA tiny's levers, on tune: the chosen recipe alone and with each lever (or the
   ``--variants`` given), at each variant budget and variant seed. The rule, fixed before the runs
-  (:func:`lever_choice`): the best mean tune AP over the seeds at the first variant budget; an entry within the
-  seed noise of the best and cheaper (more steps) wins the tie.
+  (:func:`benchmarks.derived.lever_choice`): the best mean tune AP over the seeds at the first variant budget; an
+  entry within the seed noise of the best and cheaper (more steps) wins the tie.
 
 The sweep and the lever choice decide the preset's defaults; once a winner becomes a default, the preset changes and
 the earlier runs cannot be merged with new ones (:func:`merge`). They are then kept as the ``choice`` section
@@ -177,25 +177,6 @@ def chosen(sweep: dict[str, Any] | None) -> dict[str, Any]:
             out[model] = dict(done[best]["settings"])
             out["from_sweep"].append(f"{model}: {best}")
     return out
-
-
-def lever_choice(tune_levers: dict[str, Any], budget: str) -> dict[str, Any]:
-    """The levers' tune results at ``budget`` (seconds, as a key) and the winner by the rule fixed before the runs:
-    the best mean AP over the seeds; among the entries within the seed noise of the best (half the largest
-    spread between two seeds of one entry, at least 0.5 AP), the one with the most steps (the cheapest per step)."""
-    rows = {}
-    for name, entry in tune_levers.items():
-        runs = [r for r in entry.get("runs", {}).get(budget, {}).values() if r.get("ap")]
-        if runs:
-            aps = [100 * r["ap"]["AP"] for r in runs]
-            rows[name] = {"aps": aps, "mean": sum(aps) / len(aps), "steps": sum(r["iterations"] for r in runs) / len(runs),
-                          "overrides": entry.get("overrides", {})}
-    if not rows:
-        return {"rows": {}, "winner": None, "noise": None}
-    noise = max(0.5, max((max(r["aps"]) - min(r["aps"])) / 2 for r in rows.values()))
-    best = max(r["mean"] for r in rows.values())
-    winner = max((n for n, r in rows.items() if r["mean"] >= best - noise), key=lambda n: rows[n]["steps"])
-    return {"rows": rows, "winner": winner, "noise": noise}
 
 
 def plan_variants(variants: list[str] | None, variant_budgets_s: list[float]) -> set[tuple[str, float]]:

@@ -66,10 +66,33 @@ def variant(entry: dict[str, Any]) -> dict[str, Any]:
     return {b: means(got) for b, got in out.items() if got}
 
 
+def lever_choice(tune_levers: dict[str, Any], budget: str) -> dict[str, Any]:
+    """The levers' tune results at ``budget`` (seconds, as a key) and the winner by the rule fixed before the runs:
+    the best mean AP over the seeds; among the entries within the seed noise of the best (half the largest
+    spread between two seeds of one entry, at least 0.5 AP), the one with the most steps (the cheapest per step)."""
+    rows = {}
+    for name, entry in tune_levers.items():
+        runs = [r for r in entry.get("runs", {}).get(budget, {}).values() if r.get("ap")]
+        if runs:
+            aps = [100 * r["ap"]["AP"] for r in runs]
+            rows[name] = {"aps": aps, "mean": sum(aps) / len(aps), "steps": sum(r["iterations"] for r in runs) / len(runs),
+                          "overrides": entry.get("overrides", {})}
+    if not rows:
+        return {"rows": {}, "winner": None, "noise": None}
+    noise = max(0.5, max((max(r["aps"]) - min(r["aps"])) / 2 for r in rows.values()))
+    best = max(r["mean"] for r in rows.values())
+    winner = max((n for n, r in rows.items() if r["mean"] >= best - noise), key=lambda n: rows[n]["steps"])
+    return {"rows": rows, "winner": winner, "noise": noise}
+
+
 def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
     """Every derived figure of the accuracy section: ``test`` (:func:`seed_means` per budget), ``heldout``
-    (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name)."""
+    (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name), ``tune_levers``
+    (:func:`lever_choice` per budget, when the section chose levers)."""
     test = {b: seed_means(acc, b) for b in sorted({*acc.get("isda", {}), *acc.get("maskrcnn", {})}, key=int)}
     return {"test": {b: v for b, v in test.items() if v is not None},
             "heldout": {b: heldout(r) for b, r in sorted((acc.get("heldout") or {}).items(), key=lambda kv: int(kv[0]))},
-            **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")}}
+            **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")},
+            **({"tune_levers": {b: lever_choice(acc["tune_levers"], b) for b in
+                                sorted({b for e in acc["tune_levers"].values() for b in e.get("runs", {})}, key=int)}}
+               if acc.get("tune_levers") else {})}

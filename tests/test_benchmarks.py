@@ -415,7 +415,7 @@ def test_mask_ceiling_round_trips_by_hand(tmp_path):
 
 
 def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
-    from benchmarks.bench_accuracy import lever_choice
+    from benchmarks.derived import lever_choice
 
     def runs(aps, steps):
         return {"runs": {"480": {str(i): {"ap": {"AP": ap / 100}, "iterations": steps, "load_average": [0.4, 1.9]}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from isda.config import ConfigError, LossConfig, apply_overrides, get_preset
-from isda.models.head import PADDING_LOGIT, upsample_mask_logits
+from isda.models.head import PADDING_LOGIT, bilinear_matrix, upsample_mask_logits
 from isda.models.losses import SetCriterion, dice_loss, downsample_masks, mask_bce_loss, mask_iou, varifocal_loss
 from isda.models.matcher import hungarian_match
 
@@ -19,6 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _bilinear(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(x[:, None], scale_factor=factor, mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 32])
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_the_interpolation_matrix_is_torchs_bilinear_upsampling(size, factor):
+    x = torch.randn(3, size, size + 1, dtype=torch.float64)
+    torch.testing.assert_close(bilinear_matrix(size, factor, dtype=torch.float64) @ x
+                               @ bilinear_matrix(size + 1, factor, dtype=torch.float64).T, _bilinear(x, factor))
 
 
 @pytest.mark.parametrize("factor", [2, 4])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.derived import heldout
+from benchmarks.derived import heldout, lever_choice
 
 from .formatting import ap, measured
 
@@ -224,8 +224,6 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
 
 def _tune_levers(tune: dict[str, Any]) -> list[str]:
     """The levers' choice on the tune split: each entry's AP per seed, its mean and steps, and the rule's winner."""
-    from benchmarks.bench_accuracy import lever_choice
-
     budgets = sorted({b for e in tune.values() for b in e.get("runs", {})}, key=float)
     out = ["### Choosing the levers (ISDA tiny, tune split)", "",
            "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was fixed before the "

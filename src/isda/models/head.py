@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masked_ops import has_padding
@@ -88,17 +86,38 @@ def mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
 
 
 def upsample_mask_logits(mask_logits: Tensor, padding: Tensor | None, factor: int) -> Tensor:
-    """(n, h, w) mask logits and their (n, h, w) padding (or None) -> (n, h * factor, w * factor): bilinear from the
-    image's own cells only (at its border as the image alone would be upsampled, not blended with the padding's
-    -1e4), padded out again at the finer resolution."""
+    """(n, h, w) mask logits and their (n, h, w) padding (or None) -> (n, h * factor, w * factor): bilinear (as
+    ``F.interpolate(..., scale_factor=factor, mode="bilinear")``) from the image's own cells only (at its border as
+    the image alone would be upsampled, not blended with the padding's -1e4), padded out again at the finer
+    resolution. As two products with the interpolation matrices: the same numbers, and a backward of two products
+    where upsample_bilinear2d's backward took a tenth of a tiny training step."""
     if factor == 1:
         return mask_logits
-    up = partial(F.interpolate, scale_factor=factor, mode="bilinear", align_corners=False)
+    h, w = mask_logits.shape[-2:]
+    rows, cols = (bilinear_matrix(n, factor, mask_logits.device, mask_logits.dtype) for n in (h, w))
+
+    def up(x: Tensor) -> Tensor:
+        return rows @ x @ cols.T
+
     if not has_padding(padding):
-        return up(mask_logits[:, None])[:, 0]
-    valid = (~padding[:, None]).to(mask_logits.dtype)
-    fine = up(mask_logits[:, None] * valid) / up(valid).clamp(min=1e-6)
-    return mask_padding(fine[:, 0], fine_padding(padding, factor))
+        return up(mask_logits)
+    valid = (~padding).to(mask_logits.dtype)
+    fine = up(mask_logits * valid) / up(valid).clamp(min=1e-6)
+    return mask_padding(fine, fine_padding(padding, factor))
+
+
+def bilinear_matrix(size: int, factor: int, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """(size * factor, size): 1-D bilinear upsampling by ``factor`` with align_corners=False and edge clamping, as
+    F.interpolate computes it (source coordinate (i + 0.5) / factor - 0.5, at least 0)."""
+    src = ((torch.arange(size * factor, dtype=torch.float64) + 0.5) / factor - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=size - 1)
+    hi = (lo + 1).clamp(max=size - 1)
+    frac = src - lo
+    m = torch.zeros(size * factor, size, dtype=torch.float64)
+    m[torch.arange(size * factor), lo] += 1 - frac
+    m[torch.arange(size * factor), hi] += frac
+    return m.to(device=device, dtype=dtype)
 
 
 def fine_padding(padding: Tensor, factor: int) -> Tensor:
