@@ -66,6 +66,11 @@ def variant(entry: dict[str, Any]) -> dict[str, Any]:
     return {b: means(got) for b, got in out.items() if got}
 
 
+def lever_budgets(tune_levers: dict[str, Any]) -> list[str]:
+    """The budgets (seconds, as the JSON keys them) at which any lever entry ran, in order."""
+    return sorted({b for e in tune_levers.values() for b in e.get("runs", {})}, key=int)
+
+
 def lever_choice(tune_levers: dict[str, Any], budget: str) -> dict[str, Any]:
     """The levers' tune results at ``budget`` (seconds, as a key) and the winner by the rule fixed before the runs:
     the best mean AP over the seeds; among the entries within the seed noise of the best (half the largest
@@ -93,6 +98,5 @@ def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
     return {"test": {b: v for b, v in test.items() if v is not None},
             "heldout": {b: heldout(r) for b, r in sorted((acc.get("heldout") or {}).items(), key=lambda kv: int(kv[0]))},
             **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")},
-            **({"tune_levers": {b: lever_choice(acc["tune_levers"], b) for b in
-                                sorted({b for e in acc["tune_levers"].values() for b in e.get("runs", {})}, key=int)}}
+            **({"tune_levers": {b: lever_choice(acc["tune_levers"], b) for b in lever_budgets(acc["tune_levers"])}}
                if acc.get("tune_levers") else {})}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.derived import heldout, lever_choice
+from benchmarks.derived import heldout, lever_budgets, lever_choice
 
 from .formatting import ap, measured
 
@@ -224,7 +224,7 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
 
 def _tune_levers(tune: dict[str, Any]) -> list[str]:
     """The levers' choice on the tune split: each entry's AP per seed, its mean and steps, and the rule's winner."""
-    budgets = sorted({b for e in tune.values() for b in e.get("runs", {})}, key=float)
+    budgets = lever_budgets(tune)
     out = ["### Choosing the levers (ISDA tiny, tune split)", "",
            "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was fixed before the "
            "runs: the best mean AP at the first budget wins, and an entry within the seed noise of the best (half the "

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .masked_ops import has_padding
+from .masked_ops import has_padding, resize_mask
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -103,7 +103,7 @@ def upsample_mask_logits(mask_logits: Tensor, padding: Tensor | None, factor: in
         return up(mask_logits)
     valid = (~padding).to(mask_logits.dtype)
     fine = up(mask_logits * valid) / up(valid).clamp(min=1e-6)
-    return mask_padding(fine, fine_padding(padding, factor))
+    return mask_padding(fine, resize_mask(padding, fine.shape[-2:]))  # a fine pixel is padding where its cell is
 
 
 def bilinear_matrix(size: int, factor: int, device: torch.device | None = None,
@@ -118,11 +118,6 @@ def bilinear_matrix(size: int, factor: int, device: torch.device | None = None,
     m[torch.arange(size * factor), lo] += 1 - frac
     m[torch.arange(size * factor), hi] += frac
     return m.to(device=device, dtype=dtype)
-
-
-def fine_padding(padding: Tensor, factor: int) -> Tensor:
-    """A padding mask at ``factor`` times the resolution: a fine pixel is padding where its cell is."""
-    return padding.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
 
 
 def matched_mask_logits(kernels: Tensor, mask_features: Tensor, padding_mask: Tensor, layer: Tensor, image: Tensor,
