@@ -97,6 +97,8 @@ LEVERS = {
     # Finer masks for small objects: the losses at the input's resolution, or the mask features at stride 2 (the
     # paper's stride ablation, here as a lever chosen on tune).
     "fine_mask_loss": {"loss.mask_loss_upsample": 4},
+    # The same on 1024 points per mask (PointRend's sampling): the finer target at the stride's cost per mask.
+    "fine_mask_points": {"loss.mask_loss_upsample": 4, "loss.mask_loss_points": 1024},
     "finer_mask_stride": {"model.mask_stride": 2},
     # The combination of the levers that beat the recipe beyond the seed noise alone on tune (8 minutes).
     "o2m_denoising": {"loss.o2m_topk": 3, "model.denoising_groups": 5},

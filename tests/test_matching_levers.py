@@ -23,7 +23,7 @@ from test_overfit import mean_best_iou
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LEVERS = [{"loss.o2m_topk": 3}, {"loss.match_quality": 0.5}, {"model.look_forward_twice": True},
-          {"loss.mask_loss_upsample": 4}]
+          {"loss.mask_loss_upsample": 4}, {"loss.mask_loss_upsample": 4, "loss.mask_loss_points": 256}]
 STEPS = 15
 
 
@@ -136,7 +136,7 @@ def test_bad_values_name_the_field():
             apply_overrides(get_preset("isda_tiny"), overrides).validate()
 
 
-@pytest.mark.parametrize("lever", LEVERS, ids=lambda lever: next(iter(lever)))
+@pytest.mark.parametrize("lever", LEVERS, ids=lambda lever: "+".join(lever))
 def test_each_lever_trains_on_generated_images(lever):
     torch.manual_seed(0)
     images, targets = generated_images()
@@ -164,7 +164,7 @@ def test_each_lever_trains_on_generated_images(lever):
 
 
 @pytest.mark.parametrize("levers", [*LEVERS, {k: v for lever in LEVERS for k, v in lever.items()}],
-                         ids=[*(next(iter(lever)) for lever in LEVERS), "all"])
+                         ids=[*("+".join(lever) for lever in LEVERS), "all"])
 def test_levers_leave_inference_and_the_onnx_graph_unchanged(levers, tmp_path):
     """Trained one step with the lever on, the weights predict exactly what they predict with it off; with every
     lever on, they also export the same ONNX graph."""

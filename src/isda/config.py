@@ -125,6 +125,10 @@ class LossConfig:
     # logits): the matched masks' losses on the logits upsampled bilinearly by this factor, against targets at
     # that resolution, as inference upsamples them; 1: at the mask stride (official).
     mask_loss_upsample: int = 1
+    # Opt-in, with mask_loss_upsample > 1 (PointRend's training points, as Mask2Former takes its mask losses): the
+    # matched masks' dice and BCE on this many points per mask instead of every finer pixel, 3/4 of them where the
+    # logits are least certain, so that a step costs what it costs at the mask stride; 0: every pixel.
+    mask_loss_points: int = 0
     point_weight: float = 5.0  # L1 to the mask centroid in loss and matching, with model.refine_points (DETR's box L1)
     match_class_cost: float = 2.0
     match_mask_cost: float = 3.0
@@ -225,6 +229,11 @@ class Config:
         up = self.loss.mask_loss_upsample
         _check(isinstance(up, int) and up >= 1 and self.model.mask_stride % up == 0, "loss.mask_loss_upsample",
                f"must be an integer >= 1 that divides model.mask_stride ({self.model.mask_stride}), got {up!r}")
+        points = self.loss.mask_loss_points
+        _check(isinstance(points, int) and points >= 0, "loss.mask_loss_points",
+               f"must be an integer >= 0 (0: every pixel), got {points!r}")
+        _check(not points or up > 1, "loss.mask_loss_points",
+               "needs loss.mask_loss_upsample > 1 (the points are taken at that resolution)")
         _check(self.loss.hybrid_repeats >= 1, "loss.hybrid_repeats", "must be >= 1")
         _check(self.loss.dense_aux_weight >= 0, "loss.dense_aux_weight", "must be >= 0")
         _check(self.loss.dense_aux_max_pos >= 1, "loss.dense_aux_max_pos", "must be >= 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masked_ops import has_padding, resize_mask
@@ -104,6 +105,22 @@ def upsample_mask_logits(mask_logits: Tensor, padding: Tensor | None, factor: in
     valid = (~padding).to(mask_logits.dtype)
     fine = up(mask_logits * valid) / up(valid).clamp(min=1e-6)
     return mask_padding(fine, resize_mask(padding, fine.shape[-2:]))  # a fine pixel is padding where its cell is
+
+
+def point_sample_logits(mask_logits: Tensor, padding: Tensor | None, points: Tensor) -> Tensor:
+    """(n, h, w) mask logits, their (n, h, w) padding (or None) and (n, K, 2) positions (x, y) in [0, 1] of the
+    padded map -> (n, K) logits there: bilinear from the image's own cells with edge clamping, so at the centre of
+    a finer pixel it is :func:`upsample_mask_logits`' value."""
+    grid = (2 * points - 1).unsqueeze(1).to(mask_logits.dtype)  # (n, 1, K, 2) in grid_sample's [-1, 1]
+
+    def sample(x: Tensor) -> Tensor:
+        return F.grid_sample(x.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                             align_corners=False).flatten(1)
+
+    if not has_padding(padding):
+        return sample(mask_logits)
+    valid = (~padding).to(mask_logits.dtype)
+    return sample(mask_logits * valid) / sample(valid).clamp(min=1e-6)
 
 
 def bilinear_matrix(size: int, factor: int, device: torch.device | None = None,

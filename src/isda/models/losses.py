@@ -12,7 +12,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ..config import LossConfig
 from .float32 import autocast_off
-from .head import matched_mask_logits, upsample_mask_logits
+from .masked_ops import has_padding
+from .head import matched_mask_logits, point_sample_logits, upsample_mask_logits
 from .matcher import hungarian_match, matching_cost, topk_match
 
 
@@ -47,6 +48,23 @@ def mask_iou(mask_logits: Tensor, targets: Tensor) -> Tensor:
     """(M, HW) logits and (M, HW) soft targets -> (M,) IoU of the thresholded masks (matched pairs)."""
     pred, gt = mask_logits > 0, targets > 0.5
     return (pred & gt).sum(-1) / (pred | gt).sum(-1).clamp(min=1)
+
+
+def sample_mask_points(mask_logits: Tensor, padding: Tensor | None, num_points: int) -> Tensor:
+    """PointRend's training points: (n, K, 2) positions (x, y) in [0, 1] of the padded map, inside each mask's
+    image, for (n, h, w) mask logits and their padding (or None). Three quarters are the least certain (logit
+    nearest 0) of 3K uniform candidates, where a mask's boundary is still wrong; the rest are uniform, so that
+    every pixel keeps a chance (PointRend's and Mask2Former's oversampling 3 and importance ratio 0.75)."""
+    n, h, w = mask_logits.shape
+    extent = mask_logits.new_ones(n, 2)
+    if has_padding(padding):  # padding is at the bottom and the right: the image's own columns and rows
+        extent = torch.stack([(~padding[:, 0, :]).sum(-1) / w, (~padding[:, :, 0]).sum(-1) / h], -1).to(extent)
+    uncertain = int(0.75 * num_points)
+    candidates = torch.rand(n, 3 * num_points, 2, device=mask_logits.device) * extent[:, None]
+    certainty = point_sample_logits(mask_logits.detach(), padding, candidates).abs()
+    picked = candidates.gather(1, certainty.topk(uncertain, 1, largest=False).indices[..., None].expand(-1, -1, 2))
+    uniform = torch.rand(n, num_points - uncertain, 2, device=mask_logits.device) * extent[:, None]
+    return torch.cat([picked, uniform], 1)
 
 
 def num_instances(targets: list[dict[str, Tensor]], device: torch.device) -> float:
@@ -104,7 +122,8 @@ class SetCriterion:
         image b for every layer (denoising queries), instead of Hungarian matching. ``topk`` (``loss.o2m_topk``):
         the layers before the last match each instance to its ``topk`` cheapest queries (:func:`topk_match`).
         ``fine_masks[b]``: image b's targets at ``loss.mask_loss_upsample`` times the mask stride's resolution, where
-        the matched masks' losses are then taken (matching stays at the mask stride; required when it is > 1).
+        the matched masks' losses are then taken (matching stays at the mask stride; required when it is > 1), on
+        every pixel or on ``loss.mask_loss_points`` points per mask (the varifocal IoU then at the mask stride).
         Returns losses for the last layer (``loss_cls``, ``loss_dice``, ``loss_bce`` when ``mask_bce_weight``,
         ``loss_point`` with points), the other layers (``d0.loss_cls`` ...) and their weighted sum ``loss``."""
         up = self.cfg.mask_loss_upsample
@@ -116,7 +135,9 @@ class SetCriterion:
         last = logits.shape[0] - 1
         layers = list(range(logits.shape[0])) if self.cfg.aux_loss else [last]
         cls_target = torch.zeros_like(logits[layers])
+        num_points = self.cfg.mask_loss_points if up > 1 else 0
         match_layer, match_image, match_query, match_label, matched_gt, matched_points = [], [], [], [], [], []
+        match_target = []  # with points: each match's row in the images' fine targets put together
         one_to_many = [bool(topk) and matches is None and layer != last for layer in layers]
         for i, layer in enumerate(layers):
             for b, (t, tm) in enumerate(zip(targets, target_masks)):
@@ -129,7 +150,8 @@ class SetCriterion:
                 match_layer.append(torch.full_like(qi, i))
                 match_image.append(torch.full_like(qi, b))
                 match_query.append(qi)
-                matched_gt.append((fine_masks[b] if up > 1 else tm)[ti].flatten(1))
+                matched_gt.append((fine_masks[b] if up > 1 and not num_points else tm)[ti].flatten(1))
+                match_target.append(ti + sum(len(m) for m in target_masks[:b]))
                 if points is not None:
                     matched_points.append(target_points[b][ti])
         at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
@@ -142,11 +164,21 @@ class SetCriterion:
         pred = (mask_logits[layer_index, image, query].float() if kernels is None
                 else matched_mask_logits(kernels.float(), mask_features.float(), padding_mask, layer_index, image,
                                          query))
-        pred = upsample_mask_logits(pred, None if padding_mask is None else padding_mask[image], up).flatten(1)
+        padding = None if padding_mask is None else padding_mask[image]
         gt = torch.cat(matched_gt)
         varifocal = self.cfg.class_loss == "varifocal"
-        cls_target[at, image, query, torch.cat(match_label)] = (
-            mask_iou(pred.detach(), gt).to(cls_target.dtype) if varifocal else 1.0)
+        if num_points:
+            iou = mask_iou(pred.detach().flatten(1), gt) if varifocal else None
+            xy = sample_mask_points(pred, padding, num_points)
+            pred = point_sample_logits(pred, padding, xy)
+            fine = torch.cat(fine_masks)
+            rows, cols = fine.shape[-2:]
+            gt = fine[torch.cat(match_target)[:, None], (xy[..., 1] * rows).long().clamp(max=rows - 1),
+                      (xy[..., 0] * cols).long().clamp(max=cols - 1)].to(pred.dtype)  # the fine pixel holding it
+        else:
+            pred = upsample_mask_logits(pred, padding, up).flatten(1)
+            iou = mask_iou(pred.detach(), gt) if varifocal else None
+        cls_target[at, image, query, torch.cat(match_label)] = iou.to(cls_target.dtype) if varifocal else 1.0
 
         def per_layer(values: Tensor) -> Tensor:  # (matches,) -> (layers,) sums, normalized
             return values.new_zeros(len(layers)).index_add(0, at, values) / norm
@@ -156,7 +188,7 @@ class SetCriterion:
                                         self.cfg.focal_gamma).sum((1, 2, 3)) / norm,
                  "loss_dice": per_layer(dice_loss(pred, gt, self.cfg.dice_form, self.cfg.dice_eps))}
         if self.cfg.mask_bce_weight:
-            pixels = (valid_pixels.to(pred.dtype)[image] * up * up if valid_pixels is not None
+            pixels = (valid_pixels.to(pred.dtype)[image] * up * up if valid_pixels is not None and not num_points
                       else pred.new_full((pred.shape[0],), pred.shape[1]))
             terms["loss_bce"] = per_layer(mask_bce_loss(pred, gt, pixels))
         if points is not None:
