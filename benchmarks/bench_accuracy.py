@@ -20,6 +20,9 @@ the reported tables). Parts (``parts``):
   ``--variants`` given), at each variant budget and variant seed. The rule, fixed before the runs
   (:func:`benchmarks.derived.lever_choice`): the best mean tune AP over the seeds at the first variant budget; an
   entry within the seed noise of the best and cheaper (more steps) wins the tie.
+* ``heldout_levers``: the same comparison on the held-out family (the levers given in ``--variants``, as the preset
+  runs there: ``data.fit_sizes`` off), at each variant budget and variant seed: a lever chosen on tune becomes a
+  default only if it does not lose here.
 
 The sweep and the lever choice decide the preset's defaults; once a winner becomes a default, the preset changes and
 the earlier runs cannot be merged with new ones (:func:`merge`). They are then kept as the ``choice`` section
@@ -45,7 +48,7 @@ from isda.data import make_shapes_dataset
 from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
 
-PARTS = ("sweep", "test", "heldout", "variants", "tune_levers")
+PARTS = ("sweep", "test", "heldout", "variants", "tune_levers", "heldout_levers")
 SWEEP_BUDGET_S = 180.0
 # The Mask R-CNN sweep's centre (width 64: about ISDA tiny's cost per step at one thread) and the recipe used when
 # no sweep was run; each sweep entry changes one or two of these.
@@ -262,17 +265,21 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
-    if any(name not in LEVERS for name, _ in tune_runs):
-        raise ValueError(f"tune_levers: only levers ({', '.join(LEVERS)}) are chosen on tune, not ablations")
+    heldout_lever_runs = (plan_variants(variants or list(LEVERS), variant_budgets_s) if "heldout_levers" in parts
+                          else set())
+    if any(name not in LEVERS for name, _ in tune_runs | heldout_lever_runs):
+        raise ValueError(f"tune_levers, heldout_levers: only levers ({', '.join(LEVERS)}) are compared, not ablations")
     out_root = Path(out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = datasets(out_root, num_train, num_val, "heldout" in parts and bool(heldout_budgets_s))
+    data = datasets(out_root, num_train, num_val,
+                    ("heldout" in parts and bool(heldout_budgets_s)) or bool(heldout_lever_runs))
     cfg = get_preset("isda_tiny")
     t = cfg.train
     per_job_threads = max(1, threads // jobs)
     results: dict[str, Any] = {
         "budgets_s": sorted(budgets_s) if "test" in parts else [], "seeds": list(seeds),
-        "variant_budgets_s": sorted({b for _, b in variant_runs | tune_runs}), "sweep_budget_s": sweep_budget_s,
+        "variant_budgets_s": sorted({b for _, b in variant_runs | tune_runs | heldout_lever_runs}),
+        "sweep_budget_s": sweep_budget_s,
         "heldout_budgets_s": sorted(heldout_budgets_s) if "heldout" in parts else [],
         "num_train": num_train, "num_val": num_val, "image_size": 128, "jobs": jobs,
         "threads_per_run": per_job_threads, "isda_preset": "isda_tiny",
@@ -354,14 +361,18 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
             where = (section, name, "runs", key) if seed == 0 else (section, name, "seeds", str(seed), key)
             todo.append((where, isda_job(f"{name} {key}s" + (f" seed {seed}" if seed else ""), "test", budget,
                                          {**recipe["isda"], **overrides}, seed)))
-    for budget in sorted({b for _, b in tune_runs}):
-        key = str(int(budget))
-        for name in ["recipe", *[n for n in LEVERS if (n, budget) in tune_runs]]:
-            overrides = LEVERS.get(name, {})
-            results.setdefault("tune_levers", {}).setdefault(name, {"runs": {}})["overrides"] = overrides
-            for seed in variant_seeds:
-                todo.append((("tune_levers", name, "runs", key, str(seed)), isda_job(
-                    f"tune {name} {key}s seed {seed}", "tune", budget, {**recipe["isda"], **overrides}, seed)))
+    # The recipe alone and with each lever, on tune (the choice) and on the held-out family (the check).
+    for section, split, runs, base in (("tune_levers", "tune", tune_runs, {}),
+                                       ("heldout_levers", "heldout", heldout_lever_runs, HELDOUT_ISDA["isda_no_fit"])):
+        for budget in sorted({b for _, b in runs}):
+            key = str(int(budget))
+            for name in ["recipe", *[n for n in LEVERS if (n, budget) in runs]]:
+                overrides = LEVERS.get(name, {})
+                results.setdefault(section, {}).setdefault(name, {"runs": {}})["overrides"] = overrides
+                for seed in variant_seeds:
+                    todo.append(((section, name, "runs", key, str(seed)), isda_job(
+                        f"{split} {name} {key}s seed {seed}", split, budget, {**recipe["isda"], **base, **overrides},
+                        seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     _run_all(todo, jobs, record)
     return results

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from isda.config import Config
 from isda.data import CocoInstanceDataset, build_transforms, collate
 from isda.data.sizing import dataset_stats, fit_sizes
-from isda.engine import SeededSamples, lr_factor
+from isda.engine import SeededSamples, adamw, lr_factor
 from isda.engine.sampling import run_batches
 from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
@@ -156,7 +156,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
                                detections=detections, roi_batch=roi_batch, width=width).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+        opt = adamw(params, lr, tcfg.weight_decay)  # ISDA's trainer's (fused where PyTorch has it)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=tcfg.weight_decay)
     else:

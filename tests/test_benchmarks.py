@@ -283,6 +283,16 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert set(tuned["tune_levers"]) == {"recipe", "denoising"} and set(tuned["tune_levers"]["recipe"]["runs"]["2"]) == {"0", "1"}
     with pytest.raises(ValueError, match="only levers"):
         b.run(tmp_path, [], [2.0], parts=("tune_levers",), variants=["mask_stride_2"], threads=1)
+    # And checked on the held-out family: the same runs there, as the preset runs there (data.fit_sizes off).
+    calls.clear()
+    checked = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("heldout_levers",), previous=tuned,
+                    variants=["denoising"], variant_seeds=(0, 1), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["heldout recipe 2s seed 0", "heldout recipe 2s seed 1",
+                                          "heldout denoising 2s seed 0", "heldout denoising 2s seed 1"]
+    assert all(j["data"] != sweep[0]["data"] and "heldout" in j["data"]["train"][0] for j in calls)
+    assert calls[3]["overrides"] == {"train.lr": 4e-4, "data.fit_sizes": False, **b.LEVERS["denoising"], "train.seed": 1}
+    assert set(checked["heldout_levers"]["denoising"]["runs"]["2"]) == {"0", "1"}
+    assert set(checked["tune_levers"]) == {"recipe", "denoising"}  # the tune choice is kept beside it
     # A section that starts afresh (the preset changed since its sweep) takes the recipes from the choice record.
     calls.clear()
     fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),
@@ -429,9 +439,9 @@ def test_lever_choice_rule_prefers_the_cheaper_entry_within_the_noise():
     levers["b"] = runs([27.0, 28.0], 500)
     assert lever_choice(levers, "480")["winner"] == "a"
     assert lever_choice(levers, "1800")["winner"] is None
-    from benchmarks.report.accuracy import _tune_levers
+    from benchmarks.report.accuracy import _levers_table
 
-    page = "\n".join(_tune_levers({k: {**v, "overrides": {"model.x": 1}} for k, v in levers.items()}))
+    page = "\n".join(_levers_table({k: {**v, "overrides": {"model.x": 1}} for k, v in levers.items()}, "# t", "i"))
     assert "| a (`model.x=1`) | 8 min | 30.0 / 31.0 | 30.5 | 400 | 0.4 / 1.9; 0.4 / 1.9 |" in page and "**a**" in page
 def test_onnx_page_does_not_quote_timings_measured_beside_other_work():
     from benchmarks.bench_onnx import render

@@ -204,6 +204,34 @@ def test_param_groups_reduced_lr_for_backbone_and_linear_projections():
     assert "backbone.layer1.0.conv1.weight" not in trainable and "backbone.layer2.0.conv1.weight" in trainable
 
 
+def test_the_fused_optimizer_takes_the_reference_adamw_steps_per_group():
+    """engine.adamw (the trainer's, fused on the CPU) moves every parameter as torch's reference AdamW (the plain
+    per-tensor loop) with the same groups, group learning rates and weight decay, over a few steps."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)]
+    copies = [torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)]
+    for a, b in zip(layers, copies):
+        b.load_state_dict(a.state_dict())
+
+    def groups(ls):
+        return [{"params": list(ls[0].parameters()), "lr": 1e-2}, {"params": list(ls[1].parameters()), "lr": 3e-3}]
+
+    start = layers[0].weight.detach().clone()
+    fused = engine.adamw(groups(layers), 1e-3, 0.05)
+    reference = torch.optim.AdamW(groups(copies), lr=1e-3, weight_decay=0.05, foreach=False)
+    assert fused.defaults["fused"] and [g["lr"] for g in fused.param_groups] == [1e-2, 3e-3]
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for ls, opt in ((layers, fused), (copies, reference)):
+            opt.zero_grad()
+            ls[1](ls[0](x).relu()).square().sum().backward()
+            opt.step()
+    for a, b in zip(layers, copies):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert (layers[0].weight - start).abs().min() > 1e-3  # every weight moved: three steps at lr 1e-2
+
+
 def test_lr_factor_warmup_then_drops_at_fractions_of_the_run():
     cfg = TrainConfig(lr_drops=(0.4, 0.6), lr_gamma=0.1, warmup_iters=4)
     factors = [engine.lr_factor(step, step / 25, cfg, total_steps=25) for step in range(25)]

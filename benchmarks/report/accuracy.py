@@ -56,7 +56,7 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
             "BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for ISDA), "
             "and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    own = bool(acc.get("sweep") or acc.get("tune_levers")) or not choice
+    own = bool(acc.get("sweep") or acc.get("tune_levers") or acc.get("heldout_levers")) or not choice
     out += _choice(acc if own else choice, own)
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
@@ -216,28 +216,34 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
             f"{' '.join(f'{k}={v}' for k, v in ch.get('isda', {}).items()) or 'as the preset'} "
             f"({'chosen on tune: ' + ', '.join(ch['from_sweep']) if ch.get('from_sweep') else 'no sweep run'}).", ""]
     if sec.get("tune_levers"):
-        out += _tune_levers(sec["tune_levers"])
+        out += _levers_table(sec["tune_levers"], "### Choosing the levers (ISDA tiny, tune split)",
+                             "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was "
+                             "fixed before the runs: the best mean AP at the first budget wins, and an entry within the "
+                             "seed noise of the best (half the largest spread between two seeds of one entry, at least "
+                             "0.5 AP) with more steps wins the tie.")
+    if sec.get("heldout_levers"):
+        out += _levers_table(sec["heldout_levers"], "### Checking the levers (ISDA tiny, held-out family)",
+                             "The same comparison on the held-out family (the preset as it runs there, data.fit_sizes "
+                             "off), every seed, side by side: a lever chosen on tune becomes a default only if it does "
+                             "not lose here. The best by the same rule:")
     if not own:
         out += [measured(sec)]
     return out
 
 
-def _tune_levers(tune: dict[str, Any]) -> list[str]:
-    """The levers' choice on the tune split: each entry's AP per seed, its mean and steps, and the rule's winner."""
-    budgets = lever_budgets(tune)
-    out = ["### Choosing the levers (ISDA tiny, tune split)", "",
-           "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was fixed before the "
-           "runs: the best mean AP at the first budget wins, and an entry within the seed noise of the best (half the "
-           "largest spread between two seeds of one entry, at least 0.5 AP) with more steps wins the tie.", "",
+def _levers_table(levers: dict[str, Any], title: str, intro: str) -> list[str]:
+    """The recipe alone and with each lever: each entry's AP per seed, its mean and steps, and the rule's best."""
+    budgets = lever_budgets(levers)
+    out = [title, "", intro, "",
            "| entry | budget | AP per seed | mean AP | mean steps | load per seed (before / after) |",
            "|---|---|---|---|---|---|"]
     for b in budgets:
-        for name, row in lever_choice(tune, b)["rows"].items():
-            label = name if name == "recipe" else f"{name} (`{_overrides(tune[name])}`)"
-            loads = "; ".join(_load(r) for r in tune[name]["runs"][b].values() if r.get("ap"))
+        for name, row in lever_choice(levers, b)["rows"].items():
+            label = name if name == "recipe" else f"{name} (`{_overrides(levers[name])}`)"
+            loads = "; ".join(_load(r) for r in levers[name]["runs"][b].values() if r.get("ap"))
             out.append(f"| {label} | {int(b) / 60:g} min | {' / '.join(f'{a:.1f}' for a in row['aps'])} | "
                        f"{row['mean']:.1f} | {row['steps']:.0f} | {loads} |")
-    choice = lever_choice(tune, budgets[0]) if budgets else {"winner": None}
+    choice = lever_choice(levers, budgets[0]) if budgets else {"winner": None}
     if choice["winner"]:
         out += ["", f"Winner at {int(budgets[0]) / 60:g} min: **{choice['winner']}** (seed noise {choice['noise']:.1f} AP)."]
     return out + [""]

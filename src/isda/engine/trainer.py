@@ -74,7 +74,7 @@ from .distributed import (
 from .evaluation import evaluate, write_results_json
 from .metrics import MetricsLog, memory_gb
 from .sampling import SeededSamples, run_batches, seed_all
-from .schedule import RunLength, lr_factor, param_groups, steps_at_budget, too_few_steps_warning
+from .schedule import RunLength, adamw, lr_factor, param_groups, steps_at_budget, too_few_steps_warning
 
 # Called on rank 0 with (run directory, model, validation set or None, the run's data config: its sizes may
 # have been fitted to the data) after each validation, and at the end of a run without a validation set:
@@ -177,9 +177,7 @@ class _Trainer:
         # needs no unused-parameter search.
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if is_distributed() else None)
-        # foreach: one multi-tensor update instead of a Python loop over ~300 tensors (the CPU default).
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg), lr=self.tcfg.lr,
-                                           weight_decay=self.tcfg.weight_decay, foreach=True)
+        self.optimizer = adamw(param_groups(self.model, self.tcfg), self.tcfg.lr, self.tcfg.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.tcfg.amp == "fp16")
 
         # A dataset smaller than the global batch is repeated within the epoch (each copy augmented on its own), so
