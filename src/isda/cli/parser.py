@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..config import PRECISIONS
 from ..fileio import first_line
 from .common import UserError
-from .convert import cmd_convert, cmd_convert_labels
+from .convert import cmd_convert, cmd_convert_labelme, cmd_convert_labels
 from .demo import DEMO_MINUTES, cmd_demo
 from .eval import cmd_eval
 from .export import cmd_export
@@ -55,7 +55,11 @@ EXAMPLES = {
     "convert": """examples:
   isda convert r50_deformable_detr-checkpoint.pth isda_init.pth         # format auto-detected
   isda convert deformable-detr/model.safetensors isda_init.pth --from hf --num-classes 80
-  isda convert labels --labels masks/ --images imgs/ --out train.json  # label images -> COCO json (-h: options)""",
+  isda convert labels --labels masks/ --images imgs/ --out train.json  # label images -> COCO json (-h: options)
+  isda convert labelme annotated/ --out train.json                      # labelme JSON files -> COCO json""",
+    "convert labelme": """examples:
+  isda convert labelme annotated/ --out train.json
+  isda convert labelme annotated/ --out train.json --labels labels.txt   # category ids in labels.txt's order""",
     "convert labels": """examples:
   isda convert labels --labels masks/ --images imgs/ --out train.json --category nucleus
   isda convert labels --labels masks/ --images imgs/ --out train.json --class-maps classes/ --categories cats.json
@@ -146,6 +150,13 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="the source's class head is COCO's 91-id one (hf/detr): keep its 80 COCO rows")
 
 
+def _convert_labelme_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="folder of labelme JSON files (file_name in the json is relative to it)")
+    p.add_argument("--out", required=True, help="the COCO json to write")
+    p.add_argument("--labels", help="labelme's labels.txt (one name per line): category ids in its order, every "
+                                    "label must be in it (default: the labels found, sorted)")
+
+
 def _convert_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, help="folder of instance label images")
     p.add_argument("--images", required=True, help="folder of the images (file_name in the json is relative to it)")
@@ -209,11 +220,14 @@ VERBS: dict[str, Verb] = {
     "convert": ("Convert Deformable-DETR weights (hf / detr / mmdet) to an isda initialisation file "
                 "(instance label images to COCO json: isda convert labels).", _convert_args, cmd_convert),
 }
-# "isda convert labels" has its own parser (see main), not a sub-command of "convert".
-CONVERT_LABELS: Verb = (
-    "Instance label images (PNG/TIFF, 8/16/32-bit, 0 = background, one value per instance) -> a COCO "
-    "instance-segmentation json (RLE). A label image is matched to its image by file stem, optionally + _label, "
-    "_labels, _mask or _masks.", _convert_labels_args, cmd_convert_labels)
+# "isda convert labels" and "isda convert labelme" have their own parsers (see main), not sub-commands of "convert".
+CONVERT_FORMATS: dict[str, Verb] = {
+    "labels": ("Instance label images (PNG/TIFF, 8/16/32-bit, 0 = background, one value per instance) -> a COCO "
+               "instance-segmentation json (RLE). A label image is matched to its image by file stem, optionally + "
+               "_label, _labels, _mask or _masks.", _convert_labels_args, cmd_convert_labels),
+    "labelme": ("labelme's JSON files (polygons, rectangles, circles; shapes sharing a group_id are one instance) "
+                "-> a COCO instance-segmentation json (RLE).", _convert_labelme_args, cmd_convert_labelme),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_labels_parser() -> argparse.ArgumentParser:
-    """``isda convert labels``: its own parser, as ``isda convert SRC DST`` takes positionals."""
-    description, add_args, _ = CONVERT_LABELS
-    p = argparse.ArgumentParser(prog="isda convert labels", description=description, epilog=EXAMPLES["convert labels"],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(command="convert labels")
+def build_convert_parser(fmt: str) -> argparse.ArgumentParser:
+    """``isda convert labels|labelme``: their own parsers, as ``isda convert SRC DST`` takes positionals."""
+    description, add_args, _ = CONVERT_FORMATS[fmt]
+    p = argparse.ArgumentParser(prog=f"isda convert {fmt}", description=description,
+                                epilog=EXAMPLES[f"convert {fmt}"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(command=f"convert {fmt}")
     add_args(p)
     return p
 
@@ -241,9 +255,9 @@ def build_labels_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # "convert labels" before argparse: "convert" alone takes SRC DST, which "labels --labels ..." would fill.
-    if argv[:2] == ["convert", "labels"]:
-        args, command = build_labels_parser().parse_args(argv[2:]), CONVERT_LABELS[2]
+    # "convert labels|labelme" before argparse: "convert" alone takes SRC DST, which "labels --labels ..." would fill.
+    if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERT_FORMATS:
+        args, command = build_convert_parser(argv[1]).parse_args(argv[2:]), CONVERT_FORMATS[argv[1]][2]
     else:
         args = build_parser().parse_args(argv)
         command = VERBS[args.command][2]
