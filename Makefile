@@ -14,10 +14,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# Real annotated data that ships on PyPI (stardist's nuclei image and label image): `pip download`, no install.
-REAL_DATA := .cache/real/img2d.tif
-$(REAL_DATA): $(VENV)/.installed
+# Real annotated data that ships on PyPI (stardist's nuclei image and label image, labelme's annotated example
+# photos): `pip download`, no install.
+REAL_DATA := .cache/real/img2d.tif .cache/real/labelme/reference.json
+.cache/real/img2d.tif: $(VENV)/.installed
 	$(PY) -m benchmarks.real_nuclei fetch
+.cache/real/labelme/reference.json: $(VENV)/.installed
+	$(PY) -m benchmarks.real_labelme fetch
 
 real-data: $(REAL_DATA)
 

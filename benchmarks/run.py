@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--parts", default="sweep,test,heldout,variants",
                    help="accuracy: which parts (sweep: both recipes on the tune split; test: --budgets x --seeds on "
-                   "the test split; heldout: the second generated family; variants: ISDA's ablations and levers)")
+                   "the test split; heldout: the second generated family; variants: ISDA's ablations and levers; "
+                   "tune_levers / heldout_levers: the recipe alone and with each lever on tune / the held-out family)")
     p.add_argument("--sweep-budget", type=float, default=180.0, help="accuracy: seconds per sweep run")
     p.add_argument("--heldout-budgets", default="480", help="accuracy: budgets of the held-out family runs, seconds")
     p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")

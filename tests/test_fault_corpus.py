@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,6 +394,26 @@ def check_one_image_converted(ctx: Ctx, stderr: str) -> None:
     assert [img["file_name"] for img in coco["images"]] == ["1.png"] and len(coco["annotations"]) == 1
 
 
+def labelme_file(image_height: int = H, extra_shapes: tuple[dict, ...] = ()) -> Callable[[Ctx], list[str]]:
+    """`isda convert labelme` on a folder holding image 1 and its labelme file: one box, then ``extra_shapes``;
+    the file records ``image_height`` as the image's height."""
+    def build(ctx: Ctx) -> list[str]:
+        _, images = ctx.dataset()
+        folder = ctx.dir / "labelme"
+        folder.mkdir()
+        shutil.copy(images / "1.png", folder / "1.png")
+        shapes = [{"label": "box", "points": [[6, 4], [30, 20]], "shape_type": "rectangle"}, *extra_shapes]
+        (folder / "1.json").write_text(json.dumps({"shapes": shapes, "imagePath": "1.png", "imageHeight": image_height,
+                                                   "imageWidth": W}))
+        return ["convert", "labelme", str(folder), "--out", str(ctx.out("labelme.json"))]
+    return build
+
+
+def check_one_box_converted(ctx: Ctx, stderr: str) -> None:
+    coco = json.loads(ctx.out("labelme.json").read_text())
+    assert len(coco["annotations"]) == 1 and coco["annotations"][0]["bbox"] == [6.0, 4.0, 24.0, 16.0]
+
+
 def junk_folder(ctx: Ctx) -> list[str]:
     folder = ctx.dir / "photos"
     folder.mkdir()
@@ -562,6 +583,12 @@ CASES: list[Case] = [
     Case("label_missing", "convert labels", "an image without a label image", label_images(), 0,
          "have no label image", "warning naming the image; it is left out of the json",
          check=check_one_image_converted),
+    Case("labelme_size_mismatch", "convert labelme", "a labelme file recording another image height than its image's",
+         labelme_file(image_height=H + 8), 2, "1.json: imageHeight x imageWidth 40x48 differ from its image 1.png (32x48)",
+         "one line naming the file, before writing anything"),
+    Case("labelme_ignore", "convert labelme", "an `__ignore__` region beside a box",
+         labelme_file(extra_shapes=({"label": "__ignore__", "points": [[1, 1], [4, 1], [4, 4]]},)), 0,
+         "left out 1 __ignore__", "warning counting it; the box converted", check=check_one_box_converted),
     Case("missing_checkpoint", "eval", "--weights naming a file that does not exist",
          lambda c: eval_args(c, *c.dataset(), weights=c.dir / "missing.pt"), 2, "checkpoint not found:",
          "one line naming the file"),

@@ -1,5 +1,7 @@
 """Real annotated data from outside our generator: the nuclei image and label image shipped in the stardist wheel
-(`make real-data` downloads it; benchmarks/real_nuclei.py). Conversion round trip, sizes fitted to it, learning."""
+(benchmarks/real_nuclei.py: conversion round trip, sizes fitted to it, learning) and the labelme example photos
+shipped in labelme's source package (benchmarks/real_labelme.py: conversion against labelme's own); `make
+real-data` downloads both."""
 
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.real_labelme import FOLDER as LABELME
 from benchmarks.real_nuclei import CACHE, MEMBERS, prepare
 from isda.config import get_preset
-from isda.data import CocoInstanceDataset, build_transforms, decode_rle, load_rgb
+from isda.data import CocoInstanceDataset, DataWarning, build_transforms, decode_rle, labelme_to_coco, load_rgb
 from isda.data.sizing import dataset_stats, fit_sizes
 
 from engine_utils import single_thread
 
 SOURCES = {k: CACHE / m.rsplit("/", 1)[1] for k, m in MEMBERS.items()}
-if not all(p.is_file() for p in SOURCES.values()):
-    raise RuntimeError(f"{SOURCES['image']} is missing: run `make real-data` (make test does)")
+for needed in (*SOURCES.values(), LABELME / "reference.json"):
+    if not needed.is_file():
+        raise RuntimeError(f"{needed} is missing: run `make real-data` (make test does)")
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,30 @@ def test_the_tiny_preset_learns_real_nuclei_from_scratch(nuclei, tmp_path):
     print(f"nuclei, 100 steps: held-out AP {100 * summary['val']['AP']:.1f}, AP50 {100 * summary['val']['AP50']:.1f}")
     assert summary["iteration"] == 100
     assert summary["val"]["AP50"] >= 0.05
+
+
+def test_labelmes_examples_convert_to_what_labelme_itself_exports(tmp_path):
+    """The three annotated photos: the same instances per image and class as labelme's own COCO export of them,
+    each mask within IoU 0.9 of its counterpart there (the two rasterise the same polygons; labelme's export
+    writes polygons, ours RLE), the grouped person one instance, the two __ignore__ regions left out."""
+    from pycocotools.coco import COCO
+
+    with pytest.warns(DataWarning, match="left out 2 __ignore__"):
+        done = labelme_to_coco(LABELME / "data_annotated", tmp_path / "coco.json", LABELME / "labels.txt")
+    ours, theirs = COCO(str(tmp_path / "coco.json")), COCO(str(LABELME / "reference.json"))
+    assert done.images == 3 and done.instances == len(theirs.getAnnIds()) == 12
+
+    def instances(coco: COCO) -> dict[tuple[str, str], list[np.ndarray]]:
+        out: dict[tuple[str, str], list[np.ndarray]] = {}
+        for a in coco.loadAnns(coco.getAnnIds()):
+            key = (coco.imgs[a["image_id"]]["file_name"].rsplit("/", 1)[-1], coco.cats[a["category_id"]]["name"])
+            out.setdefault(key, []).append(coco.annToMask(a).astype(bool))
+        return out
+
+    mine, reference = instances(ours), instances(theirs)
+    assert {k: len(v) for k, v in mine.items()} == {k: len(v) for k, v in reference.items()}
+    assert len(mine[("2011_000003.jpg", "person")]) == 2  # one of them drawn as two polygons with a group_id
+    for key, masks in mine.items():
+        for mask in masks:
+            best = max((mask & other).sum() / (mask | other).sum() for other in reference[key])
+            assert best > 0.9, (key, best)

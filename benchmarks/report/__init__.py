@@ -25,6 +25,7 @@ make bench-full   # everything below, rewrites this page (the accuracy section t
 .venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts sweep          # both recipes, tune split
 .venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts test,heldout --budgets 480,1800
 .venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts tune_levers --variant-seeds 0,1  # levers, tune split
+.venv/bin/python -m benchmarks.run --full --only accuracy --jobs 2 --parts heldout_levers --variant-seeds 0,1 --variants o2m_matching  # a lever on the held-out family
 # ISDA's variants at other budgets (merged into the page's earlier runs of the same configuration):
 .venv/bin/python -m benchmarks.run --full --only accuracy --parts variants --variant-budgets 1800 --variants no_varifocal
 .venv/bin/python -m benchmarks.run --render  # re-render this page from docs/benchmarks.json
