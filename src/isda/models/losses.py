@@ -12,8 +12,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ..config import LossConfig
 from .float32 import autocast_off
-from .masked_ops import has_padding
 from .head import matched_mask_logits, point_sample_logits, upsample_mask_logits
+from .masked_ops import has_padding
 from .matcher import hungarian_match, matching_cost, topk_match
 
 
