@@ -9,8 +9,8 @@ lasts that long, epoch after epoch), ``train.max_steps`` (optimizer steps, detec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,15 @@ def mask_padding(mask_logits: Tensor, padding: Tensor) -> Tensor:
     return mask_logits.masked_fill(padding, PADDING_LOGIT) if has_padding(padding) else mask_logits
 
 
+def from_own_cells(interpolate: Callable[[Tensor], Tensor], mask_logits: Tensor, padding: Tensor | None) -> Tensor:
+    """``interpolate`` (a linear map of (n, h, w) maps) of the mask logits from the image's own cells only: the
+    padded cells' weights renormalised away, so that the image's border reads as the image alone would."""
+    if not has_padding(padding):
+        return interpolate(mask_logits)
+    valid = (~padding).to(mask_logits.dtype)
+    return interpolate(mask_logits * valid) / interpolate(valid).clamp(min=1e-6)
+
+
 def upsample_mask_logits(mask_logits: Tensor, padding: Tensor | None, factor: int) -> Tensor:
     """(n, h, w) mask logits and their (n, h, w) padding (or None) -> (n, h * factor, w * factor): bilinear (as
     ``F.interpolate(..., scale_factor=factor, mode="bilinear")``) from the image's own cells only (at its border as
@@ -97,13 +107,9 @@ def upsample_mask_logits(mask_logits: Tensor, padding: Tensor | None, factor: in
     h, w = mask_logits.shape[-2:]
     rows, cols = (bilinear_matrix(n, factor, mask_logits.device, mask_logits.dtype) for n in (h, w))
 
-    def up(x: Tensor) -> Tensor:
-        return rows @ x @ cols.T
-
+    fine = from_own_cells(lambda x: rows @ x @ cols.T, mask_logits, padding)
     if not has_padding(padding):
-        return up(mask_logits)
-    valid = (~padding).to(mask_logits.dtype)
-    fine = up(mask_logits * valid) / up(valid).clamp(min=1e-6)
+        return fine
     return mask_padding(fine, resize_mask(padding, fine.shape[-2:]))  # a fine pixel is padding where its cell is
 
 
@@ -113,14 +119,8 @@ def point_sample_logits(mask_logits: Tensor, padding: Tensor | None, points: Ten
     a finer pixel it is :func:`upsample_mask_logits`' value."""
     grid = (2 * points - 1).unsqueeze(1).to(mask_logits.dtype)  # (n, 1, K, 2) in grid_sample's [-1, 1]
 
-    def sample(x: Tensor) -> Tensor:
-        return F.grid_sample(x.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
-                             align_corners=False).flatten(1)
-
-    if not has_padding(padding):
-        return sample(mask_logits)
-    valid = (~padding).to(mask_logits.dtype)
-    return sample(mask_logits * valid) / sample(valid).clamp(min=1e-6)
+    return from_own_cells(lambda x: F.grid_sample(x.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                                                  align_corners=False).flatten(1), mask_logits, padding)
 
 
 def bilinear_matrix(size: int, factor: int, device: torch.device | None = None,

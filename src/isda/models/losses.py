@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -138,6 +139,7 @@ class SetCriterion:
         num_points = self.cfg.mask_loss_points if up > 1 else 0
         match_layer, match_image, match_query, match_label, matched_gt, matched_points = [], [], [], [], [], []
         match_target = []  # with points: each match's row in the images' fine targets put together
+        first_row = [0, *accumulate(len(m) for m in target_masks)]
         one_to_many = [bool(topk) and matches is None and layer != last for layer in layers]
         for i, layer in enumerate(layers):
             for b, (t, tm) in enumerate(zip(targets, target_masks)):
@@ -151,7 +153,8 @@ class SetCriterion:
                 match_image.append(torch.full_like(qi, b))
                 match_query.append(qi)
                 matched_gt.append((fine_masks[b] if up > 1 and not num_points else tm)[ti].flatten(1))
-                match_target.append(ti + sum(len(m) for m in target_masks[:b]))
+                if num_points:
+                    match_target.append(ti + first_row[b])
                 if points is not None:
                     matched_points.append(target_points[b][ti])
         at, image, query = torch.cat(match_layer), torch.cat(match_image), torch.cat(match_query)
