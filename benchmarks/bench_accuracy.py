@@ -20,6 +20,9 @@ the reported tables). Parts (``parts``):
   ``--variants`` given), at each variant budget and variant seed. The rule, fixed before the runs
   (:func:`benchmarks.derived.lever_choice`): the best mean tune AP over the seeds at the first variant budget; an
   entry within the seed noise of the best and cheaper (more steps) wins the tie.
+* ``tune_speedups``: the generic speed-ups (:data:`SPEEDUPS`) for both models, on tune: each model's recipe alone
+  and with each speed-up, at each variant budget and variant seed, the two models side by side. A speed-up that
+  keeps each model's tune AP (the same rule as the levers', per model) is given to both.
 * ``heldout_levers``: the same comparison on the held-out family (the levers given in ``--variants``, as the preset
   runs there: ``data.fit_sizes`` off), at each variant budget and variant seed: a lever chosen on tune becomes a
   default only if it does not lose here.
@@ -48,7 +51,7 @@ from isda.data import make_shapes_dataset
 from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
 
-PARTS = ("sweep", "test", "heldout", "variants", "tune_levers", "heldout_levers")
+PARTS = ("sweep", "test", "heldout", "variants", "tune_levers", "heldout_levers", "tune_speedups")
 SWEEP_BUDGET_S = 180.0
 # The Mask R-CNN sweep's centre (width 64: about ISDA tiny's cost per step at one thread) and the recipe used when
 # no sweep was run; each sweep entry changes one or two of these.
@@ -105,8 +108,12 @@ LEVERS = {
     "finer_mask_stride": {"model.mask_stride": 2},
     # The combination of the levers that beat the recipe beyond the seed noise alone on tune (8 minutes).
     "o2m_denoising": {"loss.o2m_topk": 3, "model.denoising_groups": 5},
-    # A generic speed-up rather than a learning lever: more steps in the same minutes where bf16 is fast.
-    "bf16": {"train.amp": "bf16"},
+}
+# Generic speed-ups, not learning levers: more steps in the same minutes for either model. Each: (ISDA's config
+# overrides, Mask R-CNN's train_maskrcnn settings).
+SPEEDUPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # CPU autocast to bfloat16 (AMX / AVX512-BF16 matrix units), training and evaluation alike.
+    "bf16": ({"train.amp": "bf16"}, {"amp": "bf16"}),
 }
 
 
@@ -373,6 +380,19 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                     todo.append(((section, name, "runs", key, str(seed)), isda_job(
                         f"{split} {name} {key}s seed {seed}", split, budget, {**recipe["isda"], **base, **overrides},
                         seed)))
+    # Each model's recipe alone and with each generic speed-up, on tune; ISDA beside Mask R-CNN.
+    for budget in sorted(variant_budgets_s) if "tune_speedups" in parts else []:
+        key = str(int(budget))
+        for name, (isda_overrides, maskrcnn_settings) in {"recipe": ({}, {}), **SPEEDUPS}.items():
+            for seed in variant_seeds:
+                s = str(seed)
+                for model, change in (("isda", isda_overrides), ("maskrcnn", maskrcnn_settings)):
+                    entry = results.setdefault("tune_speedups", {}).setdefault(model, {}).setdefault(name, {"runs": {}})
+                    entry["overrides"] = change
+                    label = f"tune {model} {name} {key}s seed {s}"
+                    todo.append((("tune_speedups", model, name, "runs", key, s),
+                                 isda_job(label, "tune", budget, {**recipe["isda"], **change}, seed) if model == "isda"
+                                 else maskrcnn_job(label, "tune", budget, {**recipe["maskrcnn"], **change}, seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     _run_all(todo, jobs, record)
     return results

@@ -93,10 +93,13 @@ def lever_choice(tune_levers: dict[str, Any], budget: str) -> dict[str, Any]:
 def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
     """Every derived figure of the accuracy section: ``test`` (:func:`seed_means` per budget), ``heldout``
     (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name), ``tune_levers``
-    and ``heldout_levers`` (:func:`lever_choice` per budget, when the section compared levers there)."""
+    and ``heldout_levers`` (:func:`lever_choice` per budget, when the section compared levers there),
+    ``tune_speedups`` (:func:`lever_choice` per model and budget)."""
     test = {b: seed_means(acc, b) for b in sorted({*acc.get("isda", {}), *acc.get("maskrcnn", {})}, key=int)}
     return {"test": {b: v for b, v in test.items() if v is not None},
             "heldout": {b: heldout(r) for b, r in sorted((acc.get("heldout") or {}).items(), key=lambda kv: int(kv[0]))},
             **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")},
             **{section: {b: lever_choice(acc[section], b) for b in lever_budgets(acc[section])}
-               for section in ("tune_levers", "heldout_levers") if acc.get(section)}}
+               for section in ("tune_levers", "heldout_levers") if acc.get(section)},
+            **({"tune_speedups": {model: {b: lever_choice(entries, b) for b in lever_budgets(entries)}
+                                  for model, entries in acc["tune_speedups"].items()}} if acc.get("tune_speedups") else {})}

@@ -34,6 +34,7 @@ from isda.config import Config
 from isda.data import CocoInstanceDataset, build_transforms, collate
 from isda.data.sizing import dataset_stats, fit_sizes
 from isda.engine import SeededSamples, adamw, lr_factor
+from isda.engine.amp import autocast
 from isda.engine.sampling import run_batches
 from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
@@ -103,23 +104,24 @@ def to_maskrcnn_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_maskrcnn(model: nn.Module, dataset: CocoInstanceDataset, batch_size: int = 8,
-                      num_workers: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+                      num_workers: int = 0, amp: str = "none") -> tuple[dict[str, float], dict[str, float]]:
     """COCO mask AP (isda.engine.evaluation.evaluate_masks) of Mask R-CNN on ``dataset`` (test transforms), and the
-    same class-agnostic (what wrong labels cost)."""
+    same class-agnostic (what wrong labels cost); ``amp`` as ISDA's evaluation (``train.amp``)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     results = []
     for images, targets in loader:
-        outputs = model(images)
+        with autocast(torch.device("cpu"), amp):
+            outputs = model(images)
         preds = []
         for out, t in zip(outputs, targets):
-            masks = out["masks"][:, 0]
+            masks = out["masks"][:, 0].float()
             if tuple(masks.shape[-2:]) != tuple(t["orig_size"]):
                 masks = F.interpolate(masks[:, None], size=tuple(t["orig_size"]), mode="bilinear",
                                       align_corners=False)[:, 0]
-            preds.append({"scores": out["scores"], "labels": out["labels"] - 1, "masks": masks > 0.5,
-                          "boxes": out["boxes"]})
+            preds.append({"scores": out["scores"].float(), "labels": out["labels"] - 1, "masks": masks > 0.5,
+                          "boxes": out["boxes"].float()})
         results += predictions_to_coco_results(preds, [t["image_id"] for t in targets], dataset.cat_ids)
     model.train(was_training)
     return tuple(evaluate_masks(dataset.coco, results, image_ids=dataset.ids, class_agnostic=agnostic).stats
@@ -131,16 +133,19 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
                    optimizer: str = "adamw", momentum: float = 0.9, warmup_frac: float = WARMUP_FRAC,
                    clip_max_norm: float | None = None, roi_batch: int = ROI_BATCH, detections: int | None = None,
                    width: int = 256, batch_size: int | None = None, seed: int | None = None,
-                   log=print) -> dict[str, Any]:
+                   amp: str | None = None, log=print) -> dict[str, Any]:
     """Train from scratch for ``budget_s`` seconds of training time, then evaluate (COCO mask AP).
     Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
     epochs / lr steps, clipping; detections per image: ISDA's ``cfg.model.num_detections``; the lr schedule follows the budget exactly as ISDA's trainer does
     (:func:`isda.engine.lr_factor` at the budget's progress), after a linear warm-up over the first ``warmup_frac``
-    of the budget (a fraction, not a step count: at 5-6 s a step a fixed 100 steps outlast an 8-minute run)."""
+    of the budget (a fraction, not a step count: at 5-6 s a step a fixed 100 steps outlast an 8-minute run).
+    ``amp``: the CPU autocast of training and evaluation, ``cfg.train.amp`` unless given (the generic speed-up
+    ISDA's trainer applies, e.g. bf16 where the CPU has bfloat16 matrix units)."""
     tcfg = copy.deepcopy(cfg.train)
     tcfg.time_budget_s = float(budget_s)
     tcfg.batch_size = tcfg.batch_size if batch_size is None else batch_size
     seed = tcfg.seed if seed is None else seed
+    amp = tcfg.amp if amp is None else amp
     lr = tcfg.lr if lr is None else lr
     detections = cfg.model.num_detections if detections is None else detections
     if clip_max_norm is None:  # the preset's clipping with AdamW (which undoes most of its scale); none with SGD
@@ -167,7 +172,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
 
     result: dict[str, Any] = {"lr": lr, "optimizer": optimizer, "clip_max_norm": clip_max_norm,
                               "warmup_frac": warmup_frac, "batch_size": tcfg.batch_size, "roi_batch": roi_batch,
-                              "detections": detections, "width": width, "seed": seed,
+                              "detections": detections, "width": width, "seed": seed, "amp": amp,
                               "input_short_side": data.test_short_side,
                               "nonfinite_steps": 0}
     step, trained = 0, 0.0
@@ -179,7 +184,8 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         factor = lr_factor(step, progress, tcfg) * warmup_factor(progress, warmup_frac)
         for group in opt.param_groups:
             group["lr"] = lr * factor
-        losses = model(images, [to_maskrcnn_target(t) for t in targets])
+        with autocast(torch.device("cpu"), amp):
+            losses = model(images, [to_maskrcnn_target(t) for t in targets])
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         if math.isfinite(loss.item()):
@@ -194,7 +200,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         if step % 50 == 0:
             log(f"    mask r-cnn step {step} epoch {step // steps_per_epoch} loss {loss.item():.3f} ({trained:.0f} s)")
     result["train_time_s"] = trained
-    result["ap"], result["ap_class_agnostic"] = evaluate_maskrcnn(model, val_set, tcfg.batch_size)
+    result["ap"], result["ap_class_agnostic"] = evaluate_maskrcnn(model, val_set, tcfg.batch_size, amp=amp)
     result["iterations"] = step
     result["epochs"] = step / steps_per_epoch
     log(f"    mask r-cnn at {budget_s:.0f} s: mask AP {100 * result['ap']['AP']:.1f} ({step} steps)")

@@ -293,6 +293,16 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert calls[3]["overrides"] == {"train.lr": 4e-4, "data.fit_sizes": False, **b.LEVERS["denoising"], "train.seed": 1}
     assert set(checked["heldout_levers"]["denoising"]["runs"]["2"]) == {"0", "1"}
     assert set(checked["tune_levers"]) == {"recipe", "denoising"}  # the tune choice is kept beside it
+    # Generic speed-ups on tune: both models' recipes alone and with each speed-up, side by side.
+    calls.clear()
+    fast = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("tune_speedups",), previous=res,
+                 variant_seeds=(0,), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["tune isda recipe 2s seed 0", "tune maskrcnn recipe 2s seed 0",
+                                          "tune isda bf16 2s seed 0", "tune maskrcnn bf16 2s seed 0"]
+    assert all(j["data"] == sweep[0]["data"] for j in calls)
+    assert calls[2]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
+    assert calls[3]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
+    assert set(fast["tune_speedups"]) == {"isda", "maskrcnn"} and set(fast["tune_speedups"]["maskrcnn"]) == {"recipe", "bf16"}
     # A section that starts afresh (the preset changed since its sweep) takes the recipes from the choice record.
     calls.clear()
     fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),

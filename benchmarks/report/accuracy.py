@@ -56,7 +56,8 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
             "BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for ISDA), "
             "and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    own = bool(acc.get("sweep") or acc.get("tune_levers") or acc.get("heldout_levers")) or not choice
+    own = bool(acc.get("sweep") or acc.get("tune_levers") or acc.get("heldout_levers") or acc.get("tune_speedups")) \
+        or not choice
     out += _choice(acc if own else choice, own)
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
@@ -226,6 +227,12 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
                              "The same comparison on the held-out family (the preset as it runs there, data.fit_sizes "
                              "off), every seed, side by side: a lever chosen on tune becomes a default only if it does "
                              "not lose here. The best by the same rule:")
+    for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18-FPN")):
+        if (sec.get("tune_speedups") or {}).get(model):
+            out += _levers_table(sec["tune_speedups"][model], f"### Generic speed-ups ({label}, tune split)",
+                                 "Each model's recipe alone and with each generic speed-up, every seed, the two models "
+                                 "side by side on the tune split; a speed-up that keeps both models' tune AP by the "
+                                 "levers' rule is given to both. The best by that rule:")
     if not own:
         out += [measured(sec)]
     return out
