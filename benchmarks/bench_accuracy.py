@@ -259,7 +259,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         heldout_budgets_s: list[float] | None = None, seeds: tuple[int, ...] = SEEDS,
         sweep_entries: list[str] | None = None, jobs: int = 1, threads: int = 2,
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
-        choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
+        choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
+        speedups: tuple[str, ...] = (), log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -268,7 +269,9 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     finished. ``sweep_entries``: only these sweep entries (e.g. to re-run those a busy machine slowed down; the
     others are kept from ``previous``). ``variant_seeds``: each variant run at these seeds (seed 0 under
     ``runs``, the others under ``seeds``), neighbours side by side. ``choice``: the section that recorded the sweep
-    behind the preset's defaults, for the recipes when neither this invocation nor ``previous`` ran one."""
+    behind the preset's defaults, for the recipes when neither this invocation nor ``previous`` ran one.
+    ``speedups``: names of :data:`SPEEDUPS` given to both models in every run after the sweep (each run records its
+    settings)."""
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
@@ -334,8 +337,9 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):] + isda[len(mrcnn):]
         log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
         _run_all(todo, jobs, record)
-    recipe = chosen(results.get("sweep") or (choice or {}).get("sweep"))
-    results["chosen"] = recipe
+    results["chosen"] = chosen(results.get("sweep") or (choice or {}).get("sweep"))
+    recipe = {"isda": {**results["chosen"]["isda"], **{k: v for n in speedups for k, v in SPEEDUPS[n][0].items()}},
+              "maskrcnn": {**results["chosen"]["maskrcnn"], **{k: v for n in speedups for k, v in SPEEDUPS[n][1].items()}}}
     todo = []
     if "test" in parts:
         for budget in sorted(budgets_s):

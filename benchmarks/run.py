@@ -177,8 +177,7 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, choice: 
                               sweep_budget_s=args.sweep_budget, heldout_budgets_s=args.heldout_budgets,
                               seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
                               variants=args.variants, variant_seeds=args.variant_seeds, previous=previous,
-                              choice=choice, save=save,
-                              log=log)
+                              choice=choice, save=save, speedups=args.speedups, log=log)
 
 
 def depends_on(section: str, args) -> list[str]:
@@ -228,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sweep-budget", type=float, default=180.0, help="accuracy: seconds per sweep run")
     p.add_argument("--heldout-budgets", default="480", help="accuracy: budgets of the held-out family runs, seconds")
     p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")
+    p.add_argument("--speedups", default="", help="accuracy: generic speed-ups given to both models in every run after "
+                   "the sweep (names from benchmarks.bench_accuracy.SPEEDUPS, comma-separated), e.g. bf16")
     p.add_argument("--variant-seeds", default="0", help="accuracy: seeds of each ablation/lever run (e.g. 0,1)")
     p.add_argument("--sweep-entries", default="", help="accuracy: only these sweep entries (names from "
                    "benchmarks/bench_accuracy.py, '|'-separated), e.g. to re-run those a busy machine slowed down")
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.parts = tuple(x for x in args.parts.split(",") if x)
     args.heldout_budgets = [float(b) for b in args.heldout_budgets.split(",") if b.strip()]
     args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    args.speedups = tuple(x for x in args.speedups.split(",") if x)
     args.variant_seeds = tuple(int(x) for x in args.variant_seeds.split(",") if x.strip())
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -273,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         if set(args.parts) - set(PARTS):
             p.error(f"unknown --parts {sorted(set(args.parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+        from .bench_accuracy import SPEEDUPS
+
+        if set(args.speedups) - set(SPEEDUPS):
+            p.error(f"unknown --speedups {sorted(set(args.speedups) - set(SPEEDUPS))}; choose from {', '.join(SPEEDUPS)}")
         try:  # a typo in --variants is a usage error now, not a traceback after an hour of training
             plan_variants(args.variants, args.variant_budgets)
         except ValueError as e:

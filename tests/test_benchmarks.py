@@ -23,6 +23,7 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     from benchmarks import bench_msda
     from benchmarks.procs import compare
     from benchmarks.report import render
+    from benchmarks.report.formatting import seconds
 
     common = ["--task", "infer", "--size", "64x64", "--threads", "1"]
     inf = compare({"isda": [*common, "--model", "isda", "--preset", "isda_tiny"],
@@ -57,6 +58,10 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     assert "| ISDA-R50, bf16 autocast |" in page and "| Mask R-CNN R50-FPN, same speed-ups, bf16 autocast |" in page
     assert "**without** bf16 matrix units" in page and "ISDA float32 / bf16 time 1.25" in page and "**0.50**" in page
+    # The breakdowns get a bf16 column where the bf16 workers measured theirs (both models).
+    assert page.count("| component | time | share | bf16 | share |") == 2
+    total = seconds(inf["isda"]["components"]["total"])
+    assert f"| total | {total} | | {total} | |" in page
 
 
 def test_isda_speedups_for_maskrcnn_keep_its_outputs():
@@ -308,6 +313,13 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),
                   choice={"sweep": res["sweep"]}, log=lambda m: None)
     assert fresh["chosen"] == res["chosen"] and calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0}
+    # A generic speed-up for both models: their runs get it, the recorded choice stays the sweep's.
+    calls.clear()
+    both = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),
+                 choice={"sweep": res["sweep"]}, speedups=("bf16",), log=lambda m: None)
+    assert calls[0]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
+    assert calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
+    assert both["chosen"] == res["chosen"]
     # The test images are not the tune images.
     import json
 
@@ -333,7 +345,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     new = {**common, "budgets_s": [480.0, 1800.0], "variant_budgets_s": [], "heldout_budgets_s": [480.0],
            "isda": {"480": {"0": _acc_run(0.10), "1": _acc_run(0.12)}, "1800": {"0": _acc_run(0.30), "1": _acc_run(0.31)}},
            "maskrcnn": {"480": {"0": _acc_run(0.09, **mr), "1": _acc_run(0.10, **mr)},
-                        "1800": {"0": _acc_run(0.20, **mr), "1": _acc_run(0.21, **mr)}},
+                        "1800": {"0": _acc_run(0.20, **mr, amp="bf16"), "1": _acc_run(0.21, **mr, amp="bf16")}},
            "heldout": {"480": {"isda": {"0": _acc_run(0.06, input_short_side=224), "1": _acc_run(0.08, input_short_side=224)},
                                "isda_no_fit": {"0": _acc_run(0.03, ap_class_agnostic={"AP": 0.09}),
                                                "1": _acc_run(0.05, ap_class_agnostic={"AP": 0.11})},
@@ -372,7 +384,8 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "| denoising (`model.denoising_groups=5`) | 14.0 / 16.0 | 28.0 / 32.0 | 12 / 11 | 2.00 / 2.00 |" in page
     assert "| mask_class (`model.mask_class=True`) | 9.0 | 18.0 | 10 | 2.00 |" in page
     assert "| Mask R-CNN | **sgd lr 0.02** | sgd lr 0.02, width 64, batch 8, 32 RoIs/image | **5.0** |" in page
-    assert "| 8 min | ISDA tiny | 10.0 | 12.0 | **11.0** |" in page
+    assert "| 8 min | ISDA tiny | float32 | 10.0 | 12.0 | **11.0** |" in page
+    assert "| 30 min | Mask R-CNN R18 | bf16 autocast | 20.0 | 21.0 | **20.5** |" in page  # the run's own precision
     # 8 min: +1.5 AP with a seed noise of 2.0: a tie; 30 min: +10.0 AP, beyond the noise and the goal.
     assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page
     assert "Steps taken (mean): ISDA tiny 10, Mask R-CNN 10 (ratio 1.00): the difference is what each learns per step" in page

@@ -16,6 +16,12 @@ def _agnostic(res: dict[str, Any]) -> str:
     return f"{100 * a['AP']:.1f}" if a else "(not measured)"
 
 
+def _precision(res: dict[str, Any]) -> str:
+    """The precision a run trained and evaluated in (ISDA: its train.amp override; Mask R-CNN: its amp setting)."""
+    amp = res.get("amp") or (res.get("overrides") or {}).get("train.amp") or "none"
+    return "float32" if amp == "none" else f"{amp} autocast"
+
+
 def _load(res: dict[str, Any]) -> str:
     la = res.get("load_average")
     return f"{la[0]:.1f} / {la[1]:.1f}" if la else ""
@@ -52,9 +58,10 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
             f"evaluation excluded; COCO mask AP by `isda.engine.evaluation.evaluate_masks` for both. {acc.get('jobs', 1)} "
             f"runs at a time, {acc.get('threads_per_run')} thread each, ISDA and Mask R-CNN of the same budget and seed "
             "side by side; the load average (1 min, before / after each run) is in the tables: the machine was shared. "
-            "Generic speed-ups are the same for both here: thread count and loader workers; neither can fold its "
-            "BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for ISDA), "
-            "and evaluation, where ISDA runs channels-last, is outside the budget.",
+            "Generic speed-ups are the same for both here: thread count and loader workers, and bf16 autocast where "
+            "a table's precision column says so (`--speedups bf16`, training and evaluation alike); neither can fold "
+            "its BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for "
+            "ISDA), and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
     own = bool(acc.get("sweep") or acc.get("tune_levers") or acc.get("heldout_levers") or acc.get("tune_speedups")) \
         or not choice
@@ -62,8 +69,8 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
         out += ["### Test split", "",
-                "| training time | model | " + " | ".join(f"AP seed {s}" for s in seeds) + " | mean AP | AP50 (mean) | "
-                "steps | s / step | load |", "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
+                "| training time | model | precision | " + " | ".join(f"AP seed {s}" for s in seeds) + " | mean AP | "
+                "AP50 (mean) | steps | s / step | load |", "|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
         for b in budgets:
             for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18")):
                 runs = [acc.get(model, {}).get(b, {}).get(s) for s in seeds]
@@ -71,7 +78,7 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
                 if not got:
                     continue
                 mean = sum(ap(r) for r in got) / len(got)
-                out.append(f"| {int(b) / 60:g} min | {label} | " + " | ".join(
+                out.append(f"| {int(b) / 60:g} min | {label} | {', '.join(sorted({_precision(r) for r in got}))} | " + " | ".join(
                     f"{ap(r):.1f}" if r and r.get("ap") else "(not run)" for r in runs)
                     + f" | **{mean:.1f}** | {sum(ap(r, 'AP50') for r in got) / len(got):.1f} | "
                     + ", ".join(str(r["iterations"]) for r in got) + " | "

@@ -99,22 +99,31 @@ def inference(inf: dict[str, Any]) -> list[str]:
                 f"**{inf['ratio_peak_rss']:.2f}**.", ""]
     out += _bf16(inf, "isda", "maskrcnn_eq", "ratio_latency_bf16")
     if "components" in i:
-        c = i["components"]
         out += ["### Where ISDA's time goes", "",
-                "Forward hooks on the model's modules (no code change), median of the breakdown runs:", "",
-                "| component | time | share |", "|---|---|---|"]
-        for key, label in COMPONENTS:
-            out.append(f"| {label} | {seconds(c[key])} | {100 * c[key] / c['total']:.0f}% |")
-        out += [f"| total | {seconds(c['total'])} | |", ""]
+                "Forward hooks on the model's modules (no code change), median of the breakdown runs"
+                + (", float32 and bf16 autocast" if "components" in inf.get("isda_bf16", {}) else "") + ":", ""]
+        out += _components(i["components"], inf.get("isda_bf16", {}).get("components"), COMPONENTS)
     if "components" in m:
-        c = dict(m["components"])
-        c["roi_rest"] = c["roi_heads"] - c["box_head"] - c["mask_head"]
-        out += ["Mask R-CNN, same way:", "", "| component | time | share |", "|---|---|---|"]
-        for key, label in MRCNN_COMPONENTS:
-            out.append(f"| {label} | {seconds(c[key])} | {100 * c[key] / c['total']:.0f}% |")
-        out += [f"| total | {seconds(c['total'])} | |", ""]
+        def with_rest(c: dict[str, float]) -> dict[str, float]:
+            return {**c, "roi_rest": c["roi_heads"] - c["box_head"] - c["mask_head"]}
+
+        bf16 = inf.get("maskrcnn_eq_bf16", {}).get("components")
+        out += ["Mask R-CNN, same way:", ""]
+        out += _components(with_rest(m["components"]), bf16 and with_rest(bf16), MRCNN_COMPONENTS)
     out += [f"Commands: `{i['command']}`, `{m['command']}` (driven by `benchmarks/procs.py`).", measured(inf)]
     return out
+
+
+def _components(c: dict[str, float], bf16: dict[str, float] | None, labels) -> list[str]:
+    """A breakdown table: each component's time and share of the total, and the same under bf16 when measured."""
+    def cells(d: dict[str, float], key: str) -> str:
+        return f"{seconds(d[key])} | {100 * d[key] / d['total']:.0f}%" if key != "total" else f"{seconds(d[key])} |"
+
+    head = "| component | time | share |" + (" bf16 | share |" if bf16 else "")
+    out = [head, "|---|---|---|" + ("---|---|" if bf16 else "")]
+    for key, label in [*labels, ("total", "total")]:
+        out.append(f"| {label} | {cells(c, key)} |" + (f" {cells(bf16, key)} |" if bf16 else ""))
+    return out + [""]
 
 
 def train(tr: dict[str, Any]) -> list[str]:
