@@ -373,8 +373,11 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
             todo.append((where, isda_job(f"{name} {key}s" + (f" seed {seed}" if seed else ""), "test", budget,
                                          {**recipe["isda"], **overrides}, seed)))
     # The recipe alone and with each lever, on tune (the choice) and on the held-out family (the check).
-    for section, split, runs, base in (("tune_levers", "tune", tune_runs, {}),
-                                       ("heldout_levers", "heldout", heldout_lever_runs, HELDOUT_ISDA["isda_no_fit"])):
+    # With speed-ups every entry has them: another comparison than one without, kept in its own section.
+    suffix = "".join(f"+{n}" for n in speedups)
+    for section, split, runs, base in ((f"tune_levers{suffix}", "tune", tune_runs, {}),
+                                       (f"heldout_levers{suffix}", "heldout", heldout_lever_runs,
+                                        HELDOUT_ISDA["isda_no_fit"])):
         for budget in sorted({b for _, b in runs}):
             key = str(int(budget))
             for name in ["recipe", *[n for n in LEVERS if (n, budget) in runs]]:

@@ -66,6 +66,13 @@ def variant(entry: dict[str, Any]) -> dict[str, Any]:
     return {b: means(got) for b, got in out.items() if got}
 
 
+def lever_sections(acc: dict[str, Any]) -> list[str]:
+    """The accuracy section's lever comparisons: ``tune_levers`` and ``heldout_levers``, and the same with generic
+    speed-ups on for every entry (``tune_levers+bf16``, ...), in that order."""
+    return sorted((k for k in acc if k.partition("+")[0] in ("tune_levers", "heldout_levers") and acc[k]),
+                  key=lambda k: (not k.startswith("tune"), k))
+
+
 def lever_budgets(tune_levers: dict[str, Any]) -> list[str]:
     """The budgets (seconds, as the JSON keys them) at which any lever entry ran, in order."""
     return sorted({b for e in tune_levers.values() for b in e.get("runs", {})}, key=int)
@@ -92,14 +99,14 @@ def lever_choice(tune_levers: dict[str, Any], budget: str) -> dict[str, Any]:
 
 def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
     """Every derived figure of the accuracy section: ``test`` (:func:`seed_means` per budget), ``heldout``
-    (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name), ``tune_levers``
-    and ``heldout_levers`` (:func:`lever_choice` per budget, when the section compared levers there),
+    (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name), each of
+    :func:`lever_sections` (:func:`lever_choice` per budget),
     ``tune_speedups`` (:func:`lever_choice` per model and budget)."""
     test = {b: seed_means(acc, b) for b in sorted({*acc.get("isda", {}), *acc.get("maskrcnn", {})}, key=int)}
     return {"test": {b: v for b, v in test.items() if v is not None},
             "heldout": {b: heldout(r) for b, r in sorted((acc.get("heldout") or {}).items(), key=lambda kv: int(kv[0]))},
             **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")},
             **{section: {b: lever_choice(acc[section], b) for b in lever_budgets(acc[section])}
-               for section in ("tune_levers", "heldout_levers") if acc.get(section)},
+               for section in lever_sections(acc)},
             **({"tune_speedups": {model: {b: lever_choice(entries, b) for b in lever_budgets(entries)}
                                   for model, entries in acc["tune_speedups"].items()}} if acc.get("tune_speedups") else {})}

@@ -308,6 +308,16 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert calls[2]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
     assert calls[3]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
     assert set(fast["tune_speedups"]) == {"isda", "maskrcnn"} and set(fast["tune_speedups"]["maskrcnn"]) == {"recipe", "bf16"}
+    # Levers compared with a speed-up on for every entry: their own section, beside the one without.
+    calls.clear()
+    sped = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("tune_levers",), previous=tuned,
+                 variants=["denoising"], variant_seeds=(0,), speedups=("bf16",), log=lambda m: None)
+    assert all(j["overrides"]["train.amp"] == "bf16" for j in calls) and len(calls) == 2
+    assert set(sped["tune_levers+bf16"]) == {"recipe", "denoising"} and sped["tune_levers"] == tuned["tune_levers"]
+    from benchmarks.derived import accuracy_summary, lever_sections
+
+    assert lever_sections({**sped, "heldout_levers": {"x": {}}}) == ["tune_levers", "tune_levers+bf16", "heldout_levers"]
+    assert set(accuracy_summary(sped)["tune_levers+bf16"]) == {"2"}
     # A section that starts afresh (the preset changed since its sweep) takes the recipes from the choice record.
     calls.clear()
     fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),

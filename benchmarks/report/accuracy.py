@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.derived import heldout, lever_budgets, lever_choice
+from benchmarks.derived import heldout, lever_budgets, lever_choice, lever_sections
 
 from .formatting import ap, measured
 
@@ -34,7 +34,7 @@ def _mean(runs: list[dict[str, Any]], key: str) -> float:
 def _mr_recipe(m: dict[str, Any]) -> str:
     clip = f", clip {m['clip_max_norm']:g}" if m.get("clip_max_norm") and m.get("optimizer") == "sgd" else ""
     return (f"{m.get('optimizer')} lr {m.get('lr'):g}{clip}, width {m.get('width', 256)}, batch {m.get('batch_size', 8)}, "
-            f"{m.get('roi_batch', 512)} RoIs/image")
+            f"{m.get('roi_batch', 512)} RoIs/image" + (f", {m['amp']} autocast" if m.get("amp", "none") != "none" else ""))
 
 
 def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -> list[str]:
@@ -63,8 +63,7 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
             "its BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for "
             "ISDA), and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    own = bool(acc.get("sweep") or acc.get("tune_levers") or acc.get("heldout_levers") or acc.get("tune_speedups")) \
-        or not choice
+    own = bool(acc.get("sweep") or lever_sections(acc) or acc.get("tune_speedups")) or not choice
     out += _choice(acc if own else choice, own)
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
@@ -223,17 +222,20 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
     out += [f"Recipes: Mask R-CNN {_mr_recipe(ch.get('maskrcnn', {}))}; ISDA tiny "
             f"{' '.join(f'{k}={v}' for k, v in ch.get('isda', {}).items()) or 'as the preset'} "
             f"({'chosen on tune: ' + ', '.join(ch['from_sweep']) if ch.get('from_sweep') else 'no sweep run'}).", ""]
-    if sec.get("tune_levers"):
-        out += _levers_table(sec["tune_levers"], "### Choosing the levers (ISDA tiny, tune split)",
-                             "The chosen recipe alone and with each lever, every seed, on the tune split; the rule was "
-                             "fixed before the runs: the best mean AP at the first budget wins, and an entry within the "
-                             "seed noise of the best (half the largest spread between two seeds of one entry, at least "
-                             "0.5 AP) with more steps wins the tie.")
-    if sec.get("heldout_levers"):
-        out += _levers_table(sec["heldout_levers"], "### Checking the levers (ISDA tiny, held-out family)",
-                             "The same comparison on the held-out family (the preset as it runs there, data.fit_sizes "
-                             "off), every seed, side by side: a lever chosen on tune becomes a default only if it does "
-                             "not lose here. The best by the same rule:")
+    for section in lever_sections(sec):
+        kind, _, speedups = section.partition("+")
+        with_speedups = f", {speedups.replace('+', ' and ')} for every entry" if speedups else ""
+        if kind == "tune_levers":
+            out += _levers_table(sec[section], f"### Choosing the levers (ISDA tiny, tune split{with_speedups})",
+                                 "The chosen recipe alone and with each lever, every seed, on the tune split; the rule "
+                                 "was fixed before the runs: the best mean AP at the first budget wins, and an entry "
+                                 "within the seed noise of the best (half the largest spread between two seeds of one "
+                                 "entry, at least 0.5 AP) with more steps wins the tie.")
+        else:
+            out += _levers_table(sec[section], f"### Checking the levers (ISDA tiny, held-out family{with_speedups})",
+                                 "The same comparison on the held-out family (the preset as it runs there, "
+                                 "data.fit_sizes off), every seed, side by side: a lever chosen on tune becomes a default "
+                                 "only if it does not lose here. The best by the same rule:")
     for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18-FPN")):
         if (sec.get("tune_speedups") or {}).get(model):
             out += _levers_table(sec["tune_speedups"][model], f"### Generic speed-ups ({label}, tune split)",
