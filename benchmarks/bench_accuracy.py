@@ -338,8 +338,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
         _run_all(todo, jobs, record)
     results["chosen"] = chosen(results.get("sweep") or (choice or {}).get("sweep"))
-    recipe = {"isda": {**results["chosen"]["isda"], **{k: v for n in speedups for k, v in SPEEDUPS[n][0].items()}},
-              "maskrcnn": {**results["chosen"]["maskrcnn"], **{k: v for n in speedups for k, v in SPEEDUPS[n][1].items()}}}
+    recipe = {model: {**results["chosen"][model], **{k: v for n in speedups for k, v in SPEEDUPS[n][i].items()}}
+              for i, model in enumerate(("isda", "maskrcnn"))}
     todo = []
     if "test" in parts:
         for budget in sorted(budgets_s):

@@ -34,7 +34,7 @@ from isda.config import Config
 from isda.data import CocoInstanceDataset, build_transforms, collate
 from isda.data.sizing import dataset_stats, fit_sizes
 from isda.engine import SeededSamples, adamw, lr_factor
-from isda.engine.amp import autocast
+from isda.engine.amp import autocast, check_amp_device
 from isda.engine.sampling import run_batches
 from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
@@ -146,6 +146,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     tcfg.batch_size = tcfg.batch_size if batch_size is None else batch_size
     seed = tcfg.seed if seed is None else seed
     amp = tcfg.amp if amp is None else amp
+    check_amp_device(amp, torch.device("cpu"))  # ISDA's trainer's check: bf16 runs on the CPU, fp16 does not
     lr = tcfg.lr if lr is None else lr
     detections = cfg.model.num_detections if detections is None else detections
     if clip_max_norm is None:  # the preset's clipping with AdamW (which undoes most of its scale); none with SGD
