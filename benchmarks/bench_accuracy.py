@@ -95,6 +95,8 @@ LEVERS = {
     "no_refine_points": {"model.refine_points": False},
     "denoising": {"model.denoising_groups": 5},
     "mask_class": {"model.mask_class": True},
+    # Masks that can leave out an object of their class elsewhere: -a d^2 around the query's point.
+    "mask_locality": {"model.mask_locality": True},
     "denoising_mask_stride_2": {"model.denoising_groups": 5, "model.mask_stride": 2},
     "o2m_matching": {"loss.o2m_topk": 3},
     "quality_matching": {"loss.match_quality": 0.5},
@@ -260,7 +262,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         sweep_entries: list[str] | None = None, jobs: int = 1, threads: int = 2,
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
         choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        speedups: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+        speedups: tuple[str, ...] = (), heldout_fit: bool = True, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -271,7 +273,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     ``runs``, the others under ``seeds``), neighbours side by side. ``choice``: the section that recorded the sweep
     behind the preset's defaults, for the recipes when neither this invocation nor ``previous`` ran one.
     ``speedups``: names of :data:`SPEEDUPS` given to both models in every run after the sweep (each run records its
-    settings)."""
+    settings). ``heldout_fit``: the held-out part also runs ISDA with ``data.fit_sizes`` (after the pairs)."""
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
@@ -361,7 +363,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                          f"heldout maskrcnn {key}s seed {s}", "heldout", budget, recipe["maskrcnn"], seed))]
         todo += [(("heldout", key, "isda", str(seed)), isda_job(
             f"heldout isda {key}s seed {seed}", "heldout", budget, {**recipe["isda"], **HELDOUT_ISDA["isda"]}, seed))
-            for seed in seeds]
+            for seed in seeds if heldout_fit]
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))

@@ -19,10 +19,14 @@ def finished(runs: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
 
 
 def means(got: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean AP and AP50 (0-100), the APs in order, mean steps and the count of finished runs ``got``."""
+    """Mean AP and AP50 (0-100), the APs in order, mean steps and the count of finished runs ``got``; the mean
+    class-agnostic AP (every category as one: what wrong labels cost) where every run measured it."""
     aps = [ap(r) for r in got]
-    return {"ap_mean": sum(aps) / len(aps), "ap50_mean": sum(ap(r, "AP50") for r in got) / len(got), "aps": aps,
-            "steps_mean": sum(r.get("iterations", 0) for r in got) / len(got), "seeds": len(got)}
+    out = {"ap_mean": sum(aps) / len(aps), "ap50_mean": sum(ap(r, "AP50") for r in got) / len(got), "aps": aps,
+           "steps_mean": sum(r.get("iterations", 0) for r in got) / len(got), "seeds": len(got)}
+    if all(r.get("ap_class_agnostic") for r in got):
+        out["agnostic_mean"] = sum(100 * r["ap_class_agnostic"]["AP"] for r in got) / len(got)
+    return out
 
 
 def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None) -> dict[str, Any] | None:

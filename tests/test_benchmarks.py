@@ -261,6 +261,12 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert all(set(runs) == {"0", "1"} for runs in res["heldout"]["2"].values())
     assert len(saved) == len(calls)
     assert res["data_stats"]["heldout"]["image_short_side"] == 160 and res["data_stats"]["test"]["images"] == 3
+    # Without the fitted runs the held-out part is the two models side by side only, and the earlier fitted runs stay.
+    calls.clear()
+    pairs = b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+                  parts=("heldout",), previous=res, heldout_fit=False, log=lambda m: None)
+    assert [j["name"] for j in calls] == [n for n in [j["name"] for j in held] if "isda 2s" not in n]
+    assert set(pairs["heldout"]["2"]["isda"]) == {"0", "1"}
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
     calls.clear()
     again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
@@ -353,7 +359,8 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
                           "isda": {"lr x1 preset": {"settings": {}, "result": _acc_run(0.08)}}},
                 "_meta": {"command": "python -m benchmarks.run first"}}
     new = {**common, "budgets_s": [480.0, 1800.0], "variant_budgets_s": [], "heldout_budgets_s": [480.0],
-           "isda": {"480": {"0": _acc_run(0.10), "1": _acc_run(0.12)}, "1800": {"0": _acc_run(0.30), "1": _acc_run(0.31)}},
+           "isda": {"480": {"0": _acc_run(0.10, ap_class_agnostic={"AP": 0.13}),
+                            "1": _acc_run(0.12, ap_class_agnostic={"AP": 0.15})}, "1800": {"0": _acc_run(0.30), "1": _acc_run(0.31)}},
            "maskrcnn": {"480": {"0": _acc_run(0.09, **mr), "1": _acc_run(0.10, **mr)},
                         "1800": {"0": _acc_run(0.20, **mr, amp="bf16"), "1": _acc_run(0.21, **mr, amp="bf16")}},
            "heldout": {"480": {"isda": {"0": _acc_run(0.06, input_short_side=224), "1": _acc_run(0.08, input_short_side=224)},
@@ -394,7 +401,9 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "| denoising (`model.denoising_groups=5`) | 14.0 / 16.0 | 28.0 / 32.0 | 12 / 11 | 2.00 / 2.00 |" in page
     assert "| mask_class (`model.mask_class=True`) | 9.0 | 18.0 | 10 | 2.00 |" in page
     assert "| Mask R-CNN | **sgd lr 0.02** | sgd lr 0.02, width 64, batch 8, 32 RoIs/image | **5.0** |" in page
-    assert "| 8 min | ISDA tiny | float32 | 10.0 | 12.0 | **11.0** |" in page
+    # The class-agnostic AP (what wrong labels cost) beside AP50, where the runs measured it.
+    assert "| 8 min | ISDA tiny | float32 | 10.0 | 12.0 | **11.0** | 22.0 | 14.0 | 10, 10 |" in page
+    assert "| 8 min | Mask R-CNN R18 | float32 | 9.0 | 10.0 | **9.5** | 19.0 | (not measured) |" in page
     assert "| 30 min | Mask R-CNN R18 | bf16 autocast | 20.0 | 21.0 | **20.5** |" in page  # the run's own precision
     # 8 min: +1.5 AP with a seed noise of 2.0: a tie; 30 min: +10.0 AP, beyond the noise and the goal.
     assert "At 8 min: ISDA tiny − Mask R-CNN **+1.5** AP" in page and "a **tie**" in page

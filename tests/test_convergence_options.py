@@ -175,3 +175,59 @@ def test_mask_class_starts_as_the_paper_head_and_classifies_mask_pooled_features
     pooled.train()
     pooled(images, targets)["loss"].backward()
     assert pooled.head.mask_class.weight.grad.abs().sum() > 0
+
+
+def test_mask_locality_subtracts_a_times_the_squared_distance_to_the_point(tmp_path):
+    """model.mask_locality: each mask logit is the paper head's minus a * |(x, y) - p|^2, (x, y) the cell's centre
+    and p the query's point in pixels of the image's own area (a padded batch's images differ in size), in
+    LOCALITY_UNIT_PX, a = softplus of a per-query linear map; the weights shared with the paper's head predict the
+    rest unchanged; it trains; the ONNX graph computes the same."""
+    import torch.nn.functional as F
+
+    from isda.deploy.onnx_export import export_model
+    from isda.deploy.runtime import OnnxISDA
+    from isda.models.head import LOCALITY_UNIT_PX
+
+    local, plain = tiny(mask_locality=True), tiny()
+    plain.load_state_dict({k: v for k, v in local.state_dict().items() if not k.startswith("head.locality")})
+    torch.nn.init.normal_(local.head.locality.weight, std=0.1)  # a differs from query to query
+    images, targets = batch()  # 96x128 and 128x96: padded to 128x128
+    sizes = torch.tensor([[im.shape[2], im.shape[1]] for im in images], dtype=torch.float32)  # (w, h)
+    stride = local.cfg.mask_stride
+
+    def compare(atol: float) -> None:
+        """local's last-layer mask logits against plain's minus a * d^2 computed here from local's outputs."""
+        out = local.forward_features(*local.batch_images(images))
+        ref = plain.forward_features(*plain.batch_images(images))
+        a = F.softplus(local.head.locality(out["hidden"][-1])).float()[..., 0]  # (B, Q)
+        p = out["points"][-1].float() * sizes[:, None]  # (B, Q, 2) in pixels
+        h, w = out["padding_mask"].shape[-2:]
+        cx, cy = (torch.arange(w) + 0.5) * stride, (torch.arange(h) + 0.5) * stride
+        d2 = ((cx.view(1, 1, 1, w) - p[..., 0, None, None]) ** 2
+              + (cy.view(1, 1, h, 1) - p[..., 1, None, None]) ** 2) / LOCALITY_UNIT_PX ** 2  # (B, Q, h, w)
+        valid = ~out["padding_mask"][:, None].expand_as(d2)
+        got, want = out["mask_logits"][-1], ref["mask_logits"][-1].float() - a[..., None, None] * d2
+        torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=atol)
+        assert bool((got[~valid] < -9000).all())  # padding as before (PADDING_LOGIT)
+        torch.testing.assert_close(out["logits"], ref["logits"], rtol=0, atol=0)
+
+    local.eval(), plain.eval()
+    with torch.no_grad():
+        compare(atol=1e-3)
+        # Under bf16 autocast with a sharp locality (terms of hundreds that cancel to a few logits): still -a d^2 to
+        # a twentieth of a logit, where bf16 products would miss by about one.
+        torch.nn.init.constant_(local.head.locality.bias, 50.0)
+        with torch.autocast("cpu", torch.bfloat16):
+            compare(atol=0.05)
+    local.train()
+    local(images, targets)["loss"].backward()
+    assert local.head.locality.weight.grad.abs().sum() > 0
+    # The exported graph: the same detections as the PyTorch model (the locality is part of the one kernel).
+    local.eval()
+    path = export_model(local, tmp_path / "local.onnx", {"isda.config": "{}"}, size=(70, 90)).path
+    runtime = OnnxISDA(path, threads=1)
+    with torch.no_grad():
+        for image in images:
+            (want,), (got,) = local([image]), runtime([image])
+            torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
+            assert torch.equal(got["query_index"][:5], want["query_index"][:5])

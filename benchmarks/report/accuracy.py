@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.derived import heldout, lever_budgets, lever_choice, lever_sections
+from benchmarks.derived import heldout, lever_budgets, lever_choice, lever_sections, means
 
 from .formatting import ap, measured
 
@@ -69,17 +69,19 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
     if budgets:
         out += ["### Test split", "",
                 "| training time | model | precision | " + " | ".join(f"AP seed {s}" for s in seeds) + " | mean AP | "
-                "AP50 (mean) | steps | s / step | load |", "|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
+                "AP50 (mean) | class-agnostic AP (mean) | steps | s / step | load |",
+                "|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|"]
         for b in budgets:
             for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18")):
                 runs = [acc.get(model, {}).get(b, {}).get(s) for s in seeds]
                 got = [r for r in runs if r and r.get("ap")]
                 if not got:
                     continue
-                mean = sum(ap(r) for r in got) / len(got)
+                m = means(got)
+                agnostic = f"{m['agnostic_mean']:.1f}" if "agnostic_mean" in m else "(not measured)"
                 out.append(f"| {int(b) / 60:g} min | {label} | {', '.join(sorted({_precision(r) for r in got}))} | " + " | ".join(
                     f"{ap(r):.1f}" if r and r.get("ap") else "(not run)" for r in runs)
-                    + f" | **{mean:.1f}** | {sum(ap(r, 'AP50') for r in got) / len(got):.1f} | "
+                    + f" | **{m['ap_mean']:.1f}** | {m['ap50_mean']:.1f} | {agnostic} | "
                     + ", ".join(str(r["iterations"]) for r in got) + " | "
                     + ", ".join(f"{r['train_time_s'] / max(r['iterations'], 1):.2f}" for r in got) + " | "
                     + ", ".join(_load(r) for r in got) + " |")

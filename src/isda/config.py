@@ -57,6 +57,11 @@ class ModelConfig:
     # Opt-in, not in the paper: each query's class logits also from the mask features pooled under its own predicted
     # mask (as a RoI head classifies its box's features, at the mask stride); see ISDAHead.mask_pooled_logits.
     mask_class: bool = False
+    # Opt-in, not in the paper: every mask logit also gets -a * d^2, d the pixel's distance to the query's point and
+    # a >= 0 predicted per query (the locality that CondInst's relative coordinates give, in closed form), so that a
+    # query's mask can leave out an object of its class elsewhere in the image. The paper's linear kernel sees
+    # position only through the MFR's coordinates and KP's two weights (see models/head.py, locality_kernels).
+    mask_locality: bool = False
     # Opt-in, training only (DN-DETR's query denoising, see models/denoising.py): this many noised copies of the
     # ground truth decoded beside the learned queries, each trained to reconstruct its instance; 0: off.
     denoising_groups: int = 0

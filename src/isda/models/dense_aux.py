@@ -54,7 +54,8 @@ class DenseAux(nn.Module):
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig) -> None:
         super().__init__()
         self.loss_cfg = loss_cfg
-        self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position)
+        self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position,
+                             locality=cfg.mask_locality)
 
     def forward(self, out: dict[str, Tensor], targets: list[dict[str, Tensor]], padded_masks: list[Tensor],
                 small_masks: list[Tensor], valid_pixels: Tensor) -> dict[str, Tensor]:
@@ -90,7 +91,7 @@ class DenseAux(nn.Module):
             index[b, :len(c)] = c
         hidden = memory.gather(1, index[..., None].expand(-1, -1, memory.shape[-1]))
         points = out["token_positions"].gather(1, index[..., None].expand(-1, -1, 2))
-        kernels = self.head.kernels(hidden[None], points[None])  # (1, B, slots, K): a one-layer "decoder"
+        kernels = self.head.kernels(hidden[None], points[None], out["image_size_px"])  # (1, B, slots, K): one layer
         image = torch.cat([torch.full_like(c, b) for b, c in enumerate(chosen)])
         slot = torch.cat([torch.arange(len(c), device=c.device) for c in chosen])
         if len(image):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .float32 import autocast_off
 from .masked_ops import has_padding, resize_mask
 
 
@@ -19,12 +20,19 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 class ISDAHead(nn.Module):
     """Shared across decoder layers (no box refinement): Linear classifier; MLP kernel branch whose last
-    two kernel weights are the query's reference point (KP) when ``kernel_position``."""
+    two kernel weights are the query's reference point (KP) when ``kernel_position``; with ``locality``
+    (``model.mask_locality``) four more weights (:func:`locality_kernels`) for the MFR's locality channels."""
 
     def __init__(self, dim: int, num_classes: int, kernel_dim: int, kernel_position: bool,
-                 prior_prob: float = 0.01, mask_class: bool = False) -> None:
+                 prior_prob: float = 0.01, mask_class: bool = False, locality: bool = False) -> None:
         super().__init__()
         self.kernel_position = kernel_position
+        # The locality's sharpness a = softplus(.) per query, per LOCALITY_UNIT_PX squared; 1 at initialisation
+        # (-1 logit one unit from the point), learned from there.
+        self.locality = nn.Linear(dim, 1) if locality else None
+        if self.locality is not None:
+            nn.init.zeros_(self.locality.weight)
+            nn.init.constant_(self.locality.bias, math.log(math.e - 1))
         self.class_embed = nn.Linear(dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
         # model.mask_class: zero at initialisation, so that the model starts as the paper's.
@@ -48,22 +56,49 @@ class ISDAHead(nn.Module):
         features are at the mask stride."""
         weights = mask_logits.detach().sigmoid().flatten(3)
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-6)
-        pooled = torch.einsum("lbqn,bkn->lbqk", weights, mask_features.flatten(2).to(weights.dtype))
+        features = mask_features[:, :self.mask_class.in_features]  # not the locality channels
+        pooled = torch.einsum("lbqn,bkn->lbqk", weights, features.flatten(2).to(weights.dtype))
         n = mask_logits.shape[0]
         return torch.cat([logits[:-n], logits[-n:] + self.mask_class(pooled.to(logits.dtype))])
 
-    def kernels(self, hidden: Tensor, reference_points: Tensor) -> Tensor:
-        """hidden (layers, B, Q, C); reference (layers, B, Q, 2) -> dynamic 1x1 kernels (layers, B, Q, K)."""
+    def kernels(self, hidden: Tensor, reference_points: Tensor, image_size_px: Tensor | None = None) -> Tensor:
+        """hidden (layers, B, Q, C); reference (layers, B, Q, 2) -> dynamic 1x1 kernels (layers, B, Q, K).
+        ``image_size_px`` (B, 2): each image's own (width, height), for ``locality``."""
         kernels = self.kernel_embed(hidden)
         if self.kernel_position:
             ref = inverse_sigmoid(reference_points).to(kernels.dtype)
             kernels = torch.cat([kernels, ref], -1)
+        if self.locality is not None:  # in float32 (see apply_kernels_float32)
+            a = F.softplus(self.locality(hidden)).float()
+            kernels = torch.cat([kernels.float(), locality_kernels(a, reference_points, image_size_px)], -1)
         return kernels
+
+
+LOCALITY_UNIT_PX = 64.0  # model.mask_locality's distances in this unit: pixels of the image, whatever its size
+
+
+def locality_kernels(sharpness: Tensor, points: Tensor, image_size_px: Tensor) -> Tensor:
+    """sharpness a (..., 1) >= 0, points p (..., B, Q, 2) in [0, 1] of each image's own area, image_size_px (B, 2)
+    its (width, height) -> the four kernel weights that, applied to the MFR's locality channels (x, y, x^2 + y^2, 1)
+    (:func:`isda.models.mask_features.locality_channels`, pixel centres in :data:`LOCALITY_UNIT_PX`), add
+    -a |(x, y) - p|^2 to the mask logit: the quadratic expanded, so that a mask is still one linear kernel over the
+    MFR (matching, losses and the ONNX graph unchanged). In pixel units, a learned at one input size holds at
+    another (crops in training, whole images at test)."""
+    p = points.float() * image_size_px[:, None, :] / LOCALITY_UNIT_PX
+    return torch.cat([2 * sharpness * p, -sharpness, -sharpness * (p * p).sum(-1, keepdim=True)], -1)
 
 
 def apply_kernels(kernels: Tensor, mask_features: Tensor) -> Tensor:
     """kernels (layers, B, Q, K), MFR (B, K, H, W) -> mask logits (layers, B, Q, H, W)."""
     return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)
+
+
+@autocast_off
+def apply_kernels_float32(kernels: Tensor, mask_features: Tensor) -> Tensor:
+    """:func:`apply_kernels` in float32 under autocast: ``model.mask_locality``'s expanded quadratic adds terms
+    far larger than their sum, which bfloat16's 8-bit mantissa would not keep (its kernel weights and MFR channels
+    are float32 for the same reason)."""
+    return apply_kernels(kernels.float(), mask_features.float())
 
 
 def select_mask_logits(kernels: Tensor, mask_features: Tensor, layer: Tensor, image: Tensor, query: Tensor) -> Tensor:

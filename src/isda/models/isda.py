@@ -14,10 +14,10 @@ from ..config import Config, ConfigError, LossConfig, ModelConfig, apply_overrid
 from .backbone import Backbone
 from .denoising import Denoising, DenoisingQueries
 from .dense_aux import DenseAux
-from .head import ISDAHead, apply_kernels, mask_padding
+from .head import LOCALITY_UNIT_PX, ISDAHead, apply_kernels, apply_kernels_float32, mask_padding
 from .losses import SetCriterion, downsample_masks, mask_centroids
 from .masked_ops import exporting, resize_mask
-from .mask_features import MaskFeatures
+from .mask_features import MaskFeatures, locality_channels
 from .neck import Neck
 from .position_encoding import sine_position_encoding
 from .transformer import DeformableTransformer
@@ -38,7 +38,7 @@ class ISDA(nn.Module):
         self.mask_features = MaskFeatures(cfg.hidden_dim, cfg.mask_feat_channels, cfg.mask_out_channels,
                                           cfg.mask_stride, cfg.mask_position)
         self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position,
-                             mask_class=cfg.mask_class)
+                             mask_class=cfg.mask_class, locality=cfg.mask_locality)
         self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
                                     cfg.denoising_point_noise) if cfg.denoising_groups else None)
         self.criterion = SetCriterion(loss_cfg or LossConfig())
@@ -80,16 +80,22 @@ class ISDA(nn.Module):
         stride = self.cfg.mask_stride
         mfr_mask = resize_mask(mask, (batch.shape[-2] // stride, batch.shape[-1] // stride))
         mfr = self.mask_features(feats[:4], masks[:4], mfr_mask)
+        out["image_size_px"] = None
+        if self.cfg.mask_locality:  # the channels its kernels' four locality weights read (in float32, as the
+            # product: apply_kernels_float32), in the points' frame (each image's own size in pixels)
+            out["image_size_px"] = torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1).float()
+            mfr = torch.cat([mfr.float(), locality_channels(mfr_mask, stride, LOCALITY_UNIT_PX)], 1)
         out["logits"] = self.head.classify(out["hidden"])
         # Deep supervision needs every layer's masks; inference only the last layer's.
         layers = slice(None) if self.training else slice(-1, None)
         out["kernels"], out["mask_features"], out["padding_mask"] = (
-            self.head.kernels(out["hidden"][layers], out["points"][layers]), mfr, mfr_mask)
+            self.head.kernels(out["hidden"][layers], out["points"][layers], out["image_size_px"]), mfr, mfr_mask)
         # The mask losses see matched queries only, so in training every query's masks (for the matcher) are
         # computed without autograd and the losses compute the matched ones again with it: the backward of the
         # full product was two GEMMs over (layers x batch x queries) rows of zero gradient.
         with torch.no_grad() if self.training else contextlib.nullcontext():
-            out["mask_logits"] = mask_padding(apply_kernels(out["kernels"], mfr), mfr_mask[None, :, None])
+            product = apply_kernels_float32 if self.cfg.mask_locality else apply_kernels
+            out["mask_logits"] = mask_padding(product(out["kernels"], mfr), mfr_mask[None, :, None])
         if self.head.mask_class is not None:
             out["logits"] = self.head.mask_pooled_logits(out["logits"], out["mask_logits"], mfr)
         return out

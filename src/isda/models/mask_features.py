@@ -33,6 +33,17 @@ def coordinate_map(padding_mask: Tensor) -> Tensor:
     return torch.stack([(2 * xs / w - 1).expand(-1, H, -1), (2 * ys / h - 1).expand(-1, -1, W)], 1)
 
 
+def locality_channels(padding_mask: Tensor, stride: int, unit_px: float) -> Tensor:
+    """(B, H, W) at ``stride`` -> (B, 4, H, W): each cell's centre x, y in pixels / ``unit_px`` (from the image's
+    top-left corner, where every image of a padded batch starts), x^2 + y^2 and 1: the channels that
+    ``model.mask_locality``'s kernel weights (:func:`isda.models.head.locality_kernels`) read."""
+    B, H, W = padding_mask.shape
+    ys = ((torch.arange(H, device=padding_mask.device, dtype=torch.float32) + 0.5) * (stride / unit_px)).view(1, 1, H, 1)
+    xs = ((torch.arange(W, device=padding_mask.device, dtype=torch.float32) + 0.5) * (stride / unit_px)).view(1, 1, 1, W)
+    xy = torch.cat([xs.expand(B, 1, H, W), ys.expand(B, 1, H, W)], 1)
+    return torch.cat([xy, (xy * xy).sum(1, keepdim=True), torch.ones_like(xy[:, :1])], 1)
+
+
 class MaskFeatures(nn.Module):
     """For each level with stride >= mask_stride: conv-GN-ReLU(-2x upsample) stages down to mask_stride;
     the 1/32 level gets coordinates first (MP); sum; 1x1 conv to out_channels + GN + ReLU."""

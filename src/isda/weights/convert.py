@@ -207,10 +207,10 @@ def _convert_class_head(state, fmt, layout, own, converted, used, report, class_
 CLASS_ROWS = ("head.class_embed.weight", "head.class_embed.bias", "head.mask_class.weight", "head.mask_class.bias",
               "denoising.label_embed.weight", "dense_aux.head.class_embed.weight", "dense_aux.head.class_embed.bias")
 # Opt-in modules a checkpoint of the plain model lacks; starting them at initialisation is how they train anyway:
-# query denoising and the dense auxiliary head are training-only and the mask-pooled classifier starts at zero (the
-# paper head's output).
+# query denoising and the dense auxiliary head are training-only, the mask-pooled classifier starts at zero (the
+# paper head's output) and the mask locality at its initial sharpness.
 OPTIONAL_MODULES = {"denoising.": "query denoising (training only)", "head.mask_class.": "mask-pooled classifier",
-                    "dense_aux.": "dense auxiliary head (training only)"}
+                    "head.locality.": "mask locality", "dense_aux.": "dense auxiliary head (training only)"}
 
 
 def _load_isda(state: dict[str, Tensor], model: ISDA, *, class_indices, strict: bool,
