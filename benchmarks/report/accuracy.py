@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.derived import heldout, lever_budgets, lever_choice, lever_sections, means
+from benchmarks.derived import finished, heldout, lever_budgets, lever_choice, lever_sections, means
 
 from .formatting import ap, measured
 
@@ -74,7 +74,7 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
         for b in budgets:
             for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18")):
                 runs = [acc.get(model, {}).get(b, {}).get(s) for s in seeds]
-                got = [r for r in runs if r and r.get("ap")]
+                got = finished(runs)
                 if not got:
                     continue
                 m = means(got)
