@@ -52,6 +52,7 @@ from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
 
 PARTS = ("sweep", "test", "heldout", "variants", "tune_levers", "heldout_levers", "tune_speedups")
+MODELS = ("isda", "maskrcnn")
 SWEEP_BUDGET_S = 180.0
 # The Mask R-CNN sweep's centre (width 64: about ISDA tiny's cost per step at one thread) and the recipe used when
 # no sweep was run; each sweep entry changes one or two of these.
@@ -262,7 +263,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         sweep_entries: list[str] | None = None, jobs: int = 1, threads: int = 2,
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
         choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        speedups: tuple[str, ...] = (), heldout_fit: bool = True, log=print) -> dict[str, Any]:
+        speedups: tuple[str, ...] = (), heldout_fit: bool = True, models: tuple[str, ...] = MODELS,
+        log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -273,7 +275,11 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     ``runs``, the others under ``seeds``), neighbours side by side. ``choice``: the section that recorded the sweep
     behind the preset's defaults, for the recipes when neither this invocation nor ``previous`` ran one.
     ``speedups``: names of :data:`SPEEDUPS` given to both models in every run after the sweep (each run records its
-    settings). ``heldout_fit``: the held-out part also runs ISDA with ``data.fit_sizes`` (after the pairs)."""
+    settings). ``heldout_fit``: the held-out part also runs ISDA with ``data.fit_sizes`` (after the pairs).
+    ``models``: the test and held-out parts train these (e.g. ISDA alone after its preset changed: Mask R-CNN's
+    runs are kept from ``previous``, see :func:`merge`)."""
+    if set(models) - set(MODELS) or not models:
+        raise ValueError(f"models: choose from {', '.join(MODELS)}, not {', '.join(models) or 'none'}")
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
@@ -347,9 +353,10 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         for budget in sorted(budgets_s):
             for seed in seeds:
                 key, s = str(int(budget)), str(seed)
-                todo.append((("isda", key, s), isda_job(f"isda {key}s seed {s}", "test", budget, recipe["isda"], seed)))
-                todo.append((("maskrcnn", key, s), maskrcnn_job(f"maskrcnn {key}s seed {s}", "test", budget,
-                                                               recipe["maskrcnn"], seed)))
+                todo += [(("isda", key, s), isda_job(f"isda {key}s seed {s}", "test", budget, recipe["isda"], seed))
+                         ] if "isda" in models else []
+                todo += [(("maskrcnn", key, s), maskrcnn_job(f"maskrcnn {key}s seed {s}", "test", budget,
+                                                             recipe["maskrcnn"], seed))] if "maskrcnn" in models else []
     for budget in sorted(heldout_budgets_s) if "heldout" in parts else []:
         key = str(int(budget))
         # The comparison side by side: ISDA as the preset is (data.fit_sizes off) beside Mask R-CNN; then ISDA with
@@ -358,12 +365,13 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
             s = str(seed)
             todo += [(("heldout", key, "isda_no_fit", s), isda_job(
                          f"heldout isda_no_fit {key}s seed {s}", "heldout", budget,
-                         {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed)),
-                     (("heldout", key, "maskrcnn", s), maskrcnn_job(
-                         f"heldout maskrcnn {key}s seed {s}", "heldout", budget, recipe["maskrcnn"], seed))]
+                         {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed))] if "isda" in models else []
+            todo += [(("heldout", key, "maskrcnn", s), maskrcnn_job(
+                         f"heldout maskrcnn {key}s seed {s}", "heldout", budget, recipe["maskrcnn"], seed))
+                     ] if "maskrcnn" in models else []
         todo += [(("heldout", key, "isda", str(seed)), isda_job(
             f"heldout isda {key}s seed {seed}", "heldout", budget, {**recipe["isda"], **HELDOUT_ISDA["isda"]}, seed))
-            for seed in seeds if heldout_fit]
+            for seed in seeds if heldout_fit and "isda" in models]
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))
@@ -442,10 +450,18 @@ def merge(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any
     """``new`` with the runs of ``previous`` that it does not re-run (a run result carries its own settings, seed
     and load), when both measured the same thing (same datasets, thread share and ISDA preset configuration; a
     field that only one of them recorded is not compared), and earlier results are in this format (runs keyed
-    by seed); otherwise ``new`` alone."""
-    if not previous or any(k in previous and k in new and _differs(k, previous[k], new[k]) for k in _SAME) \
-            or "seeds" not in previous:
+    by seed); otherwise ``new`` alone. With another ISDA preset configuration alone, Mask R-CNN's test and
+    held-out runs are kept (they do not depend on it), none of ISDA's."""
+    if not previous or "seeds" not in previous or any(
+            k in previous and k in new and _differs(k, previous[k], new[k]) for k in _SAME if k != "isda_config"):
         return new
+    if "isda_config" in previous and "isda_config" in new and _differs("isda_config", previous["isda_config"],
+                                                                       new["isda_config"]):
+        heldout_mr = {b: {"maskrcnn": e["maskrcnn"]} for b, e in previous.get("heldout", {}).items() if "maskrcnn" in e}
+        previous = {**{k: previous[k] for k in ("earlier", "_meta") if k in previous}, "seeds": previous["seeds"],
+                    "maskrcnn": previous.get("maskrcnn", {}), "heldout": heldout_mr,
+                    "budgets_s": sorted({float(b) for b in previous.get("maskrcnn", {})}),
+                    "heldout_budgets_s": sorted(float(b) for b in heldout_mr)}
     merged = _deep_merge({k: v for k, v in previous.items() if k != "_meta"}, new)
     merged["earlier"] = previous.get("earlier", []) + ([previous["_meta"]] if "_meta" in previous else [])
     for key in ("budgets_s", "variant_budgets_s", "heldout_budgets_s", "seeds"):

@@ -114,3 +114,10 @@ def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
                for section in lever_sections(acc)},
             **({"tune_speedups": {model: {b: lever_choice(entries, b) for b in lever_budgets(entries)}
                                   for model, entries in acc["tune_speedups"].items()}} if acc.get("tune_speedups") else {})}
+
+
+def choice_records(secs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a choice among a results JSON's sections (those whose ``_meta`` records the preset values
+    they ``decided``), oldest first."""
+    found = [s for s in secs.values() if isinstance(s, dict) and (s.get("_meta") or {}).get("decided")]
+    return sorted(found, key=lambda s: s["_meta"].get("date", ""))

@@ -166,8 +166,16 @@ class _Sources:
         return self.cache[source]
 
 
-def _stale(where: str, source: str, section: str, section_meta: dict[str, Any] | None, command: str) -> list[str]:
-    reasons = provenance.stale(section_meta)
+def decisions(data: Any) -> dict[str, Any]:
+    """Every value the records of a choice in a results JSON decided (their ``_meta.decided``), the later
+    record's where two decided one field."""
+    records = sorted((m for _, m in sections(data) if m.get("decided")), key=lambda m: m.get("date", ""))
+    return {k: v for m in records for k, v in m["decided"].items()}
+
+
+def _stale(where: str, source: str, section: str, section_meta: dict[str, Any] | None, command: str,
+           data: Any = None) -> list[str]:
+    reasons = provenance.stale(section_meta, decisions(data))
     if not reasons:
         return []
     rerun = (section_meta or {}).get("command") or command
@@ -191,7 +199,8 @@ def _markers(page: str, text: str, sources: _Sources, write: bool) -> tuple[list
             return match[0]
         if (source, section) not in stale_seen:  # one line per section quoted, at its first quote
             stale_seen.add((source, section))
-            problems.extend(_stale(f"{page}:{line}", source, section, section_meta, f"the benchmark that wrote {source}"))
+            problems.extend(_stale(f"{page}:{line}", source, section, section_meta, f"the benchmark that wrote {source}",
+                                   sources(source)))
         if figure == quoted:
             return match[0]
         if not write:
@@ -216,7 +225,7 @@ def _generated(page: str, text: str, gen: Generated, sources: _Sources, root: Pa
         return [f"{page}: generated from {e}"]
     found = list(sections(data)) or ([("", None)] if gen.source else [])  # a JSON without any _meta: stale
     for section, section_meta in found:
-        problems += _stale(page, gen.source, section, section_meta, gen.command)
+        problems += _stale(page, gen.source, section, section_meta, gen.command, data)
     try:
         rendered = gen.render(data, Path(page))
     except Exception as e:  # a JSON its renderer no longer reads: one line, not a traceback

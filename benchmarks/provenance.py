@@ -17,7 +17,8 @@ Fingerprint names:
 
 A section that decided preset values (the sweep and lever choice behind a preset's defaults) records them in
 ``_meta.decided`` (``{"section.field": value}``): the preset taking exactly those values is what the section
-measured for, not a change that makes it stale.
+measured for, not a change that makes it stale. Such a record of a choice is not staled either by the values a later
+record of a choice decided (``also_decided`` of :func:`stale`): each difference is a recorded decision.
 
 A section not measured on a quiet machine (:mod:`benchmarks.quiet`: started above its load line, or beside
 other work) is stale from the start: its figures cannot be quoted.
@@ -129,9 +130,10 @@ def meta(command: str, depends_on: Iterable[str], timing: dict[str, Any] | None 
             "commit": commit(), "depends_on": fingerprints(depends_on)}
 
 
-def stale(section_meta: dict[str, Any] | None) -> list[str]:
+def stale(section_meta: dict[str, Any] | None, also_decided: dict[str, Any] | None = None) -> list[str]:
     """Why a section's figures are stale: one phrase per fingerprint that changed, is unverified or unknown, or
-    that the section records none; empty when it is current."""
+    that the section records none; empty when it is current. ``also_decided``: the values the other records of a
+    choice in its file decided, not changes for a section that is itself such a record (it decided values)."""
     recorded = (section_meta or {}).get("depends_on")
     if not isinstance(recorded, dict):
         return ["it records no _meta.depends_on"]
@@ -150,5 +152,6 @@ def stale(section_meta: dict[str, Any] | None) -> list[str]:
         except ValueError as e:
             reasons.append(str(e))
             continue
-        reasons += changes(name, value, now, section_meta.get("decided"))
+        decided = section_meta.get("decided")
+        reasons += changes(name, value, now, {**(also_decided or {}), **decided} if decided else None)
     return reasons

@@ -32,7 +32,7 @@ from typing import Any
 from isda.fileio import atomic_write_text
 
 from .common import INFER_SIZE, TRAIN_SIZE, bf16_matrix_units, machine_info, set_threads
-from .derived import accuracy_summary
+from .derived import accuracy_summary, choice_records
 from .provenance import meta
 from .quiet import measured
 
@@ -179,7 +179,7 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, choice: 
                               seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
                               variants=args.variants, variant_seeds=args.variant_seeds, previous=previous,
                               choice=choice, save=save, speedups=args.speedups, heldout_fit=not args.no_heldout_fit,
-                              log=log)
+                              models=args.models, log=log)
 
 
 def depends_on(section: str, args) -> list[str]:
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "tune_levers / heldout_levers: the recipe alone and with each lever on tune / the held-out family)")
     p.add_argument("--sweep-budget", type=float, default=180.0, help="accuracy: seconds per sweep run")
     p.add_argument("--heldout-budgets", default="480", help="accuracy: budgets of the held-out family runs, seconds")
+    p.add_argument("--models", default="isda,maskrcnn", help="accuracy: the models the test and held-out parts "
+                   "train (isda alone after its preset changed: Mask R-CNN's earlier runs are kept)")
     p.add_argument("--no-heldout-fit", action="store_true", help="accuracy: leave out the held-out runs of ISDA "
                    "with data.fit_sizes (only the two models side by side)")
     p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.heldout_budgets = [float(b) for b in args.heldout_budgets.split(",") if b.strip()]
     args.seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     args.speedups = tuple(x for x in args.speedups.split(",") if x)
+    args.models = tuple(x for x in args.models.split(",") if x)
     args.variant_seeds = tuple(int(x) for x in args.variant_seeds.split(",") if x.strip())
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -284,8 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         if set(args.parts) - set(PARTS):
             p.error(f"unknown --parts {sorted(set(args.parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
-        from .bench_accuracy import SPEEDUPS
+        from .bench_accuracy import MODELS, SPEEDUPS
 
+        if not args.models or set(args.models) - set(MODELS):
+            p.error(f"unknown --models {','.join(args.models) or '(none)'}; choose from {', '.join(MODELS)}")
         if set(args.speedups) - set(SPEEDUPS):
             p.error(f"unknown --speedups {sorted(set(args.speedups) - set(SPEEDUPS))}; choose from {', '.join(SPEEDUPS)}")
         try:  # a typo in --variants is a usage error now, not a traceback after an hour of training
@@ -318,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with measured(settle_first=not args.quick, log=print) as timing:
             start, extra = time.time(), {}
             if name == "accuracy":  # merged into the page's earlier runs; saved after every finished training run
-                extra = {"previous": results["sections"].get("accuracy"), "choice": results["sections"].get("choice"),
+                swept = [c for c in choice_records(results["sections"]) if c.get("sweep")]
+                extra = {"previous": results["sections"].get("accuracy"), "choice": swept[-1] if swept else None,
                          "save": lambda data, name=name, start=start, t=timing: store(name, data, start, t)}
             data = globals()[f"section_{name}"](args, print, **extra)
         store(name, data, start, timing)

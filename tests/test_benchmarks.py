@@ -343,6 +343,14 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     test = json.loads(Path(test_val).read_text())
     assert tune["info"]["isda_shapes"]["seed"] == 0 and test["info"]["isda_shapes"]["seed"] == 1
 
+    # ISDA alone (its preset changed; Mask R-CNN's runs are kept from before): no Mask R-CNN job in either part.
+    calls.clear()
+    only = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0,), heldout_budgets_s=[2.0], threads=1,
+                 parts=("test", "heldout"), models=("isda",), heldout_fit=False, choice=res, log=lambda m: None)
+    assert [j["name"] for j in calls] == ["isda 2s seed 0", "heldout isda_no_fit 2s seed 0"]
+    assert only["maskrcnn"] == {} and set(only["heldout"]["2"]) == {"isda_no_fit"}
+    with pytest.raises(ValueError, match="models: choose from isda, maskrcnn"):
+        b.run(tmp_path, [2.0], [], parts=("test",), models=("yolo",), log=lambda m: None)
 
 def test_accuracy_invocations_merge_and_render(tmp_path):
     from benchmarks import bench_accuracy
@@ -384,7 +392,19 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     flipped = {"data": {"fit_sizes": False, "test_short_side": 128}, "train": {"lr": 2e-4}}
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": flipped})["sweep"] == previous["sweep"]
     other = {**flipped, "train": {"lr": 1e-4}}
-    assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": other}) == {**new, "isda_config": other}
+    assert "sweep" not in bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": other})
+    # Another ISDA preset: ISDA's runs (and the sweep, made on the old preset) are not merged; Mask R-CNN's test and
+    # held-out runs are, since they do not depend on it.
+    isda_only = {**new, "isda_config": other, "maskrcnn": {}, "budgets_s": [480.0],
+                 "heldout": {"480": {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"]}},
+                 "isda": {"480": new["isda"]["480"]}}
+    before = {**new, "isda_config": cfg, "isda": {"480": {"0": _acc_run(0.5)}, "1800": {"0": _acc_run(0.6)}},
+              "sweep": previous["sweep"]}
+    changed = bench_accuracy.merge(before, isda_only)
+    assert changed["isda"] == isda_only["isda"] and "sweep" not in changed and changed["maskrcnn"] == new["maskrcnn"]
+    assert changed["heldout"]["480"] == {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"],
+                                         "maskrcnn": new["heldout"]["480"]["maskrcnn"]}
+    assert changed["budgets_s"] == [480.0, 1800.0] and changed["earlier"] == [new["_meta"]]
     # A field added to the configuration since (an opt-in feature, off: the earlier code's behaviour) does not.
     added = {**flipped, "train": {"lr": 2e-4, "new_option": 0}}
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": added})["sweep"] == previous["sweep"]
@@ -506,3 +526,29 @@ def test_onnx_page_does_not_quote_timings_measured_beside_other_work():
     assert "other work 0.02 CPUs" in quiet_page
     assert "1.234 s" not in busy_page and "9.9 s" not in busy_page and "3.2 s" not in busy_page
     assert "invalid: 0.90 CPUs of other work" in busy_page
+
+def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_path):
+    """Two records of a choice (sections whose _meta decided preset values) and an accuracy section without a choice
+    of its own: the page shows both, oldest first, each with the values it ran on and what it decided."""
+    from benchmarks.derived import choice_records
+    from benchmarks.report.accuracy import accuracy
+
+    def record(date: str, decided: dict, config: dict, levers: dict) -> dict:
+        return {"isda_config": config, "chosen": {"isda": {}, "maskrcnn": {"optimizer": "adamw", "lr": 8e-4}},
+                "tune_levers": levers,
+                "_meta": {"date": date, "command": f"python -m benchmarks.run {date}", "decided": decided}}
+
+    lever = {"recipe": {"overrides": {}, "runs": {"480": {"0": _acc_run(0.2), "1": _acc_run(0.3)}}},
+             "mask_locality": {"overrides": {"model.mask_locality": True},
+                               "runs": {"480": {"0": _acc_run(0.4), "1": _acc_run(0.5)}}}}
+    later = record("2026-12-03 10:00:00", {"model.mask_locality": True}, {"model": {"mask_locality": False}}, lever)
+    first = record("2026-12-02 10:00:00", {"train.lr": 4e-4}, {"train": {"lr": 2e-4}}, {})
+    secs = {"accuracy": {"seeds": [0]}, "choice_locality": later, "choice": first, "train": {"_meta": {"date": "x"}}}
+    assert choice_records(secs) == [first, later]
+    page = "\n".join(accuracy({"seeds": [0], "num_train": 4, "num_val": 2, "image_size": 128, "isda_preset": "isda_tiny",
+                               "isda": {}, "maskrcnn": {}}, choice_records(secs)))
+    lr, loc = page.index("### How `isda_tiny`'s `train.lr` were chosen"), page.index("`model.mask_locality` were chosen")
+    assert lr < loc and "as it was then (`model.mask_locality=False`)" in page
+    assert "became its defaults (`model.mask_locality=True`)" in page
+    assert "| mask_locality (`model.mask_locality=True`) | 8 min | 40.0 / 50.0 | 45.0 |" in page
+    assert "Winner at 8 min: **mask_locality**" in page

@@ -151,6 +151,9 @@ def test_preset_fingerprint_follows_the_preset(monkeypatch: pytest.MonkeyPatch) 
     # A section that decided that value (the choice behind a default) is current; one that decided another is not.
     assert provenance.stale({"depends_on": before, "decided": {"train.lr": 2 * lr}}) == []
     assert len(provenance.stale({"depends_on": before, "decided": {"train.lr": 3 * lr}})) == 1
+    # An earlier record of a choice is not staled by what a later record decided; a section that decided nothing is.
+    assert provenance.stale({"depends_on": before, "decided": {"model.hidden_dim": 1}}, {"train.lr": 2 * lr}) == []
+    assert len(provenance.stale({"depends_on": before}, {"train.lr": 2 * lr})) == 1
     # A figure that depends on the network and its input only (preset:NAME:model,data) is not stale by the lr.
     scoped = {"preset:isda_tiny:model,data": {k: v for k, v in before["preset:isda_tiny"].items()
                                               if k.startswith(("model.", "data."))}}

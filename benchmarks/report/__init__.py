@@ -12,6 +12,7 @@ from typing import Any
 
 from isda.fileio import atomic_write_text
 
+from ..derived import choice_records
 from .accuracy import accuracy
 from .charts import accuracy_chart, speed_chart
 from .speed import analysis, before_after, inference, msda, profile, summary, train
@@ -60,7 +61,7 @@ def render(results: dict[str, Any], page: Path) -> None:
     out += analysis(secs)
     if secs.get("profile"):
         out += profile(secs["profile"])
-    acc_lines = accuracy(secs.get("accuracy"), secs.get("choice"))
+    acc_lines = accuracy(secs.get("accuracy"), choice_records(secs))
     acc_chart = page.with_name(page.stem + "_accuracy.png")
     if accuracy_chart(secs.get("accuracy"), acc_chart):
         acc_lines.insert(2, f"![test-split mask AP vs training time]({acc_chart.name})\n")

@@ -37,13 +37,14 @@ def _mr_recipe(m: dict[str, Any]) -> str:
             f"{m.get('roi_batch', 512)} RoIs/image" + (f", {m['amp']} autocast" if m.get("amp", "none") != "none" else ""))
 
 
-def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -> list[str]:
-    """The section: the runs of ``acc`` (the accuracy section), and the sweep and lever choice from ``choice`` (the
-    record of the runs that chose the preset's defaults) where ``acc`` has none of its own."""
+def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> list[str]:
+    """The section: the runs of ``acc`` (the accuracy section), and the sweeps and lever choices of ``choices``
+    (the records of the runs that chose the preset's defaults, oldest first) where ``acc`` has none of its own."""
     out = ["## Accuracy under the same CPU budget (generated data)", ""]
+    records = [line for choice in choices for line in _choice(choice, own=False)]
     if not acc or "seeds" not in acc:
-        if choice:
-            return out + _choice(choice, own=False)
+        if choices:
+            return out + records
         return out + ["Not measured in this revision of the page (about 3 hours): `.venv/bin/python -m benchmarks.run "
                       "--full --only accuracy --jobs 2` (or `make bench-full`); see `benchmarks/bench_accuracy.py`.", ""]
     seeds = [str(s) for s in acc["seeds"]]
@@ -63,8 +64,8 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
             "its BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for "
             "ISDA), and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    own = bool(acc.get("sweep") or lever_sections(acc) or acc.get("tune_speedups")) or not choice
-    out += _choice(acc if own else choice, own)
+    own = bool(acc.get("sweep") or lever_sections(acc) or acc.get("tune_speedups")) or not choices
+    out += _choice(acc, own) if own else records
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
         out += ["### Test split", "",
@@ -142,8 +143,16 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
                 out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
                         f"**{v['fit_sizes_difference']:+.1f}** AP (means of the seeds above; seed noise {v['noise']:.1f}).",
                         ""]
+    out += _test_variants(acc)
+    out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
+    return out
+
+
+def _test_variants(acc: dict[str, Any]) -> list[str]:
+    """The ablations and levers on the test split, beside the recipe's runs at the same budgets."""
+    out: list[str] = []
     vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
-    default = [{v: (acc["isda"].get(v) or {}).get("0") for v in vbudgets}]
+    default = [{v: (acc.get("isda", {}).get(v) or {}).get("0") for v in vbudgets}]
     if acc.get("ablations"):
         labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
                   "mask_stride_2": "MP + KP, mask stride 2"}
@@ -163,7 +172,6 @@ def accuracy(acc: dict[str, Any] | None, choice: dict[str, Any] | None = None) -
         out += _variant_table([("the chosen recipe (beside Mask R-CNN)", recipe)]
                               + [(f"{n} (`{_overrides(e)}`)", _seed_runs(e)) for n, e in acc["levers"].items()],
                               vbudgets)
-    out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
     return out
 
 
@@ -177,7 +185,7 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
         decided = (sec.get("_meta") or {}).get("decided") or {}
         before = sec.get("isda_config") or {}
         was = ", ".join(f"`{k}={before.get(k.split('.')[0], {}).get(k.split('.')[1])}`" for k in decided)
-        out += ["### How `isda_tiny`'s defaults were chosen (tune split)", "",
+        out += [f"### How `isda_tiny`'s {', '.join(f'`{k}`' for k in decided)} were chosen (tune split)", "",
                 "The sweep and the lever choice below ran on the preset as it was then (" + was + "); their winners "
                 "became its defaults (" + ", ".join(f"`{k}={v}`" for k, v in decided.items()) + "). The runs after it "
                 "on this page use the new defaults.", ""]
@@ -245,7 +253,7 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
                                  "side by side on the tune split; a speed-up that keeps both models' tune AP by the "
                                  "levers' rule is given to both. The best by that rule:")
     if not own:
-        out += [measured(sec)]
+        out += _test_variants(sec) + [measured(sec)]
     return out
 
 
