@@ -92,7 +92,7 @@ def changes(name: str, recorded: Any, now: Any, decided: dict[str, Any] | None =
     out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items()
            if k in recorded and recorded[k] != v and not (k in decided and decided[k] == v)]
     out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"
-            for k, v in now.items() if k not in recorded and v != defaults.get(k)]
+            for k, v in now.items() if k not in recorded and v != defaults.get(k) and not (k in decided and decided[k] == v)]
     out += [f"{name}: {k} was removed" for k in recorded if k not in now]
     return out
 

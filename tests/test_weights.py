@@ -43,7 +43,7 @@ TOL = 1e-4
 
 # ISDA tensors that no Deformable-DETR checkpoint provides (R50 paper preset and the tiny preset alike).
 ISDA_ONLY = re.compile(r"^(mask_features\.|head\.kernel_embed\.|neck\.lateral\.0\.|neck\.lateral_norm\.0\.|"
-                       r"transformer\.point_refine\.)")
+                       r"transformer\.point_refine\.|head\.locality\.)")
 
 
 def isda_only_keys(model):
