@@ -28,8 +28,10 @@ the reported tables). Parts (``parts``):
   default only if it does not lose here.
 
 The sweep and the lever choice decide the preset's defaults; once a winner becomes a default, the preset changes and
-the earlier runs cannot be merged with new ones (:func:`merge`). They are then kept as the ``choice`` section
-(``benchmarks.json``): what was chosen, on which configuration; the recipes of a section without a sweep come from it.
+ISDA's earlier runs cannot be merged with new ones (:func:`merge`; Mask R-CNN's can). The runs behind the choice are
+then kept as a record of it: a section of ``benchmarks.json`` whose ``_meta.decided`` names the values it chose
+(``choice``, ``choice_locality``; :func:`benchmarks.derived.choice_records`), on the configuration it records; the
+recipes of a section without a sweep come from the latest record with one.
 """
 
 from __future__ import annotations
