@@ -203,8 +203,9 @@ Ground truth (left) beside the prediction (right) on the held-out tile:
 - **From scratch** (this page): the backbone, transformer and heads start from random weights on three 256 px
   tiles. One tile is a small test set: its AP moves by several points from one validation to the next; it says
   the model learns real nuclei in minutes on a CPU, not what it would reach with more data or time. At 500 steps
-  the loss is still falling and many predicted masks still cover parts of several touching nuclei (the overlay
-  above): the dynamic kernels have not yet learned to separate them.
+  the loss is still falling; each confident mask keeps to one nucleus (the preset's mask locality: a query's mask
+  falls off with the distance from its point), but few queries score above the overlay's threshold: most nuclei
+  are still found with low scores or not at all.
 - **With ImageNet weights** (`--set model.backbone_weights=resnet18.pth`, a torchvision ResNet-18 file, or
   `--init` with a converted Deformable-DETR checkpoint): not measured here: no package on the registry ships a
   torchvision ResNet state dict, and nothing can be downloaded from elsewhere on this machine
