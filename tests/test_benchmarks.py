@@ -547,7 +547,7 @@ def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_p
     assert choice_records(secs) == [first, later]
     page = "\n".join(accuracy({"seeds": [0], "num_train": 4, "num_val": 2, "image_size": 128, "isda_preset": "isda_tiny",
                                "isda": {}, "maskrcnn": {}}, choice_records(secs)))
-    lr, loc = page.index("### How `isda_tiny`'s `train.lr` were chosen"), page.index("`model.mask_locality` were chosen")
+    lr, loc = page.index("### How `isda_tiny` chose its default `train.lr`"), page.index("default `model.mask_locality` (tune")
     assert lr < loc and "as it was then (`model.mask_locality=False`)" in page
     assert "became its defaults (`model.mask_locality=True`)" in page
     assert "| mask_locality (`model.mask_locality=True`) | 8 min | 40.0 / 50.0 | 45.0 |" in page

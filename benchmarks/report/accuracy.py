@@ -185,7 +185,8 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
         decided = (sec.get("_meta") or {}).get("decided") or {}
         before = sec.get("isda_config") or {}
         was = ", ".join(f"`{k}={before.get(k.split('.')[0], {}).get(k.split('.')[1])}`" for k in decided)
-        out += [f"### How `isda_tiny`'s {', '.join(f'`{k}`' for k in decided)} were chosen (tune split)", "",
+        chose = ", ".join(f"`{k}`" for k in decided)
+        out += [f"### How `isda_tiny` chose its default{'s' if len(decided) > 1 else ''} {chose} (tune split)", "",
                 "The sweep and the lever choice below ran on the preset as it was then (" + was + "); their winners "
                 "became its defaults (" + ", ".join(f"`{k}={v}`" for k, v in decided.items()) + "). The runs after it "
                 "on this page use the new defaults.", ""]

@@ -320,7 +320,7 @@ def isda_tiny() -> Config:
         # docs/convergence.md) AP 7.2 / 19.0 against 8.3 / 19.3 with the Laplace dice and dice cost (loss.dice_form=laplace,
         # loss.match_mask_cost_kind=dice): no measurable difference, so one form for both presets.
         # One-to-many matching on the decoder layers before the last (loss.o2m_topk=3): chosen on the tune split
-        # (docs/benchmarks.md, "How isda_tiny's defaults were chosen": 8 minutes, two seeds) over denoising, quality
+        # (docs/benchmarks.md, "How isda_tiny chose its defaults": 8 minutes, two seeds) over denoising, quality
         # matching, look-forward-twice and the dense auxiliary head; inference is unchanged by it.
         loss=LossConfig(mask_bce_weight=3.0, class_loss="varifocal", o2m_topk=3),
         # Flip and one 128 px scale, no crop: no batch padding (the crop's resize made 128-192 px batches),
