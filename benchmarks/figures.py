@@ -175,7 +175,8 @@ def decisions(data: Any) -> dict[str, Any]:
 
 def _stale(where: str, source: str, section: str, section_meta: dict[str, Any] | None, command: str,
            data: Any = None) -> list[str]:
-    reasons = provenance.stale(section_meta, decisions(data))
+    # Only a record of a choice (it decided values) is excused by the others' decisions.
+    reasons = provenance.stale(section_meta, decisions(data) if (section_meta or {}).get("decided") else None)
     if not reasons:
         return []
     rerun = (section_meta or {}).get("command") or command

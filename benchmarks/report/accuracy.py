@@ -41,10 +41,12 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
     """The section: the runs of ``acc`` (the accuracy section), and the sweeps and lever choices of ``choices``
     (the records of the runs that chose the preset's defaults, oldest first) where ``acc`` has none of its own."""
     out = ["## Accuracy under the same CPU budget (generated data)", ""]
-    records = [line for choice in choices for line in _choice(choice, own=False)]
+    def records() -> list[str]:
+        return [line for choice in choices for line in _choice(choice, own=False)]
+
     if not acc or "seeds" not in acc:
         if choices:
-            return out + records
+            return out + records()
         return out + ["Not measured in this revision of the page (about 3 hours): `.venv/bin/python -m benchmarks.run "
                       "--full --only accuracy --jobs 2` (or `make bench-full`); see `benchmarks/bench_accuracy.py`.", ""]
     seeds = [str(s) for s in acc["seeds"]]
@@ -65,7 +67,7 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
             "ISDA), and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
     own = bool(acc.get("sweep") or lever_sections(acc) or acc.get("tune_speedups")) or not choices
-    out += _choice(acc, own) if own else records
+    out += _choice(acc, own) if own else records()
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
         out += ["### Test split", "",
