@@ -153,7 +153,7 @@ def accuracy(weights: str, onnx: Path, data: Path, threads: int, paths: list[str
         dataset = CocoInstanceDataset(data / "annotations" / "instances_val.json", data / "val",
                                       build_transforms(loaded.cfg.data, train=False), train=False)
         start = time.perf_counter()
-        result, _ = evaluate(loaded.model, dataset, "cpu")
+        result, _ = evaluate(loaded.model, dataset, "cpu", window=loaded.cfg.data.test_window)
         rows[name] = {"stats": result.stats, "seconds": time.perf_counter() - start, "images": len(dataset)}
     return rows
 

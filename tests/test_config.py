@@ -57,3 +57,6 @@ def test_bad_files(tmp_path):
     (tmp_path / "stride.yaml").write_text("model:\n  mask_stride: 3\n")
     with pytest.raises(ConfigError, match="model.mask_stride"):
         load_config(tmp_path / "stride.yaml")
+    (tmp_path / "window.yaml").write_text("data:\n  test_window: 20\n")
+    with pytest.raises(ConfigError, match="data.test_window.*at least 32 px, got 20"):
+        load_config(tmp_path / "window.yaml")

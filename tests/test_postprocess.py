@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchvision.ops import masks_to_boxes
 
 import isda
-from isda.models.isda import _boxes
+from isda.models.isda import mask_boxes
 
 
 def test_boxes_equal_masks_to_boxes():
@@ -19,8 +19,8 @@ def test_boxes_equal_masks_to_boxes():
     want = torch.zeros(40, 4)
     nonempty = masks.flatten(1).any(1)
     want[nonempty] = masks_to_boxes(masks[nonempty]).float()
-    assert torch.equal(_boxes(masks), want)
-    assert _boxes(masks[:0]).shape == (0, 4)
+    assert torch.equal(mask_boxes(masks), want)
+    assert mask_boxes(masks[:0]).shape == (0, 4)
 
 
 @pytest.mark.parametrize("image_size,output_size", [((61, 90), (61, 90)), ((61, 90), (40, 57))])

@@ -79,7 +79,7 @@ def test_the_tiny_preset_learns_real_nuclei_from_scratch(nuclei, tmp_path):
                         log=lambda _m: None)
     print(f"nuclei, 100 steps: held-out AP {100 * summary['val']['AP']:.1f}, AP50 {100 * summary['val']['AP50']:.1f}")
     assert summary["iteration"] == 100
-    assert summary["val"]["AP50"] >= 0.05
+    assert summary["val"]["AP50"] >= 0.40 and summary["val"]["AP"] >= 0.15
 
 
 def test_labelmes_examples_convert_to_what_labelme_itself_exports(tmp_path):

@@ -29,6 +29,7 @@ def test_small_instances_raise_the_input_size_and_train_on_crops_of_the_same_cos
     assert fitted.test_short_side == 608 and fitted.crop_resize_short_sides == (608,)
     assert s.instance_px_at(fitted.test_short_side, fitted.test_max_size) >= 0.95 * data.fit_instance_px
     assert (fitted.crop_prob, fitted.crop_size, fitted.train_short_sides) == (1.0, (128, 128), (128,))
+    assert fitted.test_window == 128  # predicted in windows of the crops it trained on
     assert "median instance 10 px in 256 px images would be 5.0 px at 128 px; using 608 px" in line
     # Idempotent: a resumed run (its saved config already fitted) keeps the same sizes.
     assert fit_sizes(fitted, s, num_queries=100) == (fitted, None)
@@ -47,6 +48,7 @@ def test_crops_shrink_until_a_crowded_image_fits_the_query_budget():
     fitted, _ = fit_sizes(data, crowded, num_queries=100)
     crop = fitted.crop_size[0]
     assert crop < 128 and 3000 * crop**2 / fitted.test_short_side**2 <= 50
+    assert fitted.test_window == crop
 
 
 def test_warnings_give_the_numbers_and_what_to_set():
@@ -102,3 +104,4 @@ def test_training_fits_sizes_warns_about_crowding_and_records_the_sizes(tmp_path
     assert "warning: only 90 optimizer steps planned (3 step(s) per epoch of 3 images at 8 per step)" in text
     saved = load_config(tmp_path / "run" / "config.yaml").data  # predict and eval use these sizes
     assert saved.test_short_side > cfg.data.test_short_side and saved.crop_prob == 1.0
+    assert saved.test_window == saved.crop_size[0]

@@ -12,7 +12,7 @@ from scipy import ndimage
 from engine_utils import single_thread, tiny_config
 from isda.cli import main
 from isda.data.rle import decode_rle
-from isda.tiling import draw_tiled, predict_tiled, tile_windows
+from isda.tiling import draw_tiled, predict_in_windows, predict_tiled, tile_windows
 
 
 @pytest.mark.parametrize("height, width, size, overlap", [
@@ -215,3 +215,68 @@ def test_bad_tile_values_are_one_line_errors(checkpoint, tmp_path, capsys, extra
     assert main(["predict", "--weights", str(checkpoint), str(img), "--out", str(tmp_path / "o"), *extra]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model trained on crops (data.test_window) predicts window by window at its test scale
+
+class WindowModel:
+    """The oracle as a model: ``model(images, output_sizes=None)``, each image's detections padded with empty,
+    zero-score ones to ``budget`` (as a model returns its top-k), masks at the output size; records input sizes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.inputs = budget, []
+
+    def __call__(self, images, output_sizes=None):
+        out = []
+        for image, size in zip(images, output_sizes or [tuple(im.shape[1:]) for im in images]):
+            self.inputs.append(tuple(image.shape[1:]))
+            pred = oracle(image)
+            pad = self.budget - len(pred["scores"])
+            masks = torch.cat([pred["masks"], torch.zeros(pad, *image.shape[1:], dtype=torch.bool)])
+            masks = torch.nn.functional.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
+            out.append({"scores": torch.cat([pred["scores"], torch.zeros(pad)]),
+                        "labels": torch.cat([pred["labels"], torch.zeros(pad, dtype=torch.long)]), "masks": masks})
+        return out
+
+
+def test_a_model_trained_on_crops_sees_only_windows_of_their_size():
+    image, ids = blob_image()
+    model = WindowModel(budget=60)
+    (pred,) = predict_in_windows(model, [image], [(H // 2, W // 2)], window=TILE)
+    assert model.inputs and all(h <= TILE and w <= TILE for h, w in model.inputs)
+    assert len(model.inputs) == len(tile_windows(H, W, TILE, TILE // 2))  # overlapping by half a window
+    found = (100 * (1 - pred["scores"])).round().long().tolist()
+    assert sorted(found) == list(range(1, 41))  # every blob once
+    assert pred["masks"].shape == (40, H // 2, W // 2) and pred["boxes"].shape == (40, 4)
+    half = torch.nn.functional.interpolate(torch.from_numpy(ids)[None, None].float(), size=(H // 2, W // 2),
+                                           mode="nearest")[0, 0].long()
+    for blob_id, mask in zip(found, pred["masks"]):
+        truth = half == blob_id
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.7  # the blob, resized to the output size
+    # At most the model's own budget per image, the best ones.
+    (capped,) = predict_in_windows(WindowModel(budget=25), [image], [(H, W)], window=TILE)
+    assert torch.equal(capped["scores"], pred["scores"][:25])
+    # An image within one window is predicted whole, once, at the output size asked for.
+    small = WindowModel(budget=60)
+    (whole,) = predict_in_windows(small, [image[:, :TILE, :TILE - 6]], [(100, 90)], window=TILE)
+    assert small.inputs == [(TILE, TILE - 6)] and whole["masks"].shape[1:] == (100, 90)
+
+
+def test_predict_runs_the_network_on_windows_when_the_config_says_so():
+    """isda.inference.predict with data.test_window: the network sees nothing larger than the window, masks
+    come back at the image's own size."""
+    from isda.inference import predict
+    from isda.models import ISDA
+
+    cfg = tiny_config()
+    cfg.data.test_short_side, cfg.data.test_max_size, cfg.data.test_window = 256, 256, 128
+    torch.manual_seed(0)
+    model = ISDA(cfg.model, cfg.loss).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0][0].shape[1:])))
+    with single_thread():
+        (pred,) = predict(model, cfg.data, [torch.rand(3, 150, 200)])
+    # 150 x 200 at the test size: 192 x 256 (long side capped), six windows of 128 px
+    assert len(seen) == len(tile_windows(192, 256, 128, 64)) == 6 and all(max(s) <= 128 for s in seen)
+    assert pred["masks"].shape[1:] == (150, 200) and len(pred["scores"]) == cfg.model.num_detections

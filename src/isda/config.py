@@ -164,6 +164,10 @@ class DataConfig:
     flip_prob: float = 0.5
     test_short_side: int = 800
     test_max_size: int = 1333
+    # Test images larger than this many px (at the test size) are predicted window by window of this size,
+    # overlapping by half (isda.tiling.predict_in_windows), as a model trained on crops of it saw its inputs; 0: whole.
+    # Set by fit_sizes: the model's coordinates are relative to its input, so a larger one means other things to it.
+    test_window: int = 0
     # Opt-in, not in the paper: when the training set's median instance would be smaller than fit_instance_px
     # after the test resize, scale the input up until it is not and train on crops of the training size at that
     # scale (same cost per step). See isda/data/sizing.py. Off in isda_tiny: on the held-out generated family
@@ -254,6 +258,8 @@ class Config:
         _check(all(0 <= f <= 1 for f in self.train.lr_drops), "train.lr_drops",
                f"must be fractions of the run in [0, 1], got {list(self.train.lr_drops)}")
         _check(len(self.data.train_short_sides) > 0, "data.train_short_sides", "must not be empty")
+        _check(self.data.test_window == 0 or self.data.test_window >= 32, "data.test_window",
+               f"must be 0 (whole images) or at least 32 px, got {self.data.test_window}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

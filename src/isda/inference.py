@@ -18,6 +18,7 @@ from .data.transforms import short_side_size
 from .engine.amp import autocast
 from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .models.isda import ISDA
+from .tiling import predict_in_windows
 
 
 @dataclass
@@ -80,14 +81,18 @@ def predict(model: ISDA, data_cfg: DataConfig, images: list[Tensor], precision: 
             ) -> list[dict[str, Tensor]]:
     """images: float [3, H, W] in [0, 1] at any size. Resized like the test pipeline (short side
     ``data_cfg.test_short_side``), predicted in ``precision`` (:func:`inference_precision`; "fp32" leaves the
-    caller's autocast, if any, as it is), masks returned at the original size."""
+    caller's autocast, if any, as it is), in windows of ``data_cfg.test_window`` where it is set, masks returned at
+    the original size."""
     device = next(model.parameters(), torch.empty(0)).device  # an ONNX Runtime model has none: the CPU
     resized = [resize_for_test(im.to(device), data_cfg) for im in images]
     was_training = model.training
     model.eval()
     try:
         with inference_precision(model, precision):
-            return model(resized, output_sizes=[tuple(im.shape[1:]) for im in images])
+            sizes = [tuple(im.shape[1:]) for im in images]
+            if data_cfg.test_window:
+                return predict_in_windows(model, resized, sizes, data_cfg.test_window)
+            return model(resized, output_sizes=sizes)
     finally:
         model.train(was_training)
 

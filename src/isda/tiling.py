@@ -10,6 +10,10 @@ edge on the far side of the core's boundary: it is kept exactly once, with its f
 Kept instances are stored as their mask's crop (its box) and offset, not as full-image masks: hundreds of
 4,000 x 4,000 px bool masks would not fit in memory. Masks are pasted only to draw, and results are written as
 RLE directly from the crops.
+
+A model trained on crops (``data.test_window``, set by ``data.fit_sizes``) predicts the same way, window by window at
+its test scale (:func:`predict_in_windows`): its coordinates are relative to its input (sine positions, the mask
+features' coordinates, the reference points), so an input larger than its training crops means other things to it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from .engine.evaluation import rle_result
+from .models.isda import mask_boxes
 
 MIN_TILE = 32
 
@@ -111,6 +118,17 @@ class TiledPrediction:
                 crop[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
         return out
 
+    def prediction(self, size: tuple[int, int], limit: int) -> dict[str, Tensor]:
+        """The ``limit`` best instances as a model's per-image dict: ``scores``, ``labels``, bool ``masks`` resized
+        from this image's size to ``size`` (H, W) and their ``boxes``."""
+        top = dataclasses.replace(self, scores=self.scores[:limit], labels=self.labels[:limit],
+                                  boxes=self.boxes[:limit], crops=self.crops[:limit])
+        masks = top.masks()
+        if tuple(size) != (self.height, self.width):
+            masks = F.interpolate(masks[None].float(), size=tuple(size), mode="bilinear", antialias=True,
+                                  align_corners=False)[0] > 0.5
+        return {"scores": top.scores, "labels": top.labels, "masks": masks, "boxes": mask_boxes(masks)}
+
     def coco_results(self, image_id: int, cat_ids: Sequence[int]) -> list[dict[str, Any]]:
         """COCO results entries (RLE encoded from the crops, no full-size mask made)."""
         return [rle_result(image_id, cat_ids[label], self._rle(crop, box), score)
@@ -160,6 +178,29 @@ def predict_tiled(predict_window: WindowPredictor, image: Tensor, size: int, ove
     return TiledPrediction(height, width, scores_all[order], labels_all[order],
                            torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)[order],
                            [crops[i] for i in order.tolist()], len(windows))
+
+
+def predict_in_windows(model: Callable[..., list[dict[str, Tensor]]], images: Sequence[Tensor],
+                       output_sizes: Sequence[tuple[int, int]], window: int) -> list[dict[str, Tensor]]:
+    """``model(images, output_sizes=...)`` for images already at the test scale, each one larger than ``window`` px
+    predicted window by window (``window`` x ``window``, overlapping by half a window, merged by the core rule) as
+    the model saw its training crops. Per image: ``scores``, ``labels``, bool ``masks`` at its output size and
+    ``boxes``, as many detections as one window gives at most (the model's own budget)."""
+    out = []
+    for image, size in zip(images, output_sizes):
+        if image.shape[1] <= window and image.shape[2] <= window:
+            out += model([image], output_sizes=[size])
+            continue
+        counts = []
+
+        def one_window(crop: Tensor) -> dict[str, Tensor]:
+            (pred,) = model([crop])
+            counts.append(len(pred["scores"]))
+            return pred
+
+        tiled = predict_tiled(one_window, image, window, window // 2, score_thr=0.0)
+        out.append(tiled.prediction(size, max(counts)))
+    return out
 
 
 def draw_tiled(image: Tensor, tiled: TiledPrediction, class_names: Sequence[str], score_thr: float) -> Tensor:

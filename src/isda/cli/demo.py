@@ -74,7 +74,7 @@ def evaluate_and_draw(out: Path, val_ann: str | Path, val_images: str | Path, de
     weights = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
     loaded = load_trained_model(weights, device)
     val = CocoInstanceDataset(val_ann, val_images, build_transforms(loaded.cfg.data, train=False), train=False)
-    result, results = evaluate(loaded.model, val, device, batch_size=8)
+    result, results = evaluate(loaded.model, val, device, batch_size=8, window=loaded.cfg.data.test_window)
     write_results_json(results, out / "results_val.json")
 
     print("[4/4] drawing predictions")

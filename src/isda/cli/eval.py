@@ -25,7 +25,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UserError(f"{ann}: categories {dataset.cat_ids} differ from the checkpoint's {loaded.cat_ids}")
     dataset.require_instances()
     with precision:
-        result, results = evaluate(loaded.model, dataset, pick_device(args.device), batch_size=args.batch_size)
+        result, results = evaluate(loaded.model, dataset, pick_device(args.device), batch_size=args.batch_size,
+                                   window=loaded.cfg.data.test_window)
         write_results_json(results, path)
         report = _eval_report(args, loaded, dataset, result, path)
     print(result.table())

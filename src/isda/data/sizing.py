@@ -4,7 +4,8 @@ A preset's sizes assume its dataset: isda_tiny resizes every image to 128 px, wh
 dataset's 25 px objects but turns 10 px nuclei in a 256 px tile into 5 px ones, below what a 1/4-resolution
 mask can draw. :func:`dataset_stats` measures the training set; :func:`fit_sizes` (``data.fit_sizes``) raises the
 input size until the median instance keeps ``data.fit_instance_px`` and trains on crops of the preset's
-training size at that scale (the same pixels per step, so the same cost); :func:`size_warnings` says, with the
+training size at that scale (the same pixels per step, so the same cost), and predicts in windows of that size
+(``data.test_window``: a model trained on crops misreads a larger input); :func:`size_warnings` says, with the
 numbers, what goes wrong when the sizes are left as they are: instances shrunk below half that size, or images
 with more instances than the model has queries (those extra instances can never be matched).
 """
@@ -79,13 +80,13 @@ def fit_sizes(data: DataConfig, stats: DatasetStats, num_queries: int) -> tuple[
     ratio = data.test_max_size / data.test_short_side
     fitted = dataclasses.replace(
         data, test_short_side=side, test_max_size=round(side * ratio), crop_resize_short_sides=(side,),
-        crop_size=(crop, crop), crop_prob=1.0, train_short_sides=(crop,), train_max_size=crop)
+        crop_size=(crop, crop), crop_prob=1.0, train_short_sides=(crop,), train_max_size=crop, test_window=crop)
     after = stats.instance_px_at(side, fitted.test_max_size)
     capped = f" (capped at {FIT_MAX_SIDE} px: predict large images with --tile)" if side == FIT_MAX_SIDE else ""
     return fitted, (f"input size from the data (data.fit_sizes): median instance {stats.median_instance_px:.0f} px "
                     f"in {stats.median_short_side:.0f} px images would be {now:.1f} px at "
                     f"{data.test_short_side} px; using {side} px{capped} (instances {after:.1f} px) and training on "
-                    f"random {crop}x{crop} crops at that scale")
+                    f"random {crop}x{crop} crops at that scale, predicting in {crop} px windows")
 
 
 def size_warnings(data: DataConfig, stats: DatasetStats, num_queries: int, num_detections: int) -> list[str]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..fileio import atomic_write_bytes
-from ..models.isda import ISDA, _boxes, rank_detections
+from ..models.isda import ISDA, mask_boxes, rank_detections
 from . import require
 
 OPSET = 17  # GridSample needs 16; LayerNormalization 17
@@ -48,7 +48,7 @@ OUTPUTS = {
 
 class ExportableISDA(nn.Module):
     """One image in [0, 1] -> the final detections, with graph-friendly pre- and post-processing: the
-    model's own :func:`rank_detections`, :meth:`ISDA.upsample_probs` and :func:`_boxes`; the batching of
+    model's own :func:`rank_detections`, :meth:`ISDA.upsample_probs` and :func:`mask_boxes`; the batching of
     :meth:`ISDA.batch_images` reduced to one image."""
 
     def __init__(self, model: ISDA) -> None:
@@ -71,7 +71,7 @@ class ExportableISDA(nn.Module):
         probs = self.model.upsample_probs(probs, (h, w), (h, w))
         masks = self.output_resize(probs, output_size) > cfg.mask_threshold
         points = out["reference_points"][0]
-        return (scores, labels, masks, _boxes(masks), query, points[query], points,
+        return (scores, labels, masks, mask_boxes(masks), query, points[query], points,
                 logits.sigmoid().amax(-1))
 
 

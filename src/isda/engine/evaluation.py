@@ -231,13 +231,16 @@ def gather_results(results: list[Any]) -> list[Any]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: CocoInstanceDataset, device: torch.device | str, batch_size: int = 1,
-             *, num_workers: int = 0, amp: str = "none") -> tuple[EvalResult, list[dict[str, Any]]]:
-    """COCO mask AP of ``model`` on ``dataset`` (built with ``train=False``), masks at the original size.
+             *, num_workers: int = 0, amp: str = "none", window: int = 0) -> tuple[EvalResult, list[dict[str, Any]]]:
+    """COCO mask AP of ``model`` on ``dataset`` (built with ``train=False``), masks at the original size; images
+    larger than ``window`` px (``data.test_window``; 0: none) predicted window by window.
 
     Under torch.distributed each process predicts every world_size-th image and the results are
     gathered; every process returns the same (EvalResult, COCO results list). The model's train/eval
     mode is restored afterwards.
     """
+    from ..tiling import predict_in_windows  # tiling imports this module
+
     device = torch.device(device)
     net = unwrap(model)
     was_training = net.training
@@ -247,9 +250,9 @@ def evaluate(model: nn.Module, dataset: CocoInstanceDataset, device: torch.devic
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     results: list[dict[str, Any]] = []
     for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main_process()):
+        images, sizes = [im.to(device, non_blocking=True) for im in images], [tuple(t["orig_size"]) for t in targets]
         with autocast(device, amp):
-            preds = net([im.to(device, non_blocking=True) for im in images],
-                        output_sizes=[tuple(t["orig_size"]) for t in targets])
+            preds = predict_in_windows(net, images, sizes, window) if window else net(images, output_sizes=sizes)
         # Convert per batch: full-size masks of a whole dataset would not fit in memory.
         results += predictions_to_coco_results(preds, [t["image_id"] for t in targets], dataset.cat_ids)
     net.train(was_training)

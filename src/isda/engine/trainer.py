@@ -477,7 +477,8 @@ class _Trainer:
             return False
         start = time.perf_counter()
         result, results = evaluate(self.model, self.val_set, self.device, self.tcfg.batch_size,
-                                   num_workers=self.tcfg.num_workers, amp=self.tcfg.amp)
+                                   num_workers=self.tcfg.num_workers, amp=self.tcfg.amp,
+                                   window=self.cfg.data.test_window)
         self.last_eval_step = self.step
         self.val_stats = result.stats
         improved = result.stats["AP"] > self.best_ap

@@ -184,7 +184,7 @@ class ISDA(nn.Module):
         for b in range(B):
             scores, labels, query, probs = rank_detections(logits[b], mask_logits[b], k, self.cfg.mask_threshold)
             masks = self.upsample_masks(probs, image_sizes[b], output_sizes[b])
-            results.append({"scores": scores, "labels": labels, "masks": masks, "boxes": _boxes(masks),
+            results.append({"scores": scores, "labels": labels, "masks": masks, "boxes": mask_boxes(masks),
                             "query_index": query, "reference_points": out["reference_points"][b, query]})
             sampling = self.transformer.decoder[-1].cross_attn.last_sampling
             if self.transformer.decoder[-1].cross_attn.keep_sampling and sampling is not None:
@@ -239,7 +239,7 @@ def rank_detections(logits: Tensor, mask_logits: Tensor, k: int, mask_threshold:
     return scores[order], labels[order], query[order], probs[order]
 
 
-def _boxes(masks: Tensor) -> Tensor:
+def mask_boxes(masks: Tensor) -> Tensor:
     """(K, H, W) bool -> (K, 4) xyxy boxes of the masks (pixel indices, as torchvision's masks_to_boxes),
     zeros for empty masks; from the masks' row and column projections (two passes over the bytes)."""
     K, H, W = masks.shape
