@@ -81,6 +81,9 @@ ISDA_SWEEP: dict[str, dict[str, Any]] = {
 }
 SEEDS = (0, 1)
 HELDOUT_ISDA = {"isda": {"data.fit_sizes": True}, "isda_no_fit": {"data.fit_sizes": False}}
+# Mask R-CNN at the preset's fixed input size everywhere (as its runs were made): on the held-out family it stands
+# beside ISDA's fixed-size runs; it has no windowed prediction of its own for fitted sizes.
+MASKRCNN_DATA = {"data.fit_sizes": False}
 # Validate once, at the end: intermediate validations cost wall time and no choice uses them.
 RUN_OVERRIDES = {"train.evals_per_run": 1}
 
@@ -329,7 +332,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
 
     def maskrcnn_job(name: str, split: str, budget: float, settings: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         return {"data": data[split], "budget": budget, "threads": per_job_threads, "model": "maskrcnn", "name": name,
-                "maskrcnn": {**settings, "seed": seed}}
+                "maskrcnn": {**settings, "seed": seed}, "overrides": MASKRCNN_DATA}
 
     if "sweep" in parts:
         mrcnn = [(("sweep", "maskrcnn", n), maskrcnn_job(f"sweep maskrcnn {n}", "tune", sweep_budget_s,
@@ -421,13 +424,13 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
 _SAME = ("num_train", "num_val", "image_size", "threads_per_run", "isda_preset", "isda_config")
 # Preset fields left out of that comparison: each run records what they decided (``input_short_side``), and a
 # run that set one explicitly carries it in its ``overrides``.
-_RECORDED_PER_RUN = {"data": ("fit_sizes",)}
+RECORDED_PER_RUN = {"data": ("fit_sizes",)}
 
 
 def _differs(key: str, old: Any, new: Any) -> bool:
     """Whether two invocations' ``key`` (one of ``_SAME``) measured different things. In the ISDA preset's
     configuration a field only one of them has is not compared (a field added since: opt-in features default
-    to off, the earlier code's behaviour), nor are the ``_RECORDED_PER_RUN`` ones."""
+    to off, the earlier code's behaviour), nor are the ``RECORDED_PER_RUN`` ones."""
     if key != "isda_config":
         return old != new
     for section, fields in new.items():
@@ -436,7 +439,7 @@ def _differs(key: str, old: Any, new: Any) -> bool:
             if fields != before:
                 return True
         elif any(k in before and before[k] != v for k, v in fields.items()
-                 if k not in _RECORDED_PER_RUN.get(section, ())):
+                 if k not in RECORDED_PER_RUN.get(section, ())):
             return True
     return False
 

@@ -20,6 +20,10 @@ A section that decided preset values (the sweep and lever choice behind a preset
 measured for, not a change that makes it stale. Such a record of a choice is not staled either by the values a later
 record of a choice decided (``also_decided`` of :func:`stale`): each difference is a recorded decision.
 
+A section whose every run records what a preset field decided for it (the accuracy section: each run's input size
+and its own ``data.fit_sizes`` override, where it set one) lists the field in ``_meta.recorded_per_run``: a change of
+that field's default is read from the runs themselves, not from the fingerprint.
+
 A section not measured on a quiet machine (:mod:`benchmarks.quiet`: started above its load line, or beside
 other work) is stale from the start: its figures cannot be quoted.
 """
@@ -82,13 +86,16 @@ def fingerprint(name: str) -> dict[str, Any] | str:
                      f"data:<{'|'.join(DATA)}>")
 
 
-def changes(name: str, recorded: Any, now: Any, decided: dict[str, Any] | None = None) -> list[str]:
+def changes(name: str, recorded: Any, now: Any, decided: dict[str, Any] | None = None,
+            per_run: Iterable[str] = ()) -> list[str]:
     """How fingerprint ``name`` changed since ``recorded``: one phrase per difference (see the module doc); a field
-    now at the value ``decided`` records is not one."""
+    now at the value ``decided`` records is not one, nor a field in ``per_run`` (recorded by every run)."""
     if not (isinstance(recorded, dict) and isinstance(now, dict)):
         return [] if recorded == now else [f"{name} changed (recorded {recorded}, now {now})"]
     defaults = flat(json.loads(json.dumps(Config().to_dict())))
     decided = decided or {}
+    now = {k: v for k, v in now.items() if k not in set(per_run)}
+    recorded = {k: v for k, v in recorded.items() if k not in set(per_run)}
     out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items()
            if k in recorded and recorded[k] != v and not (k in decided and decided[k] == v)]
     out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"
@@ -153,5 +160,6 @@ def stale(section_meta: dict[str, Any] | None, also_decided: dict[str, Any] | No
             reasons.append(str(e))
             continue
         decided = section_meta.get("decided")
-        reasons += changes(name, value, now, {**(also_decided or {}), **decided} if decided else None)
+        reasons += changes(name, value, now, {**(also_decided or {}), **decided} if decided else None,
+                           section_meta.get("recorded_per_run") or ())
     return reasons

@@ -310,10 +310,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{results['machine']['cpu']}; load average {os.getloadavg()[0]:.2f} (each section waits for it to settle)")
 
     def store(name: str, data: dict[str, Any], start: float, timing: dict[str, Any]) -> None:
-        if name == "accuracy":  # the seed means and differences the pages quote
-            data["summary"] = accuracy_summary(data)
         data["_meta"] = {**meta(f"python -m benchmarks.run {argv_text}".strip(), depends_on(name, args), timing),
                          "seconds": round(time.time() - start, 1), "threads": args.threads}
+        if name == "accuracy":  # the seed means and differences the pages quote; what each run records itself
+            from .bench_accuracy import RECORDED_PER_RUN
+
+            data["summary"] = accuracy_summary(data)
+            data["_meta"]["recorded_per_run"] = [f"{section}.{field}" for section, fields in RECORDED_PER_RUN.items()
+                                                 for field in fields]
         results["sections"][name] = data
         json_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json_path, json.dumps(results, indent=1))

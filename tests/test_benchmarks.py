@@ -138,7 +138,7 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
 
     job = {"model": "isda", "name": "t", "budget": 0.01, "data": data, "out_dir": str(tmp_path / "isda"),
            "overrides": {"train.num_workers": 0, "data.test_short_side": 64, "data.train_short_sides": [64],
-                         "data.test_max_size": 64, "train.batch_size": 2}}
+                         "data.test_max_size": 64, "train.batch_size": 2, "data.fit_sizes": False}}
     res = bench_accuracy._job(job)
     assert res["iterations"] >= 1 and res["input_short_side"] == 64 and res["overrides"] == job["overrides"]
     assert set(res["ap_class_agnostic"]) == set(res["ap"]) and res["load_average"] and res["date"]
@@ -431,10 +431,10 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "At 30 min: ISDA tiny − Mask R-CNN **+10.0** AP" in page and "**met**" in page
     # Held out, per seed and their mean: ISDA (the preset's input) − Mask R-CNN = 4.0 − 5.5 within the noise of 3.0.
     assert "| 8 min | ISDA tiny, data.fit_sizes=true | the preset | 224 px | 6.0 | 8.0 | **7.0** |" in page
-    assert ("| 8 min | ISDA tiny (the preset's input size) | the preset |  px | 3.0 | 5.0 | **4.0** | 8.0 | 4.0 | "
+    assert ("| 8 min | ISDA tiny, data.fit_sizes=false (the fixed 128 px input) | the preset |  px | 3.0 | 5.0 | **4.0** | 8.0 | 4.0 | "
             "9.0, 11.0 | 10, 10 |") in page
     assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
-    assert ("| 8 min | Mask R-CNN R18 (the same input sizes) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |  px "
+    assert ("| 8 min | Mask R-CNN R18 (the same 128 px input) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |  px "
             "| 4.0 | 7.0 | **5.5** |") in page
     assert "At 8 min on the held-out family: ISDA tiny − Mask R-CNN **-1.5** AP (means of 2 seed(s); seed noise 3.0" in page
     assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP (means of the seeds above" in page
@@ -543,12 +543,24 @@ def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_p
                                "runs": {"480": {"0": _acc_run(0.4), "1": _acc_run(0.5)}}}}
     later = record("2026-12-03 10:00:00", {"model.mask_locality": True}, {"model": {"mask_locality": False}}, lever)
     first = record("2026-12-02 10:00:00", {"train.lr": 4e-4}, {"train": {"lr": 2e-4}}, {})
-    secs = {"accuracy": {"seeds": [0]}, "choice_locality": later, "choice": first, "train": {"_meta": {"date": "x"}}}
-    assert choice_records(secs) == [first, later]
+    # A choice made on the held-out family: its runs and the rule it was made by, no tune runs.
+    fit = {**record("2026-12-04 10:00:00", {"data.fit_sizes": True}, {"data": {"fit_sizes": False}}, {}),
+           "rule": "on at least as high as off.", "heldout": {"480": {
+               "isda": {"0": _acc_run(0.40, input_short_side=224), "1": _acc_run(0.42, input_short_side=224)},
+               "isda_no_fit": {"0": _acc_run(0.41, input_short_side=128), "1": _acc_run(0.40, input_short_side=128)}}}}
+    del fit["tune_levers"]
+    secs = {"accuracy": {"seeds": [0]}, "choice_locality": later, "choice": first, "train": {"_meta": {"date": "x"}},
+            "choice_fit_sizes": fit}
+    assert choice_records(secs) == [first, later, fit]
     page = "\n".join(accuracy({"seeds": [0], "num_train": 4, "num_val": 2, "image_size": 128, "isda_preset": "isda_tiny",
                                "isda": {}, "maskrcnn": {}}, choice_records(secs)))
     lr, loc = page.index("### How `isda_tiny` chose its default `train.lr`"), page.index("default `model.mask_locality` (tune")
     assert lr < loc and "as it was then (`model.mask_locality=False`)" in page
-    assert "became its defaults (`model.mask_locality=True`)" in page
+    assert "became its default (`model.mask_locality=True`)" in page
+    held = page.index("### How `isda_tiny` chose its default `data.fit_sizes` (held-out family)")
+    assert held > loc and "The runs below ran on the preset as it was then (`data.fit_sizes=False`)" in page[held:]
+    assert "The rule, fixed before the runs: on at least as high as off." in page[held:]
+    assert "| 8 min | ISDA tiny, data.fit_sizes=true | the preset | 224 px | 40.0 | 42.0 | **41.0** |" in page[held:]
+    assert "`data.fit_sizes` on − off on the held-out family: **+0.5** AP" in page[held:]
     assert "| mask_locality (`model.mask_locality=True`) | 8 min | 40.0 / 50.0 | 45.0 |" in page
     assert "Winner at 8 min: **mask_locality**" in page

@@ -154,6 +154,9 @@ def test_preset_fingerprint_follows_the_preset(monkeypatch: pytest.MonkeyPatch) 
     # An earlier record of a choice is not staled by what a later record decided; a section that decided nothing is.
     assert provenance.stale({"depends_on": before, "decided": {"model.hidden_dim": 1}}, {"train.lr": 2 * lr}) == []
     assert len(provenance.stale({"depends_on": before}, {"train.lr": 2 * lr})) == 1
+    # A section whose every run records what the field did for it (recorded_per_run) is judged by its runs.
+    assert provenance.stale({"depends_on": before, "recorded_per_run": ["train.lr"]}) == []
+    assert len(provenance.stale({"depends_on": before, "recorded_per_run": ["data.fit_sizes"]})) == 1
     # A figure that depends on the network and its input only (preset:NAME:model,data) is not stale by the lr.
     scoped = {"preset:isda_tiny:model,data": {k: v for k, v in before["preset:isda_tiny"].items()
                                               if k.startswith(("model.", "data."))}}
@@ -296,6 +299,7 @@ def test_benchmark_sections_record_provenance_and_summary(tmp_path: Path, monkey
     assert meta["depends_on"] == provenance.fingerprints(["preset:isda_tiny", "data:shapes", "data:heldout"])
     assert meta["command"] == f"python -m benchmarks.run --only accuracy,msda --json {out} --threads 1"
     assert meta["threads"] == 1 and meta["commit"] and provenance.stale(meta) == []
+    assert meta["recorded_per_run"] == ["data.fit_sizes"] and "recorded_per_run" not in secs["msda"]["_meta"]
     assert secs["msda"]["_meta"]["depends_on"] == {}
 
 

@@ -38,8 +38,9 @@ def test_small_instances_raise_the_input_size_and_train_on_crops_of_the_same_cos
 def test_sizes_that_already_suit_the_data_are_kept():
     data = dataclasses.replace(get_preset("isda_tiny").data, fit_sizes=True)
     assert fit_sizes(data, stats(25.0, 128, 128), 100) == (data, None)  # the shapes dataset
-    off = get_preset("isda_tiny").data
-    assert not off.fit_sizes and fit_sizes(off, stats(10.0), 100) == (off, None)  # opt-in
+    off = dataclasses.replace(data, fit_sizes=False)
+    assert fit_sizes(off, stats(10.0), 100) == (off, None)  # switched off
+    assert get_preset("isda_tiny").data.fit_sizes and not get_preset("isda_r50_coco").data.fit_sizes
 
 
 def test_crops_shrink_until_a_crowded_image_fits_the_query_budget():

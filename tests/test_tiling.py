@@ -280,3 +280,10 @@ def test_predict_runs_the_network_on_windows_when_the_config_says_so():
     # 150 x 200 at the test size: 192 x 256 (long side capped), six windows of 128 px
     assert len(seen) == len(tile_windows(192, 256, 128, 64)) == 6 and all(max(s) <= 128 for s in seen)
     assert pred["masks"].shape[1:] == (150, 200) and len(pred["scores"]) == cfg.model.num_detections
+    # Drawn as any prediction (windows have no per-query points to draw).
+    from isda.inference import predict_and_draw
+
+    with single_thread():
+        _, drawn = predict_and_draw(model, cfg.data, (255 * torch.rand(3, 150, 200)).to(torch.uint8), ["a"] * 5,
+                                    sampling_points=True)
+    assert drawn.shape[0] == 3 and drawn.shape[1] * 200 == drawn.shape[2] * 150 and drawn.dtype == torch.uint8

@@ -93,8 +93,19 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
             v = _verdict(acc, b, seeds)
             if v:
                 out += [v, ""]
+    out += _heldout(acc)
+    out += _test_variants(acc)
+    out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
+    return out
+
+
+def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
+    """The held-out family's table and verdicts of ``acc`` (``intro``: with the family's description first)."""
     held = acc.get("heldout") or {}
-    if held:
+    if not held:
+        return []
+    out: list[str] = []
+    if intro:
         out += ["### Held-out family (never used for tuning)", "",
                 "`benchmarks/heldout_shapes.py`: six other shape families (hexagon, cross, ellipse, chevron, crescent, "
                 "diamond), 3-12 smaller instances per image (median about 17 px), 160 px images, flat noisy backgrounds, "
@@ -102,51 +113,50 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
                 "the recipe chosen on tune when the run was made (the recipe column); ISDA with and without "
                 "`data.fit_sizes` (the preset's fixed 128 px input).", ""]
         out += _data_stats(acc.get("data_stats") or {})
-        hseeds = sorted({s for runs in held.values() for by_seed in runs.values() for s in by_seed}, key=int)
-        out += ["",
-                "| training time | run | recipe | input short side | " + " | ".join(f"AP seed {s}" for s in hseeds)
-                + " | mean AP | AP50 (mean) | APs (mean) | class-agnostic AP | steps | load |",
-                "|---|---|---|---|" + "---|" * len(hseeds) + "---|---|---|---|---|---|"]
-        labels = {"isda_no_fit": "ISDA tiny (the preset's input size)", "maskrcnn": "Mask R-CNN R18 (the same input sizes)",
-                  "isda": "ISDA tiny, data.fit_sizes=true"}
-        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
-            for name, label in labels.items():
-                got = [r for r in (runs.get(name) or {}).values() if r and r.get("ap")]
-                if not got:
-                    continue
-                by_seed = runs[name]
-                recipe = _mr_recipe(got[0]) if name == "maskrcnn" else " ".join(
-                    f"{k}={v}" for k, v in (got[0].get("overrides") or {}).items()
-                    if k not in ("data.fit_sizes", "train.seed")) or "the preset"
-                out.append(f"| {int(b) / 60:g} min | {label} | {recipe} | {got[0].get('input_short_side', '')} px | "
-                           + " | ".join(f"{ap(by_seed[s]):.1f}" if (by_seed.get(s) or {}).get("ap") else "(not run)"
-                                        for s in hseeds)
-                           + f" | **{_mean(got, 'AP'):.1f}** | {_mean(got, 'AP50'):.1f} | {_mean(got, 'APs'):.1f} | "
-                           + ", ".join(_agnostic(r) for r in got) + " | " + ", ".join(str(r["iterations"]) for r in got)
-                           + " | " + ", ".join(_load(r) for r in got) + " |")
-        out.append("")
-        for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
-            v = heldout(runs)
-            if "isda_no_fit" in v and "maskrcnn" in v:
-                d, n = v["isda_no_fit"]["difference"], v["noise"]
-                seeds_n = min(v["isda_no_fit"]["seeds"], v["maskrcnn"]["seeds"])
-                text = (f"At {int(b) / 60:g} min on the held-out family: ISDA tiny − Mask R-CNN **{d:+.1f}** AP (means of "
-                        f"{seeds_n} seed(s)")
-                if seeds_n >= 2:
-                    verdict = "a **tie** (within the seed noise)" if abs(d) <= n else (
-                        "ISDA tiny ahead" if d > 0 else "Mask R-CNN ahead")
-                    goal = d >= GOAL_MARGIN and d > n
-                    text += (f"; seed noise {n:.1f} AP): {verdict}; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: "
-                             f"{'**met**' if goal else '**not met**'}.")
-                else:
-                    text += "; one seed: no verdict beyond the figure)."
-                out += [text, ""]
-            if "fit_sizes_difference" in v:
-                out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
-                        f"**{v['fit_sizes_difference']:+.1f}** AP (means of the seeds above; seed noise {v['noise']:.1f}).",
-                        ""]
-    out += _test_variants(acc)
-    out += [measured(m) for m in [*({"_meta": e} for e in acc.get("earlier", [])), acc]]
+    hseeds = sorted({s for runs in held.values() for by_seed in runs.values() for s in by_seed}, key=int)
+    out += ["",
+            "| training time | run | recipe | input short side | " + " | ".join(f"AP seed {s}" for s in hseeds)
+            + " | mean AP | AP50 (mean) | APs (mean) | class-agnostic AP | steps | load |",
+            "|---|---|---|---|" + "---|" * len(hseeds) + "---|---|---|---|---|---|"]
+    labels = {"isda_no_fit": "ISDA tiny, data.fit_sizes=false (the fixed 128 px input)",
+              "maskrcnn": "Mask R-CNN R18 (the same 128 px input)", "isda": "ISDA tiny, data.fit_sizes=true",
+              "isda_whole": "ISDA tiny, data.fit_sizes=true, tested on whole images (before data.test_window)"}
+    for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
+        for name, label in labels.items():
+            got = [r for r in (runs.get(name) or {}).values() if r and r.get("ap")]
+            if not got:
+                continue
+            by_seed = runs[name]
+            recipe = _mr_recipe(got[0]) if name == "maskrcnn" else " ".join(
+                f"{k}={v}" for k, v in (got[0].get("overrides") or {}).items()
+                if k not in ("data.fit_sizes", "train.seed")) or "the preset"
+            out.append(f"| {int(b) / 60:g} min | {label} | {recipe} | {got[0].get('input_short_side', '')} px | "
+                       + " | ".join(f"{ap(by_seed[s]):.1f}" if (by_seed.get(s) or {}).get("ap") else "(not run)"
+                                    for s in hseeds)
+                       + f" | **{_mean(got, 'AP'):.1f}** | {_mean(got, 'AP50'):.1f} | {_mean(got, 'APs'):.1f} | "
+                       + ", ".join(_agnostic(r) for r in got) + " | " + ", ".join(str(r["iterations"]) for r in got)
+                       + " | " + ", ".join(_load(r) for r in got) + " |")
+    out.append("")
+    for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
+        v = heldout(runs)
+        if "isda_no_fit" in v and "maskrcnn" in v:
+            d, n = v["isda_no_fit"]["difference"], v["noise"]
+            seeds_n = min(v["isda_no_fit"]["seeds"], v["maskrcnn"]["seeds"])
+            text = (f"At {int(b) / 60:g} min on the held-out family: ISDA tiny − Mask R-CNN **{d:+.1f}** AP (means of "
+                    f"{seeds_n} seed(s)")
+            if seeds_n >= 2:
+                verdict = "a **tie** (within the seed noise)" if abs(d) <= n else (
+                    "ISDA tiny ahead" if d > 0 else "Mask R-CNN ahead")
+                goal = d >= GOAL_MARGIN and d > n
+                text += (f"; seed noise {n:.1f} AP): {verdict}; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: "
+                         f"{'**met**' if goal else '**not met**'}.")
+            else:
+                text += "; one seed: no verdict beyond the figure)."
+            out += [text, ""]
+        if "fit_sizes_difference" in v:
+            out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
+                    f"**{v['fit_sizes_difference']:+.1f}** AP (means of the seeds above; seed noise {v['noise']:.1f}).",
+                    ""]
     return out
 
 
@@ -188,10 +198,15 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
         before = sec.get("isda_config") or {}
         was = ", ".join(f"`{k}={before.get(k.split('.')[0], {}).get(k.split('.')[1])}`" for k in decided)
         chose = ", ".join(f"`{k}`" for k in decided)
-        out += [f"### How `isda_tiny` chose its default{'s' if len(decided) > 1 else ''} {chose} (tune split)", "",
-                "The sweep and the lever choice below ran on the preset as it was then (" + was + "); their winners "
-                "became its defaults (" + ", ".join(f"`{k}={v}`" for k, v in decided.items()) + "). The runs after it "
-                "on this page use the new defaults.", ""]
+        tune = bool(sec.get("sweep") or lever_sections(sec) or sec.get("tune_speedups"))
+        out += [f"### How `isda_tiny` chose its default{'s' if len(decided) > 1 else ''} {chose} "
+                f"({'tune split' if tune else 'held-out family'})", "",
+                ("The sweep and the lever choice below" if tune else "The runs below") + " ran on the preset as it was "
+                "then (" + was + "); " + ("their winners" if tune else "the winner") + " became its default"
+                + ("s" if len(decided) > 1 else "") + " (" + ", ".join(f"`{k}={v}`" for k, v in decided.items())
+                + "). The runs after it on this page use the new defaults.", ""]
+        if sec.get("rule"):
+            out += [f"The rule, fixed before the runs: {sec['rule']}", ""]
     sweep = sec.get("sweep") or {}
     if sweep:
         out += [f"### Sweep on the tune split ({sec['sweep_budget_s'] / 60:g} min per run)", "",
@@ -256,7 +271,7 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
                                  "side by side on the tune split; a speed-up that keeps both models' tune AP by the "
                                  "levers' rule is given to both. The best by that rule:")
     if not own:
-        out += _test_variants(sec) + [measured(sec)]
+        out += _heldout(sec, intro=False) + _test_variants(sec) + [measured(sec)]
     return out
 
 

@@ -114,15 +114,16 @@ def predict_and_draw(model: ISDA, data_cfg: DataConfig, image: Tensor, class_nam
                      score_thr: float = 0.3, reference_points: bool = True, sampling_points: bool = False
                      ) -> tuple[dict[str, Tensor], Tensor]:
     """Predict one uint8 [3, H, W] image and draw its detections (masks, labels, scores; optionally each
-    query's reference point and, after ``model.record_sampling()``, the sampling points): (prediction on
-    the CPU, drawn uint8 [3, H, W])."""
+    query's reference point and, after ``model.record_sampling()``, the sampling points, which a prediction in
+    windows (``data_cfg.test_window``) does not have): (prediction on the CPU, drawn uint8 [3, H, W])."""
     from .visualize import detection_sampling_points, draw_predictions
 
     (pred,) = predict(model, data_cfg, [image.float() / 255])
     pred = {k: v.cpu() for k, v in pred.items()}
     drawn = draw_predictions(image, pred, class_names, score_thr=score_thr,
-                             reference_points=pred["reference_points"] if reference_points else None,
-                             sampling_points=detection_sampling_points(pred) if sampling_points else None)
+                             reference_points=pred.get("reference_points") if reference_points else None,
+                             sampling_points=detection_sampling_points(pred)
+                             if sampling_points and "sampling_locations" in pred else None)
     return pred, drawn
 
 
