@@ -18,11 +18,10 @@ features' coordinates, the reference points), so an input larger than its traini
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import dataclasses
 
 import numpy as np
 import torch
