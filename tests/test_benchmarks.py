@@ -267,6 +267,12 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
                   parts=("heldout",), previous=res, heldout_fit=False, log=lambda m: None)
     assert [j["name"] for j in calls] == [n for n in [j["name"] for j in held] if "isda 2s" not in n]
     assert set(pairs["heldout"]["2"]["isda"]) == {"0", "1"}
+    # Without the fixed-input runs Mask R-CNN runs side by side with ISDA's default, seed by seed.
+    calls.clear()
+    b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+          parts=("heldout",), previous=res, heldout_fixed=False, log=lambda m: None)
+    assert [j["name"] for j in calls] == ["heldout isda 2s seed 0", "heldout maskrcnn 2s seed 0",
+                                          "heldout isda 2s seed 1", "heldout maskrcnn 2s seed 1"]
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
     calls.clear()
     again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
@@ -436,7 +442,9 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
     assert ("| 8 min | Mask R-CNN R18 (the same 128 px input) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |  px "
             "| 4.0 | 7.0 | **5.5** |") in page
-    assert "At 8 min on the held-out family: ISDA tiny − Mask R-CNN **-1.5** AP (means of 2 seed(s); seed noise 3.0" in page
+    assert ("At 8 min on the held-out family: ISDA tiny at the fixed 128 px input − Mask R-CNN **-1.5** AP (means of 2 "
+            "seed(s); seed noise 3.0") in page
+    assert "At 8 min on the held-out family: ISDA tiny with data.fit_sizes − Mask R-CNN **+1.5** AP" in page
     assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP (means of the seeds above" in page
     assert (tmp_path / "b_accuracy.png").stat().st_size > 1000 and "b_accuracy.png" in page
     assert "benchmarks.run first" in page and "benchmarks.run second" in page

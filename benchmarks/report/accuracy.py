@@ -139,11 +139,13 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
     out.append("")
     for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
         v = heldout(runs)
-        if "isda_no_fit" in v and "maskrcnn" in v:
-            d, n = v["isda_no_fit"]["difference"], v["noise"]
-            seeds_n = min(v["isda_no_fit"]["seeds"], v["maskrcnn"]["seeds"])
-            text = (f"At {int(b) / 60:g} min on the held-out family: ISDA tiny − Mask R-CNN **{d:+.1f}** AP (means of "
-                    f"{seeds_n} seed(s)")
+        for name, which in (("isda_no_fit", "at the fixed 128 px input"), ("isda", "with data.fit_sizes")):
+            if name not in v or "maskrcnn" not in v:
+                continue
+            d, n = v[name]["difference"], v["noise"]
+            seeds_n = min(v[name]["seeds"], v["maskrcnn"]["seeds"])
+            text = (f"At {int(b) / 60:g} min on the held-out family: ISDA tiny {which} − Mask R-CNN **{d:+.1f}** AP "
+                    f"(means of {seeds_n} seed(s)")
             if seeds_n >= 2:
                 verdict = "a **tie** (within the seed noise)" if abs(d) <= n else (
                     "ISDA tiny ahead" if d > 0 else "Mask R-CNN ahead")
