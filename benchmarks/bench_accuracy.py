@@ -82,8 +82,10 @@ ISDA_SWEEP: dict[str, dict[str, Any]] = {
 SEEDS = (0, 1)
 HELDOUT_ISDA = {"isda": {"data.fit_sizes": True}, "isda_no_fit": {"data.fit_sizes": False}}
 # Mask R-CNN at the preset's fixed input size everywhere (as its runs were made): on the held-out family it stands
-# beside ISDA's fixed-size runs; it has no windowed prediction of its own for fitted sizes.
+# beside ISDA's fixed-size runs. ``maskrcnn_fit`` gives it the sizes data.fit_sizes picks (the same crops to train,
+# whole images at the fitted scale to test: a CNN needs no windows), so ISDA's default meets it at the same scale.
 MASKRCNN_DATA = {"data.fit_sizes": False}
+HELDOUT_MASKRCNN = {"maskrcnn": MASKRCNN_DATA, "maskrcnn_fit": {"data.fit_sizes": True}}
 # Validate once, at the end: intermediate validations cost wall time and no choice uses them.
 RUN_OVERRIDES = {"train.evals_per_run": 1}
 
@@ -269,7 +271,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
         choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
         speedups: tuple[str, ...] = (), heldout_fit: bool = True, heldout_fixed: bool = True,
-        models: tuple[str, ...] = MODELS, log=print) -> dict[str, Any]:
+        heldout_maskrcnn: tuple[str, ...] = ("maskrcnn",), models: tuple[str, ...] = MODELS, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -282,11 +284,14 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     ``speedups``: names of :data:`SPEEDUPS` given to both models in every run after the sweep (each run records its
     settings). ``heldout_fit``: the held-out part also runs ISDA with ``data.fit_sizes`` (after the pairs);
     ``heldout_fixed``: it runs ISDA at the fixed input (``data.fit_sizes`` off) beside Mask R-CNN (without it, Mask
-    R-CNN's runs pair with the fitted ones).
+    R-CNN's runs pair with the fitted ones); ``heldout_maskrcnn``: which of :data:`HELDOUT_MASKRCNN` the held-out
+    part trains (``maskrcnn_fit`` pairs with ISDA's fitted runs, seed by seed).
     ``models``: the test and held-out parts train these (e.g. ISDA alone after its preset changed: Mask R-CNN's
     runs are kept from ``previous``, see :func:`merge`)."""
     if set(models) - set(MODELS) or not models:
         raise ValueError(f"models: choose from {', '.join(MODELS)}, not {', '.join(models) or 'none'}")
+    if set(heldout_maskrcnn) - set(HELDOUT_MASKRCNN):
+        raise ValueError(f"heldout_maskrcnn: choose from {', '.join(HELDOUT_MASKRCNN)}, not {', '.join(heldout_maskrcnn)}")
     heldout_budgets_s = list(budgets_s[:1] if heldout_budgets_s is None else heldout_budgets_s)
     variant_runs = plan_variants(variants, variant_budgets_s) if "variants" in parts else set()
     tune_runs = plan_variants(variants or list(LEVERS), variant_budgets_s) if "tune_levers" in parts else set()
@@ -332,9 +337,10 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                 "overrides": {**overrides, **({"train.seed": seed} if seed else {})},
                 "out_dir": str(out_root / f"isda_{name.replace(' ', '_')}_{stamp}")}
 
-    def maskrcnn_job(name: str, split: str, budget: float, settings: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    def maskrcnn_job(name: str, split: str, budget: float, settings: dict[str, Any], seed: int = 0,
+                     overrides: dict[str, Any] = MASKRCNN_DATA) -> dict[str, Any]:
         return {"data": data[split], "budget": budget, "threads": per_job_threads, "model": "maskrcnn", "name": name,
-                "maskrcnn": {**settings, "seed": seed}, "overrides": MASKRCNN_DATA}
+                "maskrcnn": {**settings, "seed": seed}, "overrides": overrides}
 
     if "sweep" in parts:
         mrcnn = [(("sweep", "maskrcnn", n), maskrcnn_job(f"sweep maskrcnn {n}", "tune", sweep_budget_s,
@@ -371,16 +377,19 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         fitted = [(("heldout", key, "isda", str(seed)), isda_job(
             f"heldout isda {key}s seed {seed}", "heldout", budget, {**recipe["isda"], **HELDOUT_ISDA["isda"]}, seed))
             for seed in seeds if heldout_fit and "isda" in models]
-        for i, seed in enumerate(seeds):
-            s = str(seed)
-            todo += [(("heldout", key, "isda_no_fit", s), isda_job(
-                         f"heldout isda_no_fit {key}s seed {s}", "heldout", budget,
-                         {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed))
-                     ] if "isda" in models and heldout_fixed else fitted[i:i + 1]
-            todo += [(("heldout", key, "maskrcnn", s), maskrcnn_job(
-                         f"heldout maskrcnn {key}s seed {s}", "heldout", budget, recipe["maskrcnn"], seed))
-                     ] if "maskrcnn" in models else []
-        todo += fitted if heldout_fixed else []
+        mr = {name: [(("heldout", key, name, str(seed)), maskrcnn_job(
+            f"heldout {name} {key}s seed {seed}", "heldout", budget, recipe["maskrcnn"], seed, overrides))
+            for seed in seeds] if "maskrcnn" in models and name in heldout_maskrcnn else []
+            for name, overrides in HELDOUT_MASKRCNN.items()}
+        fixed = [(("heldout", key, "isda_no_fit", str(seed)), isda_job(
+            f"heldout isda_no_fit {key}s seed {seed}", "heldout", budget,
+            {**recipe["isda"], **HELDOUT_ISDA["isda_no_fit"]}, seed)) for seed in seeds if "isda" in models]
+        # Pairs at the same input: the fixed ones, then the fitted; without fixed ISDA runs, ISDA's default beside
+        # Mask R-CNN at the fitted sizes if that runs, else at the fixed one.
+        groups = ([(fixed, mr["maskrcnn"]), (fitted, mr["maskrcnn_fit"])] if heldout_fixed else
+                  [(fitted, mr["maskrcnn_fit"]), ([], mr["maskrcnn"])] if mr["maskrcnn_fit"] else
+                  [(fitted, mr["maskrcnn"])])
+        todo += [j for a, b in groups for i in range(len(seeds)) for j in a[i:i + 1] + b[i:i + 1]]
     names = [*ABLATIONS, *LEVERS]  # the longest first (the shorter ones fill in beside them), then in table order
     for name, budget in sorted(variant_runs, key=lambda run: (-run[1], names.index(run[0]))):
         key = str(int(budget))

@@ -49,11 +49,15 @@ def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None)
 def heldout(runs: dict[str, Any]) -> dict[str, Any]:
     """One budget of the held-out family (``{run name: {seed: result}}``): per run name its means over the seeds
     (:func:`means`), each ISDA entry's ``difference`` (its mean AP − Mask R-CNN's); ``noise`` (the largest seed
-    range of any entry) and ``fit_sizes_difference`` (ISDA with data.fit_sizes − without) where both ran."""
+    range of any entry), ``fit_sizes_difference`` (ISDA with data.fit_sizes − without) where both ran, and
+    ISDA's ``difference_fit`` (against Mask R-CNN with data.fit_sizes, ``maskrcnn_fit``) where that ran."""
     out: dict[str, Any] = {name: means(got) for name, seeds in runs.items() if (got := finished(list(seeds.values())))}
+    isda = [name for name in out if name.startswith("isda")]
     if "maskrcnn" in out:
-        for name in out.keys() - {"maskrcnn"}:
+        for name in isda:
             out[name]["difference"] = out[name]["ap_mean"] - out["maskrcnn"]["ap_mean"]
+    if "maskrcnn_fit" in out and "isda" in out:
+        out["isda"]["difference_fit"] = out["isda"]["ap_mean"] - out["maskrcnn_fit"]["ap_mean"]
     if out:
         out["noise"] = max(max(v["aps"]) - min(v["aps"]) for v in out.values())
     if "isda" in out and "isda_no_fit" in out:

@@ -179,7 +179,7 @@ def section_accuracy(args, log, previous: dict[str, Any] | None = None, choice: 
                               seeds=args.seeds, sweep_entries=args.sweep_entries, jobs=args.jobs, threads=args.threads,
                               variants=args.variants, variant_seeds=args.variant_seeds, previous=previous,
                               choice=choice, save=save, speedups=args.speedups, heldout_fit=not args.no_heldout_fit,
-                              heldout_fixed=not args.no_heldout_fixed,
+                              heldout_fixed=not args.no_heldout_fixed, heldout_maskrcnn=args.heldout_maskrcnn,
                               models=args.models, log=log)
 
 
@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "with data.fit_sizes (only the two models side by side)")
     p.add_argument("--no-heldout-fixed", action="store_true", help="accuracy: leave out the held-out runs of ISDA "
                    "at the fixed 128 px input (Mask R-CNN side by side with ISDA's default, data.fit_sizes on)")
+    p.add_argument("--heldout-maskrcnn", default="maskrcnn", type=lambda v: tuple(x for x in v.split(",") if x),
+                   help="accuracy: Mask R-CNN's held-out runs: maskrcnn (the fixed 128 px input), maskrcnn_fit "
+                   "(data.fit_sizes, beside ISDA's fitted runs), or both, comma-separated")
     p.add_argument("--seeds", default="0,1", help="accuracy: seeds of the test-split runs")
     p.add_argument("--speedups", default="", help="accuracy: generic speed-ups given to both models in every run after "
                    "the sweep (names from benchmarks.bench_accuracy.SPEEDUPS, comma-separated), e.g. bf16")

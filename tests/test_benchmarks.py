@@ -273,6 +273,22 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
           parts=("heldout",), previous=res, heldout_fixed=False, log=lambda m: None)
     assert [j["name"] for j in calls] == ["heldout isda 2s seed 0", "heldout maskrcnn 2s seed 0",
                                           "heldout isda 2s seed 1", "heldout maskrcnn 2s seed 1"]
+    # Mask R-CNN at the fitted sizes pairs with ISDA's default; alone (models: maskrcnn) its seeds side by side.
+    calls.clear()
+    b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+          parts=("heldout",), previous=res, heldout_fixed=False, heldout_maskrcnn=("maskrcnn_fit",), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["heldout isda 2s seed 0", "heldout maskrcnn_fit 2s seed 0",
+                                          "heldout isda 2s seed 1", "heldout maskrcnn_fit 2s seed 1"]
+    assert calls[1]["overrides"] == {"data.fit_sizes": True} and calls[3]["maskrcnn"]["seed"] == 1
+    calls.clear()
+    alone = b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+                  parts=("heldout",), previous=res, heldout_fixed=False, heldout_maskrcnn=("maskrcnn_fit",),
+                  models=("maskrcnn",), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["heldout maskrcnn_fit 2s seed 0", "heldout maskrcnn_fit 2s seed 1"]
+    assert set(alone["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn", "maskrcnn_fit"}
+    with pytest.raises(ValueError, match="heldout_maskrcnn"):
+        b.run(tmp_path, [], [], num_train=3, num_val=2, heldout_budgets_s=[2.0], threads=1, parts=("heldout",),
+              heldout_maskrcnn=("maskrcnn_huge",), log=lambda m: None)
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
     calls.clear()
     again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
@@ -380,7 +396,9 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
            "heldout": {"480": {"isda": {"0": _acc_run(0.06, input_short_side=224), "1": _acc_run(0.08, input_short_side=224)},
                                "isda_no_fit": {"0": _acc_run(0.03, ap_class_agnostic={"AP": 0.09}),
                                                "1": _acc_run(0.05, ap_class_agnostic={"AP": 0.11})},
-                               "maskrcnn": {"0": _acc_run(0.04, **mr), "1": _acc_run(0.07, **mr)}}},
+                               "maskrcnn": {"0": _acc_run(0.04, **mr), "1": _acc_run(0.07, **mr)},
+                               "maskrcnn_fit": {"0": _acc_run(0.02, **mr, input_short_side=224),
+                                                "1": _acc_run(0.03, **mr, input_short_side=224)}}},
            "_meta": {"command": "python -m benchmarks.run second"}}
     new["data_stats"] = {"heldout": {"images": 2000, "instances_per_image": 7.5, "median_instance_px": 16.6,
                                      "max_instances": 12, "image_short_side": 160.0, "instance_px_at_preset_size": 13.3,
@@ -445,6 +463,11 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert ("At 8 min on the held-out family: ISDA tiny at the fixed 128 px input − Mask R-CNN **-1.5** AP (means of 2 "
             "seed(s); seed noise 3.0") in page
     assert "At 8 min on the held-out family: ISDA tiny with data.fit_sizes − Mask R-CNN **+1.5** AP" in page
+    # Against Mask R-CNN at the same fitted sizes: 7.0 − 2.5 = +4.5, beyond the noise (3.0) and the goal's margin.
+    assert ("| 8 min | Mask R-CNN R18, data.fit_sizes=true (ISDA's crops to train, whole images at that scale) | "
+            "sgd lr 0.02, width 64, batch 8, 32 RoIs/image | 224 px | 2.0 | 3.0 | **2.5** |") in page
+    assert ("At 8 min on the held-out family: ISDA tiny with data.fit_sizes − Mask R-CNN with data.fit_sizes **+4.5** AP "
+            "(means of 2 seed(s); seed noise 3.0 AP): ISDA tiny ahead; goal ISDA ≥ Mask R-CNN + 2.6 AP: **met**.") in page
     assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP (means of the seeds above" in page
     assert (tmp_path / "b_accuracy.png").stat().st_size > 1000 and "b_accuracy.png" in page
     assert "benchmarks.run first" in page and "benchmarks.run second" in page

@@ -15,8 +15,8 @@ Checks (each one a pass/fail row; the script exits 1 if any fails):
   * the tiny model exported to ONNX and run by ONNX Runtime's CUDA provider: PyTorch's detections.
 Measurements (tables on the page): R50 inference images/s at 800x1333 (fp32, bf16, bf16 + channels-last),
 training images/s and peak memory at batch 2 and 4, the same for torchvision Mask R-CNN R50-FPN in the same
-run, the deformable-attention core's two implementations, and a kernel profile of the bf16 forward and
-training step (what share the core takes).
+run, the deformable-attention core's two implementations (alone and inside the model), and a kernel profile of the
+bf16 forward and training step (what share the core takes).
 
 The checks are in ``checks.py``, the measurements in ``measurements.py``, the page in ``page.py``; what they
 share (sizes, the report, timing) in ``harness.py``; ``main`` below runs them in order.
@@ -39,7 +39,7 @@ from isda.fileio import atomic_write_text
 from .checks import (check_amp_step, check_msda_half, check_msda_large, check_msda_reference, check_onnx,
                      check_torchrun, check_training)
 from .harness import FULL, QUICK, Report, require
-from .measurements import measure_inference, measure_msda, measure_profile, measure_training
+from .measurements import measure_core_in_model, measure_inference, measure_msda, measure_profile, measure_training
 from .page import render
 
 __all__ = ["Report", "main", "render", "require"]
@@ -80,15 +80,22 @@ def main(argv: list[str] | None = None) -> int:
             "inference throughput": lambda: measure_inference(device, sizes),
             "training throughput": lambda: measure_training(device, sizes),
             "deformable attention core": lambda: measure_msda(device, sizes),
+            "core implementation in the model": lambda: measure_core_in_model(device, sizes),
             "kernel profile (bf16)": lambda: measure_profile(device, sizes),
         }
+        # The command as a reader reruns it: --page is where the page went, not part of what was measured.
+        shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--page" and a != args.page
+                 and not a.startswith("--page=")]
+        command = " ".join(["python -m benchmarks.gpu_check", *shown])
+        # The page is rewritten after every row, so a run cut short by a time limit still leaves what it found.
         for name, fn in checks.items():
             if not any(name.startswith(s) for s in skip):
                 report.check(name, fn)
+                atomic_write_text(args.page, render(report, command, time.perf_counter() - start))
         for name, fn in measurements.items():
             if not any(name.startswith(s) for s in skip):
                 report.measure(name, fn)
-    command = "python -m benchmarks.gpu_check" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+                atomic_write_text(args.page, render(report, command, time.perf_counter() - start))
     page = render(report, command, time.perf_counter() - start)
     atomic_write_text(args.page, page)
     print(page)

@@ -187,7 +187,8 @@ def check_training(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
         ap = (summary["val"] or {}).get("AP")
         rows.append({"run": name, "steps": steps, "batch": cfg.train.batch_size, "amp": cfg.train.amp,
                      "loss first": round(first, 3), "loss last": round(last, 3),
-                     "images/s": round(images_per_s, 1), "val mask AP": ap})
+                     "images/s": round(images_per_s, 1),
+                     "val mask AP": None if ap is None else round(100 * ap, 1)})
         details.append(f"{name}: loss {first:.2f} -> {last:.2f}")
     report.tables["training runs"] = rows
     return "; ".join(details)

@@ -109,6 +109,45 @@ def measure_msda(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
     return rows
 
 
+def measure_core_in_model(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
+    """The whole R50 model with its attention core forced to each implementation (what ``impl="auto"`` should
+    pick on this device): inference at batch 1 and a training step at batch 2, both at the table's last
+    precision (bf16 on a GPU)."""
+    from functools import partial
+    from unittest import mock
+
+    import isda.models.deformable_attention as attention
+
+    precision = sizes.precisions[-1]
+    model = build_isda(sizes.big_preset).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    images, targets = shapes_batch(sizes.train_size, batch=2, seed=0, num_classes=5)
+    images = [im.to(device) for im in images]
+    targets = targets_for("ISDA", targets, device)
+    infer_images = [torch.rand(3, *sizes.infer_size, device=device)]
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad(), autocast(device, AMP[precision]):
+            model(infer_images)
+
+    def train_step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, AMP[precision]):
+            loss = model(images, targets)["loss"]
+        loss.backward()
+        optimizer.step()
+
+    rows = []
+    for impl in ("grid_sample", "gather"):
+        with mock.patch.object(attention, "ms_deform_attn", partial(ms_deform_attn, impl=impl)):
+            rows.append({"core": impl, "precision": precision,
+                         "inference ms (batch 1)": round(median_time(infer, device, sizes.repeats) * 1e3, 1),
+                         "training step ms (batch 2)": round(median_time(train_step, device, sizes.repeats) * 1e3, 1)})
+    return rows
+
+
 def measure_profile(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
     """Kernel time by operator for one bf16 R50 forward at the inference size and one training step, and the
     share of the deformable attention core (its grid_sample kernels)."""
