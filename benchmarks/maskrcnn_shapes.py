@@ -155,9 +155,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
     data, fitted = fit_sizes(cfg.data, dataset_stats(train_set.coco), cfg.model.num_queries)
     if fitted:  # the input sizes ISDA's trainer would choose on this data (data.fit_sizes): same pixels for both
-        # ISDA predicts in windows of its crops; a CNN takes the whole image at that scale.
-        log("    " + fitted.replace(f"predicting in {data.test_window} px windows",
-                                    f"predicting whole images at {data.test_short_side} px (Mask R-CNN)"))
+        log(f"    {fitted}; Mask R-CNN predicts whole images at that scale (a CNN needs no windows)")
         train_set.transforms = build_transforms(data, True)
     val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(data, False), train=False)
     model = build_maskrcnn_r18(train_set.num_classes, data.test_short_side, data.test_max_size,

@@ -87,17 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--page" and a != args.page
                  and not a.startswith("--page=")]
         command = " ".join(["python -m benchmarks.gpu_check", *shown])
+
+        def save() -> str:
+            page = render(report, command, time.perf_counter() - start)
+            atomic_write_text(args.page, page)
+            return page
+
         # The page is rewritten after every row, so a run cut short by a time limit still leaves what it found.
         for name, fn in checks.items():
             if not any(name.startswith(s) for s in skip):
                 report.check(name, fn)
-                atomic_write_text(args.page, render(report, command, time.perf_counter() - start))
+                save()
         for name, fn in measurements.items():
             if not any(name.startswith(s) for s in skip):
                 report.measure(name, fn)
-                atomic_write_text(args.page, render(report, command, time.perf_counter() - start))
-    page = render(report, command, time.perf_counter() - start)
-    atomic_write_text(args.page, page)
+                save()
+    page = save()
     print(page)
     print(f"gpu-check: {'ok' if report.ok else 'FAILED'}; page written to {args.page}")
     return 0 if report.ok else 1

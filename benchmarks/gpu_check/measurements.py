@@ -4,7 +4,7 @@ deformable attention core's implementations, and a kernel profile."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,18 +109,12 @@ def measure_msda(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
     return rows
 
 
-def measure_core_in_model(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
-    """The whole R50 model with its attention core forced to each implementation (what ``impl="auto"`` should
-    pick on this device): inference at batch 1 and a training step at batch 2, both at the table's last
-    precision (bf16 on a GPU)."""
-    from functools import partial
-    from unittest import mock
-
-    import isda.models.deformable_attention as attention
-
-    precision = sizes.precisions[-1]
+def _isda_steps(device: torch.device, sizes: Sizes, precision: str,
+                optimize: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The R50 model's two workloads under ``precision``: inference on one image at the inference size, and a
+    training step at batch 2 at the training size (with an AdamW step when ``optimize``)."""
     model = build_isda(sizes.big_preset).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) if optimize else None
     images, targets = shapes_batch(sizes.train_size, batch=2, seed=0, num_classes=5)
     images = [im.to(device) for im in images]
     targets = targets_for("ISDA", targets, device)
@@ -133,12 +127,27 @@ def measure_core_in_model(device: torch.device, sizes: Sizes) -> list[dict[str, 
 
     def train_step() -> None:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
         with autocast(device, AMP[precision]):
             loss = model(images, targets)["loss"]
         loss.backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
 
+    return infer, train_step
+
+
+def measure_core_in_model(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
+    """The whole R50 model with its attention core forced to each implementation (what ``impl="auto"`` should
+    pick on this device): inference at batch 1 and a training step at batch 2, both at the table's last
+    precision (bf16 on a GPU)."""
+    from functools import partial
+    from unittest import mock
+
+    import isda.models.deformable_attention as attention
+
+    precision = sizes.precisions[-1]
+    infer, train_step = _isda_steps(device, sizes, precision, optimize=True)
     rows = []
     for impl in ("grid_sample", "gather"):
         with mock.patch.object(attention, "ms_deform_attn", partial(ms_deform_attn, impl=impl)):
@@ -153,25 +162,8 @@ def measure_profile(device: torch.device, sizes: Sizes) -> list[dict[str, Any]]:
     share of the deformable attention core (its grid_sample kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = build_isda(sizes.big_preset).to(device)
-    images, targets = shapes_batch(sizes.train_size, batch=2, seed=0, num_classes=5)
-    images = [im.to(device) for im in images]
-    targets = targets_for("ISDA", targets, device)
-    infer_images = [torch.rand(3, *sizes.infer_size, device=device)]
+    infer, train_step = _isda_steps(device, sizes, "bf16", optimize=False)
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad(), autocast(device, "bf16"):
-            model(infer_images)
-
-    def train_step() -> None:
-        model.train()
-        with autocast(device, "bf16"):
-            loss = model(images, targets)["loss"]
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
     rows = []
     for label, fn in (("inference, batch 1", infer), ("training step, batch 2", train_step)):
         fn()
