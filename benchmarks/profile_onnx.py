@@ -28,13 +28,10 @@ def profile(onnx: str | os.PathLike, size: tuple[int, int], runs: int = 2, threa
     """Kernel microseconds per op type and per node name over ``runs`` runs after one warm-up."""
     import onnxruntime as ort
 
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    from isda.deploy.runtime import session_options
+
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = levels[optimization]
+        options = session_options(threads, optimization)  # what `isda predict` runs
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
         ort_session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
