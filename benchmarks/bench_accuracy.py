@@ -52,6 +52,7 @@ from isda.data import make_shapes_dataset
 
 from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
+from .quiet import measured
 
 PARTS = ("sweep", "test", "heldout", "variants", "tune_levers", "heldout_levers", "tune_speedups")
 MODELS = ("isda", "maskrcnn")
@@ -217,20 +218,25 @@ def plan_variants(variants: list[str] | None, variant_budgets_s: list[float]) ->
     return runs
 
 
-def _run_all(todo: list[tuple[tuple[str, ...], dict[str, Any]]], jobs: int, record) -> None:
-    """Run the jobs, ``jobs`` at a time in separate processes (in order: neighbours in ``todo`` run side by
-    side), calling ``record(where, job, result)`` as each finishes."""
-    if jobs == 1:
-        for where, job in todo:
-            record(where, job, _job(job))
-        return
+def _run_all(todo: list[tuple[tuple[str, ...], dict[str, Any]]], jobs: int, record, settle: bool = True) -> None:
+    """Run the jobs in groups of ``jobs`` neighbours in ``todo``, side by side in separate processes (in this
+    process when ``jobs`` is 1), calling ``record(where, job, result)`` as each group finishes. A group starts on
+    a settled machine (``settle``: :func:`benchmarks.quiet.measured`) and its results carry the group's
+    ``quiet`` record: the load average before and after and the CPUs other work used beside it (a budgeted run's
+    steps are a timing)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, job): (where, job) for where, job in todo}
-        for future in as_completed(futures):
-            record(*futures[future], future.result())
+    for i in range(0, len(todo), jobs):
+        group = todo[i : i + jobs]
+        with measured(settle_first=settle, log=print) as quiet:
+            if jobs == 1:
+                results = [_job(job) for _, job in group]
+            else:  # a pool per group: its workers have exited (their CPU time counted as ours) when it ends
+                with ProcessPoolExecutor(len(group), mp_context=multiprocessing.get_context("spawn")) as pool:
+                    results = list(pool.map(_job, [job for _, job in group]))
+        for (where, job), res in zip(group, results):
+            record(where, job, {**res, "quiet": quiet})
 
 
 def datasets(out_root: Path, num_train: int, num_val: int, heldout: bool) -> dict[str, dict[str, list[str]]]:
@@ -271,7 +277,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         variants: list[str] | None = None, variant_seeds: tuple[int, ...] = (0,), previous: dict[str, Any] | None = None,
         choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
         speedups: tuple[str, ...] = (), heldout_fit: bool = True, heldout_fixed: bool = True,
-        heldout_maskrcnn: tuple[str, ...] = ("maskrcnn",), models: tuple[str, ...] = MODELS, log=print) -> dict[str, Any]:
+        heldout_maskrcnn: tuple[str, ...] = ("maskrcnn",), models: tuple[str, ...] = MODELS, settle: bool = True,
+        log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -287,7 +294,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     R-CNN's runs pair with the fitted ones); ``heldout_maskrcnn``: which of :data:`HELDOUT_MASKRCNN` the held-out
     part trains (``maskrcnn_fit`` pairs with ISDA's fitted runs, seed by seed).
     ``models``: the test and held-out parts train these (e.g. ISDA alone after its preset changed: Mask R-CNN's
-    runs are kept from ``previous``, see :func:`merge`)."""
+    runs are kept from ``previous``, see :func:`merge`). ``settle``: each group of side-by-side runs waits for the
+    load average to settle first (off only where nothing is timed, as in the plumbing tests)."""
     if set(models) - set(MODELS) or not models:
         raise ValueError(f"models: choose from {', '.join(MODELS)}, not {', '.join(models) or 'none'}")
     if set(heldout_maskrcnn) - set(HELDOUT_MASKRCNN):
@@ -357,7 +365,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         # Each ISDA run beside a Mask R-CNN run, the rest after them.
         todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):] + isda[len(mrcnn):]
         log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
-        _run_all(todo, jobs, record)
+        _run_all(todo, jobs, record, settle)
     results["chosen"] = chosen(results.get("sweep") or (choice or {}).get("sweep"))
     recipe = {model: {**results["chosen"][model], **{k: v for n in speedups for k, v in SPEEDUPS[n][i].items()}}
               for i, model in enumerate(("isda", "maskrcnn"))}
@@ -429,7 +437,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                                  isda_job(label, "tune", budget, {**recipe["isda"], **change}, seed) if model == "isda"
                                  else maskrcnn_job(label, "tune", budget, {**recipe["maskrcnn"], **change}, seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
-    _run_all(todo, jobs, record)
+    _run_all(todo, jobs, record, settle)
     return results
 
 

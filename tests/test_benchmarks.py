@@ -234,7 +234,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     monkeypatch.setattr(b, "_job", fake_job)
     monkeypatch.setattr(b, "MASKRCNN_SWEEP", {"a": {"lr": 1e-4}, "b": {"lr": 1e-3, "width": 32}, "c": {"lr": 2e-4}})
     monkeypatch.setattr(b, "ISDA_SWEEP", {"lr x1 preset": {}, "lr x2": {"train.lr": 4e-4}})
-    res = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+    res = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1, settle=False,
                 parts=("sweep", "test", "heldout"), save=lambda r: saved.append(1), log=lambda m: None)
     sweep, rest = calls[:len(b.ISDA_SWEEP) + 3], calls[len(b.ISDA_SWEEP) + 3:]
     assert all(j["data"]["val"][0].endswith("instances_val.json") and "shapes_3_2" in j["data"]["val"][0] for j in sweep)
@@ -258,49 +258,51 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert held[3]["maskrcnn"]["seed"] == 1 and held[5]["overrides"] == {"train.lr": 4e-4, "data.fit_sizes": True,
                                                                           "train.seed": 1}
     assert set(res["isda"]["2"]) == {"0", "1"} and set(res["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn"}
+    # Every run carries its group's quiet-machine record (load before/after, other work beside it).
+    assert {"load_before", "load_after", "other_cpus", "valid"} <= set(res["isda"]["2"]["0"]["quiet"])
     assert all(set(runs) == {"0", "1"} for runs in res["heldout"]["2"].values())
     assert len(saved) == len(calls)
     assert res["data_stats"]["heldout"]["image_short_side"] == 160 and res["data_stats"]["test"]["images"] == 3
     # Without the fitted runs the held-out part is the two models side by side only, and the earlier fitted runs stay.
     calls.clear()
-    pairs = b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+    pairs = b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1, settle=False,
                   parts=("heldout",), previous=res, heldout_fit=False, log=lambda m: None)
     assert [j["name"] for j in calls] == [n for n in [j["name"] for j in held] if "isda 2s" not in n]
     assert set(pairs["heldout"]["2"]["isda"]) == {"0", "1"}
     # Without the fixed-input runs Mask R-CNN runs side by side with ISDA's default, seed by seed.
     calls.clear()
-    b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+    b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1, settle=False,
           parts=("heldout",), previous=res, heldout_fixed=False, log=lambda m: None)
     assert [j["name"] for j in calls] == ["heldout isda 2s seed 0", "heldout maskrcnn 2s seed 0",
                                           "heldout isda 2s seed 1", "heldout maskrcnn 2s seed 1"]
     # Mask R-CNN at the fitted sizes pairs with ISDA's default; alone (models: maskrcnn) its seeds side by side.
     calls.clear()
-    b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+    b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1, settle=False,
           parts=("heldout",), previous=res, heldout_fixed=False, heldout_maskrcnn=("maskrcnn_fit",), log=lambda m: None)
     assert [j["name"] for j in calls] == ["heldout isda 2s seed 0", "heldout maskrcnn_fit 2s seed 0",
                                           "heldout isda 2s seed 1", "heldout maskrcnn_fit 2s seed 1"]
     assert calls[1]["overrides"] == {"data.fit_sizes": True} and calls[3]["maskrcnn"]["seed"] == 1
     calls.clear()
-    alone = b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1,
+    alone = b.run(tmp_path, [], [], num_train=3, num_val=2, seeds=(0, 1), heldout_budgets_s=[2.0], threads=1, settle=False,
                   parts=("heldout",), previous=res, heldout_fixed=False, heldout_maskrcnn=("maskrcnn_fit",),
                   models=("maskrcnn",), log=lambda m: None)
     assert [j["name"] for j in calls] == ["heldout maskrcnn_fit 2s seed 0", "heldout maskrcnn_fit 2s seed 1"]
     assert set(alone["heldout"]["2"]) == {"isda", "isda_no_fit", "maskrcnn", "maskrcnn_fit"}
     with pytest.raises(ValueError, match="heldout_maskrcnn"):
-        b.run(tmp_path, [], [], num_train=3, num_val=2, heldout_budgets_s=[2.0], threads=1, parts=("heldout",),
+        b.run(tmp_path, [], [], num_train=3, num_val=2, heldout_budgets_s=[2.0], threads=1, settle=False, parts=("heldout",),
               heldout_maskrcnn=("maskrcnn_huge",), log=lambda m: None)
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
     calls.clear()
-    again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["a"],
+    again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, settle=False, parts=("sweep",), sweep_entries=["a"],
                   previous=res, log=lambda m: None)
     assert [j["name"] for j in calls] == ["sweep maskrcnn a"]
     assert again["sweep"]["maskrcnn"]["a"]["replaced"] == [res["sweep"]["maskrcnn"]["a"]["result"]]
     assert again["sweep"]["maskrcnn"]["b"] == res["sweep"]["maskrcnn"]["b"] and again["isda"] == res["isda"]
     with pytest.raises(ValueError, match="unknown sweep entries"):
-        b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("sweep",), sweep_entries=["zz"])
+        b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, settle=False, parts=("sweep",), sweep_entries=["zz"])
     # A lever at two seeds: both side by side, seed 0 under "runs", seed 1 under "seeds", on the chosen recipe.
     calls.clear()
-    lev = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, parts=("variants",), previous=res,
+    lev = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, settle=False, parts=("variants",), previous=res,
                 variants=["denoising@2"], variant_seeds=(0, 1), log=lambda m: None)
     assert [j["name"] for j in calls] == ["denoising 2s", "denoising 2s seed 1"]
     assert calls[1]["overrides"] == {"train.lr": 4e-4, **b.LEVERS["denoising"], "train.seed": 1}
@@ -308,7 +310,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert set(entry["runs"]) == {"2"} and set(entry["seeds"]) == {"1"} and set(entry["seeds"]["1"]) == {"2"}
     # Levers are chosen on tune: the recipe alone and with each lever asked for, every seed, on the tune split.
     calls.clear()
-    tuned = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("tune_levers",), previous=res,
+    tuned = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("tune_levers",), previous=res,
                   variants=["denoising"], variant_seeds=(0, 1), log=lambda m: None)
     assert [j["name"] for j in calls] == ["tune recipe 2s seed 0", "tune recipe 2s seed 1", "tune denoising 2s seed 0",
                                           "tune denoising 2s seed 1"]
@@ -318,7 +320,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
         b.run(tmp_path, [], [2.0], parts=("tune_levers",), variants=["mask_stride_2"], threads=1)
     # And checked on the held-out family: the same runs there, as the preset runs there (data.fit_sizes off).
     calls.clear()
-    checked = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("heldout_levers",), previous=tuned,
+    checked = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("heldout_levers",), previous=tuned,
                     variants=["denoising"], variant_seeds=(0, 1), log=lambda m: None)
     assert [j["name"] for j in calls] == ["heldout recipe 2s seed 0", "heldout recipe 2s seed 1",
                                           "heldout denoising 2s seed 0", "heldout denoising 2s seed 1"]
@@ -328,7 +330,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert set(checked["tune_levers"]) == {"recipe", "denoising"}  # the tune choice is kept beside it
     # Generic speed-ups on tune: both models' recipes alone and with each speed-up, side by side.
     calls.clear()
-    fast = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("tune_speedups",), previous=res,
+    fast = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("tune_speedups",), previous=res,
                  variant_seeds=(0,), log=lambda m: None)
     assert [j["name"] for j in calls] == ["tune isda recipe 2s seed 0", "tune maskrcnn recipe 2s seed 0",
                                           "tune isda bf16 2s seed 0", "tune maskrcnn bf16 2s seed 0"]
@@ -338,7 +340,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert set(fast["tune_speedups"]) == {"isda", "maskrcnn"} and set(fast["tune_speedups"]["maskrcnn"]) == {"recipe", "bf16"}
     # Levers compared with a speed-up on for every entry: their own section, beside the one without.
     calls.clear()
-    sped = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, parts=("tune_levers",), previous=tuned,
+    sped = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("tune_levers",), previous=tuned,
                  variants=["denoising"], variant_seeds=(0,), speedups=("bf16",), log=lambda m: None)
     assert all(j["overrides"]["train.amp"] == "bf16" for j in calls) and len(calls) == 2
     assert set(sped["tune_levers+bf16"]) == {"recipe", "denoising"} and sped["tune_levers"] == tuned["tune_levers"]
@@ -348,12 +350,12 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     assert set(accuracy_summary(sped)["tune_levers+bf16"]) == {"2"}
     # A section that starts afresh (the preset changed since its sweep) takes the recipes from the choice record.
     calls.clear()
-    fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),
+    fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), seeds=(0,),
                   choice={"sweep": res["sweep"]}, log=lambda m: None)
     assert fresh["chosen"] == res["chosen"] and calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0}
     # A generic speed-up for both models: their runs get it, the recorded choice stays the sweep's.
     calls.clear()
-    both = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, parts=("test",), seeds=(0,),
+    both = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), seeds=(0,),
                  choice={"sweep": res["sweep"]}, speedups=("bf16",), log=lambda m: None)
     assert calls[0]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
     assert calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
@@ -367,7 +369,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
 
     # ISDA alone (its preset changed; Mask R-CNN's runs are kept from before): no Mask R-CNN job in either part.
     calls.clear()
-    only = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0,), heldout_budgets_s=[2.0], threads=1,
+    only = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0,), heldout_budgets_s=[2.0], threads=1, settle=False,
                  parts=("test", "heldout"), models=("isda",), heldout_fit=False, choice=res, log=lambda m: None)
     assert [j["name"] for j in calls] == ["isda 2s seed 0", "heldout isda_no_fit 2s seed 0"]
     assert only["maskrcnn"] == {} and set(only["heldout"]["2"]) == {"isda_no_fit"}
