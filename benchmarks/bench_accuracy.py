@@ -120,11 +120,14 @@ LEVERS = {
     # The combination of the levers that beat the recipe beyond the seed noise alone on tune (8 minutes).
     "o2m_denoising": {"loss.o2m_topk": 3, "model.denoising_groups": 5},
 }
-# Generic speed-ups, not learning levers: more steps in the same minutes for either model. Each: (ISDA's config
-# overrides, Mask R-CNN's train_maskrcnn settings).
+# Generic aids, not ISDA's learning levers: what either model can use alike (more steps in the same minutes, or a
+# better use of the same steps). Each: (ISDA's config overrides, Mask R-CNN's train_maskrcnn settings).
+EMA_DECAY = 0.999
 SPEEDUPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # CPU autocast to bfloat16 (AMX / AVX512-BF16 matrix units), training and evaluation alike.
     "bf16": ({"train.amp": "bf16"}, {"amp": "bf16"}),
+    # Evaluate the weights' exponential moving average (isda.engine.ema; its ramp decides in a run this short).
+    "ema": ({"train.ema_decay": EMA_DECAY}, {"ema_decay": EMA_DECAY}),
 }
 
 
@@ -423,17 +426,20 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                     todo.append(((section, name, "runs", key, str(seed)), isda_job(
                         f"{split} {name} {key}s seed {seed}", split, budget, {**recipe["isda"], **base, **overrides},
                         seed)))
-    # Each model's recipe alone and with each generic speed-up, on tune; ISDA beside Mask R-CNN.
+    # Each model's recipe alone and with each generic speed-up it does not have yet, on tune; ISDA beside Mask
+    # R-CNN. On a recipe with ``speedups`` the comparison is another one, kept in its own section.
+    others = {name: change for name, change in SPEEDUPS.items() if name not in speedups}
     for budget in sorted(variant_budgets_s) if "tune_speedups" in parts else []:
         key = str(int(budget))
-        for name, (isda_overrides, maskrcnn_settings) in {"recipe": ({}, {}), **SPEEDUPS}.items():
+        for name, (isda_overrides, maskrcnn_settings) in {"recipe": ({}, {}), **others}.items():
             for seed in variant_seeds:
                 s = str(seed)
                 for model, change in (("isda", isda_overrides), ("maskrcnn", maskrcnn_settings)):
-                    entry = results.setdefault("tune_speedups", {}).setdefault(model, {}).setdefault(name, {"runs": {}})
+                    entry = results.setdefault(f"tune_speedups{suffix}", {}).setdefault(model, {}).setdefault(
+                        name, {"runs": {}})
                     entry["overrides"] = change
                     label = f"tune {model} {name} {key}s seed {s}"
-                    todo.append((("tune_speedups", model, name, "runs", key, s),
+                    todo.append(((f"tune_speedups{suffix}", model, name, "runs", key, s),
                                  isda_job(label, "tune", budget, {**recipe["isda"], **change}, seed) if model == "isda"
                                  else maskrcnn_job(label, "tune", budget, {**recipe["maskrcnn"], **change}, seed)))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")

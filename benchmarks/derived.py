@@ -81,6 +81,12 @@ def lever_sections(acc: dict[str, Any]) -> list[str]:
                   key=lambda k: (not k.startswith("tune"), k))
 
 
+def speedup_sections(acc: dict[str, Any]) -> list[str]:
+    """The accuracy section's generic speed-up comparisons: ``tune_speedups``, and the same on a recipe that already
+    has some speed-ups (``tune_speedups+bf16``: the others on top of it)."""
+    return sorted(k for k in acc if k.partition("+")[0] == "tune_speedups" and acc[k])
+
+
 def lever_budgets(tune_levers: dict[str, Any]) -> list[str]:
     """The budgets (seconds, as the JSON keys them) at which any lever entry ran, in order."""
     return sorted({b for e in tune_levers.values() for b in e.get("runs", {})}, key=int)
@@ -109,15 +115,15 @@ def accuracy_summary(acc: dict[str, Any]) -> dict[str, Any]:
     """Every derived figure of the accuracy section: ``test`` (:func:`seed_means` per budget), ``heldout``
     (:func:`heldout` per budget), ``levers`` and ``ablations`` (:func:`variant` per name), each of
     :func:`lever_sections` (:func:`lever_choice` per budget),
-    ``tune_speedups`` (:func:`lever_choice` per model and budget)."""
+    each of :func:`speedup_sections` (:func:`lever_choice` per model and budget)."""
     test = {b: seed_means(acc, b) for b in sorted({*acc.get("isda", {}), *acc.get("maskrcnn", {})}, key=int)}
     return {"test": {b: v for b, v in test.items() if v is not None},
             "heldout": {b: heldout(r) for b, r in sorted((acc.get("heldout") or {}).items(), key=lambda kv: int(kv[0]))},
             **{group: {name: variant(e) for name, e in (acc.get(group) or {}).items()} for group in ("levers", "ablations")},
             **{section: {b: lever_choice(acc[section], b) for b in lever_budgets(acc[section])}
                for section in lever_sections(acc)},
-            **({"tune_speedups": {model: {b: lever_choice(entries, b) for b in lever_budgets(entries)}
-                                  for model, entries in acc["tune_speedups"].items()}} if acc.get("tune_speedups") else {})}
+            **{section: {model: {b: lever_choice(entries, b) for b in lever_budgets(entries)}
+                         for model, entries in acc[section].items()} for section in speedup_sections(acc)}}
 
 
 def choice_records(secs: dict[str, Any]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from isda.data import CocoInstanceDataset, build_transforms, collate
 from isda.data.sizing import dataset_stats, fit_sizes
 from isda.engine import SeededSamples, adamw, lr_factor
 from isda.engine.amp import autocast, check_amp_device
+from isda.engine.ema import ema_model
 from isda.engine.sampling import run_batches
 from isda.engine.evaluation import evaluate_masks, predictions_to_coco_results
 
@@ -133,19 +134,21 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
                    optimizer: str = "adamw", momentum: float = 0.9, warmup_frac: float = WARMUP_FRAC,
                    clip_max_norm: float | None = None, roi_batch: int = ROI_BATCH, detections: int | None = None,
                    width: int = 256, batch_size: int | None = None, seed: int | None = None,
-                   amp: str | None = None, log=print) -> dict[str, Any]:
+                   amp: str | None = None, ema_decay: float | None = None, log=print) -> dict[str, Any]:
     """Train from scratch for ``budget_s`` seconds of training time, then evaluate (COCO mask AP).
     Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
     epochs / lr steps, clipping; detections per image: ISDA's ``cfg.model.num_detections``; the lr schedule follows the budget exactly as ISDA's trainer does
     (:func:`isda.engine.lr_factor` at the budget's progress), after a linear warm-up over the first ``warmup_frac``
     of the budget (a fraction, not a step count: at 5-6 s a step a fixed 100 steps outlast an 8-minute run).
     ``amp``: the CPU autocast of training and evaluation, ``cfg.train.amp`` unless given (the generic speed-up
-    ISDA's trainer applies, e.g. bf16 where the CPU has bfloat16 matrix units)."""
+    ISDA's trainer applies, e.g. bf16 where the CPU has bfloat16 matrix units); ``ema_decay``: evaluate the weights'
+    moving average (:mod:`isda.engine.ema`), ``cfg.train.ema_decay`` unless given (as ISDA's trainer)."""
     tcfg = copy.deepcopy(cfg.train)
     tcfg.time_budget_s = float(budget_s)
     tcfg.batch_size = tcfg.batch_size if batch_size is None else batch_size
     seed = tcfg.seed if seed is None else seed
     amp = tcfg.amp if amp is None else amp
+    ema_decay = tcfg.ema_decay if ema_decay is None else ema_decay
     check_amp_device(amp, torch.device("cpu"))  # ISDA's trainer's check: bf16 runs on the CPU, fp16 does not
     lr = tcfg.lr if lr is None else lr
     detections = cfg.model.num_detections if detections is None else detections
@@ -167,6 +170,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=tcfg.weight_decay)
     else:
         raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    averaged = ema_model(model, ema_decay) if ema_decay > 0 else None
     samples = SeededSamples(train_set, seed)
     sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
     steps_per_epoch = math.ceil(len(sampler) / tcfg.batch_size)
@@ -174,6 +178,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     result: dict[str, Any] = {"lr": lr, "optimizer": optimizer, "clip_max_norm": clip_max_norm,
                               "warmup_frac": warmup_frac, "batch_size": tcfg.batch_size, "roi_batch": roi_batch,
                               "detections": detections, "width": width, "seed": seed, "amp": amp,
+                              "ema_decay": ema_decay,
                               "input_short_side": data.test_short_side,
                               "nonfinite_steps": 0}
     step, trained = 0, 0.0
@@ -194,6 +199,8 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
             if clip_max_norm and clip_max_norm > 0:
                 nn.utils.clip_grad_norm_(params, clip_max_norm)
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
         else:
             result["nonfinite_steps"] += 1
         step += 1
@@ -201,7 +208,8 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
         if step % 50 == 0:
             log(f"    mask r-cnn step {step} epoch {step // steps_per_epoch} loss {loss.item():.3f} ({trained:.0f} s)")
     result["train_time_s"] = trained
-    result["ap"], result["ap_class_agnostic"] = evaluate_maskrcnn(model, val_set, tcfg.batch_size, amp=amp)
+    result["ap"], result["ap_class_agnostic"] = evaluate_maskrcnn(model if averaged is None else averaged.module,
+                                                                  val_set, tcfg.batch_size, amp=amp)
     result["iterations"] = step
     result["epochs"] = step / steps_per_epoch
     log(f"    mask r-cnn at {budget_s:.0f} s: mask AP {100 * result['ap']['AP']:.1f} ({step} steps)")

@@ -110,7 +110,7 @@ def test_isda_speedups_for_maskrcnn_keep_its_outputs():
         torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
 
 
-def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
+def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path, monkeypatch):
     from benchmarks.maskrcnn_shapes import to_maskrcnn_target, train_maskrcnn
     from isda.config import apply_overrides, get_preset
     from isda.data import make_shapes_dataset
@@ -131,6 +131,16 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path):
     assert set(res["ap"]) >= {"AP", "AP50", "AP75"} and 0.0 <= res["ap"]["AP"] <= 1.0
     assert res["width"] == 32 and res["optimizer"] == "sgd" and res["clip_max_norm"] == 0.0
     assert set(res["ap_class_agnostic"]) == set(res["ap"])
+
+    # With ema_decay the moving average is updated every step and is what gets evaluated.
+    import benchmarks.maskrcnn_shapes as mr
+
+    made, evaluated, original = [], [], mr.ema_model
+    monkeypatch.setattr(mr, "ema_model", lambda *a: made.append(original(*a)) or made[-1])
+    monkeypatch.setattr(mr, "evaluate_maskrcnn", lambda model, *a, **k: evaluated.append(model) or ({"AP": 0.0}, {}))
+    res = train_maskrcnn(cfg, *data["train"], *data["val"], budget_s=0.01, warmup_frac=0.05, roi_batch=32,
+                         detections=10, width=32, optimizer="sgd", lr=0.01, ema_decay=0.9, log=lambda m: None)
+    assert evaluated == [made[0].module] and int(made[0].n_averaged) == res["iterations"] and res["ema_decay"] == 0.9
 
     # ISDA's side of the same benchmark job: a fresh run with the budget, its class-agnostic AP from the run's
     # results file (the same evaluation as the class-aware one when every label is right).
@@ -333,18 +343,39 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     fast = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("tune_speedups",), previous=res,
                  variant_seeds=(0,), log=lambda m: None)
     assert [j["name"] for j in calls] == ["tune isda recipe 2s seed 0", "tune maskrcnn recipe 2s seed 0",
-                                          "tune isda bf16 2s seed 0", "tune maskrcnn bf16 2s seed 0"]
+                                          "tune isda bf16 2s seed 0", "tune maskrcnn bf16 2s seed 0",
+                                          "tune isda ema 2s seed 0", "tune maskrcnn ema 2s seed 0"]
     assert all(j["data"] == sweep[0]["data"] for j in calls)
     assert calls[2]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
     assert calls[3]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
-    assert set(fast["tune_speedups"]) == {"isda", "maskrcnn"} and set(fast["tune_speedups"]["maskrcnn"]) == {"recipe", "bf16"}
+    assert calls[4]["overrides"]["train.ema_decay"] == calls[5]["maskrcnn"]["ema_decay"] == b.EMA_DECAY
+    assert set(fast["tune_speedups"]) == {"isda", "maskrcnn"}
+    assert set(fast["tune_speedups"]["maskrcnn"]) == {"recipe", "bf16", "ema"}
+    # On a recipe that has a speed-up already: only the others, on top of it, in their own section.
+    calls.clear()
+    on_bf16 = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("tune_speedups",),
+                    previous=fast, variant_seeds=(0,), speedups=("bf16",), log=lambda m: None)
+    assert [j["name"] for j in calls] == ["tune isda recipe 2s seed 0", "tune maskrcnn recipe 2s seed 0",
+                                          "tune isda ema 2s seed 0", "tune maskrcnn ema 2s seed 0"]
+    assert calls[2]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16", "train.ema_decay": b.EMA_DECAY}
+    assert set(on_bf16["tune_speedups+bf16"]["isda"]) == {"recipe", "ema"}
+    assert on_bf16["tune_speedups"] == fast["tune_speedups"]
+    from benchmarks.derived import accuracy_summary, speedup_sections
+    from benchmarks.report import render
+
+    assert speedup_sections(on_bf16) == ["tune_speedups", "tune_speedups+bf16"]
+    assert set(accuracy_summary(on_bf16)["tune_speedups+bf16"]["maskrcnn"]) == {"2"}
+    page = tmp_path / "speedups.md"
+    render({"machine": {"cpu": "test"}, "sections": {"accuracy": {**on_bf16, "summary": accuracy_summary(on_bf16)}}},
+           page)
+    assert "### Generic speed-ups (Mask R-CNN R18-FPN, tune split, the recipe with bf16)" in page.read_text()
     # Levers compared with a speed-up on for every entry: their own section, beside the one without.
     calls.clear()
     sped = b.run(tmp_path, [], [2.0], num_train=3, num_val=2, threads=1, settle=False, parts=("tune_levers",), previous=tuned,
                  variants=["denoising"], variant_seeds=(0,), speedups=("bf16",), log=lambda m: None)
     assert all(j["overrides"]["train.amp"] == "bf16" for j in calls) and len(calls) == 2
     assert set(sped["tune_levers+bf16"]) == {"recipe", "denoising"} and sped["tune_levers"] == tuned["tune_levers"]
-    from benchmarks.derived import accuracy_summary, lever_sections
+    from benchmarks.derived import lever_sections
 
     assert lever_sections({**sped, "heldout_levers": {"x": {}}}) == ["tune_levers", "tune_levers+bf16", "heldout_levers"]
     assert set(accuracy_summary(sped)["tune_levers+bf16"]) == {"2"}

@@ -367,3 +367,54 @@ def test_one_loader_serves_the_whole_run_with_each_epochs_augmentation(data, mon
     resumed = sampling.run_batches(samples, sampler, batch, collate, num_workers=0, seed=1, start_epoch=1, skip=1)
     images, _ = next(resumed)
     assert all(torch.equal(a, b) for a, b in zip(images, expected[per_epoch + 1]))
+
+
+def test_ema_average_follows_its_ramped_recursion_and_skips_nothing():
+    """engine.ema: the first update copies the weights, the next ones lerp by 1 - min(decay, (1+n)/(10+n))."""
+    from isda.engine.ema import ema_model, ramped_decay
+
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("count", torch.zeros((), dtype=torch.long))
+    averaged = ema_model(model, decay=0.9)
+    expected = None
+    for n in range(30):
+        with torch.no_grad():
+            model.weight.normal_()
+            model.count += 1
+        averaged.update_parameters(model)
+        w = model.weight.detach().clone()
+        expected = w if expected is None else expected + (1 - ramped_decay(0.9, n)) * (w - expected)
+    torch.testing.assert_close(averaged.module.weight, expected)
+    assert int(averaged.module.count) == 30  # an integer buffer is copied, not averaged
+    assert ramped_decay(0.9, 0) == pytest.approx(1 / 10) and ramped_decay(0.9, 1000) == 0.9
+
+
+def test_ema_run_validates_saves_and_resumes_the_average(data, tmp_path):
+    """train.ema_decay: the checkpoint's model is the average (not the trained weights, kept as train_model),
+    validation scores it, and resuming mid-run reproduces the uninterrupted run's average exactly."""
+    cfg = tiny_config(epochs=3, ema_decay=0.5)
+    straight = engine.train(cfg, *data["train"], *data["val"], out_dir=tmp_path / "a", log=lambda _m: None)
+    engine.train(cfg, *data["train"], out_dir=tmp_path / "b", max_iters=3, log=lambda _m: None)
+    engine.train(cfg, *data["train"], out_dir=tmp_path / "b", resume=True, log=lambda _m: None)
+    a, b = _load(tmp_path / "a" / "last.pt"), _load(tmp_path / "b" / "last.pt")
+    assert a["ema_updates"] == b["ema_updates"] == straight["iteration"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]) and torch.equal(a["train_model"][key], b["train_model"][key])
+    assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in a["model"])
+    # The validation that produced the summary scored the averaged weights.
+    model = ISDA(cfg.model).eval()
+    from isda.data import CocoInstanceDataset, build_transforms
+
+    val = CocoInstanceDataset(*data["val"], build_transforms(cfg.data, False), train=False)
+    def scores(weights: dict) -> list[float]:
+        model.load_state_dict(weights)
+        _, results = engine.evaluate(model, val, torch.device("cpu"), cfg.train.batch_size, num_workers=0,
+                                     window=cfg.data.test_window)
+        return sorted(r["score"] for r in results)
+
+    saved = sorted(r["score"] for r in json.loads((tmp_path / "a" / "results_val.json").read_text()))
+    assert scores(a["model"]) == pytest.approx(saved, abs=1e-5)
+    assert scores(a["train_model"]) != pytest.approx(saved, abs=1e-5)
+    # A checkpoint of the other setting is refused with the reason.
+    with pytest.raises(CheckpointError, match="ema_decay"):
+        engine.train(tiny_config(epochs=4), *data["train"], out_dir=tmp_path / "b", resume=True, log=lambda _m: None)

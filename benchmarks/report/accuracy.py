@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.derived import finished, heldout, lever_budgets, lever_choice, lever_sections, means
+from benchmarks.derived import (finished, heldout, lever_budgets, lever_choice, lever_sections, means,
+                                 speedup_sections)
 
 from .formatting import ap, measured
 
@@ -66,7 +67,7 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
             "its BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for "
             "ISDA), and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    own = bool(acc.get("sweep") or lever_sections(acc) or acc.get("tune_speedups")) or not choices
+    own = bool(acc.get("sweep") or lever_sections(acc) or speedup_sections(acc)) or not choices
     out += _choice(acc, own) if own else records()
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
@@ -216,7 +217,7 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
         before = sec.get("isda_config") or {}
         was = ", ".join(f"`{k}={before.get(k.split('.')[0], {}).get(k.split('.')[1])}`" for k in decided)
         chose = ", ".join(f"`{k}`" for k in decided)
-        tune = bool(sec.get("sweep") or lever_sections(sec) or sec.get("tune_speedups"))
+        tune = bool(sec.get("sweep") or lever_sections(sec) or speedup_sections(sec))
         out += [f"### How `isda_tiny` chose its default{'s' if len(decided) > 1 else ''} {chose} "
                 f"({'tune split' if tune else 'held-out family'})", "",
                 ("The sweep and the lever choice below" if tune else "The runs below") + " ran on the preset as it was "
@@ -282,12 +283,16 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
                                  "The same comparison on the held-out family (the preset as it runs there, "
                                  "data.fit_sizes off), every seed, side by side: a lever chosen on tune becomes a default "
                                  "only if it does not lose here. The best by the same rule:")
-    for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18-FPN")):
-        if (sec.get("tune_speedups") or {}).get(model):
-            out += _levers_table(sec["tune_speedups"][model], f"### Generic speed-ups ({label}, tune split)",
-                                 "Each model's recipe alone and with each generic speed-up, every seed, the two models "
-                                 "side by side on the tune split; a speed-up that keeps both models' tune AP by the "
-                                 "levers' rule is given to both. The best by that rule:")
+    for section in speedup_sections(sec):
+        recipe_has = section.partition("+")[2].replace("+", " and ")
+        for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18-FPN")):
+            if not sec[section].get(model):
+                continue
+            with_speedups = f", the recipe with {recipe_has}" if recipe_has else ""
+            out += _levers_table(sec[section][model], f"### Generic speed-ups ({label}, tune split{with_speedups})",
+                                     "Each model's recipe alone and with each generic speed-up, every seed, the two "
+                                     "models side by side on the tune split; a speed-up that keeps both models' tune AP "
+                                     "by the levers' rule is given to both. The best by that rule:")
     if not own:
         out += _heldout(sec, intro=False) + _test_variants(sec) + [measured(sec)]
     return out

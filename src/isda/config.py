@@ -201,6 +201,9 @@ class TrainConfig:
     evals_per_run: int = 5
     log_every: int = 20  # iterations between "train" rows of metrics.jsonl
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
+    # > 0: validate, save and export the weights' exponential moving average (engine/ema.py; its decay ramps up
+    # from the first steps); 0: the trained weights themselves (the official recipe).
+    ema_decay: float = 0.0
     # Training seconds (validation excluded) the run lasts: a target the lr schedule follows, not only a cap.
     time_budget_s: float = 0.0
 
@@ -219,6 +222,7 @@ class Config:
         # AdamW takes inf (then every weight becomes inf/NaN after one step) and raises a traceback on NaN or < 0.
         _check(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr",
                f"must be a finite number > 0, got {self.train.lr}")
+        _check(0 <= self.train.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {self.train.ema_decay}")
         for name in ("lr_backbone_mult", "lr_linear_proj_mult", "weight_decay"):
             value = getattr(self.train, name)
             _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a finite number >= 0, got {value}")

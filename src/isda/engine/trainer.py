@@ -10,6 +10,8 @@ Run directory (``out_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl`
 line: ``{"type": "train", ...}`` every ``train.log_every`` steps, ``{"type": "val", ...}`` after each
 validation, ``{"type": "skip", ...}`` for each step skipped because of a non-finite loss),
 ``last.pt``, ``best.pt`` (best mask AP) and ``results_val.json`` (COCO results of the last validation).
+With ``train.ema_decay`` > 0 a checkpoint's ``model`` (what is validated, predicted with and exported) is the
+weights' exponential moving average (``engine.ema``) and ``train_model`` the trained weights that resume continues.
 
 Reproducibility: the sample order of an epoch comes from ``DistributedSampler(seed, epoch)`` and each
 sample's augmentation from a generator seeded with (seed, epoch, index), so neither depends on the
@@ -71,6 +73,7 @@ from .distributed import (
     is_distributed,
     is_main_process,
 )
+from .ema import ema_model
 from .evaluation import evaluate, write_results_json
 from .metrics import MetricsLog, memory_gb
 from .sampling import SeededSamples, run_batches, seed_all
@@ -178,6 +181,8 @@ class _Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if is_distributed() else None)
         self.optimizer = adamw(param_groups(self.model, self.tcfg), self.tcfg.lr, self.tcfg.weight_decay)
+        # train.ema_decay: the average is what validation, checkpoints (their "model") and export see.
+        self.ema = ema_model(self.model, self.tcfg.ema_decay) if self.tcfg.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.tcfg.amp == "fp16")
 
         # A dataset smaller than the global batch is repeated within the epoch (each copy augmented on its own), so
@@ -212,11 +217,18 @@ class _Trainer:
         # Different dropout streams per process; rank 0 draws what a single process would.
         seed_all(self.tcfg.seed + self.rank)
 
+    @property
+    def eval_model(self) -> ISDA:
+        """The weights validation, checkpoints and export use: the moving average with train.ema_decay."""
+        return self.ema.module if self.ema is not None else self.model
+
     # ---- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly (collective: every rank contributes its RNG state)."""
         return {
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **({"train_model": self.model.state_dict(), "ema_updates": int(self.ema.n_averaged)}
+               if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -247,7 +259,7 @@ class _Trainer:
 
     def check_weights_finite(self) -> None:
         # Weights (and BatchNorm statistics) are identical on every rank, so all ranks raise together.
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        tensors = [t for m in {self.model, self.eval_model} for t in m.state_dict().values() if t.is_floating_point()]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise NonFiniteLossError(
                 f"training stopped at step {self.step}: the weights became non-finite (NaN/inf); lower train.lr "
@@ -258,7 +270,13 @@ class _Trainer:
         if list(ckpt.get("cat_ids", [])) != list(self.train_set.cat_ids):
             raise CheckpointError(f"{path} was trained on categories {ckpt.get('cat_ids')}, the dataset has "
                                   f"{self.train_set.cat_ids}")
-        load_model_state(self.model, ckpt["model"], source=str(path))
+        if (self.ema is None) != ("train_model" not in ckpt):
+            raise CheckpointError(f"{path} was trained with train.ema_decay {'0' if self.ema is not None else '> 0'}: "
+                                  f"resume with the same setting")
+        load_model_state(self.model, ckpt.get("train_model", ckpt["model"]), source=str(path))
+        if self.ema is not None:
+            load_model_state(self.ema.module, ckpt["model"], source=str(path))
+            self.ema.n_averaged.fill_(ckpt["ema_updates"])
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except ValueError as e:
@@ -401,6 +419,8 @@ class _Trainer:
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         else:
             with torch.no_grad():
                 for b, saved in zip(self.model.buffers(), buffers):
@@ -476,7 +496,7 @@ class _Trainer:
         if self.val_set is None:
             return False
         start = time.perf_counter()
-        result, results = evaluate(self.model, self.val_set, self.device, self.tcfg.batch_size,
+        result, results = evaluate(self.eval_model, self.val_set, self.device, self.tcfg.batch_size,
                                    num_workers=self.tcfg.num_workers, amp=self.tcfg.amp,
                                    window=self.cfg.data.test_window)
         self.last_eval_step = self.step
@@ -489,7 +509,7 @@ class _Trainer:
                                 "per_category": result.per_category, "time": round(start - self.clock, 3)})
             self.log(f"validation at epoch {self.epoch}, step {self.step} (mask AP, %):\n{result.table()}")
             if self.on_validation is not None:
-                self.on_validation(self.out_dir, self.model, self.val_set, self.cfg.data)
+                self.on_validation(self.out_dir, self.eval_model, self.val_set, self.cfg.data)
         self.clock += time.perf_counter() - start  # evaluation is not training time
         return improved
 
