@@ -53,6 +53,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def shown(path: str | os.PathLike | None) -> str | None:
+    """A path as the page prints it: relative to the repository when inside it (no machine's own directories)."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT.resolve())) if p.is_relative_to(ROOT.resolve()) else str(path)
+
+
 def timed(sec: dict[str, Any], text: str) -> str:
     """``text`` (a timing figure), or what the page says instead when its section was not measured quietly."""
     return text if sec.get("valid", True) else f"invalid: {sec.get('invalid_because', 'busy machine')}"
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"  {export['export_s']:.1f} s, {export['bytes'] / 2**20:.1f} MiB; latency", flush=True)
         with measured(log=log) as timing:
             lat = latency(preset, size, onnx, own, args.threads, args.repeats, paths, log=log)
-        results["presets"][key] = {"export": export, "latency": lat, "weights": own, **timing}
+        results["presets"][key] = {"export": export, "latency": lat, "weights": shown(own), **timing}
         print("  ratio to eager: " + ", ".join(f"{name} {lat[name]['ratio_to_eager']:.2f}" for name in paths)
               + ("" if timing["valid"] else f" (invalid: {timing['invalid_because']})"), flush=True)
     if weights is not None and not args.no_accuracy:
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         run_export("isda_tiny", (133, 181), onnx, weights, args.threads, args.data / "train", args.calib_count)
         with measured(log=log) as timing:
             rows = accuracy(weights, onnx, args.data, args.threads, paths)
-        results["accuracy"] = {"weights": weights, "rows": rows, **timing}
+        results["accuracy"] = {"weights": shown(weights), "rows": rows, **timing}
         print(json.dumps({k: v["stats"]["AP"] for k, v in rows.items()}), flush=True)
     # What is measured: each preset's network and input size, and the runtimes' agreement on a tiny model trained on
     # shapes (whatever recipe trained it): not the losses or the training recipe.
