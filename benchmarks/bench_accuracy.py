@@ -50,6 +50,7 @@ import yaml
 from isda.config import apply_overrides, get_preset
 from isda.data import make_shapes_dataset
 
+from .common import cpu_model
 from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
 from .quiet import measured
@@ -189,6 +190,7 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
         res["overrides"] = job.get("overrides", {})
     res["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    res["cpu"] = cpu_model()  # invocations merged into one page may come from different machines
     return res
 
 

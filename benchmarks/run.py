@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def store(name: str, data: dict[str, Any], start: float, timing: dict[str, Any]) -> None:
         data["_meta"] = {**meta(f"python -m benchmarks.run {argv_text}".strip(), depends_on(name, args), timing),
-                         "seconds": round(time.time() - start, 1), "threads": args.threads}
+                         "seconds": round(time.time() - start, 1), "threads": args.threads,
+                         "cpu": results["machine"]["cpu"]}  # the page mixes invocations, maybe machines
         if name == "accuracy":  # the seed means and differences the pages quote; what each run records itself
             from .bench_accuracy import RECORDED_PER_RUN
 

@@ -151,7 +151,7 @@ def test_maskrcnn_shapes_loop_runs_and_is_evaluated_like_isda(tmp_path, monkeypa
                          "data.test_max_size": 64, "train.batch_size": 2, "data.fit_sizes": False}}
     res = bench_accuracy._job(job)
     assert res["iterations"] >= 1 and res["input_short_side"] == 64 and res["overrides"] == job["overrides"]
-    assert set(res["ap_class_agnostic"]) == set(res["ap"]) and res["load_average"] and res["date"]
+    assert set(res["ap_class_agnostic"]) == set(res["ap"]) and res["load_average"] and res["date"] and res["cpu"]
 
 
 def test_maskrcnn_widths_and_warmup_fraction():
@@ -303,10 +303,11 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
               heldout_maskrcnn=("maskrcnn_huge",), log=lambda m: None)
     # Re-running one sweep entry replaces its result and keeps the one it replaced.
     calls.clear()
+    replaced = copy.deepcopy(res["sweep"]["maskrcnn"]["a"]["result"])  # (merging updates ``previous`` in place)
     again = b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, settle=False, parts=("sweep",), sweep_entries=["a"],
                   previous=res, log=lambda m: None)
     assert [j["name"] for j in calls] == ["sweep maskrcnn a"]
-    assert again["sweep"]["maskrcnn"]["a"]["replaced"] == [res["sweep"]["maskrcnn"]["a"]["result"]]
+    assert again["sweep"]["maskrcnn"]["a"]["replaced"] == [replaced]
     assert again["sweep"]["maskrcnn"]["b"] == res["sweep"]["maskrcnn"]["b"] and again["isda"] == res["isda"]
     with pytest.raises(ValueError, match="unknown sweep entries"):
         b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, settle=False, parts=("sweep",), sweep_entries=["zz"])

@@ -46,8 +46,8 @@ def render(results: dict[str, Any], page: Path) -> None:
             "through the number of Mask R-CNN detections, fixed below).", ""]
     out += ["## Machine", "",
             f"- CPU: {mach.get('cpu')} ({mach.get('logical_cpus')} logical CPUs, {mach.get('usable_cpus')} usable), "
-            f"kernels: {mach.get('cpu_capability')}",
-            # Each invocation records its own threads; the machine block is the last invocation's.
+            f"kernels: {mach.get('cpu_capability')}; the last invocation's machine: each section names the CPU it "
+            "ran on in its 'Measured' line, and only figures from one section (one run on one machine) are compared",
             "- threads: `torch.set_num_threads(N)` in every process, N given under each measurement ('Measured "
             "…, N threads'; the accuracy runs: that many divided by the runs at a time)",
             f"- torch {mach.get('torch')}, torchvision {mach.get('torchvision')}, Python {mach.get('python')}",

@@ -67,8 +67,9 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
             "its BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for "
             "ISDA), and evaluation, where ISDA runs channels-last, is outside the budget.",
             ""]
-    own = bool(acc.get("sweep") or lever_sections(acc) or speedup_sections(acc)) or not choices
-    out += _choice(acc, own) if own else records()
+    # Its own sweep or lever choice replaces the records; its speed-up comparisons choose no preset default.
+    own = bool(acc.get("sweep") or lever_sections(acc)) or not choices
+    out += _choice(acc, own) if own else records() + _speedups(acc)
     budgets = [str(int(b)) for b in acc.get("budgets_s", [])]
     if budgets:
         out += ["### Test split", "",
@@ -283,6 +284,15 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
                                  "The same comparison on the held-out family (the preset as it runs there, "
                                  "data.fit_sizes off), every seed, side by side: a lever chosen on tune becomes a default "
                                  "only if it does not lose here. The best by the same rule:")
+    out += _speedups(sec)
+    if not own:
+        out += _heldout(sec, intro=False) + _test_variants(sec) + [measured(sec)]
+    return out
+
+
+def _speedups(sec: dict[str, Any]) -> list[str]:
+    """The generic speed-up comparisons of ``sec`` (:func:`benchmarks.derived.speedup_sections`), a table per model."""
+    out: list[str] = []
     for section in speedup_sections(sec):
         recipe_has = section.partition("+")[2].replace("+", " and ")
         for model, label in (("isda", "ISDA tiny"), ("maskrcnn", "Mask R-CNN R18-FPN")):
@@ -293,8 +303,6 @@ def _choice(sec: dict[str, Any], own: bool) -> list[str]:
                                      "Each model's recipe alone and with each generic speed-up, every seed, the two "
                                      "models side by side on the tune split; a speed-up that keeps both models' tune AP "
                                      "by the levers' rule is given to both. The best by that rule:")
-    if not own:
-        out += _heldout(sec, intro=False) + _test_variants(sec) + [measured(sec)]
     return out
 
 

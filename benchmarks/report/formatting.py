@@ -21,7 +21,8 @@ def measured(sec: dict[str, Any]) -> str:
     m = sec.get("_meta", {})
     if not m:
         return ""
-    return (f"<sub>Measured {m.get('date')}, {m.get('threads')} threads, load average {m.get('load_average_before')} "
+    on = f" on {m['cpu']}" if m.get("cpu") else ""
+    return (f"<sub>Measured {m.get('date')}{on}, {m.get('threads')} threads, load average {m.get('load_average_before')} "
             f"before / {m.get('load_average_after')} after, {m.get('seconds')} s; `{m.get('command')}`.</sub>\n")
 
 
