@@ -168,6 +168,16 @@ def accuracy(weights: str, onnx: Path, data: Path, threads: int, paths: list[str
 
 # ---- page -----------------------------------------------------------------------------------------------
 
+def _openvino_verdict(lat: dict[str, Any], sec: dict[str, Any]) -> str:
+    """Whether OpenVINO earns a place beside ONNX Runtime on this preset: its time as a multiple of ORT's."""
+    if "openvino" not in lat:
+        return ""
+    ratio = lat["openvino"]["time"]["median"] / lat["onnxruntime"]["time"]["median"]
+    verdict = ("faster than ONNX Runtime here" if ratio < 1 else
+               "slower than ONNX Runtime here, so `isda predict` keeps ONNX Runtime as the default")
+    return " " + timed(sec, f"OpenVINO float32 takes {ratio:.2f}x ONNX Runtime's time: {verdict}.")
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = ["# ONNX export: ONNX Runtime and OpenVINO vs PyTorch eager (CPU)", "",
@@ -204,7 +214,7 @@ def render(results: dict[str, Any]) -> str:
                      + f"; {exp['calib_images']} calibration images), {exp['int8_static_bytes'] / 2**20:.1f} MiB"
                      if static else "")
                   + f". Goal ONNX Runtime <= {GOAL} x eager: "
-                  + timed(sec, f"**{'met' if goal <= GOAL else 'not met'}** ({goal:.2f})") + ".",
+                  + timed(sec, f"**{'met' if goal <= GOAL else 'not met'}** ({goal:.2f})") + "." + _openvino_verdict(lat, sec),
                   f"<sub>export: {quiet_note(exp)}; latency runs: {quiet_note(sec)}.</sub>", ""]
     if results.get("accuracy"):
         acc = results["accuracy"]

@@ -594,6 +594,13 @@ def test_onnx_page_does_not_quote_timings_measured_beside_other_work():
     assert "other work 0.02 CPUs" in quiet_page
     assert "1.234 s" not in busy_page and "9.9 s" not in busy_page and "3.2 s" not in busy_page
     assert "invalid: 0.90 CPUs of other work" in busy_page
+    # OpenVINO's row gets a verdict against ONNX Runtime, from the two medians (and none from a busy section).
+    slow = {**lat, "openvino": {"time": {**t, "median": 2 * t["median"]}, "peak_rss_gib": 1.0, "ratio_to_eager": 1.0}}
+    results["presets"] = {"quiet": {"export": export, "latency": slow, **record(0.1, 0.02)},
+                          "busy": {"export": {**export, **busy}, "latency": slow, **busy}}
+    quiet_page, busy_page = render(results).split("## busy")
+    assert "OpenVINO float32 takes 2.00x ONNX Runtime's time: slower than ONNX Runtime here" in quiet_page
+    assert "2.00x" not in busy_page
 
 def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_path):
     """Two records of a choice (sections whose _meta decided preset values) and an accuracy section without a choice
