@@ -121,9 +121,9 @@ LEVERS = {
     # The combination of the levers that beat the recipe beyond the seed noise alone on tune (8 minutes).
     "o2m_denoising": {"loss.o2m_topk": 3, "model.denoising_groups": 5},
 }
+EMA_DECAY = 0.999  # the "ema" aid's decay, fixed before its runs
 # Generic aids, not ISDA's learning levers: what either model can use alike (more steps in the same minutes, or a
 # better use of the same steps). Each: (ISDA's config overrides, Mask R-CNN's train_maskrcnn settings).
-EMA_DECAY = 0.999
 SPEEDUPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # CPU autocast to bfloat16 (AMX / AVX512-BF16 matrix units), training and evaluation alike.
     "bf16": ({"train.amp": "bf16"}, {"amp": "bf16"}),

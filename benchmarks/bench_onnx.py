@@ -214,7 +214,8 @@ def render(results: dict[str, Any]) -> str:
                      + f"; {exp['calib_images']} calibration images), {exp['int8_static_bytes'] / 2**20:.1f} MiB"
                      if static else "")
                   + f". Goal ONNX Runtime <= {GOAL} x eager: "
-                  + timed(sec, f"**{'met' if goal <= GOAL else 'not met'}** ({goal:.2f})") + "." + _openvino_verdict(lat, sec),
+                  + timed(sec, f"**{'met' if goal <= GOAL else 'not met'}** ({goal:.2f})") + "."
+                  + _openvino_verdict(lat, sec),
                   f"<sub>export: {quiet_note(exp)}; latency runs: {quiet_note(sec)}.</sub>", ""]
     if results.get("accuracy"):
         acc = results["accuracy"]

@@ -300,9 +300,9 @@ def _speedups(sec: dict[str, Any]) -> list[str]:
                 continue
             with_speedups = f", the recipe with {recipe_has}" if recipe_has else ""
             out += _levers_table(sec[section][model], f"### Generic speed-ups ({label}, tune split{with_speedups})",
-                                     "Each model's recipe alone and with each generic speed-up, every seed, the two "
-                                     "models side by side on the tune split; a speed-up that keeps both models' tune AP "
-                                     "by the levers' rule is given to both. The best by that rule:")
+                                 "Each model's recipe alone and with each generic speed-up, every seed, the two models "
+                                 "side by side on the tune split; a speed-up that keeps both models' tune AP by the "
+                                 "levers' rule is given to both. The best by that rule:")
     return out
 
 
