@@ -120,6 +120,12 @@ LEVERS = {
     "finer_mask_stride": {"model.mask_stride": 2},
     # The combination of the levers that beat the recipe beyond the seed noise alone on tune (8 minutes).
     "o2m_denoising": {"loss.o2m_topk": 3, "model.denoising_groups": 5},
+    # The preset's sizes, as Mask R-CNN's widths were swept: transformer width (its FFN at 4x), decoder depth,
+    # queries. A step costs (one thread, bf16): width 256 1.4x, width 64 0.9x, 6 decoder layers 1.3x, 50 queries 0.95x.
+    "width_256": {"model.hidden_dim": 256, "model.ffn_dim": 1024},
+    "width_64": {"model.hidden_dim": 64, "model.ffn_dim": 256},
+    "decoder_6": {"model.dec_layers": 6},
+    "queries_50": {"model.num_queries": 50},
 }
 EMA_DECAY = 0.999  # the "ema" aid's decay, fixed before its runs
 # Generic aids, not ISDA's learning levers: what either model can use alike (more steps in the same minutes, or a
