@@ -231,3 +231,44 @@ def test_mask_locality_subtracts_a_times_the_squared_distance_to_the_point(tmp_p
             (want,), (got,) = local([image]), runtime([image])
             torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
             assert torch.equal(got["query_index"][:5], want["query_index"][:5])
+
+
+def test_mask_mlp_starts_as_the_linear_head_and_adds_a_per_query_two_layer_head(tmp_path):
+    """model.mask_mlp_hidden: zero-initialised output weights, so the model first predicts what the same weights
+    predict without it; then each mask logit is the linear kernel's plus w2 . relu(W1 f + b1) over every MFR
+    channel f (mask_locality's included), with W1, b1, w2 the query's own; it trains; the ONNX graph computes the
+    same."""
+    from isda.deploy.onnx_export import export_model
+    from isda.deploy.runtime import OnnxISDA
+
+    mlp, plain = tiny(mask_mlp_hidden=4), tiny()
+    plain.load_state_dict({k: v for k, v in mlp.state_dict().items() if not k.startswith("head.mlp_embed")})
+    assert_same_predictions(mlp, plain, exact=False)
+    torch.nn.init.normal_(mlp.head.mlp_embed.weight, std=0.05)
+    images, targets = batch()
+    with torch.no_grad():
+        out = mlp.eval().forward_features(*mlp.batch_images(images))
+        ref = plain.eval().forward_features(*plain.batch_images(images))
+        b, q, h = 1, 7, 4
+        f = out["mask_features"][b].flatten(1)  # (K, N): the paper's channels and the locality's four
+        K = f.shape[0]
+        params = mlp.head.mlp_embed(out["hidden"][-1, b, q])
+        w1, b1, w2 = params[:h * K].view(h, K), params[h * K:h * K + h], params[h * K + h:]
+        extra = w2 @ torch.relu(w1 @ f + b1[:, None])
+        valid = ~out["padding_mask"][b].flatten()
+        got = out["mask_logits"][-1, b, q].flatten()
+        want = ref["mask_logits"][-1, b, q].flatten() + extra
+        torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-3)
+        assert extra[valid].abs().max() > 0.1  # the head's own part is not negligible here
+        torch.testing.assert_close(out["logits"], ref["logits"], rtol=0, atol=0)
+    mlp.train()
+    mlp(images, targets)["loss"].backward()
+    assert mlp.head.mlp_embed.weight.grad[: -h].abs().sum() > 0  # W1 and b1 learn once w2 is not zero
+    mlp.eval()
+    path = export_model(mlp, tmp_path / "mlp.onnx", {"isda.config": "{}"}, size=(70, 90)).path
+    runtime = OnnxISDA(path, threads=1)
+    with torch.no_grad():
+        for image in images:
+            (want,), (got,) = mlp([image]), runtime([image])
+            torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
+            assert torch.equal(got["query_index"][:5], want["query_index"][:5])

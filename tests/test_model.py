@@ -220,12 +220,14 @@ def test_padding_does_not_change_the_training_loss():
     assert together == pytest.approx((2 * alone[0] + 1 * alone[1]) / 3, rel=1e-4)
 
 
-@pytest.mark.parametrize("hybrid", [0, 20])
-def test_matched_mask_gradients_equal_backpropagating_through_every_mask(hybrid):
+@pytest.mark.parametrize("overrides", [{}, {"hybrid_queries": 20}, {"mask_mlp_hidden": 4}])
+def test_matched_mask_gradients_equal_backpropagating_through_every_mask(overrides):
     """Training computes all masks without autograd and the losses compute the matched ones again with it; the
     losses and every parameter's gradient equal those of backpropagating through every query's mask (padded batch, empty
-    image, one-to-many branch)."""
-    model = tiny(hybrid_queries=hybrid).train()
+    image, one-to-many branch, the per-query two-layer mask head)."""
+    model = tiny(**overrides).train()
+    if model.head.mlp_embed is not None:  # its output weights start at zero: give every part of it a gradient
+        torch.nn.init.normal_(model.head.mlp_embed.weight, std=0.05)
     images = [torch.rand(3, 64, 64), torch.rand(3, 80, 48), torch.rand(3, 40, 40)]
     masks = torch.zeros(2, 64, 64, dtype=torch.bool)
     masks[0, 5:30, 5:30] = masks[1, 30:60, 20:50] = True

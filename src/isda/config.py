@@ -62,6 +62,10 @@ class ModelConfig:
     # closed form), so that a query's mask can leave out an object of its class elsewhere in the image. The paper's
     # linear kernel sees position only through the MFR's coordinates and KP's two weights (see models/head.py).
     mask_locality: bool = False
+    # Not in the paper (0: off, the paper's linear kernel): each query's kernel also carries a two-layer head with
+    # this many hidden channels over the MFR (CondInst's dynamic mask head, 8 there), its logit added to the linear
+    # kernel's; its output weights start at zero, so the model starts as the linear head (see models/head.py).
+    mask_mlp_hidden: int = 0
     # Opt-in, training only (DN-DETR's query denoising, see models/denoising.py): this many noised copies of the
     # ground truth decoded beside the learned queries, each trained to reconstruct its instance; 0: off.
     denoising_groups: int = 0
@@ -108,6 +112,7 @@ class ModelConfig:
         _check(self.denoising_point_noise >= 0, "model.denoising_point_noise", "must be >= 0")
         _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
         _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
+        _check(self.mask_mlp_hidden >= 0, "model.mask_mlp_hidden", "must be >= 0 (0: the paper's linear kernel)")
         _check(self.hidden_dim % 32 == 0 and self.mask_feat_channels % 32 == 0, "model.hidden_dim",
                "hidden_dim and mask_feat_channels must be multiples of 32 (GroupNorm(32))")
 

@@ -24,7 +24,8 @@ class ISDAHead(nn.Module):
     (``model.mask_locality``) four more weights (:func:`locality_kernels`) for the MFR's locality channels."""
 
     def __init__(self, dim: int, num_classes: int, kernel_dim: int, kernel_position: bool,
-                 prior_prob: float = 0.01, mask_class: bool = False, locality: bool = False) -> None:
+                 prior_prob: float = 0.01, mask_class: bool = False, locality: bool = False,
+                 mlp_hidden: int = 0) -> None:
         super().__init__()
         self.kernel_position = kernel_position
         # The locality's sharpness a = softplus(.) per query, per LOCALITY_UNIT_PX squared; 1 at initialisation
@@ -44,6 +45,16 @@ class ISDAHead(nn.Module):
             nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
             nn.Linear(dim, kernel_dim - 2 if kernel_position else kernel_dim),
         )
+        # model.mask_mlp_hidden: the weights of a per-query two-layer head over every MFR channel (the locality's
+        # included), appended to the kernel (see apply_kernels); its output weights start at zero, so that the
+        # model starts as the linear head.
+        self.mlp_embed = None
+        if mlp_hidden:
+            channels = kernel_dim + (LOCALITY_CHANNELS if locality else 0)
+            self.mlp_embed = nn.Linear(dim, mlp_hidden * (channels + 2))
+            with torch.no_grad():
+                self.mlp_embed.weight[-mlp_hidden:].zero_()
+                self.mlp_embed.bias[-mlp_hidden:].zero_()
 
     def classify(self, hidden: Tensor) -> Tensor:
         """hidden (..., Q, C) -> class logits (..., Q, classes)."""
@@ -71,9 +82,12 @@ class ISDAHead(nn.Module):
         if self.locality is not None:  # in float32 (see apply_kernels_float32)
             a = F.softplus(self.locality(hidden)).float()
             kernels = torch.cat([kernels.float(), locality_kernels(a, reference_points, image_size_px)], -1)
+        if self.mlp_embed is not None:
+            kernels = torch.cat([kernels, self.mlp_embed(hidden).to(kernels.dtype)], -1)
         return kernels
 
 
+LOCALITY_CHANNELS = 4  # model.mask_locality's MFR channels (x, y, x^2 + y^2, 1) and kernel weights
 LOCALITY_UNIT_PX = 64.0  # model.mask_locality's distances in this unit: pixels of the image, whatever its size
 
 
@@ -89,8 +103,29 @@ def locality_kernels(sharpness: Tensor, points: Tensor, image_size_px: Tensor) -
 
 
 def apply_kernels(kernels: Tensor, mask_features: Tensor) -> Tensor:
-    """kernels (layers, B, Q, K), MFR (B, K, H, W) -> mask logits (layers, B, Q, H, W)."""
-    return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)
+    """kernels (layers, B, Q, K), MFR (B, K, H, W) -> mask logits (layers, B, Q, H, W). A kernel longer than the
+    MFR's K channels also carries a two-layer head's weights (``model.mask_mlp_hidden``, :func:`mlp_logits`)."""
+    K = mask_features.shape[1]
+    if kernels.shape[-1] == K:
+        return torch.einsum("lbqk,bkhw->lbqhw", kernels, mask_features)
+    logits = torch.einsum("lbqk,bkhw->lbqhw", kernels[..., :K], mask_features)
+    L, B, Q = kernels.shape[:3]
+    rows = kernels.transpose(0, 1).reshape(B, L * Q, -1)
+    extra = mlp_logits(rows, mask_features.flatten(2)).view(B, L, Q, *mask_features.shape[-2:])
+    return logits + extra.transpose(0, 1)
+
+
+def mlp_logits(kernels: Tensor, features: Tensor) -> Tensor:
+    """The nonlinear part of kernels (B, R, K + h (K + 2)) that carry, after the K linear weights, a two-layer head's
+    weights W1 (h, K), b1 (h) and w2 (h) (CondInst's dynamic mask head, here beside the paper's linear kernel):
+    w2 . relu(W1 f + b1) for each image's features f (B, K, N) -> (B, R, N). The per-query bias b1 with the MFR's
+    coordinate channels makes the head's input relative to the query."""
+    (B, R, _), K = kernels.shape, features.shape[1]
+    h = (kernels.shape[-1] - K) // (K + 2)
+    w1 = kernels[..., K:K + h * K].reshape(B, R * h, K)
+    b1, w2 = kernels[..., K + h * K:].split(h, -1)
+    hidden = torch.relu(torch.bmm(w1, features).view(B, R, h, features.shape[-1]) + b1[..., None])
+    return (w2[..., None] * hidden).sum(2)
 
 
 @autocast_off
@@ -107,7 +142,12 @@ def select_mask_logits(kernels: Tensor, mask_features: Tensor, layer: Tensor, im
     B, K, H, W = mask_features.shape
     rows = kernels[layer, image, query]
     order = torch.argsort(image, stable=True)  # boolean selection below keeps each image's rows in order
-    parts = torch.cat([rows[image == b] @ mask_features[b].reshape(K, H * W) for b in range(B)])
+
+    def product(rows: Tensor, features: Tensor) -> Tensor:
+        logits = rows[:, :K] @ features
+        return logits if rows.shape[-1] == K else logits + mlp_logits(rows[None], features[None])[0]
+
+    parts = torch.cat([product(rows[image == b], mask_features[b].reshape(K, H * W)) for b in range(B)])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     return parts[inverse].view(-1, H, W)

@@ -38,7 +38,8 @@ class ISDA(nn.Module):
         self.mask_features = MaskFeatures(cfg.hidden_dim, cfg.mask_feat_channels, cfg.mask_out_channels,
                                           cfg.mask_stride, cfg.mask_position)
         self.head = ISDAHead(cfg.hidden_dim, cfg.num_classes, cfg.mask_out_channels, cfg.kernel_position,
-                             mask_class=cfg.mask_class, locality=cfg.mask_locality)
+                             mask_class=cfg.mask_class, locality=cfg.mask_locality,
+                             mlp_hidden=cfg.mask_mlp_hidden)
         self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
                                     cfg.denoising_point_noise) if cfg.denoising_groups else None)
         self.criterion = SetCriterion(loss_cfg or LossConfig())
