@@ -184,8 +184,6 @@ def test_mask_locality_subtracts_a_times_the_squared_distance_to_the_point(tmp_p
     rest unchanged; it trains; the ONNX graph computes the same."""
     import torch.nn.functional as F
 
-    from isda.deploy.onnx_export import export_model
-    from isda.deploy.runtime import OnnxISDA
     from isda.models.head import LOCALITY_UNIT_PX
 
     local, plain = tiny(mask_locality=True), tiny(mask_locality=False)
@@ -223,14 +221,7 @@ def test_mask_locality_subtracts_a_times_the_squared_distance_to_the_point(tmp_p
     local(images, targets)["loss"].backward()
     assert local.head.locality.weight.grad.abs().sum() > 0
     # The exported graph: the same detections as the PyTorch model (the locality is part of the one kernel).
-    local.eval()
-    path = export_model(local, tmp_path / "local.onnx", {"isda.config": "{}"}, size=(70, 90)).path
-    runtime = OnnxISDA(path, threads=1)
-    with torch.no_grad():
-        for image in images:
-            (want,), (got,) = local([image]), runtime([image])
-            torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
-            assert torch.equal(got["query_index"][:5], want["query_index"][:5])
+    assert_exported_detections_match(local, images, tmp_path)
 
 
 def test_mask_mlp_starts_as_the_linear_head_and_adds_a_per_query_two_layer_head(tmp_path):
@@ -238,9 +229,6 @@ def test_mask_mlp_starts_as_the_linear_head_and_adds_a_per_query_two_layer_head(
     predict without it; then each mask logit is the linear kernel's plus w2 . relu(W1 f + b1) over every MFR
     channel f (mask_locality's included), with W1, b1, w2 the query's own; it trains; the ONNX graph computes the
     same."""
-    from isda.deploy.onnx_export import export_model
-    from isda.deploy.runtime import OnnxISDA
-
     mlp, plain = tiny(mask_mlp_hidden=4), tiny()
     plain.load_state_dict({k: v for k, v in mlp.state_dict().items() if not k.startswith("head.mlp_embed")})
     assert_same_predictions(mlp, plain, exact=False)
@@ -264,11 +252,19 @@ def test_mask_mlp_starts_as_the_linear_head_and_adds_a_per_query_two_layer_head(
     mlp.train()
     mlp(images, targets)["loss"].backward()
     assert mlp.head.mlp_embed.weight.grad[: -h].abs().sum() > 0  # W1 and b1 learn once w2 is not zero
-    mlp.eval()
-    path = export_model(mlp, tmp_path / "mlp.onnx", {"isda.config": "{}"}, size=(70, 90)).path
+    assert_exported_detections_match(mlp, images, tmp_path)
+
+
+def assert_exported_detections_match(model: torch.nn.Module, images: list[torch.Tensor], tmp_path) -> None:
+    """The model's exported ONNX graph, run by ONNX Runtime, gives the model's detections on each image."""
+    from isda.deploy.onnx_export import export_model
+    from isda.deploy.runtime import OnnxISDA
+
+    model.eval()
+    path = export_model(model, tmp_path / "model.onnx", {"isda.config": "{}"}, size=(70, 90)).path
     runtime = OnnxISDA(path, threads=1)
     with torch.no_grad():
         for image in images:
-            (want,), (got,) = mlp([image]), runtime([image])
+            (want,), (got,) = model([image]), runtime([image])
             torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
             assert torch.equal(got["query_index"][:5], want["query_index"][:5])
