@@ -47,16 +47,17 @@ def test_lever_training_path_runs_and_reaches_its_parameters(levers):
 def test_hybrid_queries_leave_inference_unchanged(query_selection):
     """A model trained with one-to-many queries predicts exactly what the same weights predict without them."""
     hybrid = tiny(query_selection=query_selection, hybrid_queries=40).train()
-    hybrid(*batch())["loss"].backward()  # training builds all 140 queries
+    hybrid(*batch())["loss"].backward()  # training builds the one-to-one queries and the 40 hybrid ones
     plain = tiny(query_selection=query_selection)
+    queries = plain.cfg.num_queries
     state = hybrid.state_dict()
     name = "transformer.query_content.weight" if query_selection else "transformer.query_embed.weight"
-    assert state[name].shape[0] == 140
-    state[name] = state[name][:100]
+    assert state[name].shape[0] == queries + 40
+    state[name] = state[name][:queries]
     plain.load_state_dict(state)
     for x in assert_same_predictions(hybrid, plain):
         assert set(x) == {"scores", "labels", "masks", "boxes", "query_index", "reference_points"}
-        assert int(x["query_index"].max()) < 100
+        assert int(x["query_index"].max()) < queries
 
 
 def test_query_selection_puts_reference_points_on_the_top_scoring_tokens():
@@ -65,7 +66,7 @@ def test_query_selection_puts_reference_points_on_the_top_scoring_tokens():
     with torch.no_grad():
         out = model.forward_features(*model.batch_images(images))
     score = out["enc_logits"][0].amax(-1)
-    top = score.topk(100).indices
+    top = score.topk(model.cfg.num_queries).indices
     ratios = out["valid_ratios"][0]
     shapes = out["spatial_shapes"].tolist()
     level = torch.repeat_interleave(torch.arange(4), torch.tensor([h * w for h, w in shapes]))
@@ -74,7 +75,7 @@ def test_query_selection_puts_reference_points_on_the_top_scoring_tokens():
 
 
 def test_query_selection_handles_maps_smaller_than_the_query_count():
-    model = tiny(query_selection=True).eval()  # a 32 px image has 4 + 1 + 1 + 1 tokens for 100 queries
+    model = tiny(query_selection=True).eval()  # a 32 px image has 4 + 1 + 1 + 1 tokens, fewer than the queries
     with torch.no_grad():
         (pred,) = model([torch.rand(3, 32, 32)])
     assert pred["masks"].shape == (50, 32, 32)

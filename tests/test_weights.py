@@ -19,6 +19,7 @@ from torchvision.models import resnet18
 
 import isda
 import isda.models.neck
+from isda.config import get_preset
 from isda.weights import WeightsError
 from isda.models.position_encoding import sine_position_encoding
 from isda.weights import (
@@ -69,7 +70,7 @@ def hf_config(paper: bool, num_labels: int):
     else:  # the isda_tiny preset's sizes
         backbone = ResNetConfig(layer_type="basic", hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                                 out_features=["stage2", "stage3", "stage4"])
-        sizes = dict(num_queries=100, d_model=128, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=512,
+        sizes = dict(num_queries=get_preset("isda_tiny").model.num_queries, d_model=128, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=512,
                      decoder_ffn_dim=512)
     cfg = DeformableDetrConfig(
         use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, num_labels=num_labels,
@@ -264,7 +265,7 @@ def test_hf_hub_layout_from_safetensors_and_class_mismatch(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in hub.items()}, str(path))
     # 5 classes: the 91-way head does not fit and stays at init. With 200 training-only hybrid queries after the
-    # 100 one-to-one queries: those keep each model's own initialisation.
+    # preset's one-to-one queries: those keep each model's own initialisation.
     a = isda.build_model("isda_tiny", hybrid_queries=200)
     b = isda.build_model("isda_tiny", hybrid_queries=200)
     queries = a.cfg.num_queries
@@ -553,7 +554,8 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     torch.save({"model": export_state_dict(isda.build_model("isda_tiny"), "detr")}, path)
     with pytest.raises(WeightsError) as e:
         load_pretrained(path, isda.build_model("isda_tiny", num_queries=20, hybrid_queries=0))
-    assert_one_line_error(e, str(path), "query_embed.weight", "(100, 256)", "(20, 256)")
+    queries = get_preset("isda_tiny").model.num_queries
+    assert_one_line_error(e, str(path), "query_embed.weight", f"({queries}, 256)", "(20, 256)")
 
 
 class _RunsCode:
