@@ -52,7 +52,7 @@ def test_hybrid_queries_leave_inference_unchanged(query_selection):
     queries = plain.cfg.num_queries
     state = hybrid.state_dict()
     name = "transformer.query_content.weight" if query_selection else "transformer.query_embed.weight"
-    assert state[name].shape[0] == queries + 40
+    assert state[name].shape[0] == queries + hybrid.cfg.hybrid_queries
     state[name] = state[name][:queries]
     plain.load_state_dict(state)
     for x in assert_same_predictions(hybrid, plain):

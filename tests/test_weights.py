@@ -70,8 +70,8 @@ def hf_config(paper: bool, num_labels: int):
     else:  # the isda_tiny preset's sizes
         backbone = ResNetConfig(layer_type="basic", hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                                 out_features=["stage2", "stage3", "stage4"])
-        sizes = dict(num_queries=get_preset("isda_tiny").model.num_queries, d_model=128, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=512,
-                     decoder_ffn_dim=512)
+        sizes = dict(num_queries=get_preset("isda_tiny").model.num_queries, d_model=128, encoder_layers=2,
+                     decoder_layers=3, encoder_ffn_dim=512, decoder_ffn_dim=512)
     cfg = DeformableDetrConfig(
         use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, num_labels=num_labels,
         encoder_attention_heads=8, decoder_attention_heads=8, num_feature_levels=4, encoder_n_points=4,
