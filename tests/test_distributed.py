@@ -5,6 +5,7 @@ Run by pytest; torchrun also runs this file as a script (the ``__main__`` block)
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -81,9 +82,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     results = json.loads((tmp_path / "ddp" / "results_val.json").read_text())
     assert {r["image_id"] for r in results} == {1, 2, 3, 4}
     assert sum(r["type"] == "val" for r in rows["ddp"]) == 1  # at the end (none of the budget's is due)
+    # train() freed the process group it joined: no gloo thread is left to race interpreter shutdown.
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / "ddp" / f"threads_rank{rank}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], threads
 
 
 if __name__ == "__main__":  # a torchrun worker: config, train ann/images, val ann/images, out dir
     cfg_path, train_ann, train_images, val_ann, val_images, out_dir = sys.argv[1:]
     train(load_config(cfg_path), train_ann, train_images, val_ann, val_images, out_dir=Path(out_dir), device="cpu",
           max_iters=4, log=print)
+    # The threads left for interpreter shutdown (a gloo thread there can abort the process).
+    threads = sorted(Path(task).read_text().strip() for task in glob.glob("/proc/self/task/*/comm"))
+    (Path(out_dir) / f"threads_rank{os.environ['RANK']}.json").write_text(json.dumps(threads))

@@ -56,11 +56,15 @@ def test_matches_dense_reference(shapes, core):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_points_fully_outside_give_zero():
-    value, ss, loc, w = random_problem([(5, 3), (2, 4)])
+@pytest.mark.parametrize("core", [ms_deform_attn, ms_deform_attn_traceable])
+@pytest.mark.parametrize("axis, position", [(0, 1.5), (1, 1.8), (1, -0.9)])
+def test_points_fully_outside_give_zero(core, axis, position):
+    # Far right, far below, far above every level: in the export core's stacked canvas these positions would
+    # land in a neighbouring level's block without the clamp to each level's zero frame.
+    value, ss, loc, w = random_problem([(5, 3), (2, 4), (3, 2)])
     loc = loc.clone()
-    loc[..., 0] = 1.5  # far right of every level
-    assert ms_deform_attn(value, ss, loc, w).abs().max() == 0
+    loc[..., axis] = position
+    assert core(value, ss, loc, w).abs().max() == 0
 
 
 def test_gradients_match_reference_and_gradcheck():

@@ -7,6 +7,7 @@ CPU). Collectives take tensors on the training device, because nccl only moves C
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -60,8 +61,16 @@ def init_distributed(device: str | None = None) -> torch.device:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group and free it now, not at interpreter exit.
+
+    A gloo worker thread drops its last reference to a finished collective's tensors a moment after the
+    caller's ``wait`` returns; if that falls into interpreter shutdown, the thread cannot take the GIL and the
+    process aborts ("terminate called without an active exception"). Freeing the group here (garbage first:
+    a DDP model that is no longer used still holds it) joins those threads while Python is alive."""
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:

@@ -123,45 +123,55 @@ def train(cfg: Config, train_ann: str | os.PathLike, train_images: str | os.Path
     owns_group = not is_distributed()
     dev = init_distributed(device)
     try:
-        check_amp_device(cfg.train.amp, dev)
-        out = Path(out_dir)
-        if not resume and (out / "last.pt").exists():
-            raise FileExistsError(f"{out} already holds a run (last.pt): resume it (--resume) or choose another output directory")
-        if not (resume and (out / "last.pt").exists()):
-            require_backbone_init(cfg, init)  # a frozen random backbone never learns
-        check_writable_dir(out, "output folder")  # before any work, not when the first checkpoint is saved
-        say = log if is_main_process() else lambda _msg: None
-        train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
-        train_set.require_instances()
-        stats = dataset_stats(train_set.coco)
-        cfg.data, fitted = fit_sizes(cfg.data, stats, cfg.model.num_queries)
-        if fitted:
-            say(fitted)
-            train_set.transforms = build_transforms(cfg.data, True)
-        for warning in size_warnings(cfg.data, stats, cfg.model.num_queries, cfg.model.num_detections):
-            say(warning)
-        val_set = None
-        if val_ann is not None:
-            if val_images is None:
-                raise ValueError("val_ann given without val_images")
-            val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(cfg.data, False), train=False)
-            if val_set.cat_ids != train_set.cat_ids:
-                raise ValueError(f"validation categories {val_set.cat_ids} differ from training categories "
-                                 f"{train_set.cat_ids}")
-            val_set.require_instances()
-        cfg.model.num_classes = train_set.num_classes
-        trainer = _Trainer(cfg, train_set, val_set, out, dev, say, on_validation)
-        if resume and (out / "last.pt").exists():
-            trainer.load(out / "last.pt")
-        else:
-            if resume:
-                trainer.log(f"resume: no checkpoint in {out}, starting from scratch")
-            if init is not None:
-                trainer.log(str(load_pretrained(init, trainer.model)))
-        return trainer.run(max_iters)
+        # The run lives in its own frame, so that its model (and DDP's hold on the process group) is garbage
+        # by the time the group is destroyed below.
+        return _train_on(cfg, dev, train_ann, train_images, val_ann, val_images, out_dir=out_dir, resume=resume,
+                         max_iters=max_iters, init=init, log=log, on_validation=on_validation)
     finally:
         if owns_group:
             cleanup_distributed()
+
+
+def _train_on(cfg: Config, dev: torch.device, train_ann: str | os.PathLike, train_images: str | os.PathLike,
+              val_ann: str | os.PathLike | None, val_images: str | os.PathLike | None, *, out_dir: str | os.PathLike,
+              resume: bool, max_iters: int | None, init: str | os.PathLike | None, log: Callable[[str], None],
+              on_validation: OnValidation | None) -> dict[str, Any]:
+    check_amp_device(cfg.train.amp, dev)
+    out = Path(out_dir)
+    if not resume and (out / "last.pt").exists():
+        raise FileExistsError(f"{out} already holds a run (last.pt): resume it (--resume) or choose another output directory")
+    if not (resume and (out / "last.pt").exists()):
+        require_backbone_init(cfg, init)  # a frozen random backbone never learns
+    check_writable_dir(out, "output folder")  # before any work, not when the first checkpoint is saved
+    say = log if is_main_process() else lambda _msg: None
+    train_set = CocoInstanceDataset(train_ann, train_images, build_transforms(cfg.data, True), train=True)
+    train_set.require_instances()
+    stats = dataset_stats(train_set.coco)
+    cfg.data, fitted = fit_sizes(cfg.data, stats, cfg.model.num_queries)
+    if fitted:
+        say(fitted)
+        train_set.transforms = build_transforms(cfg.data, True)
+    for warning in size_warnings(cfg.data, stats, cfg.model.num_queries, cfg.model.num_detections):
+        say(warning)
+    val_set = None
+    if val_ann is not None:
+        if val_images is None:
+            raise ValueError("val_ann given without val_images")
+        val_set = CocoInstanceDataset(val_ann, val_images, build_transforms(cfg.data, False), train=False)
+        if val_set.cat_ids != train_set.cat_ids:
+            raise ValueError(f"validation categories {val_set.cat_ids} differ from training categories "
+                             f"{train_set.cat_ids}")
+        val_set.require_instances()
+    cfg.model.num_classes = train_set.num_classes
+    trainer = _Trainer(cfg, train_set, val_set, out, dev, say, on_validation)
+    if resume and (out / "last.pt").exists():
+        trainer.load(out / "last.pt")
+    else:
+        if resume:
+            trainer.log(f"resume: no checkpoint in {out}, starting from scratch")
+        if init is not None:
+            trainer.log(str(load_pretrained(init, trainer.model)))
+    return trainer.run(max_iters)
 
 
 class _Trainer:
