@@ -109,6 +109,8 @@ LEVERS = {
     "mask_locality": {"model.mask_locality": True},
     "denoising_mask_stride_2": {"model.denoising_groups": 5, "model.mask_stride": 2},
     "o2m_matching": {"loss.o2m_topk": 3},
+    # The preset's one-to-many matching with more positives per object (denser early supervision).
+    "o2m_5": {"loss.o2m_topk": 5},
     "quality_matching": {"loss.match_quality": 0.5},
     "look_forward_twice": {"model.look_forward_twice": True},
     "dense_aux": {"model.dense_aux": True},
