@@ -2,10 +2,12 @@
 
     python -m benchmarks.profile_onnx --preset isda_r50_coco --size 800x1216    # exports (random init), profiles
     python -m benchmarks.profile_onnx --onnx model.onnx --size 800x1216 --runs 2
+    python -m benchmarks.profile_onnx --preset isda_r50_coco --json docs/onnx_profile.json   # for docs/export.md
 
 ONNX Runtime's own profiler (``SessionOptions.enable_profiling``) records every node's kernel time; the first
 run (allocations, one-off work) is left out. Shares only: no latency is printed (take those on a quiet machine
-with ``benchmarks.bench_onnx``).
+with ``benchmarks.bench_onnx``). ``--json`` also writes the shares (percent per op type and per module) with the
+run's provenance, for pages to quote (per op type, per top-level part, per module).
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import argparse
 import json
 import os
 import re
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from isda.fileio import atomic_write_text
+
+from .common import machine_info
+from .provenance import meta
+from .quiet import measured
 from .worker import parse_size
 
 
@@ -64,6 +72,12 @@ def by_scope(by_node: dict[str, float], depth: int = 3) -> dict[str, float]:
     return dict(scopes)
 
 
+def shares(times: dict[str, float]) -> dict[str, float]:
+    """Percent of the total per key, largest first, keys without a leading slash (a figure path's parts)."""
+    total = sum(times.values()) or 1.0
+    return {name.lstrip("/"): round(100 * t / total, 2) for name, t in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
 def table(times: dict[str, float], top: int) -> list[str]:
     total = sum(times.values()) or 1.0
     rows = sorted(times.items(), key=lambda kv: -kv[1])[:top]
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimization", choices=("none", "basic", "all"), default="all",
                    help="ONNX Runtime graph optimisation level")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", type=Path, help="also write the shares (percent) and the run's provenance here")
+    p.add_argument("--no-settle", action="store_true", help="start without waiting for a quiet machine (tests)")
     args = p.parse_args(argv)
     onnx = args.onnx
     if onnx is None:
@@ -90,11 +106,21 @@ def main(argv: list[str] | None = None) -> None:
 
         onnx = Path(tempfile.mkdtemp()) / f"{args.preset}.onnx"
         export_model(build_isda(args.preset, seed=0).eval(), onnx, isda_metadata(get_preset(args.preset)))
-    by_op, by_node = profile(onnx, args.size, args.runs, args.threads, args.optimization)
+    with measured(settle_first=not args.no_settle) as timing:
+        by_op, by_node = profile(onnx, args.size, args.runs, args.threads, args.optimization)
     print(f"{onnx} at {args.size[0]}x{args.size[1]}, {args.threads} threads, {args.runs} runs")
     print("per op type:", *table(by_op, args.top), sep="\n")
     print("per module (layer indices merged):", *table(by_scope(by_node), args.top), sep="\n")
     print("per node:", *table(by_node, args.top), sep="\n")
+    if args.json:
+        record = {"onnx": "exported from the preset, random weights" if args.onnx is None else args.onnx.name,
+                  "size": f"{args.size[0]}x{args.size[1]}", "threads": args.threads, "runs": args.runs,
+                  "optimization": args.optimization, "machine": machine_info(args.threads),
+                  "by_op": shares(by_op), "by_part": shares(by_scope(by_node, depth=1)),
+                  "by_module": shares(by_scope(by_node))}
+        command = "python -m benchmarks.profile_onnx " + " ".join(argv if argv is not None else sys.argv[1:])
+        record["_meta"] = meta(command, [f"preset:{args.preset}:model,data"] if args.onnx is None else [], timing)
+        atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -602,6 +602,25 @@ def test_onnx_page_does_not_quote_timings_measured_beside_other_work():
     assert "OpenVINO float32 takes 2.00x ONNX Runtime's time: slower than ONNX Runtime here" in quiet_page
     assert "2.00x" not in busy_page
 
+def test_onnx_profile_shares_cover_the_graph_and_name_the_attention_core(tmp_path):
+    import json
+
+    from benchmarks.profile_onnx import main
+
+    out = tmp_path / "profile.json"
+    main(["--preset", "isda_tiny", "--size", "64x96", "--runs", "1", "--threads", "1", "--no-settle",
+          "--json", str(out)])
+    record = json.loads(out.read_text())
+    for shares in (record["by_op"], record["by_part"], record["by_module"]):
+        assert sum(shares.values()) == pytest.approx(100, abs=0.5)  # every kernel's time, counted once
+        assert list(shares.values()) == sorted(shares.values(), reverse=True)
+    assert record["by_op"]["GridSample"] > 0  # the exported deformable-attention core
+    assert record["by_module"]["transformer/encoder/self_attn"] > 0 and "backbone/layer1" in record["by_module"]
+    assert {"backbone", "neck", "transformer", "mask_features"} <= set(record["by_part"])
+    assert record["size"] == "64x96" and record["_meta"]["command"].endswith(f"--json {out}")
+    assert record["_meta"]["depends_on"]["preset:isda_tiny:model,data"]["model.hidden_dim"] == 128
+
+
 def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_path):
     """Two records of a choice (sections whose _meta decided preset values) and an accuracy section without a choice
     of its own: the page shows both, oldest first, each with the values it ran on and what it decided."""
