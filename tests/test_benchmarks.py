@@ -615,7 +615,7 @@ def test_onnx_profile_shares_cover_the_graph_and_name_the_attention_core(tmp_pat
         assert sum(shares.values()) == pytest.approx(100, abs=0.5)  # every kernel's time, counted once
         assert list(shares.values()) == sorted(shares.values(), reverse=True)
     assert record["by_op"]["GridSample"] > 0  # the exported deformable-attention core
-    assert record["by_module"]["transformer/encoder/self_attn"] > 0 and "backbone/layer1" in record["by_module"]
+    assert record["by_module"]["transformer/encoder/self_attn"] > 0 and "backbone/layer1/layer1" in record["by_module"]
     assert {"backbone", "neck", "transformer", "mask_features"} <= set(record["by_part"])
     assert record["size"] == "64x96" and record["_meta"]["command"].endswith(f"--json {out}")
     assert record["_meta"]["depends_on"]["preset:isda_tiny:model,data"]["model.hidden_dim"] == 128
