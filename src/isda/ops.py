@@ -69,29 +69,32 @@ def ms_deform_attn_traceable(value: Tensor, spatial_shapes: Tensor, sampling_loc
     the exported graph takes any image size (the checks and ``.tolist()`` above would freeze the sizes)."""
     levels = sampling_locations.shape[3]
     shapes = [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(levels)]
-    return _grid_sample_ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+    return _grid_sample_ms_deform_attn(value, shapes, sampling_locations, attention_weights, points_major=True)
 
 
 # ---- grid_sample implementation ------------------------------------------------------------------
 
 def _grid_sample_ms_deform_attn(value: Tensor, shapes: list[tuple[int | Tensor, int | Tensor]], sampling_locations: Tensor,
-                                attention_weights: Tensor) -> Tensor:
+                                attention_weights: Tensor, points_major: bool = False) -> Tensor:
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    # grid_sample wants (N, C, H, W) maps and (N, H_out, W_out, 2) grids in [-1, 1]; heads fold into N. The grid
-    # is (points, queries): the weighted sum over points then adds P whole rows of Q samples, where a (queries,
-    # points) grid would reduce runs of P = 4 values (faster in ONNX Runtime: docs/onnx.md).
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)  # (B*M, L, P, Q, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).flatten(0, 1).unsqueeze(1)  # (B*M, 1, L, P, Q)
+    # grid_sample wants (N, C, H, W) maps and (N, H_out, W_out, 2) grids in [-1, 1]; heads fold into N. The grid is
+    # (queries, points), or with ``points_major`` (points, queries): the weighted sum over points then adds P whole
+    # rows of Q samples instead of reducing runs of P = 4 values, faster in ONNX Runtime (docs/onnx.md), the export's
+    # layout; other devices keep the layout their figures were measured with.
+    order = (0, 2, 3, 4, 1) if points_major else (0, 2, 1, 3, 4)  # (B, M, L, P, Q) or (B, M, Q, L, P)
+    grids = (2 * sampling_locations - 1).permute(*order, 5).flatten(0, 1)
+    weights = attention_weights.permute(*order).flatten(0, 1).unsqueeze(1)
     values = value.flatten(2).transpose(1, 2).reshape(B * M, D, S)  # (B*M, D, S)
     out = value.new_zeros(B * M, D, Q)
     start = 0
     for lvl, (h, w) in enumerate(shapes):
         v = values[:, :, start : start + h * w].reshape(B * M, D, h, w)
         start += h * w
-        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        grid, weight = (grids[:, lvl], weights[:, :, lvl]) if points_major else (grids[:, :, lvl], weights[:, :, :, lvl])
+        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # Accumulate per level instead of stacking levels: peak memory of one level's samples.
-        out = out + (sampled * weights[:, :, lvl]).sum(2)
+        out = out + (sampled * weight).sum(2 if points_major else -1)
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
 
 

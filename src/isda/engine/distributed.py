@@ -66,7 +66,9 @@ def cleanup_distributed() -> None:
     A gloo worker thread drops its last reference to a finished collective's tensors a moment after the
     caller's ``wait`` returns; if that falls into interpreter shutdown, the thread cannot take the GIL and the
     process aborts ("terminate called without an active exception"). Freeing the group here (garbage first:
-    a DDP model that is no longer used still holds it) joins those threads while Python is alive."""
+    a DDP model that is no longer used still holds it; again after, for what destroying it left in reference
+    cycles: the thread check in tests/test_distributed.py fails without either) joins those threads while Python is
+    alive."""
     if is_distributed():
         gc.collect()
         dist.destroy_process_group()
