@@ -6,8 +6,8 @@
 
 ONNX Runtime's own profiler (``SessionOptions.enable_profiling``) records every node's kernel time; the first
 run (allocations, one-off work) is left out. Shares only: no latency is printed (take those on a quiet machine
-with ``benchmarks.bench_onnx``). ``--json`` also writes the shares (percent per op type and per module) with the
-run's provenance, for pages to quote (per op type, per top-level part, per module).
+with ``benchmarks.bench_onnx``). ``--json`` also writes the shares (percent per op type, per top-level part and
+per module) with the run's provenance, for pages to quote.
 """
 
 from __future__ import annotations
@@ -79,9 +79,7 @@ def shares(times: dict[str, float]) -> dict[str, float]:
 
 
 def table(times: dict[str, float], top: int) -> list[str]:
-    total = sum(times.values()) or 1.0
-    rows = sorted(times.items(), key=lambda kv: -kv[1])[:top]
-    return [f"{100 * t / total:6.1f}%  {name}" for name, t in rows]
+    return [f"{share:6.1f}%  {name}" for name, share in list(shares(times).items())[:top]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,14 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         by_op, by_node = profile(onnx, args.size, args.runs, args.threads, args.optimization)
     print(f"{onnx} at {args.size[0]}x{args.size[1]}, {args.threads} threads, {args.runs} runs")
     print("per op type:", *table(by_op, args.top), sep="\n")
-    print("per module (layer indices merged):", *table(by_scope(by_node), args.top), sep="\n")
+    by_module = by_scope(by_node)
+    print("per module (layer indices merged):", *table(by_module, args.top), sep="\n")
     print("per node:", *table(by_node, args.top), sep="\n")
     if args.json:
         record = {"onnx": "exported from the preset, random weights" if args.onnx is None else args.onnx.name,
                   "size": f"{args.size[0]}x{args.size[1]}", "threads": args.threads, "runs": args.runs,
                   "optimization": args.optimization, "machine": machine_info(args.threads),
                   "by_op": shares(by_op), "by_part": shares(by_scope(by_node, depth=1)),
-                  "by_module": shares(by_scope(by_node))}
+                  "by_module": shares(by_module)}
         command = "python -m benchmarks.profile_onnx " + " ".join(argv if argv is not None else sys.argv[1:])
         record["_meta"] = meta(command, [f"preset:{args.preset}:model,data"] if args.onnx is None else [], timing)
         atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
