@@ -510,7 +510,8 @@ def merge(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any
         return new
     if "isda_config" in previous and "isda_config" in new and _differs("isda_config", previous["isda_config"],
                                                                        new["isda_config"]):
-        heldout_mr = {b: {"maskrcnn": e["maskrcnn"]} for b, e in previous.get("heldout", {}).items() if "maskrcnn" in e}
+        heldout_mr = {b: mr for b, e in previous.get("heldout", {}).items()
+                      if (mr := {k: e[k] for k in HELDOUT_MASKRCNN if k in e})}
         previous = {**{k: previous[k] for k in ("earlier", "_meta") if k in previous}, "seeds": previous["seeds"],
                     "maskrcnn": previous.get("maskrcnn", {}), "heldout": heldout_mr,
                     "budgets_s": sorted({float(b) for b in previous.get("maskrcnn", {})}),
