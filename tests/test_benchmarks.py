@@ -456,12 +456,16 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     isda_only = {**new, "isda_config": other, "maskrcnn": {}, "budgets_s": [480.0],
                  "heldout": {"480": {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"]}},
                  "isda": {"480": new["isda"]["480"]}}
+    fitted = {"0": _acc_run(0.55)}  # Mask R-CNN at the fitted sizes, alone at 1800 s
     before = {**new, "isda_config": cfg, "isda": {"480": {"0": _acc_run(0.5)}, "1800": {"0": _acc_run(0.6)}},
+              "heldout": {**new["heldout"], "1800": {"isda": {"0": _acc_run(0.6)}, "maskrcnn_fit": fitted}},
               "sweep": previous["sweep"]}
     changed = bench_accuracy.merge(before, isda_only)
     assert changed["isda"] == isda_only["isda"] and "sweep" not in changed and changed["maskrcnn"] == new["maskrcnn"]
-    assert changed["heldout"]["480"] == {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"],
-                                         "maskrcnn": new["heldout"]["480"]["maskrcnn"]}
+    assert changed["heldout"] == {"480": {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"],
+                                          **{k: new["heldout"]["480"][k] for k in ("maskrcnn", "maskrcnn_fit")}},
+                                  "1800": {"maskrcnn_fit": fitted}}
+    assert changed["heldout_budgets_s"] == [480.0, 1800.0]
     assert changed["budgets_s"] == [480.0, 1800.0] and changed["earlier"] == [new["_meta"]]
     # A field added to the configuration since (an opt-in feature, off: the earlier code's behaviour) does not.
     added = {**flipped, "train": {"lr": 2e-4, "new_option": 0}}

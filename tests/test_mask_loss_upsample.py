@@ -158,7 +158,7 @@ def test_criterion_takes_the_mask_terms_on_points_with_the_varifocal_iou_at_the_
 def test_the_model_hands_the_criterion_targets_at_the_fine_resolution(monkeypatch):
     """In the model, the fine targets are the images' masks (padded to the batch) at the mask stride's resolution
     times the factor: at factor = stride, the masks themselves."""
-    model = tiny(**{"loss.mask_loss_upsample": 4}).train()
+    model = tiny(**{"model.mask_stride": 4, "loss.mask_loss_upsample": 4}).train()
     seen = {}
     criterion = type(model.criterion)
     original = criterion.__call__
@@ -182,6 +182,6 @@ def test_the_model_hands_the_criterion_targets_at_the_fine_resolution(monkeypatc
     ({"loss.mask_loss_points": 256}, "loss.mask_loss_points"),  # points need a finer resolution
 ])
 def test_bad_values_name_the_field(overrides, field):
-    cfg = apply_overrides(get_preset("isda_tiny"), overrides)
+    cfg = apply_overrides(get_preset("isda_tiny"), {"model.mask_stride": 4, **overrides})
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         cfg.validate()

@@ -28,7 +28,8 @@ def test_upsample_masks_equals_upsampling_all_at_once(image_size, output_size):
     """Chunked, thresholded into the output == every mask upsampled, cropped, resized and thresholded at once."""
     torch.manual_seed(0)
     model = isda.build_model("isda_tiny", num_classes=3)
-    probs = torch.rand(7, 16, 24, generator=torch.Generator().manual_seed(0))
+    s = model.cfg.mask_stride  # the mask logits of a 64x96 padded batch
+    probs = torch.rand(7, 64 // s, 96 // s, generator=torch.Generator().manual_seed(0))
     h, w = image_size
     want = F.interpolate(probs[:, None], scale_factor=model.cfg.mask_stride, mode="bilinear",
                          align_corners=False)[:, :, :h, :w]

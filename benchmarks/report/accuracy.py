@@ -186,12 +186,13 @@ def _test_variants(acc: dict[str, Any]) -> list[str]:
     vbudgets = [str(int(v)) for v in acc.get("variant_budgets_s", [])]
     default = [{v: (acc.get("isda", {}).get(v) or {}).get("0") for v in vbudgets}]
     if acc.get("ablations"):
-        labels = {"no_mp_no_kp": "neither MP nor KP, stride 4", "mask_stride_8": "MP + KP, mask stride 8",
-                  "mask_stride_2": "MP + KP, mask stride 2"}
+        stride = acc.get("isda_config", {}).get("model", {}).get("mask_stride", 4)  # the preset's, as recorded
+        labels = {"no_mp_no_kp": f"neither MP nor KP, stride {stride}",
+                  **{f"mask_stride_{k}": f"MP + KP, mask stride {k}" for k in (8, 4, 2)}}
         out += ["### Ablations in miniature (ISDA tiny, test split, seed 0)", "",
                 "The paper (COCO, R50, shorter schedule): MP + KP +4.1 AP over neither; mask stride 1/8 35.0, "
                 "1/4 36.5, 1/2 36.4 AP.", ""]
-        out += _variant_table([("MP + KP, mask stride 4 (default)", default)]
+        out += _variant_table([(f"MP + KP, mask stride {stride} (default)", default)]
                               + [(labels.get(n, n), _seed_runs(e)) for n, e in acc["ablations"].items()], vbudgets)
     if acc.get("levers"):
         extra = sorted({s for e in acc["levers"].values() for s in e.get("seeds", {})}, key=int)
