@@ -662,3 +662,28 @@ def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_p
     assert "`data.fit_sizes` on − off on the held-out family: **+0.5** AP" in page[held:]
     assert "| mask_locality (`model.mask_locality=True`) | 8 min | 40.0 / 50.0 | 45.0 |" in page
     assert "Winner at 8 min: **mask_locality**" in page
+
+
+def test_bf16_goal_bullets_say_met_and_bound_by_the_float32_core_only_on_one_cpu():
+    from benchmarks.report.speed import _bf16_goals
+
+    def t(median):
+        return {"time": {"median": median}}
+
+    inf = {"isda_bf16": {**t(1.2), "components": {"total": 1.2, "backbone": 0.15, "encoder": 0.6}},
+           "maskrcnn": t(4.0), "maskrcnn_eq_bf16": t(0.9), "ratio_latency_bf16": 1.2 / 0.9, "_meta": {"cpu": "X"}}
+    msda = {"cases": {"encoder/forward": {"isda": {"median": 0.08}}}, "_meta": {"cpu": "X"}}
+    best, both = _bf16_goals(inf, msda)
+    assert "**0.30** (goal <= 0.50): met." in best
+    assert "**1.33** (goal <= 0.75): not met." in both
+    # 0.75 x 0.9 = 0.675 s; 6 layers x 0.08 s = 0.48 s of float32 core; with the 0.15 s backbone 45 ms are left,
+    # for what takes 1.2 - 0.15 - 0.48 s now.
+    assert "6 x 80.0 ms = 0.480 s" in both and "leaves 45.0 ms of the goal's 0.675 s" in both, both
+    assert "takes 0.570 s now" in both
+    inf["isda_bf16"]["components"]["backbone"] = 0.2
+    assert _bf16_goals(inf, msda)[1].endswith("backbone's 0.200 s that is more than the goal's 0.675 s before "
+                                              "anything else runs.")
+    # The core measured on another CPU is not quoted against this one's total.
+    assert "core" not in _bf16_goals(inf, {**msda, "_meta": {"cpu": "Y"}})[1]
+    inf["ratio_latency_bf16"] = 0.7
+    assert _bf16_goals(inf, msda)[1].endswith("(goal <= 0.75): met.")
