@@ -137,8 +137,8 @@ LEVERS = {
     "queries_25": {"model.num_queries": 25},  # one step past the edge, as the sweep does
     # The lr was swept at 3 minutes on an earlier preset (stride 4, 100 queries, one-to-one matching): again at
     # 8 minutes on today's, one and two steps up (Mask R-CNN's bf16 recipe runs at 1e-3).
-    "lr_x1.5": {"train.lr": 6e-4},
-    "lr_x2": {"train.lr": 8e-4},
+    "lr_6e-4": {"train.lr": 6e-4},
+    "lr_8e-4": {"train.lr": 8e-4},
     # A nonlinear per-query mask head beside the linear kernel (CondInst's dynamic head: 8 hidden channels there).
     # A step costs (as above) 1.4x with 8, 1.2x with 4.
     "mask_mlp_8": {"model.mask_mlp_hidden": 8},
