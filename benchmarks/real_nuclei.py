@@ -140,23 +140,56 @@ def run(length: dict[str, float], out: Path, page: Path | None, threads: int) ->
     return result
 
 
+def _beside(page: Path, out: Path, name: str, extra: list[str], threads: int, command: str,
+            depends_on: list[str]) -> dict[str, Any]:
+    """The page's run again with ``extra`` arguments (same command and length otherwise) into ``out / name``, on a
+    quiet machine: its record (command, curve, data config, ``_meta``), for the caller to add to the page's JSON."""
+    result = json.loads(page.with_suffix(".json").read_text())
+    data = prepare(fetch(), out / "data")
+    trained = train_as_user(data, out / name, result.get("length") or {"max_steps": result["steps"]}, threads, extra)
+    timing = trained.pop("timing")
+    trained["_meta"] = meta(command, depends_on, timing)
+    return trained
+
+
+def _save(page: Path, update: Any) -> dict[str, Any]:
+    """The page's JSON with ``update(result)`` applied (read again: another writer may have added to it), and the page."""
+    result = json.loads(page.with_suffix(".json").read_text())
+    update(result)
+    atomic_write_text(page.with_suffix(".json"), json.dumps(result, indent=1))
+    atomic_write_text(page, render(result, page))
+    return result
+
+
 def finetune(init: Path, out: Path, page: Path, threads: int) -> dict[str, Any]:
     """The page's run again from ``init`` (same steps and command otherwise), added to the page's JSON as
     ``finetune``."""
     if not init.is_file():
         raise SystemExit(f"--init {init}: file not found (train one first, e.g. `isda demo` writes runs/demo/best.pt)")
-    result = json.loads(page.with_suffix(".json").read_text())
-    data = prepare(fetch(), out / "data")
-    trained = train_as_user(data, out / "finetune", result.get("length") or {"max_steps": result["steps"]}, threads,
-                            ["--init", str(init)])
-    timing = trained.pop("timing")
+    trained = _beside(page, out, "finetune", ["--init", str(init)], threads,
+                      f"python -m benchmarks.real_nuclei finetune --init {init} --threads {threads} --page {page}",
+                      ["preset:isda_tiny", "data:shapes"])
     trained["init"] = str(init)
-    trained["_meta"] = meta(f"python -m benchmarks.real_nuclei finetune --init {init} --threads {threads} --page {page}",
-                            ["preset:isda_tiny", "data:shapes"], timing)
-    result["finetune"] = trained
-    atomic_write_text(page.with_suffix(".json"), json.dumps(result, indent=1))
-    atomic_write_text(page, render(result, page))
-    return result
+    return _save(page, lambda result: result.update(finetune=trained))
+
+
+# The page's run with one setting of the preset changed: what that choice does on real data.
+VARIANTS = {
+    "fixed_input": ("data.fit_sizes=false", "the preset's fixed input size (no fitting)"),
+    # data.fit_instance_px counts image pixels; what the masks see is pixels / model.mask_stride: 24 px are six mask
+    # cells at stride 4 (the stride fit_instance_px was chosen at), and half of it keeps six cells at stride 2.
+    "fit_12px": ("data.fit_instance_px=12", "the median instance fitted to 12 px instead of 24"),
+}
+
+
+def variant(name: str, out: Path, page: Path, threads: int) -> dict[str, Any]:
+    """The page's run with :data:`VARIANTS` ``[name]`` set, added to the page's JSON under ``variants``."""
+    setting, _ = VARIANTS[name]
+    trained = _beside(page, out, name, ["--set", setting], threads,
+                      f"python -m benchmarks.real_nuclei variant {name} --threads {threads} --page {page}",
+                      ["preset:isda_tiny"])
+    trained["setting"] = setting
+    return _save(page, lambda result: result.setdefault("variants", {}).update({name: trained}))
 
 
 def render(result: dict[str, Any], page: Path) -> str:
@@ -221,7 +254,7 @@ Ground truth (left) beside the prediction (right) on the held-out tile:
   and nothing can be downloaded from elsewhere on this machine ([training.md](training.md#pretrained-weights) has
   the recipe for users who have the file).
 - Larger images: train on tiles like these and predict whole slides with `isda predict --tile`.
-""" + _finetune_section(result) + _labelme_section(result)
+""" + _variants_section(result) + _finetune_section(result) + _labelme_section(result)
 
 
 def _finetune_section(result: dict[str, Any]) -> str:
@@ -250,6 +283,32 @@ training time, same threads, on a quiet machine.
 At the end: **AP {final['AP']:.1f}** (AP50 {final['AP50']:.1f}) from the shapes model against AP
 {base['AP']:.1f} (AP50 {base['AP50']:.1f}) from scratch; one tile is a small test set, so differences of a few points
 are within the noise of one validation.
+"""
+
+
+def _variants_section(result: dict[str, Any]) -> str:
+    """The run beside itself with one preset setting changed (:data:`VARIANTS`): last validation of each."""
+    runs = result.get("variants") or {}
+    if not runs:
+        return ""
+
+    def row(label: str, setting: str, run: dict[str, Any]) -> str:
+        c, d = run["curve"][-1], run["data"]
+        return (f"| {label} | {setting} | {d['test_short_side']} px | {c['iter']} | {c['AP']:.1f} | {c['AP50']:.1f} | "
+                f"{run['_meta']['load_average_before']:.2f} |")
+
+    rows = [row("the preset's defaults (above)", "", {**result, "_meta": {"load_average_before": result["load_average"][0]}})]
+    rows += [row(VARIANTS[name][1] if name in VARIANTS else name, f"`{run['setting']}`", run) for name, run in runs.items()]
+    commands = ", ".join(f"`{run['_meta']['command']}`" for run in runs.values())
+    return f"""
+## One setting of the preset changed
+
+The same command and training time with one setting changed, each on a quiet machine ({commands}); AP on the
+held-out tile at the last validation:
+
+| run | setting | test size | steps | AP | AP50 | load before |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
 """
 
 
@@ -315,8 +374,17 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--out", type=Path, default=Path("runs/real_nuclei"))
     f.add_argument("--page", type=Path, default=Path("docs/real_data.md"))
     f.add_argument("--threads", type=int, default=2)
+    v = sub.add_parser("variant", help="the page's run with one preset setting changed, added to the page")
+    v.add_argument("name", choices=sorted(VARIANTS), help="; ".join(f"{k}: {s}" for k, (s, _) in VARIANTS.items()))
+    v.add_argument("--out", type=Path, default=Path("runs/real_nuclei"))
+    v.add_argument("--page", type=Path, default=Path("docs/real_data.md"))
+    v.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    if args.command == "fetch":
+    if args.command == "variant":
+        result = variant(args.name, args.out, args.page, args.threads)
+        print(f"held-out AP {result['variants'][args.name]['curve'][-1]['AP']:.1f} with "
+              f"{VARIANTS[args.name][0]}, {result['curve'][-1]['AP']:.1f} with the preset's defaults")
+    elif args.command == "fetch":
         print("\n".join(f"{k}: {v}" for k, v in fetch().items()))
     elif args.command == "finetune":
         result = finetune(args.init, args.out, args.page, args.threads)

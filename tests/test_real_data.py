@@ -125,3 +125,36 @@ def test_labelmes_photos_split_into_two_to_train_and_one_held_out(tmp_path):
     assert train.dataset["categories"] == test.dataset["categories"] and len(test.dataset["categories"]) == 20
     for coco in (train, test):  # the images open where the split says they are
         assert all((data["train"][1] / im["file_name"]).is_file() for im in coco.dataset["images"])
+
+
+def test_a_preset_variant_runs_the_page_command_with_its_setting_and_joins_the_page(tmp_path, monkeypatch):
+    import shutil
+
+    from benchmarks import real_nuclei
+    from benchmarks.provenance import ROOT
+
+    page = tmp_path / "real_data.md"
+    shutil.copyfile(ROOT / "docs" / "real_data.json", page.with_suffix(".json"))
+    seen = {}
+
+    def train(data, run_dir, length, threads, extra):
+        seen.update(run_dir=run_dir, length=length, extra=extra)
+        return {"command": "isda train ...", "data": {"test_short_side": 160},
+                "curve": [{"iter": 7, "train_s": 1.0, "AP": 12.5, "AP50": 30.0, "AP75": 5.0}],
+                "timing": {"load_before": 0.5, "load_after": 0.6, "other_cpus": 0.0}}
+
+    monkeypatch.setattr(real_nuclei, "train_as_user", train)
+    monkeypatch.setattr(real_nuclei, "prepare", lambda sources, root: {})
+    monkeypatch.setattr(real_nuclei, "fetch", lambda: {})
+    before = json.loads(page.with_suffix(".json").read_text())
+    result = real_nuclei.variant("fit_12px", tmp_path, page, 2)
+    # The page's own run length, the variant's setting, its own directory; the rest of the page's JSON kept.
+    assert seen == {"run_dir": tmp_path / "fit_12px", "length": before["length"],
+                    "extra": ["--set", "data.fit_instance_px=12"]}
+    saved = json.loads(page.with_suffix(".json").read_text())
+    assert saved == result and saved["curve"] == before["curve"] and saved.get("finetune") == before.get("finetune")
+    run = saved["variants"]["fit_12px"]
+    assert run["setting"] == "data.fit_instance_px=12" and run["_meta"]["depends_on"].keys() == {"preset:isda_tiny"}
+    text = page.read_text()
+    assert "| the median instance fitted to 12 px instead of 24 | `data.fit_instance_px=12` | 160 px | 7 | 12.5 | 30.0 |" in text
+    assert f"| the preset's defaults (above) |  | {before['data']['test_short_side']} px | {before['steps']} |" in text
