@@ -664,6 +664,35 @@ def test_records_of_each_choice_render_oldest_first_with_what_they_decided(tmp_p
     assert "Winner at 8 min: **mask_locality**" in page
 
 
+
+def test_a_new_round_of_levers_shows_after_the_records_and_says_whether_its_winner_is_the_default():
+    from benchmarks.report.accuracy import accuracy
+    from isda.config import get_preset
+
+    chosen = {"isda": {}, "maskrcnn": {"optimizer": "adamw", "lr": 8e-4}}
+    record = {"isda_config": {"model": {"mask_locality": False}}, "chosen": chosen,
+              "_meta": {"date": "2026-12-03 10:00:00", "command": "python -m benchmarks.run",
+                        "decided": {"model.mask_locality": True}}}
+    lr = get_preset("isda_tiny").train.lr
+
+    def page(winner_lr: float) -> str:
+        levers = {"recipe": {"overrides": {}, "runs": {"480": {"0": _acc_run(0.60), "1": _acc_run(0.61)}}},
+                  "lr_up": {"overrides": {"train.lr": winner_lr},
+                            "runs": {"480": {"0": _acc_run(0.70), "1": _acc_run(0.71)}}}}
+        acc = {"seeds": [0], "num_train": 4, "num_val": 2, "image_size": 128, "isda_preset": "isda_tiny", "isda": {},
+               "maskrcnn": {}, "chosen": chosen, "tune_levers+bf16": levers}
+        return "\n".join(accuracy(acc, [record]))
+
+    pending = page(2 * lr)
+    # The record behind a default stays on the page, the new round after it, its winner not called a default.
+    at = pending.index("### How `isda_tiny` chose its default `model.mask_locality`")
+    new = pending.index("### The latest round of levers (tune split): not yet the preset's default")
+    assert at < new < pending.index("Winner at 8 min: **lr_up**")
+    assert f"`lr_up` (`train.lr={2 * lr}`), is not `isda_tiny`'s default yet" in pending
+    adopted = page(lr)
+    assert "not yet" not in adopted and f"Its winner is `isda_tiny` as it stands (`train.lr={lr}`)." in adopted
+
+
 def test_bf16_goal_bullets_say_met_and_bound_by_the_float32_core_only_on_one_cpu():
     from benchmarks.report.speed import _bf16_goals
 
