@@ -136,7 +136,7 @@ LEVERS = {
     "queries_50": {"model.num_queries": 50},
     "queries_25": {"model.num_queries": 25},  # one step past the edge, as the sweep does
     # The lr was swept at 3 minutes on an earlier preset (stride 4, 100 queries, one-to-one matching): again at
-    # 8 minutes on today's, one and two steps up (Mask R-CNN's bf16 recipe runs at 1e-3).
+    # 8 minutes on the current one, one and two steps up (Mask R-CNN's bf16 recipe runs at 1e-3).
     "lr_6e-4": {"train.lr": 6e-4},
     "lr_8e-4": {"train.lr": 8e-4},
     # A nonlinear per-query mask head beside the linear kernel (CondInst's dynamic head: 8 hidden channels there).

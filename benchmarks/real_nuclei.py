@@ -292,13 +292,14 @@ def _variants_section(result: dict[str, Any]) -> str:
     if not runs:
         return ""
 
-    def row(label: str, setting: str, run: dict[str, Any]) -> str:
-        c, d = run["curve"][-1], run["data"]
-        return (f"| {label} | {setting} | {d['test_short_side']} px | {c['iter']} | {c['AP']:.1f} | {c['AP50']:.1f} | "
-                f"{run['_meta']['load_average_before']:.2f} |")
+    def row(label: str, setting: str, run: dict[str, Any], load: float) -> str:
+        c = run["curve"][-1]
+        return (f"| {label} | {setting} | {run['data']['test_short_side']} px | {c['iter']} | {c['AP']:.1f} | "
+                f"{c['AP50']:.1f} | {load:.2f} |")
 
-    rows = [row("the preset's defaults (above)", "", {**result, "_meta": {"load_average_before": result["load_average"][0]}})]
-    rows += [row(VARIANTS[name][1] if name in VARIANTS else name, f"`{run['setting']}`", run) for name, run in runs.items()]
+    rows = [row("the preset's defaults (above)", "", result, result["load_average"][0])]
+    rows += [row(VARIANTS[name][1] if name in VARIANTS else name, f"`{run['setting']}`", run,
+                 run["_meta"]["load_average_before"]) for name, run in runs.items()]
     commands = ", ".join(f"`{run['_meta']['command']}`" for run in runs.values())
     return f"""
 ## One setting of the preset changed

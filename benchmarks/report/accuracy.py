@@ -9,6 +9,7 @@ from isda.config import get_preset
 
 from benchmarks.derived import (finished, heldout, lever_budgets, lever_choice, lever_sections, means,
                                  speedup_sections)
+from benchmarks.provenance import flat
 
 from .formatting import ap, measured
 
@@ -221,15 +222,14 @@ def _latest_round(acc: dict[str, Any], after_records: bool) -> list[str]:
     if not (after_records and budgets):
         return []
     winner = lever_choice(acc[tune[0]], budgets[0])["winner"]
-    overrides = (acc[tune[0]].get(winner) or {}).get("overrides") or {}
-    preset = {f"{section}.{k}": v for section, fields in get_preset(acc["isda_preset"]).to_dict().items()
-              for k, v in fields.items()}
-    if winner == "recipe" or all(preset.get(k) == v for k, v in overrides.items()):
+    overrides = _overrides(acc[tune[0]][winner])
+    preset = flat(get_preset(acc["isda_preset"]).to_dict())
+    if all(preset.get(k) == v for k, v in (acc[tune[0]][winner].get("overrides") or {}).items()):
         return ["### The latest round of levers (tune split)", "",
-                f"Its winner is `{acc['isda_preset']}` as it stands" + (f" (`{_overrides(acc[tune[0]][winner])}`)"
-                                                                       if overrides else "") + ".", ""]
+                f"Its winner is `{acc['isda_preset']}` as it stands" + (f" (`{overrides}`)" if overrides else "") + ".",
+                ""]
     return ["### The latest round of levers (tune split): not yet the preset's default", "",
-            f"Its winner on the tune split, `{winner}` (`{_overrides(acc[tune[0]][winner])}`), is not "
+            f"Its winner on the tune split, `{winner}` (`{overrides}`), is not "
             f"`{acc['isda_preset']}`'s default yet: a winner becomes one when it does not lose on the held-out family "
             "and every figure that depends on the preset has been measured again with it. The tables after this one "
             "ran on the preset as it stands.", ""]
