@@ -144,6 +144,9 @@ def _beside(page: Path, out: Path, name: str, extra: list[str], threads: int, co
             depends_on: list[str]) -> dict[str, Any]:
     """The page's run again with ``extra`` arguments (same command and length otherwise) into ``out / name``, on a
     quiet machine: its record (command, curve, data config, ``_meta``), for the caller to add to the page's JSON."""
+    if not page.with_suffix(".json").is_file():
+        raise SystemExit(f"{page.with_suffix('.json')}: file not found (write the page's run first: "
+                         f"`python -m benchmarks.real_nuclei run --page {page}`)")
     result = json.loads(page.with_suffix(".json").read_text())
     data = prepare(fetch(), out / "data")
     trained = train_as_user(data, out / name, result.get("length") or {"max_steps": result["steps"]}, threads, extra)

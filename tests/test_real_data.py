@@ -158,3 +158,10 @@ def test_a_preset_variant_runs_the_page_command_with_its_setting_and_joins_the_p
     text = page.read_text()
     assert "| the median instance fitted to 12 px instead of 24 | `data.fit_instance_px=12` | 160 px | 7 | 12.5 | 30.0 |" in text
     assert f"| the preset's defaults (above) |  | {before['data']['test_short_side']} px | {before['steps']} |" in text
+
+
+def test_a_variant_without_the_page_run_says_which_file_is_missing(tmp_path):
+    from benchmarks import real_nuclei
+
+    with pytest.raises(SystemExit, match=r"real_data\.json: file not found \(write the page's run first"):
+        real_nuclei.variant("fixed_input", tmp_path, tmp_path / "real_data.md", 2)
