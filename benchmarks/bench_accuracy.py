@@ -52,7 +52,7 @@ from isda.data import make_shapes_dataset
 
 from .common import cpu_model
 from .heldout_shapes import make_heldout_dataset
-from .maskrcnn_shapes import ROI_BATCH, train_maskrcnn
+from .maskrcnn_shapes import ROI_BATCH, WARMUP_FRAC, train_maskrcnn
 from .quiet import measured
 
 PARTS = ("sweep", "test", "heldout", "variants", "tune_levers", "heldout_levers", "tune_speedups")
@@ -139,6 +139,10 @@ LEVERS = {
     # 8 minutes on the current one, one and two steps up (Mask R-CNN's bf16 recipe runs at 1e-3).
     "lr_6e-4": {"train.lr": 6e-4},
     "lr_8e-4": {"train.lr": 8e-4},
+    # The same with the Mask R-CNN baseline's warm-up (linear over the first 5 % of the budget): a higher lr may
+    # need one.
+    "warmup_lr_6e-4": {"train.lr": 6e-4, "train.warmup_frac": WARMUP_FRAC},
+    "warmup_lr_8e-4": {"train.lr": 8e-4, "train.warmup_frac": WARMUP_FRAC},
     # A nonlinear per-query mask head beside the linear kernel (CondInst's dynamic head: 8 hidden channels there).
     # A step costs (as above) 1.4x with 8, 1.2x with 4.
     "mask_mlp_8": {"model.mask_mlp_hidden": 8},

@@ -80,12 +80,6 @@ def build_maskrcnn_r18(num_classes: int, min_size: int = 128, max_size: int = 19
     return model
 
 
-def warmup_factor(progress: float, warmup_frac: float) -> float:
-    """Linear warm-up over the first ``warmup_frac`` of the run (``progress`` in [0, 1]); 1 % of the lr at the
-    first step rather than none."""
-    return min(1.0, max(progress / warmup_frac, 0.01)) if warmup_frac > 0 else 1.0
-
-
 def _no_resize(image, target=None):
     return image, target
 
@@ -138,13 +132,14 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     """Train from scratch for ``budget_s`` seconds of training time, then evaluate (COCO mask AP).
     Hyper-parameters default to ``cfg.train``'s (the ISDA preset's): lr, weight decay, batch, workers,
     epochs / lr steps, clipping; detections per image: ISDA's ``cfg.model.num_detections``; the lr schedule follows the budget exactly as ISDA's trainer does
-    (:func:`isda.engine.lr_factor` at the budget's progress), after a linear warm-up over the first ``warmup_frac``
+    (:func:`isda.engine.lr_factor` at the budget's progress), its linear warm-up over the first ``warmup_frac``
     of the budget (a fraction, not a step count: at 5-6 s a step a fixed 100 steps outlast an 8-minute run).
     ``amp``: the CPU autocast of training and evaluation, ``cfg.train.amp`` unless given (the generic speed-up
     ISDA's trainer applies, e.g. bf16 where the CPU has bfloat16 matrix units); ``ema_decay``: evaluate the weights'
     moving average (:mod:`isda.engine.ema`), ``cfg.train.ema_decay`` unless given (as ISDA's trainer)."""
     tcfg = copy.deepcopy(cfg.train)
     tcfg.time_budget_s = float(budget_s)
+    tcfg.warmup_frac = warmup_frac  # ISDA's trainer's warm-up (isda.engine.schedule.warmup_factor), this fraction
     tcfg.batch_size = tcfg.batch_size if batch_size is None else batch_size
     seed = tcfg.seed if seed is None else seed
     amp = tcfg.amp if amp is None else amp
@@ -187,7 +182,7 @@ def train_maskrcnn(cfg: Config, train_ann: str | Path, train_images: str | Path,
     while trained < budget_s:
         images, targets = next(batches)
         progress = trained / budget_s
-        factor = lr_factor(step, progress, tcfg) * warmup_factor(progress, warmup_frac)
+        factor = lr_factor(step, progress, tcfg)
         for group in opt.param_groups:
             group["lr"] = lr * factor
         with autocast(torch.device("cpu"), amp):

@@ -11,8 +11,8 @@ import torch
 import isda.engine as engine
 import isda.engine.trainer
 from isda.engine.checkpoint import CheckpointError
-from isda.config import ConfigError, TrainConfig, from_dict, get_preset
-from isda.engine.schedule import RunLength, too_few_steps_warning
+from isda.config import Config, ConfigError, TrainConfig, from_dict, get_preset
+from isda.engine.schedule import RunLength, too_few_steps_warning, warmup_factor
 from isda.models.isda import ISDA
 
 from engine_utils import shapes, single_thread, tiny_config
@@ -237,6 +237,18 @@ def test_lr_factor_warmup_then_drops_at_fractions_of_the_run():
     factors = [engine.lr_factor(step, step / 25, cfg, total_steps=25) for step in range(25)]
     assert factors[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert factors[9] == 1.0 and factors[10] == pytest.approx(0.1) and factors[15] == pytest.approx(0.01)
+
+
+def test_warmup_fraction_of_a_time_budget_then_drops():
+    # The warm-up is a fraction of the run, whatever the step time: full lr from 5 % of it on.
+    assert warmup_factor(0.0, 0.05) == 0.01 and warmup_factor(0.025, 0.05) == pytest.approx(0.5)
+    assert warmup_factor(0.05, 0.05) == 1.0 and warmup_factor(0.9, 0.05) == 1.0 and warmup_factor(0.0, 0.0) == 1.0
+    cfg = TrainConfig(lr_drops=(0.8,), lr_gamma=0.1, warmup_frac=0.05, time_budget_s=480)
+    # A time budget: the step count says nothing, the progress says all (step 10**6 at 1 % of the run).
+    assert engine.lr_factor(10**6, 0.01, cfg) == pytest.approx(0.2)
+    assert engine.lr_factor(5, 0.5, cfg) == 1.0 and engine.lr_factor(5, 0.9, cfg) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="train.warmup_frac"):
+        Config(train=TrainConfig(warmup_frac=1.0)).validate()
 
 
 def test_official_drops_land_on_epoch_boundaries():

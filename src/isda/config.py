@@ -194,6 +194,9 @@ class TrainConfig:
     lr_drops: tuple[float, ...] = tuple(e / 42 for e in (27, 33, 35, 36, 37))
     lr_gamma: float = 0.1
     warmup_iters: int = 0
+    # Linear warm-up over this fraction of the run (a time budget's as well, where a step count cannot say how
+    # much of it that is): from 1 % of the lr. 0: none (the official recipe).
+    warmup_frac: float = 0.0
     batch_size: int = 1  # per process
     accumulate: int = 1
     amp: str = "none"  # none | bf16 (CUDA or CPU) | fp16 (CUDA only); inference: PRECISIONS
@@ -227,6 +230,8 @@ class Config:
         # AdamW takes inf (then every weight becomes inf/NaN after one step) and raises a traceback on NaN or < 0.
         _check(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr",
                f"must be a finite number > 0, got {self.train.lr}")
+        _check(0 <= self.train.warmup_frac < 1, "train.warmup_frac",
+               f"must be in [0, 1) (0: off), got {self.train.warmup_frac}")
         _check(0 <= self.train.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {self.train.ema_decay}")
         for name in ("lr_backbone_mult", "lr_linear_proj_mult", "weight_decay"):
             value = getattr(self.train, name)

@@ -82,10 +82,16 @@ class RunLength:
         return f"{cfg.epochs} epochs x {self.steps_per_epoch} steps = {self.steps} optimizer steps"
 
 
+def warmup_factor(progress: float, warmup_frac: float) -> float:
+    """Linear warm-up over the first ``warmup_frac`` of the run (``progress`` in [0, 1]); 1 % of the lr at the
+    first step rather than none."""
+    return min(1.0, max(progress / warmup_frac, 0.01)) if warmup_frac > 0 else 1.0
+
+
 def lr_factor(step: int, progress: float, cfg: TrainConfig, total_steps: int | None = None) -> float:
     """Multiplier of the base lr for optimizer step ``step`` (0-based) at ``progress`` (fraction of the run):
     x lr_gamma for each fraction of ``lr_drops`` reached, times a linear warm-up from 1/warmup_iters to 1 over
-    the first warmup_iters steps. With ``total_steps`` a drop falls on the step ``round(fraction x total)``,
+    the first warmup_iters steps and one over the first ``warmup_frac`` of the run (:func:`warmup_factor`). With ``total_steps`` a drop falls on the step ``round(fraction x total)``,
     so a drop at 27/42 of a 42-epoch run lands exactly on the first step of epoch 27 (the official recipe)."""
     if total_steps is not None:
         reached = sum(step >= round(f * total_steps) for f in cfg.lr_drops)
@@ -94,7 +100,7 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig, total_steps: int | N
     factor = cfg.lr_gamma ** reached
     if cfg.warmup_iters > 0:
         factor *= min(1.0, (step + 1) / cfg.warmup_iters)
-    return factor
+    return factor * warmup_factor(progress, cfg.warmup_frac)
 
 
 def too_few_steps_warning(steps: int, num_images: int, images_per_step: int, length: RunLength,
