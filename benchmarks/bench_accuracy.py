@@ -51,6 +51,7 @@ from isda.config import apply_overrides, get_preset
 from isda.data import make_shapes_dataset
 
 from .common import cpu_model
+from .derived import PROBE_S
 from .heldout_shapes import make_heldout_dataset
 from .maskrcnn_shapes import ROI_BATCH, WARMUP_FRAC, train_maskrcnn
 from .quiet import measured
@@ -310,7 +311,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         choice: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
         speedups: tuple[str, ...] = (), heldout_fit: bool = True, heldout_fixed: bool = True,
         heldout_maskrcnn: tuple[str, ...] = ("maskrcnn",), models: tuple[str, ...] = MODELS, settle: bool = True,
-        log=print) -> dict[str, Any]:
+        probe_s: float | None = None, log=print) -> dict[str, Any]:
     """The ``parts`` (see the module doc), in that order; the sweep finishes before the rest starts, since its
     winners are the recipes of the rest. ``jobs`` > 1 runs that many at once in separate processes,
     ``threads // jobs`` threads each; the runs are ordered so that ISDA and Mask R-CNN with the same budget and
@@ -327,7 +328,9 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     part trains (``maskrcnn_fit`` pairs with ISDA's fitted runs, seed by seed).
     ``models``: the test and held-out parts train these (e.g. ISDA alone after its preset changed: Mask R-CNN's
     runs are kept from ``previous``, see :func:`merge`). ``settle``: each group of side-by-side runs waits for the
-    load average to settle first (off only where nothing is timed, as in the plumbing tests)."""
+    load average to settle first (off only where nothing is timed, as in the plumbing tests). ``probe_s``: the
+    training seconds of the speed probe (default :data:`PROBE_S`) whose rates every run after the sweep records as
+    ``speed_probe``; 0: none."""
     if set(models) - set(MODELS) or not models:
         raise ValueError(f"models: choose from {', '.join(MODELS)}, not {', '.join(models) or 'none'}")
     if set(heldout_maskrcnn) - set(HELDOUT_MASKRCNN):
@@ -360,6 +363,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     results["data_stats"] = {name: _stats(d["train"][0]) for name, d in data.items() if name != "tune"}
     results = merge(previous, results)
 
+    probe: dict[str, Any] = {}  # this invocation's speed probe, once it ran
+
     def record(where: tuple[str, ...], job: dict[str, Any], res: dict[str, Any]) -> None:
         node = results
         for key in where[:-1]:
@@ -368,6 +373,8 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
             old = node.get(where[-1]) or {}
             res = {"settings": job.get("maskrcnn") or job.get("overrides", {}), "result": res,
                    "replaced": old.get("replaced", []) + ([old["result"]] if "result" in old else [])}
+        if probe and where[0] != "sweep":
+            res = {**res, "speed_probe": probe}
         node[where[-1]] = res
         if save is not None:
             save(results)
@@ -471,6 +478,18 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
                     todo.append(((f"tune_speedups{suffix}", model, name, "runs", key, s),
                                  isda_job(label, "tune", budget, {**recipe["isda"], **change}, seed) if model == "isda"
                                  else maskrcnn_job(label, "tune", budget, {**recipe["maskrcnn"], **change}, seed)))
+    probe_s = PROBE_S if probe_s is None else probe_s
+    if todo and probe_s > 0:
+        rates: dict[str, float] = {}
+        _run_all([((m,), job) for m, job in (
+            ("isda", isda_job("speed probe isda", "tune", probe_s, recipe["isda"])),
+            ("maskrcnn", maskrcnn_job("speed probe maskrcnn", "tune", probe_s, recipe["maskrcnn"])))],
+            min(jobs, 2), lambda where, job, res: rates.update({where[0]: res["iterations"] / res["train_time_s"]}),
+            settle)
+        probe.update({"steps_per_s": rates, "budget_s": probe_s, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "cpu": cpu_model(), "recipes": recipe})
+        log(f"  speed probe ({probe_s:g} s each, side by side): " + ", ".join(
+            f"{m} {r:.2f} steps/s" for m, r in rates.items()))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")
     _run_all(todo, jobs, record, settle)
     return results

@@ -3,9 +3,20 @@ its JSON (``sections.accuracy.summary``) for the pages to quote, and the generat
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 MODELS = ("isda", "maskrcnn")
+# Two runs that finished this close ran in one group of the same invocation: side by side.
+SIDE_BY_SIDE_S = 120.0
+# Training seconds of the speed probe that opens every accuracy invocation that trains after the sweep: both models'
+# recipes side by side, as the runs are. Runs merged from invocations on machines of another speed are not a fair
+# pair whatever the CPU's name says; Mask R-CNN's recipe does not change with ISDA's preset, so its rate compares
+# the machines (:func:`pairing`).
+PROBE_S = 60.0
+# Mask R-CNN's speed-probe rates of two invocations within this fraction of each other: the same machine speed
+# (two machines of one CPU name took 1700 and 1120 ISDA steps in the same 8 minutes).
+SPEED_TOLERANCE = 0.05
 
 
 def ap(run: dict[str, Any] | None, key: str = "AP") -> float:
@@ -29,12 +40,36 @@ def means(got: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _finished_at(run: dict[str, Any]) -> float | None:
+    return time.mktime(time.strptime(run["date"], "%Y-%m-%d %H:%M:%S")) if run.get("date") else None
+
+
+def _probe_rate(run: dict[str, Any]) -> float | None:
+    return ((run.get("speed_probe") or {}).get("steps_per_s") or {}).get("maskrcnn")
+
+
+def pairing(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """How fair a comparison's (ISDA run, Mask R-CNN run) pairs of one seed each are: ``side_by_side`` when every
+    pair finished within SIDE_BY_SIDE_S of each other (one group of one invocation: the machine's speed and load hit
+    both alike); otherwise ``speed_difference``, the largest relative difference between the Mask R-CNN speed-probe
+    rates of the two runs' invocations (None where a run has no probe), and ``fair`` when it is within
+    SPEED_TOLERANCE. ``hours_apart``: the largest gap between a pair's finishing times (None where a run did not
+    record its own)."""
+    times = [(_finished_at(i), _finished_at(m)) for i, m in pairs]
+    apart = None if any(a is None or b is None for a, b in times) else max(abs(a - b) for a, b in times)
+    side = apart is not None and apart <= SIDE_BY_SIDE_S
+    rates = [(_probe_rate(i), _probe_rate(m)) for i, m in pairs]
+    diff = None if any(a is None or b is None for a, b in rates) else max(abs(a / b - 1) for a, b in rates)
+    return {"side_by_side": side, "hours_apart": None if apart is None else apart / 3600, "speed_difference": diff,
+            "fair": side or (diff is not None and diff <= SPEED_TOLERANCE)}
+
+
 def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None) -> dict[str, Any] | None:
     """ISDA tiny against Mask R-CNN on the test split at ``budget`` (seconds, as the JSON keys it), over the
     ``seeds`` (default: the section's) each model finished: per model the mean AP and AP50 (0-100), the APs in
     seed order, the mean steps and the seed count; then ``difference`` (mean AP ISDA − Mask R-CNN), ``noise`` (the
-    larger of the two models' seed ranges) and ``seeds`` (the fewer of the two counts). None when either model
-    has no run."""
+    larger of the two models' seed ranges), ``seeds`` (the fewer of the two counts) and ``pairing`` (:func:`pairing`
+    of the seeds both finished). None when either model has no run."""
     seeds = [str(s) for s in (acc.get("seeds", []) if seeds is None else seeds)]
     runs = {m: finished([acc.get(m, {}).get(budget, {}).get(s) for s in seeds]) for m in MODELS}
     if not all(runs.values()):
@@ -43,6 +78,10 @@ def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None)
     out["difference"] = out["isda"]["ap_mean"] - out["maskrcnn"]["ap_mean"]
     out["noise"] = max(max(out[m]["aps"]) - min(out[m]["aps"]) for m in MODELS)
     out["seeds"] = min(out[m]["seeds"] for m in MODELS)
+    both = [(i, m) for s in seeds if (i := acc["isda"][budget].get(s)) and i.get("ap")
+            and (m := acc["maskrcnn"][budget].get(s)) and m.get("ap")]
+    if both:
+        out["pairing"] = pairing(both)
     return out
 
 
@@ -50,14 +89,24 @@ def heldout(runs: dict[str, Any]) -> dict[str, Any]:
     """One budget of the held-out family (``{run name: {seed: result}}``): per run name its means over the seeds
     (:func:`means`), each ISDA entry's ``difference`` (its mean AP − Mask R-CNN's); ``noise`` (the largest seed
     range of any entry), ``fit_sizes_difference`` (ISDA with data.fit_sizes − without) where both ran, and
-    ISDA's ``difference_fit`` (against Mask R-CNN with data.fit_sizes, ``maskrcnn_fit``) where that ran."""
+    ISDA's ``difference_fit`` (against Mask R-CNN with data.fit_sizes, ``maskrcnn_fit``) where that ran; beside each
+    difference its ``pairing`` (``pairing_fit``): :func:`pairing` of the seeds both entries finished."""
     out: dict[str, Any] = {name: means(got) for name, seeds in runs.items() if (got := finished(list(seeds.values())))}
     isda = [name for name in out if name.startswith("isda")]
+
+    def paired(a: str, b: str) -> dict[str, Any] | None:
+        both = [(x, y) for s, x in runs[a].items() if x and x.get("ap") and (y := runs[b].get(s)) and y.get("ap")]
+        return pairing(both) if both else None
+
     if "maskrcnn" in out:
         for name in isda:
             out[name]["difference"] = out[name]["ap_mean"] - out["maskrcnn"]["ap_mean"]
+            if (p := paired(name, "maskrcnn")) is not None:
+                out[name]["pairing"] = p
     if "maskrcnn_fit" in out and "isda" in out:
         out["isda"]["difference_fit"] = out["isda"]["ap_mean"] - out["maskrcnn_fit"]["ap_mean"]
+        if (p := paired("isda", "maskrcnn_fit")) is not None:
+            out["isda"]["pairing_fit"] = p
     if out:
         out["noise"] = max(max(v["aps"]) - min(v["aps"]) for v in out.values())
     if "isda" in out and "isda_no_fit" in out:

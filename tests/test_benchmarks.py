@@ -224,6 +224,34 @@ def _acc_run(ap: float, steps: int = 10, **extra) -> dict:
             "train_time_s": 2.0 * steps, "load_average": [1.0, 1.2], **extra}
 
 
+def test_accuracy_speed_probe_opens_the_invocation_and_every_run_records_it(tmp_path, monkeypatch):
+    from benchmarks import bench_accuracy as b
+
+    calls = []
+
+    def fake_job(job):
+        calls.append(job)
+        steps = 30 if job["model"] == "maskrcnn" else 10
+        return _acc_run(0.2, steps=steps, train_time_s=5.0, date="2026-12-05 10:00:00")
+
+    monkeypatch.setattr(b, "_job", fake_job)
+    res = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, seeds=(0,), threads=1, settle=False, parts=("test",),
+                probe_s=1.5, log=lambda m: None)
+    # Both recipes on the tune split for the probe's seconds, side by side, before the runs.
+    assert [(j["name"], j["budget"]) for j in calls[:2]] == [("speed probe isda", 1.5), ("speed probe maskrcnn", 1.5)]
+    assert calls[0]["data"]["val"][0].endswith("instances_val.json") and "shapes_3_2" in calls[0]["data"]["val"][0]
+    assert [j["name"] for j in calls[2:]] == ["isda 2s seed 0", "maskrcnn 2s seed 0"]
+    for model in ("isda", "maskrcnn"):
+        probe = res[model]["2"]["0"]["speed_probe"]
+        assert probe["steps_per_s"] == {"isda": pytest.approx(2.0), "maskrcnn": pytest.approx(6.0)}
+        assert probe["budget_s"] == 1.5 and probe["recipes"]["maskrcnn"]["lr"] == res["chosen"]["maskrcnn"]["lr"]
+    # Nothing to train, no probe.
+    calls.clear()
+    b.run(tmp_path, [], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), probe_s=1.5,
+          log=lambda m: None)
+    assert calls == []
+
+
 def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypatch):
     """The plumbing without training: the sweep runs on tune, its winners are the recipes of the test and
     held-out runs, which run on test / the held-out family with ISDA and Mask R-CNN of one budget and seed
@@ -231,6 +259,7 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
     from benchmarks import bench_accuracy as b
 
     calls, saved = [], []
+    monkeypatch.setattr(b, "PROBE_S", 0.0)  # the speed probe has its own test
 
     def fake_job(job):
         calls.append(job)

@@ -230,6 +230,35 @@ def test_seed_means_and_difference() -> None:
     assert derived.seed_means({"seeds": [0], "isda": {"480": {"0": _run(0.3)}}}, "480") is None
 
 
+def test_pairing_side_by_side_or_by_the_speed_probes() -> None:
+    def run(date: str, rate: float | None = None) -> dict:
+        return {**_run(0.3), "date": date, **({"speed_probe": {"steps_per_s": {"maskrcnn": rate}}} if rate else {})}
+
+    # One group: finished within seconds of each other.
+    p = derived.pairing([(run("2026-12-05 10:00:00"), run("2026-12-05 10:00:40"))])
+    assert p["side_by_side"] and p["fair"] and p["speed_difference"] is None
+    # Kept from another invocation, hours apart: fair only where the probes say the machines ran at one speed.
+    apart = [(run("2026-12-05 10:00:00", 4.0), run("2026-12-04 22:00:00", 3.9)),
+             (run("2026-12-05 10:00:01", 4.0), run("2026-12-04 22:10:00", 4.0))]
+    p = derived.pairing(apart)
+    assert not p["side_by_side"] and p["hours_apart"] == pytest.approx(12.0) and p["fair"]
+    assert p["speed_difference"] == pytest.approx(4.0 / 3.9 - 1)
+    slower = [(run("2026-12-05 10:00:00", 2.6), run("2026-12-04 22:00:00", 4.0))]
+    assert derived.pairing(slower)["speed_difference"] == pytest.approx(0.35) and not derived.pairing(slower)["fair"]
+    unprobed = derived.pairing([(run("2026-12-05 10:00:00", 4.0), run("2026-12-04 22:00:00"))])
+    assert unprobed["speed_difference"] is None and not unprobed["fair"]
+    # The page's verdict says so, and leaves the goal unconfirmed.
+    from benchmarks.report.accuracy import _verdict
+
+    acc = {"isda": {"480": {"0": run("2026-12-05 10:00:00", 2.6), "1": run("2026-12-05 10:00:00", 2.6)}},
+           "maskrcnn": {"480": {"0": run("2026-12-04 22:00:00", 4.0), "1": run("2026-12-04 22:08:00", 4.0)}}}
+    text = _verdict(acc, "480", ["0", "1"])
+    assert "did not run side by side" in text and "**not a fair pair**" in text and "unconfirmed" in text
+    acc["maskrcnn"]["480"] = {"0": run("2026-12-05 10:00:30", 2.6), "1": run("2026-12-05 09:59:50", 2.6)}
+    text = _verdict(acc, "480", ["0", "1"])
+    assert "ran side by side" in text and "unconfirmed" not in text
+
+
 def test_stored_accuracy_summary_is_what_the_runs_give() -> None:
     acc = json.loads((provenance.ROOT / "docs" / "benchmarks.json").read_text())["sections"]["accuracy"]
     assert acc["summary"] == derived.accuracy_summary(acc)

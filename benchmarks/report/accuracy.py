@@ -7,8 +7,8 @@ from typing import Any
 
 from isda.config import get_preset
 
-from benchmarks.derived import (finished, heldout, lever_budgets, lever_choice, lever_sections, means,
-                                 speedup_sections)
+from benchmarks.derived import (PROBE_S, SPEED_TOLERANCE, finished, heldout, lever_budgets, lever_choice,
+                                 lever_sections, means, pairing, speedup_sections)
 from benchmarks.provenance import flat
 
 from .formatting import ap, measured
@@ -64,7 +64,11 @@ def accuracy(acc: dict[str, Any] | None, choices: list[dict[str, Any]] = ()) -> 
             "minutes), both lr schedules following the budget (`isda.engine.lr_factor`). Budgets are training time, "
             f"evaluation excluded; COCO mask AP by `isda.engine.evaluation.evaluate_masks` for both. {acc.get('jobs', 1)} "
             f"runs at a time, {acc.get('threads_per_run')} thread each, ISDA and Mask R-CNN of the same budget and seed "
-            "side by side; the load average (1 min, before / after each run) is in the tables: the machine was shared. "
+            "side by side where one invocation ran both (each verdict says whether its pair did; an invocation that "
+            "re-runs one model after a change to it keeps the other's runs, and opens with a speed probe, both "
+            f"recipes for {PROBE_S:g} s side by side, so that runs from machines of another speed "
+            f"are not taken for a fair pair: more than {100 * SPEED_TOLERANCE:g} % apart in Mask R-CNN's rate); the "
+            "load average (1 min, before / after each run) is in the tables: the machine was shared. "
             "Generic speed-ups are the same for both here: thread count and loader workers, and bf16 autocast where "
             "a table's precision column says so (`--speedups bf16`, training and evaluation alike); neither can fold "
             "its BatchNorm (both train it from scratch), neither trains channels-last (it measured no faster for "
@@ -155,6 +159,7 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
             if name not in v or mr not in v:
                 continue
             d, n = v[name][key], _noise(v, name, mr)
+            pair = v[name].get("pairing_fit" if key == "difference_fit" else "pairing")
             seeds_n = min(v[name]["seeds"], v[mr]["seeds"])
             # ISDA's fitted input against Mask R-CNN's fixed one compares input sizes as much as models: where Mask
             # R-CNN also ran at the fitted sizes, the goal is judged on that pair.
@@ -169,16 +174,39 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
                 goal = d >= GOAL_MARGIN and d > n
                 text += f"; seed noise {n:.1f} AP): {verdict}; " + (
                     "different input sizes: the goal is judged at the same sizes below." if mixed and "maskrcnn_fit" in v
-                    else f"goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {'**met**' if goal else '**not met**'}.")
+                    else f"goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {_goal(goal, pair)}.")
             else:
                 text += "; one seed: no verdict beyond the figure)."
-            out += [text, ""]
+            out += [text + _pairing_text(pair), ""]
         if "fit_sizes_difference" in v:
             out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
                     f"**{v['fit_sizes_difference']:+.1f}** AP (means of the seeds above; seed noise "
                     f"{_noise(v, 'isda', 'isda_no_fit'):.1f}).",
                     ""]
     return out
+
+
+def _goal(met: bool, pair: dict[str, Any] | None) -> str:
+    """The goal's verdict, unconfirmed where the pair is not known to be fair (:func:`_pairing_text`)."""
+    return ("**met**" if met else "**not met**") + ("" if pair is None or pair["fair"] else
+                                                     " (unconfirmed: the pair is not known to be fair, below)")
+
+
+def _pairing_text(pair: dict[str, Any] | None) -> str:
+    """What a comparison's pairing (:func:`benchmarks.derived.pairing`) says of its fairness: one sentence."""
+    if pair is None:
+        return ""
+    if pair["side_by_side"]:
+        return " The two ran side by side (each seed's pair in one group of one invocation)."
+    when = ("their finishing times were not recorded" if pair["hours_apart"] is None else
+            f"finished {pair['hours_apart']:.0f} h apart: one model's runs were kept from another invocation")
+    if pair["speed_difference"] is None:
+        return (f" The two did not run side by side ({when}) and no speed probe compares their machines: the "
+                "verdict assumes the same machine speed (a re-run of both side by side settles it).")
+    return (f" The two did not run side by side ({when}); the speed probes of their invocations differ by "
+            f"{100 * pair['speed_difference']:.1f} % " + (
+                "(within the tolerance: the same machine speed)." if pair["fair"] else
+                f"(more than {100 * SPEED_TOLERANCE:g} %: **not a fair pair**; a re-run of both side by side settles it)."))
 
 
 def _noise(v: dict[str, Any], *names: str) -> float:
@@ -380,8 +408,11 @@ GOAL_MARGIN = 2.6
 def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     """The difference of the seed means at ``budget``, a tie when it is within the seed noise (the larger of
     the two models' seed ranges), and where the goal stands."""
-    runs = {m: [r for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
-            for m in ("isda", "maskrcnn")}
+    by_seed = {m: {s: r for s in seeds if (r := acc.get(m, {}).get(budget, {}).get(s)) and r.get("ap")}
+               for m in ("isda", "maskrcnn")}
+    runs = {m: list(v.values()) for m, v in by_seed.items()}
+    both = [(r, by_seed["maskrcnn"][s]) for s, r in by_seed["isda"].items() if s in by_seed["maskrcnn"]]
+    pair = pairing(both) if both else None
     aps = {m: [ap(r) for r in v] for m, v in runs.items()}
     if not aps["isda"] or not aps["maskrcnn"]:
         return ""
@@ -390,7 +421,7 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     n = min(len(v) for v in aps.values())
     text = f"At {int(budget) / 60:g} min: ISDA tiny − Mask R-CNN **{diff:+.1f}** AP (means of {n} seed(s)"
     if n < 2:
-        return text + "; one seed: the seed noise is not known here, so no verdict beyond the figure)."
+        return text + "; one seed: the seed noise is not known here, so no verdict beyond the figure)." + _pairing_text(pair)
     text += f"; seed noise {noise:.1f} AP): "
     if abs(diff) <= noise:
         text += "a **tie** (within the seed noise)"
@@ -398,11 +429,11 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
         text += "ISDA tiny ahead" if diff > 0 else "Mask R-CNN ahead"
     goal = diff >= GOAL_MARGIN and diff > noise
     mean = {m: sum(r["iterations"] for r in v) / len(v) for m, v in runs.items()}
-    return (text + f"; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {'**met**' if goal else '**not met**'}. Steps taken "
+    return (text + f"; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {_goal(goal, pair)}. Steps taken "
             f"(mean): ISDA tiny {mean['isda']:.0f}, Mask R-CNN {mean['maskrcnn']:.0f} (ratio "
             f"{mean['isda'] / mean['maskrcnn']:.2f}): the difference is what each learns "
             + ("per step, not the cost of a step." if 0.9 <= mean["isda"] / mean["maskrcnn"] <= 1.1 else
-               "in its steps and how many it takes."))
+               "in its steps and how many it takes.") + _pairing_text(pair))
 
 
 def _variant_table(rows: list[tuple[str, list[dict[str, dict[str, Any] | None]]]], budgets: list[str]) -> list[str]:
