@@ -144,6 +144,7 @@ LEVERS = {
     # need one.
     "warmup_lr_6e-4": {"train.lr": 6e-4, "train.warmup_frac": WARMUP_FRAC},
     "warmup_lr_8e-4": {"train.lr": 8e-4, "train.warmup_frac": WARMUP_FRAC},
+    "warmup_lr_1e-3": {"train.lr": 1e-3, "train.warmup_frac": WARMUP_FRAC},  # one step past the edge
     # A nonlinear per-query mask head beside the linear kernel (CondInst's dynamic head: 8 hidden channels there).
     # A step costs (as above) 1.4x with 8, 1.2x with 4.
     "mask_mlp_8": {"model.mask_mlp_hidden": 8},
