@@ -482,13 +482,18 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
     probe_s = PROBE_S if probe_s is None else probe_s
     if todo and probe_s > 0:
         rates: dict[str, float] = {}
+        quiet: dict[str, Any] = {}  # the probe's own quiet-machine record: a probe beside other work is no probe
+
+        def keep(where: tuple[str, ...], job: dict[str, Any], res: dict[str, Any]) -> None:
+            rates[where[0]] = res["iterations"] / res["train_time_s"]
+            quiet.update(res["quiet"])
+
         _run_all([((m,), job) for m, job in (
             ("isda", isda_job("speed probe isda", "tune", probe_s, recipe["isda"])),
             ("maskrcnn", maskrcnn_job("speed probe maskrcnn", "tune", probe_s, recipe["maskrcnn"])))],
-            min(jobs, 2), lambda where, job, res: rates.update({where[0]: res["iterations"] / res["train_time_s"]}),
-            settle)
+            min(jobs, 2), keep, settle)
         probe.update({"steps_per_s": rates, "budget_s": probe_s, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "cpu": cpu_model(), "recipes": recipe})
+                      "cpu": cpu_model(), "recipes": recipe, "quiet": quiet})
         log(f"  speed probe ({probe_s:g} s each, side by side): " + ", ".join(
             f"{m} {r:.2f} steps/s" for m, r in rates.items()))
     log(f"  accuracy: {len(todo)} runs, {jobs} at a time, {per_job_threads} thread(s) each")

@@ -45,14 +45,19 @@ def _finished_at(run: dict[str, Any]) -> float | None:
 
 
 def _probe_rate(run: dict[str, Any]) -> float | None:
-    return ((run.get("speed_probe") or {}).get("steps_per_s") or {}).get("maskrcnn")
+    """Mask R-CNN's rate in the speed probe of the run's invocation; None without one, or where the probe ran
+    beside other work (its quiet record says invalid)."""
+    probe = run.get("speed_probe") or {}
+    if (probe.get("quiet") or {}).get("valid") is False:
+        return None
+    return (probe.get("steps_per_s") or {}).get("maskrcnn")
 
 
 def pairing(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
     """How fair a comparison's (ISDA run, Mask R-CNN run) pairs of one seed each are: ``side_by_side`` when every
     pair finished within SIDE_BY_SIDE_S of each other (one group of one invocation: the machine's speed and load hit
     both alike); otherwise ``speed_difference``, the largest relative difference between the Mask R-CNN speed-probe
-    rates of the two runs' invocations (None where a run has no probe), and ``fair`` when it is within
+    rates of the two runs' invocations (None where a run has no valid probe), and ``fair`` when it is within
     SPEED_TOLERANCE. ``hours_apart``: the largest gap between a pair's finishing times (None where a run did not
     record its own)."""
     times = [(_finished_at(i), _finished_at(m)) for i, m in pairs]

@@ -247,6 +247,9 @@ def test_pairing_side_by_side_or_by_the_speed_probes() -> None:
     assert derived.pairing(slower)["speed_difference"] == pytest.approx(0.35) and not derived.pairing(slower)["fair"]
     unprobed = derived.pairing([(run("2026-12-05 10:00:00", 4.0), run("2026-12-04 22:00:00"))])
     assert unprobed["speed_difference"] is None and not unprobed["fair"]
+    busy = run("2026-12-04 22:00:00", 4.0)
+    busy["speed_probe"]["quiet"] = {"valid": False}  # a probe beside other work measures that work too
+    assert derived.pairing([(run("2026-12-05 10:00:00", 4.0), busy)])["speed_difference"] is None
     # The page's verdict says so, and leaves the goal unconfirmed.
     from benchmarks.report.accuracy import _verdict
 
