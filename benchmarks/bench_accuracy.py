@@ -491,7 +491,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         _run_all([((m,), job) for m, job in (
             ("isda", isda_job("speed probe isda", "tune", probe_s, recipe["isda"])),
             ("maskrcnn", maskrcnn_job("speed probe maskrcnn", "tune", probe_s, recipe["maskrcnn"])))],
-            min(jobs, 2), keep, settle)
+            jobs, keep, settle)
         probe.update({"steps_per_s": rates, "budget_s": probe_s, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "cpu": cpu_model(), "recipes": recipe, "quiet": quiet})
         log(f"  speed probe ({probe_s:g} s each, side by side): " + ", ".join(

@@ -8,7 +8,7 @@ from typing import Any
 from isda.config import get_preset
 
 from benchmarks.derived import (PROBE_S, SPEED_TOLERANCE, finished, heldout, lever_budgets, lever_choice,
-                                 lever_sections, means, pairing, speedup_sections)
+                                 lever_sections, means, seed_means, speedup_sections)
 from benchmarks.provenance import flat
 
 from .formatting import ap, measured
@@ -408,11 +408,9 @@ GOAL_MARGIN = 2.6
 def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     """The difference of the seed means at ``budget``, a tie when it is within the seed noise (the larger of
     the two models' seed ranges), and where the goal stands."""
-    by_seed = {m: {s: r for s in seeds if (r := acc.get(m, {}).get(budget, {}).get(s)) and r.get("ap")}
-               for m in ("isda", "maskrcnn")}
-    runs = {m: list(v.values()) for m, v in by_seed.items()}
-    both = [(r, by_seed["maskrcnn"][s]) for s, r in by_seed["isda"].items() if s in by_seed["maskrcnn"]]
-    pair = pairing(both) if both else None
+    runs = {m: [r for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
+            for m in ("isda", "maskrcnn")}
+    pair = (seed_means(acc, budget, seeds) or {}).get("pairing")
     aps = {m: [ap(r) for r in v] for m, v in runs.items()}
     if not aps["isda"] or not aps["maskrcnn"]:
         return ""
