@@ -494,6 +494,15 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
                                   "1800": {"maskrcnn_fit": fitted}}
     assert changed["heldout_budgets_s"] == [480.0, 1800.0]
     assert changed["budgets_s"] == [480.0, 1800.0] and changed["earlier"] == [new["_meta"]]
+    # Rendered before ISDA ran again at 30 min: Mask R-CNN's kept runs stand alone there, with no verdict.
+    render({"machine": {"cpu": "test"}, "sections": {"accuracy": changed}}, tmp_path / "changed.md")
+    page = (tmp_path / "changed.md").read_text()
+    assert "| 30 min | Mask R-CNN R18 | bf16 autocast | 20.0 | 21.0 | **20.5** |" in page
+    assert "| 30 min | ISDA tiny |" not in page and "At 30 min: ISDA tiny − Mask R-CNN" not in page
+    assert ("At 30 min on the test split: ISDA tiny (the preset as it stands) has not run at this budget yet; the "
+            "other model's runs above stand alone") in page
+    assert "At 30 min on the held-out family: ISDA tiny (the preset as it stands) has not run at this budget yet" in page
+    assert "At 8 min on the held-out family: ISDA tiny (the preset" not in page
     # A field added to the configuration since (an opt-in feature, off: the earlier code's behaviour) does not.
     added = {**flipped, "train": {"lr": 2e-4, "new_option": 0}}
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": added})["sweep"] == previous["sweep"]
