@@ -407,18 +407,21 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
 
     assert lever_sections({**sped, "heldout_levers": {"x": {}}}) == ["tune_levers", "tune_levers+bf16", "heldout_levers"]
     assert set(accuracy_summary(sped)["tune_levers+bf16"]) == {"2"}
-    # A section that starts afresh (the preset changed since its sweep) takes the recipes from the choice record.
+    # A section that starts afresh (the preset changed since its sweep) takes Mask R-CNN's recipe from the choice
+    # record; ISDA's winner is in the preset by then (that record, or a later one, decided its values), so ISDA runs
+    # the preset: the record's lr 4e-4 must not override a later choice's.
     calls.clear()
     fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), seeds=(0,),
                   choice={"sweep": res["sweep"]}, log=lambda m: None)
-    assert fresh["chosen"] == res["chosen"] and calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0}
+    assert fresh["chosen"]["maskrcnn"] == res["chosen"]["maskrcnn"] and fresh["chosen"]["isda"] == {}
+    assert calls[0]["overrides"] == {} and calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0}
     # A generic speed-up for both models: their runs get it, the recorded choice stays the sweep's.
     calls.clear()
     both = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), seeds=(0,),
                  choice={"sweep": res["sweep"]}, speedups=("bf16",), log=lambda m: None)
-    assert calls[0]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
+    assert calls[0]["overrides"] == {"train.amp": "bf16"}
     assert calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
-    assert both["chosen"] == res["chosen"]
+    assert both["chosen"] == fresh["chosen"]
     # The test images are not the tune images.
     import json
 
