@@ -486,7 +486,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     isda_only = {**new, "isda_config": other, "maskrcnn": {}, "budgets_s": [480.0],
                  "heldout": {"480": {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"]}},
                  "isda": {"480": new["isda"]["480"]}}
-    fitted = {"0": _acc_run(0.55)}  # Mask R-CNN at the fitted sizes, alone at 1800 s
+    fitted = {"0": _acc_run(0.55, **mr)}  # Mask R-CNN at the fitted sizes, alone at 1800 s
     before = {**new, "isda_config": cfg, "isda": {"480": {"0": _acc_run(0.5)}, "1800": {"0": _acc_run(0.6)}},
               "heldout": {**new["heldout"], "1800": {"isda": {"0": _acc_run(0.6)}, "maskrcnn_fit": fitted}},
               "sweep": previous["sweep"]}
@@ -498,12 +498,14 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert changed["heldout_budgets_s"] == [480.0, 1800.0]
     assert changed["budgets_s"] == [480.0, 1800.0] and changed["earlier"] == [new["_meta"]]
     # Rendered before ISDA ran again at 30 min: Mask R-CNN's kept runs stand alone there, with no verdict.
+    changed["chosen"] = bench_accuracy.chosen(previous["sweep"], recorded=True)
+    assert changed["chosen"]["maskrcnn"] == mr and changed["chosen"]["isda"] == {}
     render({"machine": {"cpu": "test"}, "sections": {"accuracy": changed}}, tmp_path / "changed.md")
     page = (tmp_path / "changed.md").read_text()
     assert "| 30 min | Mask R-CNN R18 | bf16 autocast | 20.0 | 21.0 | **20.5** |" in page
     assert "| 30 min | ISDA tiny |" not in page and "At 30 min: ISDA tiny − Mask R-CNN" not in page
-    assert ("At 30 min on the test split: ISDA tiny (the preset as it stands) has not run at this budget yet; the "
-            "other model's runs above stand alone") in page
+    assert ("At 30 min on the test split: ISDA tiny (the preset as it stands) has not run at this budget yet; "
+            "Mask R-CNN's runs above stand alone") in page
     assert "At 30 min on the held-out family: ISDA tiny (the preset as it stands) has not run at this budget yet" in page
     assert "At 8 min on the held-out family: ISDA tiny (the preset" not in page
     # A field added to the configuration since (an opt-in feature, off: the earlier code's behaviour) does not.
