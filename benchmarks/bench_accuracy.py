@@ -223,11 +223,13 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def chosen(sweep: dict[str, Any] | None) -> dict[str, Any]:
+def chosen(sweep: dict[str, Any] | None, recorded: bool = False) -> dict[str, Any]:
     """Each model's recipe: the sweep entry with the best tune AP (Mask R-CNN: its settings; ISDA: its config
-    overrides), or the defaults (MASKRCNN_BASE, the preset) for a model the sweep did not run."""
+    overrides), or the defaults (MASKRCNN_BASE, the preset) for a model the sweep did not run. ``recorded``: the
+    sweep comes from a record of a choice, not this invocation: its ISDA winner is in the preset by now (the record
+    decided it, or a later record decided over it), so ISDA's recipe is the preset."""
     out: dict[str, Any] = {"maskrcnn": dict(MASKRCNN_BASE), "isda": {}, "from_sweep": []}
-    for model in ("maskrcnn", "isda"):
+    for model in ("maskrcnn",) if recorded else ("maskrcnn", "isda"):
         done = {n: e for n, e in (sweep or {}).get(model, {}).items() if e.get("result", {}).get("ap")}
         if done:
             best = max(done, key=lambda n: done[n]["result"]["ap"]["AP"])
@@ -406,7 +408,7 @@ def run(out_root: Path, budgets_s: list[float], variant_budgets_s: list[float], 
         todo = [j for pair in zip(isda, mrcnn) for j in pair] + mrcnn[len(isda):] + isda[len(mrcnn):]
         log(f"  accuracy sweep: {len(todo)} runs of {sweep_budget_s:.0f} s on the tune split, {jobs} at a time")
         _run_all(todo, jobs, record, settle)
-    results["chosen"] = chosen(results.get("sweep") or (choice or {}).get("sweep"))
+    results["chosen"] = chosen(results.get("sweep") or (choice or {}).get("sweep"), recorded=not results.get("sweep"))
     recipe = {model: {**results["chosen"][model], **{k: v for n in speedups for k, v in SPEEDUPS[n][i].items()}}
               for i, model in enumerate(("isda", "maskrcnn"))}
     todo = []

@@ -159,7 +159,12 @@ def stale(section_meta: dict[str, Any] | None, also_decided: dict[str, Any] | No
         except ValueError as e:
             reasons.append(str(e))
             continue
-        decided = section_meta.get("decided")
-        reasons += changes(name, value, now, {**(also_decided or {}), **decided} if decided else None,
-                           section_meta.get("recorded_per_run") or ())
+        decided, per_run = section_meta.get("decided"), section_meta.get("recorded_per_run") or ()
+        if not decided:
+            reasons += changes(name, value, now, None, per_run)
+            continue
+        # A field may sit at this record's own decision or at a later record's decision of the same field.
+        own_first = changes(name, value, now, {**(also_decided or {}), **decided}, per_run)
+        later_first = changes(name, value, now, {**decided, **(also_decided or {})}, per_run)
+        reasons += [r for r in own_first if r in later_first]
     return reasons

@@ -407,18 +407,21 @@ def test_accuracy_splits_sweep_choice_and_side_by_side_order(tmp_path, monkeypat
 
     assert lever_sections({**sped, "heldout_levers": {"x": {}}}) == ["tune_levers", "tune_levers+bf16", "heldout_levers"]
     assert set(accuracy_summary(sped)["tune_levers+bf16"]) == {"2"}
-    # A section that starts afresh (the preset changed since its sweep) takes the recipes from the choice record.
+    # A section that starts afresh (the preset changed since its sweep) takes Mask R-CNN's recipe from the choice
+    # record; ISDA's winner is in the preset by then (that record, or a later one, decided its values), so ISDA runs
+    # the preset: the record's lr 4e-4 must not override a later choice's.
     calls.clear()
     fresh = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), seeds=(0,),
                   choice={"sweep": res["sweep"]}, log=lambda m: None)
-    assert fresh["chosen"] == res["chosen"] and calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0}
+    assert fresh["chosen"]["maskrcnn"] == res["chosen"]["maskrcnn"] and fresh["chosen"]["isda"] == {}
+    assert calls[0]["overrides"] == {} and calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "seed": 0}
     # A generic speed-up for both models: their runs get it, the recorded choice stays the sweep's.
     calls.clear()
     both = b.run(tmp_path, [2.0], [], num_train=3, num_val=2, threads=1, settle=False, parts=("test",), seeds=(0,),
                  choice={"sweep": res["sweep"]}, speedups=("bf16",), log=lambda m: None)
-    assert calls[0]["overrides"] == {"train.lr": 4e-4, "train.amp": "bf16"}
+    assert calls[0]["overrides"] == {"train.amp": "bf16"}
     assert calls[1]["maskrcnn"] == {**res["chosen"]["maskrcnn"], "amp": "bf16", "seed": 0}
-    assert both["chosen"] == res["chosen"]
+    assert both["chosen"] == fresh["chosen"]
     # The test images are not the tune images.
     import json
 
@@ -483,7 +486,7 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     isda_only = {**new, "isda_config": other, "maskrcnn": {}, "budgets_s": [480.0],
                  "heldout": {"480": {"isda_no_fit": new["heldout"]["480"]["isda_no_fit"]}},
                  "isda": {"480": new["isda"]["480"]}}
-    fitted = {"0": _acc_run(0.55)}  # Mask R-CNN at the fitted sizes, alone at 1800 s
+    fitted = {"0": _acc_run(0.55, **mr)}  # Mask R-CNN at the fitted sizes, alone at 1800 s
     before = {**new, "isda_config": cfg, "isda": {"480": {"0": _acc_run(0.5)}, "1800": {"0": _acc_run(0.6)}},
               "heldout": {**new["heldout"], "1800": {"isda": {"0": _acc_run(0.6)}, "maskrcnn_fit": fitted}},
               "sweep": previous["sweep"]}
@@ -494,6 +497,17 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
                                   "1800": {"maskrcnn_fit": fitted}}
     assert changed["heldout_budgets_s"] == [480.0, 1800.0]
     assert changed["budgets_s"] == [480.0, 1800.0] and changed["earlier"] == [new["_meta"]]
+    # Rendered before ISDA ran again at 30 min: Mask R-CNN's kept runs stand alone there, with no verdict.
+    changed["chosen"] = bench_accuracy.chosen(previous["sweep"], recorded=True)
+    assert changed["chosen"]["maskrcnn"] == mr and changed["chosen"]["isda"] == {}
+    render({"machine": {"cpu": "test"}, "sections": {"accuracy": changed}}, tmp_path / "changed.md")
+    page = (tmp_path / "changed.md").read_text()
+    assert "| 30 min | Mask R-CNN R18 | bf16 autocast | 20.0 | 21.0 | **20.5** |" in page
+    assert "| 30 min | ISDA tiny |" not in page and "At 30 min: ISDA tiny − Mask R-CNN" not in page
+    assert ("At 30 min on the test split: ISDA tiny (the preset as it stands) has not run at this budget yet; "
+            "Mask R-CNN's runs above stand alone") in page
+    assert "At 30 min on the held-out family: ISDA tiny (the preset as it stands) has not run at this budget yet" in page
+    assert "At 8 min on the held-out family: ISDA tiny (the preset" not in page
     # A field added to the configuration since (an opt-in feature, off: the earlier code's behaviour) does not.
     added = {**flipped, "train": {"lr": 2e-4, "new_option": 0}}
     assert bench_accuracy.merge({**previous, "isda_config": cfg}, {**new, "isda_config": added})["sweep"] == previous["sweep"]

@@ -153,6 +153,8 @@ def test_preset_fingerprint_follows_the_preset(monkeypatch: pytest.MonkeyPatch) 
     assert len(provenance.stale({"depends_on": before, "decided": {"train.lr": 3 * lr}})) == 1
     # An earlier record of a choice is not staled by what a later record decided; a section that decided nothing is.
     assert provenance.stale({"depends_on": before, "decided": {"model.hidden_dim": 1}}, {"train.lr": 2 * lr}) == []
+    # A later record's decision of the same field excuses an earlier record that decided it otherwise.
+    assert provenance.stale({"depends_on": before, "decided": {"train.lr": 3 * lr}}, {"train.lr": 2 * lr}) == []
     assert len(provenance.stale({"depends_on": before}, {"train.lr": 2 * lr})) == 1
     # A section whose every run records what the field did for it (recorded_per_run) is judged by its runs.
     assert provenance.stale({"depends_on": before, "recorded_per_run": ["train.lr"]}) == []

@@ -42,6 +42,7 @@ def test_resume_mid_epoch_gives_identical_weights(data, tmp_path):
     # Random flips, scales and crops, dropout (the restored RNG state), gradient accumulation, warm-up and
     # an lr step at epoch 1 (step 3): all must line up after resuming in the middle of epoch 1.
     cfg = tiny_config(epochs=3, lr_drops=[1 / 3], accumulate=2, warmup_iters=2, dropout=0.1)
+    cfg.train.warmup_frac = 0.0  # the step-count warm-up alone, whose factors are listed below
     straight = engine.train(cfg, *data["train"], out_dir=tmp_path / "a", log=lambda _m: None)
     assert straight["iteration"] == 6 and straight["stopped"] == "completed"  # 8 images / (2 x 2) per step
 
