@@ -12,7 +12,7 @@ import isda.engine as engine
 import isda.engine.trainer
 from isda.engine.checkpoint import CheckpointError
 from isda.config import Config, ConfigError, TrainConfig, from_dict, get_preset
-from isda.engine.schedule import RunLength, too_few_steps_warning, warmup_factor
+from isda.engine.schedule import RunLength, max_iters_in_warmup_warning, too_few_steps_warning, warmup_factor
 from isda.models.isda import ISDA
 
 from engine_utils import shapes, single_thread, tiny_config
@@ -288,6 +288,21 @@ def test_too_few_steps_warning_names_the_numbers():
     assert "only 30 optimizer steps" in message and "1 step(s) per epoch of 3 images at 8 per step" in message
     assert "train.max_steps" in message
     assert too_few_steps_warning(300, 3, 8, length, cfg) is None
+
+
+def test_max_iters_inside_the_warm_up_is_warned():
+    # The warm-up is a fraction of the planned run: --max-iters 45 of a 15,000-step plan at warmup_frac 0.05 stops
+    # in its first 750 steps, at a few percent of train.lr.
+    cfg = TrainConfig(max_steps=15000, warmup_frac=0.05)
+    length = RunLength.of(cfg, steps_per_epoch=10)
+    message = max_iters_in_warmup_warning(45, length, cfg)
+    assert "--max-iters 45" in message and "first 750 of 15000 planned steps" in message
+    assert "train.max_steps=45" in message
+    assert max_iters_in_warmup_warning(750, length, cfg) is None
+    assert max_iters_in_warmup_warning(None, length, cfg) is None
+    assert max_iters_in_warmup_warning(45, length, TrainConfig(max_steps=15000)) is None  # no warm-up
+    budget = TrainConfig(time_budget_s=60, warmup_frac=0.05)  # a time budget's warm-up is in seconds
+    assert max_iters_in_warmup_warning(1, RunLength.of(budget, steps_per_epoch=10), budget) is None
 
 
 def test_small_dataset_run_in_steps_plans_warns_and_validates_at_fractions(data, tmp_path):

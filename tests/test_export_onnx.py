@@ -31,7 +31,7 @@ def exported(module_dir):
     with single_thread():
         assert main(["shapes", str(root / "data"), "--num-train", "16", "--num-val", "4", "--size", "64"]) == 0
         assert main(["train", "--preset", "isda_tiny", "--data", str(root / "data"), "--out", str(root / "run"),
-                     "--max-iters", str(STEPS), *TINY_64]) == 0
+                     "--set", f"train.max_steps={STEPS}", *TINY_64]) == 0
         assert main(["export", "--weights", str(root / "run" / "last.pt"), "--out", str(root / "model.onnx")]) == 0
     return root
 

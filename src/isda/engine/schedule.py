@@ -116,6 +116,19 @@ def too_few_steps_warning(steps: int, num_images: int, images_per_step: int, len
             f"train.time_budget_s")
 
 
+def max_iters_in_warmup_warning(max_iters: int | None, length: RunLength, cfg: TrainConfig) -> str | None:
+    """The warning printed when ``--max-iters`` ends a step-planned run inside its ``warmup_frac`` warm-up: the
+    warm-up is a fraction of the planned run, so such a run never trains at ``train.lr`` (None otherwise)."""
+    if max_iters is None or length.steps is None or cfg.warmup_frac <= 0:
+        return None
+    warmup_steps = math.ceil(cfg.warmup_frac * length.steps)
+    if max_iters >= warmup_steps:
+        return None
+    return (f"warning: --max-iters {max_iters} stops inside the lr warm-up (train.warmup_frac={cfg.warmup_frac:g}: "
+            f"the first {warmup_steps} of {length.steps} planned steps), so the run never reaches train.lr; "
+            f"set train.max_steps={max_iters} to plan a run of that length")
+
+
 def steps_at_budget(step: int, elapsed_s: float, rate_s: float, budget_s: float) -> int:
     """Estimated total steps of a time-budget run: those done plus what the rest of the budget holds at
     ``rate_s`` seconds per step."""

@@ -77,7 +77,8 @@ from .ema import ema_model
 from .evaluation import evaluate, write_results_json
 from .metrics import MetricsLog, memory_gb
 from .sampling import SeededSamples, run_batches, seed_all
-from .schedule import RunLength, adamw, lr_factor, param_groups, steps_at_budget, too_few_steps_warning
+from .schedule import (RunLength, adamw, lr_factor, max_iters_in_warmup_warning, param_groups, steps_at_budget,
+                       too_few_steps_warning)
 
 # Called on rank 0 with (run directory, model, validation set or None, the run's data config: its sizes may
 # have been fitted to the data) after each validation, and at the end of a run without a validation set:
@@ -323,6 +324,8 @@ class _Trainer:
                  + (f"; stopping at step {max_iters} (--max-iters)" if max_iters is not None else ""))
         if self.length.steps is not None and (warning := too_few_steps_warning(
                 self.length.steps, len(self.train_set), self.images_per_step(), self.length, self.tcfg)):
+            self.log(warning)
+        if warning := max_iters_in_warmup_warning(max_iters, self.length, self.tcfg):
             self.log(warning)
         self.clock = time.perf_counter() - self.train_time
         stopped = None
