@@ -86,20 +86,24 @@ def fingerprint(name: str) -> dict[str, Any] | str:
                      f"data:<{'|'.join(DATA)}>")
 
 
-def changes(name: str, recorded: Any, now: Any, decided: dict[str, Any] | None = None,
+def changes(name: str, recorded: Any, now: Any, decisions: Iterable[dict[str, Any]] = (),
             per_run: Iterable[str] = ()) -> list[str]:
     """How fingerprint ``name`` changed since ``recorded``: one phrase per difference (see the module doc); a field
-    now at the value ``decided`` records is not one, nor a field in ``per_run`` (recorded by every run)."""
+    now at the value one of ``decisions`` records is not one, nor a field in ``per_run`` (recorded by every run)."""
     if not (isinstance(recorded, dict) and isinstance(now, dict)):
         return [] if recorded == now else [f"{name} changed (recorded {recorded}, now {now})"]
     defaults = flat(json.loads(json.dumps(Config().to_dict())))
-    decided = decided or {}
+    decisions = list(decisions)
+
+    def decided(k: str, v: Any) -> bool:
+        return any(k in d and d[k] == v for d in decisions)
+
     now = {k: v for k, v in now.items() if k not in set(per_run)}
     recorded = {k: v for k, v in recorded.items() if k not in set(per_run)}
     out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items()
-           if k in recorded and recorded[k] != v and not (k in decided and decided[k] == v)]
+           if k in recorded and recorded[k] != v and not decided(k, v)]
     out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"
-            for k, v in now.items() if k not in recorded and v != defaults.get(k) and not (k in decided and decided[k] == v)]
+            for k, v in now.items() if k not in recorded and v != defaults.get(k) and not decided(k, v)]
     out += [f"{name}: {k} was removed" for k in recorded if k not in now]
     return out
 
@@ -159,12 +163,8 @@ def stale(section_meta: dict[str, Any] | None, also_decided: dict[str, Any] | No
         except ValueError as e:
             reasons.append(str(e))
             continue
-        decided, per_run = section_meta.get("decided"), section_meta.get("recorded_per_run") or ()
-        if not decided:
-            reasons += changes(name, value, now, None, per_run)
-            continue
-        # A field may sit at this record's own decision or at a later record's decision of the same field.
-        own_first = changes(name, value, now, {**(also_decided or {}), **decided}, per_run)
-        later_first = changes(name, value, now, {**decided, **(also_decided or {})}, per_run)
-        reasons += [r for r in own_first if r in later_first]
+        # A record of a choice: a field may sit at its own decision or at a later record's decision of the field.
+        decided = section_meta.get("decided")
+        reasons += changes(name, value, now, [decided, also_decided or {}] if decided else [],
+                           section_meta.get("recorded_per_run") or ())
     return reasons

@@ -161,7 +161,7 @@ def check_training(device: torch.device, sizes: Sizes, data: dict[str, tuple[Pat
     (train_ann, train_images), (val_ann, val_images) = data["train"], data["val"]
     amp = "bf16" if device.type == "cuda" else "none"
     runs = {
-        # The preset plans 15,000 steps; its lr warm-up is a fraction of the planned run, so plan the steps made.
+        # The lr warm-up is a fraction of the planned run (the preset plans a long one), so plan the steps made.
         "isda_tiny": (get_preset("isda_tiny"), {"train.log_every": max(1, sizes.tiny_steps // 10),
                                                 "train.max_steps": sizes.tiny_steps,
                                                 "train.batch_size": sizes.tiny_batch}, sizes.tiny_steps),
