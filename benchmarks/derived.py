@@ -69,53 +69,59 @@ def pairing(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
             "fair": side or (diff is not None and diff <= SPEED_TOLERANCE)}
 
 
-def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None) -> dict[str, Any] | None:
-    """ISDA tiny against Mask R-CNN on the test split at ``budget`` (seconds, as the JSON keys it), over the
-    ``seeds`` (default: the section's) each model finished: per model the mean AP and AP50 (0-100), the APs in
-    seed order, the mean steps and the seed count; then ``difference`` (mean AP ISDA − Mask R-CNN), ``noise`` (the
-    larger of the two models' seed ranges), ``seeds`` (the fewer of the two counts) and ``pairing`` (:func:`pairing`
-    of the seeds both finished). None when either model has no run."""
-    seeds = [str(s) for s in (acc.get("seeds", []) if seeds is None else seeds)]
-    runs = {m: finished([acc.get(m, {}).get(budget, {}).get(s) for s in seeds]) for m in MODELS}
-    if not all(runs.values()):
+def matched(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The seeds (keys of two ``{seed: result}`` maps) that both finished with an AP, in ``a``'s order: a
+    difference compares each entry on the same seeds, not a seed one ran in another invocation that the other
+    did not."""
+    return [s for s, x in a.items() if x and x.get("ap") and (y := b.get(s)) and y.get("ap")]
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """Two entries' ``{seed: result}`` maps over the seeds both finished (:func:`matched`): ``difference`` (mean AP of
+    ``a`` − of ``b``), ``seeds`` (how many), ``noise`` (the larger of the two seed ranges there) and ``pairing``
+    (:func:`pairing` of those seeds' runs). None when they share no finished seed."""
+    seeds = matched(a, b)
+    if not seeds:
         return None
-    out: dict[str, Any] = {m: means(got) for m, got in runs.items()}
-    out["difference"] = out["isda"]["ap_mean"] - out["maskrcnn"]["ap_mean"]
-    out["noise"] = max(max(out[m]["aps"]) - min(out[m]["aps"]) for m in MODELS)
-    out["seeds"] = min(out[m]["seeds"] for m in MODELS)
-    both = [(i, m) for s in seeds if (i := acc["isda"][budget].get(s)) and i.get("ap")
-            and (m := acc["maskrcnn"][budget].get(s)) and m.get("ap")]
-    if both:
-        out["pairing"] = pairing(both)
-    return out
+    got = [means([side[s] for s in seeds]) for side in (a, b)]
+    return {"difference": got[0]["ap_mean"] - got[1]["ap_mean"], "seeds": len(seeds),
+            "noise": max(max(g["aps"]) - min(g["aps"]) for g in got),
+            "pairing": pairing([(a[s], b[s]) for s in seeds])}
+
+
+def seed_means(acc: dict[str, Any], budget: str, seeds: list[str] | None = None) -> dict[str, Any] | None:
+    """ISDA tiny against Mask R-CNN on the test split at ``budget`` (seconds, as the JSON keys it), over those of the
+    ``seeds`` (default: the section's) that both models finished (:func:`matched`): per model the mean AP and AP50
+    (0-100), the APs in seed order, the mean steps and the seed count; then ``difference`` (mean AP ISDA − Mask
+    R-CNN), ``noise`` (the larger of the two models' seed ranges), ``seeds`` and ``pairing`` (:func:`compare`).
+    None when the two share no finished seed."""
+    seeds = [str(s) for s in (acc.get("seeds", []) if seeds is None else seeds)]
+    runs = {m: {s: acc.get(m, {}).get(budget, {}).get(s) for s in seeds} for m in MODELS}
+    both = matched(*runs.values())
+    if not both:
+        return None
+    out: dict[str, Any] = {m: means([got[s] for s in both]) for m, got in runs.items()}
+    return {**out, **compare(*runs.values())}
 
 
 def heldout(runs: dict[str, Any]) -> dict[str, Any]:
     """One budget of the held-out family (``{run name: {seed: result}}``): per run name its means over the seeds
-    (:func:`means`), each ISDA entry's ``difference`` (its mean AP − Mask R-CNN's); ``noise`` (the largest seed
-    range of any entry), ``fit_sizes_difference`` (ISDA with data.fit_sizes − without) where both ran, and
-    ISDA's ``difference_fit`` (against Mask R-CNN with data.fit_sizes, ``maskrcnn_fit``) where that ran; beside each
-    difference its ``pairing`` (``pairing_fit``): :func:`pairing` of the seeds both entries finished."""
+    it finished (:func:`means`); ``noise`` (the largest seed range of any entry); each comparison over the seeds its
+    two entries both finished (:func:`compare`): each ISDA entry's ``difference`` against Mask R-CNN, ISDA's
+    ``difference_fit`` against Mask R-CNN with data.fit_sizes (``maskrcnn_fit``) and ``fit_sizes_difference``
+    (ISDA with data.fit_sizes − without) where both ran, each with its seed count and seed noise there
+    (``..._seeds``, ``..._noise``) and its :func:`pairing` (``pairing``, ``pairing_fit``)."""
     out: dict[str, Any] = {name: means(got) for name, seeds in runs.items() if (got := finished(list(seeds.values())))}
-    isda = [name for name in out if name.startswith("isda")]
-
-    def paired(a: str, b: str) -> dict[str, Any] | None:
-        both = [(x, y) for s, x in runs[a].items() if x and x.get("ap") and (y := runs[b].get(s)) and y.get("ap")]
-        return pairing(both) if both else None
-
-    if "maskrcnn" in out:
-        for name in isda:
-            out[name]["difference"] = out[name]["ap_mean"] - out["maskrcnn"]["ap_mean"]
-            if (p := paired(name, "maskrcnn")) is not None:
-                out[name]["pairing"] = p
-    if "maskrcnn_fit" in out and "isda" in out:
-        out["isda"]["difference_fit"] = out["isda"]["ap_mean"] - out["maskrcnn_fit"]["ap_mean"]
-        if (p := paired("isda", "maskrcnn_fit")) is not None:
-            out["isda"]["pairing_fit"] = p
+    for a, b, key, pair_key in [*((n, "maskrcnn", "difference", "pairing") for n in ("isda", "isda_no_fit")),
+                                ("isda", "maskrcnn_fit", "difference_fit", "pairing_fit")]:
+        if a in out and b in out and (c := compare(runs[a], runs[b])) is not None:
+            out[a].update({key: c["difference"], f"{key}_seeds": c["seeds"], f"{key}_noise": c["noise"],
+                           pair_key: c["pairing"]})
     if out:
         out["noise"] = max(max(v["aps"]) - min(v["aps"]) for v in out.values())
-    if "isda" in out and "isda_no_fit" in out:
-        out["fit_sizes_difference"] = out["isda"]["ap_mean"] - out["isda_no_fit"]["ap_mean"]
+    if "isda" in out and "isda_no_fit" in out and (c := compare(runs["isda"], runs["isda_no_fit"])) is not None:
+        out.update({"fit_sizes_difference": c["difference"], "fit_sizes_difference_seeds": c["seeds"],
+                    "fit_sizes_difference_noise": c["noise"]})
     return out
 
 

@@ -539,10 +539,10 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
     assert "| held-out family (train split) | 2,000 | 7.5 (12) | 16.6 px of 160 | 13.3 px | 224 px | 23.2 px |" in page
     assert ("| 8 min | Mask R-CNN R18 (the same 128 px input) | sgd lr 0.02, width 64, batch 8, 32 RoIs/image |  px "
             "| 4.0 | 7.0 | **5.5** |") in page
-    assert ("At 8 min on the held-out family: ISDA tiny at the fixed 128 px input − Mask R-CNN **-1.5** AP (means of 2 "
-            "seed(s); seed noise 3.0") in page
+    assert ("At 8 min on the held-out family: ISDA tiny at the fixed 128 px input − Mask R-CNN **-1.5** AP (means of the 2 seed(s) "
+            "both finished; seed noise 3.0") in page
     assert ("At 8 min on the held-out family: ISDA tiny with data.fit_sizes − Mask R-CNN at the fixed 128 px input "
-            "**+1.5** AP (means of 2 seed(s); seed noise 3.0 AP): a **tie** (within the seed noise); different input "
+            "**+1.5** AP (means of the 2 seed(s) both finished; seed noise 3.0 AP): a **tie** (within the seed noise); different input "
             "sizes: the goal is judged at the same sizes below.") in page
     # Against Mask R-CNN at the same fitted sizes: 7.0 − 2.5 = +4.5, beyond the pair's noise (the larger of its seed
     # ranges, 2.0; another entry's wider spread does not count) and the goal's margin.
@@ -550,10 +550,10 @@ def test_accuracy_invocations_merge_and_render(tmp_path):
             "sgd lr 0.02, width 64, batch 8, 32 RoIs/image | 224 px | 2.0 | 3.0 | **2.5** |") in page
     # These runs recorded no finishing time nor speed probe: the verdict stands on the figures, unconfirmed.
     assert ("At 8 min on the held-out family: ISDA tiny with data.fit_sizes − Mask R-CNN with data.fit_sizes **+4.5** AP "
-            "(means of 2 seed(s); seed noise 2.0 AP): ISDA tiny ahead; goal ISDA ≥ Mask R-CNN + 2.6 AP: **met** "
+            "(means of the 2 seed(s) both finished; seed noise 2.0 AP): ISDA tiny ahead; goal ISDA ≥ Mask R-CNN + 2.6 AP: **met** "
             "(unconfirmed: the pair is not known to be fair, below). The two did not run side by side (their finishing "
             "times were not recorded)") in page
-    assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP (means of the seeds above" in page
+    assert "`data.fit_sizes` on − off on the held-out family: **+3.0** AP (means of the 2 seed(s) both finished" in page
     assert (tmp_path / "b_accuracy.png").stat().st_size > 1000 and "b_accuracy.png" in page
     assert "benchmarks.run first" in page and "benchmarks.run second" in page
 

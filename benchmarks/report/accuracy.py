@@ -158,18 +158,17 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
         for name, which, mr, key in (("isda_no_fit", "at the fixed 128 px input", "maskrcnn", "difference"),
                                      ("isda", "with data.fit_sizes", "maskrcnn", "difference"),
                                      ("isda", "with data.fit_sizes", "maskrcnn_fit", "difference_fit")):
-            if name not in v or mr not in v:
+            if key not in v.get(name, {}):
                 continue
-            d, n = v[name][key], _noise(v, name, mr)
+            d, n, seeds_n = v[name][key], v[name][f"{key}_noise"], v[name][f"{key}_seeds"]
             pair = v[name].get("pairing_fit" if key == "difference_fit" else "pairing")
-            seeds_n = min(v[name]["seeds"], v[mr]["seeds"])
             # ISDA's fitted input against Mask R-CNN's fixed one compares input sizes as much as models: where Mask
             # R-CNN also ran at the fitted sizes, the goal is judged on that pair.
             mixed = name == "isda" and mr == "maskrcnn"
             them = {"maskrcnn_fit": "Mask R-CNN with data.fit_sizes",
                     "maskrcnn": "Mask R-CNN at the fixed 128 px input" if mixed else "Mask R-CNN"}[mr]
             text = (f"At {int(b) / 60:g} min on the held-out family: ISDA tiny {which} − {them} **{d:+.1f}** AP "
-                    f"(means of {seeds_n} seed(s)")
+                    f"(means of the {seeds_n} seed(s) both finished")
             if seeds_n >= 2:
                 verdict = "a **tie** (within the seed noise)" if abs(d) <= n else (
                     "ISDA tiny ahead" if d > 0 else "Mask R-CNN ahead")
@@ -182,8 +181,8 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
             out += [text + _pairing_text(pair), ""]
         if "fit_sizes_difference" in v:
             out += [f"At {int(b) / 60:g} min, `data.fit_sizes` on − off on the held-out family: "
-                    f"**{v['fit_sizes_difference']:+.1f}** AP (means of the seeds above; seed noise "
-                    f"{_noise(v, 'isda', 'isda_no_fit'):.1f}).",
+                    f"**{v['fit_sizes_difference']:+.1f}** AP (means of the {v['fit_sizes_difference_seeds']} seed(s) "
+                    f"both finished; seed noise {v['fit_sizes_difference_noise']:.1f}).",
                     ""]
     return out
 
@@ -217,11 +216,6 @@ def _pairing_text(pair: dict[str, Any] | None) -> str:
             f"{100 * pair['speed_difference']:.1f} % " + (
                 "(within the tolerance: the same machine speed)." if pair["fair"] else
                 f"(more than {100 * SPEED_TOLERANCE:g} %: **not a fair pair**; a re-run of both side by side settles it)."))
-
-
-def _noise(v: dict[str, Any], *names: str) -> float:
-    """The seed noise of a comparison: the larger seed range (max − min AP) of its entries."""
-    return max(max(v[n]["aps"]) - min(v[n]["aps"]) for n in names)
 
 
 def _test_variants(acc: dict[str, Any]) -> list[str]:
@@ -418,16 +412,12 @@ GOAL_MARGIN = 2.6
 def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     """The difference of the seed means at ``budget``, a tie when it is within the seed noise (the larger of
     the two models' seed ranges), and where the goal stands."""
-    runs = {m: [r for r in (acc.get(m, {}).get(budget, {}).get(s) for s in seeds) if r and r.get("ap")]
-            for m in ("isda", "maskrcnn")}
-    pair = (seed_means(acc, budget, seeds) or {}).get("pairing")
-    aps = {m: [ap(r) for r in v] for m, v in runs.items()}
-    if not aps["isda"] or not aps["maskrcnn"]:
-        return _unpaired(budget, "on the test split") if aps["maskrcnn"] else ""
-    diff = sum(aps["isda"]) / len(aps["isda"]) - sum(aps["maskrcnn"]) / len(aps["maskrcnn"])
-    noise = max(max(v) - min(v) for v in aps.values())
-    n = min(len(v) for v in aps.values())
-    text = f"At {int(budget) / 60:g} min: ISDA tiny − Mask R-CNN **{diff:+.1f}** AP (means of {n} seed(s)"
+    v = seed_means(acc, budget, seeds)
+    if v is None:
+        ran = any(r and r.get("ap") for r in (acc.get("maskrcnn", {}).get(budget) or {}).values())
+        return _unpaired(budget, "on the test split") if ran else ""
+    diff, noise, n, pair = v["difference"], v["noise"], v["seeds"], v["pairing"]
+    text = f"At {int(budget) / 60:g} min: ISDA tiny − Mask R-CNN **{diff:+.1f}** AP (means of the {n} seed(s) both finished"
     if n < 2:
         return text + "; one seed: the seed noise is not known here, so no verdict beyond the figure)." + _pairing_text(pair)
     text += f"; seed noise {noise:.1f} AP): "
@@ -436,11 +426,12 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     else:
         text += "ISDA tiny ahead" if diff > 0 else "Mask R-CNN ahead"
     goal = diff >= GOAL_MARGIN and diff > noise
-    mean = {m: sum(r["iterations"] for r in v) / len(v) for m, v in runs.items()}
+    steps = {m: v[m]["steps_mean"] for m in ("isda", "maskrcnn")}
+    ratio = steps["isda"] / steps["maskrcnn"]
     return (text + f"; goal ISDA ≥ Mask R-CNN + {GOAL_MARGIN} AP: {_goal(goal, pair)}. Steps taken "
-            f"(mean): ISDA tiny {mean['isda']:.0f}, Mask R-CNN {mean['maskrcnn']:.0f} (ratio "
-            f"{mean['isda'] / mean['maskrcnn']:.2f}): the difference is what each learns "
-            + ("per step, not the cost of a step." if 0.9 <= mean["isda"] / mean["maskrcnn"] <= 1.1 else
+            f"(mean): ISDA tiny {steps['isda']:.0f}, Mask R-CNN {steps['maskrcnn']:.0f} (ratio "
+            f"{ratio:.2f}): the difference is what each learns "
+            + ("per step, not the cost of a step." if 0.9 <= ratio <= 1.1 else
                "in its steps and how many it takes.") + _pairing_text(pair))
 
 
