@@ -12,7 +12,8 @@ Fingerprint names:
   compared with its class default, the behaviour it was added with (a new switch defaults to off): added at
   that default, the preset still does what was measured; set otherwise in the preset, it does not.
 - ``preset:NAME:SECTIONS``: only those sections of it (comma-separated), e.g. ``preset:isda_tiny:model,data`` for
-  an inference figure, which neither the losses nor the training recipe change.
+  an inference figure, which neither the losses nor the training recipe change, nor the model's training-only
+  switches (``ModelConfig.TRAINING_ONLY``, left out of such a scope).
 - ``data:NAME``: the source of a data generator in :data:`DATA` (the images it makes are what was measured on).
 
 A section that decided preset values (the sweep and lever choice behind a preset's defaults) records them in
@@ -39,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from isda.config import Config, ConfigError, get_preset
+from isda.config import Config, ConfigError, ModelConfig, get_preset
 
 from .quiet import verdict
 
@@ -65,6 +66,16 @@ def flat(config: dict[str, Any]) -> dict[str, Any]:
     return {f"{section}.{k}": v for section, fields in config.items() for k, v in fields.items()}
 
 
+def _training_only(name: str) -> set[str]:
+    """The fields a preset fingerprint leaves out: none for the whole preset or a scope with the training sections;
+    for a scope without them (``model,data``: a figure of the inference network and its input), the model's
+    training-only switches (``ModelConfig.TRAINING_ONLY``), which build nothing that inference runs."""
+    scope = name.partition(":")[2].partition(":")[2]
+    if name.partition(":")[0] != "preset" or not scope or {"loss", "train"} & set(scope.split(",")):
+        return set()
+    return {f"model.{f}" for f in ModelConfig.TRAINING_ONLY}
+
+
 def fingerprint(name: str) -> dict[str, Any] | str:
     """The current fingerprint called ``name``: a preset's fields (``preset:isda_tiny``, or some sections of them:
     ``preset:isda_tiny:model,data``), a data generator's source digest (``data:shapes``); ValueError names an
@@ -79,7 +90,8 @@ def fingerprint(name: str) -> dict[str, Any] | str:
         sections = scope.split(",") if scope else list(fields)
         if set(sections) - set(fields):
             raise ValueError(f"unknown fingerprint {name!r}: sections are {', '.join(fields)}")
-        return flat({k: v for k, v in fields.items() if k in sections})
+        return {k: v for k, v in flat({k: v for k, v in fields.items() if k in sections}).items()
+                if k not in _training_only(name)}
     if kind == "data" and what in DATA:
         return _digest((ROOT / DATA[what]).read_bytes())
     raise ValueError(f"unknown fingerprint {name!r}: use preset:<preset name>[:<sections>] or "
@@ -98,8 +110,9 @@ def changes(name: str, recorded: Any, now: Any, decisions: Iterable[dict[str, An
     def decided(k: str, v: Any) -> bool:
         return any(k in d and d[k] == v for d in decisions)
 
-    now = {k: v for k, v in now.items() if k not in set(per_run)}
-    recorded = {k: v for k, v in recorded.items() if k not in set(per_run)}
+    skip = set(per_run) | _training_only(name)  # a record from before a field was training-only still has it
+    now = {k: v for k, v in now.items() if k not in skip}
+    recorded = {k: v for k, v in recorded.items() if k not in skip}
     out = [f"{name}: {k} was {recorded[k]!r}, now {v!r}" for k, v in now.items()
            if k in recorded and recorded[k] != v and not decided(k, v)]
     out += [f"{name}: {k} is {v!r}, not its default {defaults.get(k)!r} (added since)"

@@ -4,6 +4,7 @@ section (benchmarks/figures.py), and the machinery itself on temporary pages."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -162,7 +163,24 @@ def test_preset_fingerprint_follows_the_preset(monkeypatch: pytest.MonkeyPatch) 
     # A figure that depends on the network and its input only (preset:NAME:model,data) is not stale by the lr.
     scoped = {"preset:isda_tiny:model,data": {k: v for k, v in before["preset:isda_tiny"].items()
                                               if k.startswith(("model.", "data."))}}
-    assert provenance.fingerprints(scoped) == scoped and provenance.stale({"depends_on": scoped}) == []
+    assert provenance.stale({"depends_on": scoped}) == []
+    # Nor by a training-only switch of the model (denoising queries): the scope leaves them out, also where a record
+    # from before still has them; a switch that reaches inference (mask_class) is a change.
+    training_only = {f"model.{f}" for f in config.ModelConfig.TRAINING_ONLY}
+    assert "model.denoising_groups" in training_only
+    assert provenance.fingerprints(scoped)["preset:isda_tiny:model,data"] == {
+        k: v for k, v in scoped["preset:isda_tiny:model,data"].items() if k not in training_only}
+    assert "model.denoising_groups" in provenance.fingerprint("preset:isda_tiny")
+    for change, stale in (({"denoising_groups": 5, "dense_aux": True, "hybrid_queries": 10}, False),
+                          ({"mask_class": True}, True)):
+        def switched(change: dict = change) -> config.Config:
+            cfg = config.isda_tiny()
+            cfg.model = dataclasses.replace(cfg.model, **change)
+            return cfg
+
+        monkeypatch.setitem(config.PRESETS, "isda_tiny", switched)
+        assert bool(provenance.stale({"depends_on": scoped})) is stale, change
+        assert provenance.stale({"depends_on": before}), change  # the whole preset: a change either way
     with pytest.raises(ValueError, match="sections are model, loss, data, train"):
         provenance.fingerprint("preset:isda_tiny:model,optimizer")
     # A field added since the measurement: at its class default (a new switch, off) it changes nothing ...
@@ -242,6 +260,23 @@ def test_seed_means_and_difference_over_the_seeds_both_finished() -> None:
     from benchmarks.report.accuracy import _verdict
 
     assert "**-1.0** AP (means of the 2 seed(s) both finished" in _verdict(acc, "480", ["0", "1", "2"])
+    # Both ran, at other seeds: the page says so (not that ISDA has not run); Mask R-CNN alone: that ISDA has not.
+    apart = {"seeds": [0, 1], "isda": {"480": {"0": _run(0.3)}}, "maskrcnn": {"480": {"1": _run(0.3)}}}
+    assert "no finished seed in common" in _verdict(apart, "480", ["0", "1"])
+    del apart["isda"]
+    assert "has not run at this budget yet" in _verdict(apart, "480", ["0", "1"])
+    # The held-out family's verdicts alike.
+    from benchmarks.report.accuracy import _heldout
+
+    def held(**runs: dict) -> str:
+        run = {"ap": {"AP": 0.3, "AP50": 0.4, "APs": 0.2}, "iterations": 100, "optimizer": "adamw", "lr": 8e-4}
+        return "\n".join(_heldout({"heldout": {"480": {n: {s: run for s in seeds} for n, seeds in runs.items()}}},
+                                   intro=False))
+
+    assert "no finished seed in common" in held(isda=["0"], maskrcnn_fit=["1"])
+    assert "has not run at this budget yet" in held(maskrcnn=["0", "1"])
+    text = held(isda=["0", "1"], maskrcnn_fit=["0", "1"])
+    assert "means of the 2 seed(s) both finished" in text and "in common" not in text and "not run at" not in text
 
 
 def test_pairing_side_by_side_or_by_the_speed_probes() -> None:

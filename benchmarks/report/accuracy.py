@@ -7,7 +7,7 @@ from typing import Any
 
 from isda.config import get_preset
 
-from benchmarks.derived import (PROBE_S, SPEED_TOLERANCE, finished, heldout, lever_budgets, lever_choice,
+from benchmarks.derived import (MODELS, PROBE_S, SPEED_TOLERANCE, finished, heldout, lever_budgets, lever_choice,
                                  lever_sections, means, seed_means, speedup_sections)
 from benchmarks.provenance import flat
 
@@ -153,8 +153,10 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
     out.append("")
     for b, runs in sorted(held.items(), key=lambda kv: int(kv[0])):
         v = heldout(runs)
-        if not any(n in v for n in ("isda", "isda_no_fit")) and any(n in v for n in ("maskrcnn", "maskrcnn_fit")):
-            out += [_unpaired(b, "on the held-out family"), ""]
+        isda_ran = [n for n in ("isda", "isda_no_fit") if n in v]
+        if any(n in v for n in ("maskrcnn", "maskrcnn_fit")) and not any(
+                k in v[n] for n in isda_ran for k in ("difference", "difference_fit")):
+            out += [_unpaired(b, "on the held-out family", bool(isda_ran)), ""]
         for name, which, mr, key in (("isda_no_fit", "at the fixed 128 px input", "maskrcnn", "difference"),
                                      ("isda", "with data.fit_sizes", "maskrcnn", "difference"),
                                      ("isda", "with data.fit_sizes", "maskrcnn_fit", "difference_fit")):
@@ -187,9 +189,13 @@ def _heldout(acc: dict[str, Any], intro: bool = True) -> list[str]:
     return out
 
 
-def _unpaired(budget: str, where: str) -> str:
-    """The sentence for a budget where Mask R-CNN's runs are in the table and ISDA's are not: Mask R-CNN's kept from
-    an invocation before the preset changed, ISDA not measured again yet (no verdict without it)."""
+def _unpaired(budget: str, where: str, isda_ran: bool = False) -> str:
+    """The sentence for a budget where Mask R-CNN's runs are in the table and no ISDA run shares a seed with them:
+    ISDA not measured again yet after the preset changed (Mask R-CNN's kept from an earlier invocation), or
+    ``isda_ran``: both ran, at other seeds. No verdict either way."""
+    if isda_ran:
+        return (f"At {int(budget) / 60:g} min {where}: ISDA tiny and Mask R-CNN have no finished seed in common: "
+                "no comparison and no verdict until both run the same seeds side by side.")
     return (f"At {int(budget) / 60:g} min {where}: ISDA tiny (the preset as it stands) has not run at this budget yet; "
             "Mask R-CNN's runs above stand alone (kept from an earlier invocation): no comparison and no verdict "
             "until both run side by side.")
@@ -414,8 +420,8 @@ def _verdict(acc: dict[str, Any], budget: str, seeds: list[str]) -> str:
     the two models' seed ranges), and where the goal stands."""
     v = seed_means(acc, budget, seeds)
     if v is None:
-        ran = any(r and r.get("ap") for r in (acc.get("maskrcnn", {}).get(budget) or {}).values())
-        return _unpaired(budget, "on the test split") if ran else ""
+        ran = {m: any(r and r.get("ap") for r in (acc.get(m, {}).get(budget) or {}).values()) for m in MODELS}
+        return _unpaired(budget, "on the test split", ran["isda"]) if ran["maskrcnn"] else ""
     diff, noise, n, pair = v["difference"], v["noise"], v["seeds"], v["pairing"]
     text = f"At {int(budget) / 60:g} min: ISDA tiny − Mask R-CNN **{diff:+.1f}** AP (means of the {n} seed(s) both finished"
     if n < 2:

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -74,6 +74,10 @@ class ModelConfig:
     # Opt-in, training only (Co-DETR-style dense auxiliary head, see models/dense_aux.py): every encoder token
     # classified and given a mask kernel, one-to-many positives near each instance's centroid; not built unless on.
     dense_aux: bool = False
+    # The switches above that build nothing inference runs (each has a test that the predictions and the ONNX graph
+    # are unchanged with it on): a figure of the inference network does not depend on them (benchmarks/provenance.py).
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("hybrid_queries", "denoising_groups", "denoising_label_noise",
+                                                "denoising_point_noise", "dense_aux")
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -334,6 +338,10 @@ def isda_tiny() -> Config:
             # Not the paper's head either (see mask_locality above): chosen on the tune split (docs/convergence.md,
             # 8 minutes, two seeds, bf16), no loss on the held-out family; touching objects of one class need it.
             mask_locality=True,
+            # Training only (DN-DETR's query denoising, see denoising_groups above): chosen on the tune split over
+            # query selection (docs/convergence.md, 8 minutes, two seeds, bf16), no loss on the held-out family;
+            # inference and the exported graph are unchanged by it.
+            denoising_groups=5,
         ),
         # Measured on the shapes dataset (docs/convergence.md), AP after 250 steps: + mask BCE 1.1 -> 2.3;
         # + varifocal class loss (scores rank masks by IoU) 2.3 -> 3.7; + point refinement 3.7 -> 6.5.
