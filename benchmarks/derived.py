@@ -17,6 +17,8 @@ PROBE_S = 60.0
 # Mask R-CNN's speed-probe rates of two invocations within this fraction of each other: the same machine speed
 # (two machines of one CPU name took 1700 and 1120 ISDA steps in the same 8 minutes).
 SPEED_TOLERANCE = 0.05
+# The goal of an ISDA − Mask R-CNN comparison: the paper's margin over Mask R-CNN on COCO (AP), beyond the seed noise.
+GOAL_MARGIN = 2.6
 
 
 def ap(run: dict[str, Any] | None, key: str = "AP") -> float:
@@ -76,16 +78,28 @@ def matched(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [s for s, x in a.items() if x and x.get("ap") and (y := b.get(s)) and y.get("ap")]
 
 
+def judge(difference: float, noise: float, seeds: int) -> dict[str, str]:
+    """What a difference a − b over ``seeds`` seeds with seed ``noise`` says: ``verdict`` ``tie`` (within the noise),
+    ``ahead`` or ``behind`` (a against b, beyond it), ``one seed`` (the noise is not known: no verdict); ``goal``
+    ``met`` where a is ahead by GOAL_MARGIN or more, else ``not met``."""
+    if seeds < 2:
+        return {"verdict": "one seed", "goal": "not met"}
+    verdict = "tie" if abs(difference) <= noise else "ahead" if difference > 0 else "behind"
+    return {"verdict": verdict, "goal": "met" if verdict == "ahead" and difference >= GOAL_MARGIN else "not met"}
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     """Two entries' ``{seed: result}`` maps over the seeds both finished (:func:`matched`): ``difference`` (mean AP of
-    ``a`` − of ``b``), ``seeds`` (how many), ``noise`` (the larger of the two seed ranges there) and ``pairing``
-    (:func:`pairing` of those seeds' runs). None when they share no finished seed."""
+    ``a`` − of ``b``), ``seeds`` (how many), ``noise`` (the larger of the two seed ranges there), ``verdict`` and
+    ``goal`` (:func:`judge`) and ``pairing`` (:func:`pairing` of those seeds' runs). None when they share no finished
+    seed."""
     seeds = matched(a, b)
     if not seeds:
         return None
     got = [means([side[s] for s in seeds]) for side in (a, b)]
-    return {"difference": got[0]["ap_mean"] - got[1]["ap_mean"], "seeds": len(seeds),
-            "noise": max(max(g["aps"]) - min(g["aps"]) for g in got),
+    difference = got[0]["ap_mean"] - got[1]["ap_mean"]
+    noise = max(max(g["aps"]) - min(g["aps"]) for g in got)
+    return {"difference": difference, "seeds": len(seeds), "noise": noise, **judge(difference, noise, len(seeds)),
             "pairing": pairing([(a[s], b[s]) for s in seeds])}
 
 
@@ -110,13 +124,14 @@ def heldout(runs: dict[str, Any]) -> dict[str, Any]:
     two entries both finished (:func:`compare`): each ISDA entry's ``difference`` against Mask R-CNN, ISDA's
     ``difference_fit`` against Mask R-CNN with data.fit_sizes (``maskrcnn_fit``) and ``fit_sizes_difference``
     (ISDA with data.fit_sizes − without) where both ran, each with its seed count and seed noise there
-    (``..._seeds``, ``..._noise``) and its :func:`pairing` (``pairing``, ``pairing_fit``)."""
+    (``..._seeds``, ``..._noise``), the comparisons against Mask R-CNN with their :func:`judge` (``..._verdict``,
+    ``..._goal``) and :func:`pairing` (``pairing``, ``pairing_fit``)."""
     out: dict[str, Any] = {name: means(got) for name, seeds in runs.items() if (got := finished(list(seeds.values())))}
     for a, b, key, pair_key in [*((n, "maskrcnn", "difference", "pairing") for n in ("isda", "isda_no_fit")),
                                 ("isda", "maskrcnn_fit", "difference_fit", "pairing_fit")]:
         if a in out and b in out and (c := compare(runs[a], runs[b])) is not None:
             out[a].update({key: c["difference"], f"{key}_seeds": c["seeds"], f"{key}_noise": c["noise"],
-                           pair_key: c["pairing"]})
+                           f"{key}_verdict": c["verdict"], f"{key}_goal": c["goal"], pair_key: c["pairing"]})
     if out:
         out["noise"] = max(max(v["aps"]) - min(v["aps"]) for v in out.values())
     if "isda" in out and "isda_no_fit" in out and (c := compare(runs["isda"], runs["isda_no_fit"])) is not None:

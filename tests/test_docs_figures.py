@@ -242,12 +242,14 @@ def test_seed_means_and_difference_over_the_seeds_both_finished() -> None:
     assert t["isda"]["ap_mean"] == pytest.approx(25.0) and t["isda"]["steps_mean"] == 110
     assert t["maskrcnn"]["ap_mean"] == pytest.approx(26.0) and t["maskrcnn"]["ap50_mean"] == pytest.approx(36.0)
     assert t["difference"] == pytest.approx(-1.0) and t["noise"] == pytest.approx(10.0) and t["seeds"] == 2
+    assert (t["verdict"], t["goal"]) == ("tie", "not met")  # what the pages say, stored beside the figures
     held = s["heldout"]["480"]
     assert set(held) == {"isda", "maskrcnn", "maskrcnn_fit", "noise"}  # the run that did not finish is left out
     assert held["isda"]["ap_mean"] == pytest.approx(12.0) and held["isda"]["seeds"] == 2
     assert held["isda"]["difference"] == pytest.approx(10.0 - 15.0) and held["isda"]["difference_seeds"] == 1
     assert held["isda"]["difference_fit"] == pytest.approx(14.0 - 20.0) and held["isda"]["difference_fit_seeds"] == 1
     assert held["noise"] == pytest.approx(4.0) and held["isda"]["difference_noise"] == 0
+    assert held["isda"]["difference_verdict"] == "one seed" and held["isda"]["difference_goal"] == "not met"
     assert held["maskrcnn"]["ap50_mean"] == pytest.approx(25.0) and held["maskrcnn"]["seeds"] == 1
     lever = s["levers"]["denoising"]
     assert set(lever) == {"480", "1800"} and lever["1800"]["seeds"] == 1
@@ -277,6 +279,14 @@ def test_seed_means_and_difference_over_the_seeds_both_finished() -> None:
     assert "has not run at this budget yet" in held(maskrcnn=["0", "1"])
     text = held(isda=["0", "1"], maskrcnn_fit=["0", "1"])
     assert "means of the 2 seed(s) both finished" in text and "in common" not in text and "not run at" not in text
+
+
+@pytest.mark.parametrize("difference, noise, seeds, verdict, goal", [
+    (2.6, 1.7, 2, "ahead", "met"), (2.5, 1.0, 2, "ahead", "not met"), (3.0, 4.0, 2, "tie", "not met"),
+    (-3.0, 4.0, 2, "tie", "not met"), (-3.0, 1.0, 2, "behind", "not met"), (5.0, 0.0, 1, "one seed", "not met")])
+def test_judge_a_difference_by_the_seed_noise_and_the_goal(difference: float, noise: float, seeds: int,
+                                                           verdict: str, goal: str) -> None:
+    assert derived.judge(difference, noise, seeds) == {"verdict": verdict, "goal": goal}
 
 
 def test_pairing_side_by_side_or_by_the_speed_probes() -> None:
