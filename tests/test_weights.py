@@ -44,7 +44,7 @@ TOL = 1e-4
 
 # ISDA tensors that no Deformable-DETR checkpoint provides (R50 paper preset and the tiny preset alike).
 ISDA_ONLY = re.compile(r"^(mask_features\.|head\.kernel_embed\.|neck\.lateral\.0\.|neck\.lateral_norm\.0\.|"
-                       r"transformer\.point_refine\.|head\.locality\.)")
+                       r"transformer\.point_refine\.|head\.locality\.|denoising\.)")
 
 
 def isda_only_keys(model):
@@ -445,10 +445,11 @@ def test_isda_checkpoint_other_class_count(tmp_path, suffix):
     dst = isda.build_model("isda_tiny", num_classes=3)
     report = load_pretrained(path, dst)
     assert report.fmt == "isda"
-    assert set(report.left_at_init) == {"head.class_embed.weight", "head.class_embed.bias"}
-    assert set(report.unused) == {"head.class_embed.weight", "head.class_embed.bias"}
+    # The preset trains with query denoising: its label embedding has one row per class, like the class head.
+    rows = {"head.class_embed.weight", "head.class_embed.bias", "denoising.label_embed.weight"}
+    assert set(report.left_at_init) == set(report.unused) == rows
     s, d = src.state_dict(), dst.state_dict()
-    assert all(torch.equal(s[k], d[k]) for k in d if not k.startswith("head.class_embed."))
+    assert all(torch.equal(s[k], d[k]) for k in d if k not in rows)
     # The trainer's layout ({"model": state_dict, ...}) and picking classes explicitly.
     torch.save({"model": src.state_dict(), "optimizer": {"lr": 1e-4}, "epoch": 3}, tmp_path / "last.pth")
     picked = isda.build_model("isda_tiny", num_classes=2)
@@ -461,7 +462,7 @@ def test_isda_checkpoint_with_and_without_the_opt_in_modules(tmp_path):
     checkpoint: a plain checkpoint initialises a model that has them, and their class rows follow the class
     head when fine-tuning on other classes."""
     torch.manual_seed(8)
-    plain = isda.build_model("isda_tiny")
+    plain = isda.build_model("isda_tiny", denoising_groups=0)
     path = save_converted(plain, tmp_path / "plain.pth")
     extended = isda.build_model("isda_tiny", denoising_groups=2, mask_class=True)
     init = {k: v.clone() for k, v in extended.state_dict().items()}
@@ -490,7 +491,7 @@ def test_isda_checkpoint_with_and_without_the_opt_in_modules(tmp_path):
     for k in rows:
         assert torch.equal(picked.state_dict()[k], s[k][[4, 1]]), k
     # Into the plain model: the opt-in tensors are reported unused, everything else loads.
-    back = isda.build_model("isda_tiny")
+    back = isda.build_model("isda_tiny", denoising_groups=0)
     report = load_pretrained(path, back)
     assert set(report.unused) == {k for k in s if k.startswith(("denoising.", "head.mask_class."))}
     assert not report.left_at_init
