@@ -44,8 +44,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # A frozen backbone trains only from weights (require_backbone_init): a random torchvision ResNet-18 file.
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
+    # Query denoising off: each process draws its own noise, so the two runs would train on different queries.
     common = {"backbone_norm": "frozen_bn", "backbone_weights": str(weights), "train_short_sides": [64],
-              "crop_prob": 0, "time_budget_s": 1e6}
+              "crop_prob": 0, "time_budget_s": 1e6, "denoising_groups": 0}
     ddp_cfg = tiny_config(batch_size=2, **common)
     save_config(ddp_cfg, tmp_path / "ddp.yaml")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,

@@ -51,8 +51,12 @@ def test_training_returns_losses_for_every_decoder_layer_and_empty_images():
     losses = model(images, targets)
     L = model.cfg.dec_layers
     weights = {"cls": 2.0, "dice": 3.0, "bce": 3.0, "point": 5.0}  # the tiny preset: + mask BCE, point refinement
-    assert {"loss"} | {f"{p}loss_{k}" for p in ["", *(f"d{i}." for i in range(L - 1))] for k in weights} == set(losses)
-    expected = sum(weights[k.rpartition("_")[2]] * v for k, v in losses.items() if k != "loss")
+    per_layer = {f"{p}loss_{k}" for p in ["", *(f"d{i}." for i in range(L - 1))] for k in weights}
+    # The preset trains with query denoising: the same losses again on the noised copies of the instances.
+    assert {"loss"} | per_layer | {f"dn.{k}" for k in per_layer} == set(losses)
+    dn = model.criterion.cfg.denoising_weight
+    expected = sum((dn if k.startswith("dn.") else 1.0) * weights[k.rpartition("_")[2]] * v
+                   for k, v in losses.items() if k != "loss")
     torch.testing.assert_close(losses["loss"], expected)
     losses["loss"].backward()
     assert model.head.kernel_embed[0].weight.grad.abs().sum() > 0
@@ -198,8 +202,8 @@ def test_backbone_weights_errors_name_the_file(tmp_path):
 
 def test_padding_does_not_change_the_training_loss():
     """Each image's loss is the same alone or padded next to a larger image (the dice loss and the matcher
-    must not see the padded pixels)."""
-    model = tiny().train()
+    must not see the padded pixels). Denoising off: its noise is drawn per batch."""
+    model = tiny(denoising_groups=0).train()
     small, large = torch.rand(3, 75, 90), torch.rand(3, 150, 170)
     targets = []
     for im, boxes in ((small, [(5, 40, 10, 50), (30, 70, 50, 85)]), (large, [(20, 100, 30, 120)])):

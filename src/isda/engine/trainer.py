@@ -509,9 +509,15 @@ class _Trainer:
         if self.val_set is None:
             return False
         start = time.perf_counter()
-        result, results = evaluate(self.eval_model, self.val_set, self.device, self.tcfg.batch_size,
-                                   num_workers=self.tcfg.num_workers, amp=self.tcfg.amp,
-                                   window=self.cfg.data.test_window)
+        # Evaluation draws from the global RNG (its loader's seed); training (query denoising's noise) goes on with
+        # the draws it would have had without it, so a run trains the same whatever its validation schedule.
+        rng = capture_rng_state()
+        try:
+            result, results = evaluate(self.eval_model, self.val_set, self.device, self.tcfg.batch_size,
+                                       num_workers=self.tcfg.num_workers, amp=self.tcfg.amp,
+                                       window=self.cfg.data.test_window)
+        finally:
+            restore_rng_state(rng)
         self.last_eval_step = self.step
         self.val_stats = result.stats
         improved = result.stats["AP"] > self.best_ap
