@@ -182,6 +182,8 @@ VARIANTS = {
     # data.fit_instance_px counts image pixels; what the masks see is pixels / model.mask_stride: 24 px are six mask
     # cells at stride 4 (the stride fit_instance_px was chosen at), and half of it keeps six cells at stride 2.
     "fit_12px": ("data.fit_instance_px=12", "the median instance fitted to 12 px instead of 24"),
+    # Query denoising copies every instance five times: dozens of nuclei per tile multiply a step's cost.
+    "denoising_cap_50": ("model.denoising_max_queries=50", "query denoising capped at 50 queries per image"),
 }
 
 

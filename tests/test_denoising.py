@@ -4,6 +4,9 @@ fixed assignment, that they learn, and that inference is the same model without 
 import pytest
 import torch
 
+import isda
+from isda.config import ConfigError
+
 from isda.models.denoising import Denoising, self_attention_mask
 from isda.models.losses import mask_centroids
 
@@ -34,6 +37,23 @@ def test_queries_copy_the_instances_within_the_noise():
     assert bool((shift <= 0.4 * half + 1e-5).all()) and bool((shift > 0.2 * half).any())
     same = (out.content[0, query] == noisy.label_embed(targets[0]["labels"].repeat(200)[target])).all(-1).float().mean()
     assert 0.55 < same < 0.8  # 1/2 kept, plus 1/3 of the replaced ones drawn as the same class
+
+
+def test_a_cap_cuts_the_groups_to_fit_and_keeps_one():
+    """model.denoising_max_queries: groups x the batch's most instances per image stay within the cap (at least one
+    group), and the fixed assignment follows the groups kept."""
+    images, targets = batch()  # at most 2 instances per image: 2 slots per group
+    centroids = [mask_centroids(t["masks"]) for t in targets]
+    for cap, groups in ((0, 5), (10, 5), (9, 4), (4, 2), (1, 1)):
+        torch.manual_seed(3)
+        dn = Denoising(32, 3, groups=5, label_noise=0.5, point_noise=0.4, max_queries=cap)(targets, centroids)
+        assert (dn.groups, dn.size) == (groups, 2) and dn.reference.shape == (2, groups * 2, 2)
+        query, target = dn.matches([2, 1])[1]
+        assert sorted(target.tolist()) == list(range(groups))  # the one instance, once per kept group
+    losses = tiny(denoising_groups=5, denoising_max_queries=2).train()(images, targets)
+    assert torch.isfinite(losses["loss"]) and "dn.loss_cls" in losses
+    with pytest.raises(ConfigError, match="model.denoising_max_queries"):
+        isda.build_model("isda_tiny", denoising_max_queries=-1)
 
 
 def test_attention_mask_separates_the_query_sets():

@@ -71,13 +71,17 @@ class ModelConfig:
     denoising_groups: int = 0
     denoising_label_noise: float = 0.2  # probability that a copy's label is replaced by a random class
     denoising_point_noise: float = 0.4  # a copy's centroid moves by up to this x half the instance's box size
+    # Opt-in: at most this many denoising queries per image, the groups of a batch cut to fit (at least one; DINO
+    # caps its own at 100); 0: no cap, every image's instances times denoising_groups.
+    denoising_max_queries: int = 0
     # Opt-in, training only (Co-DETR-style dense auxiliary head, see models/dense_aux.py): every encoder token
     # classified and given a mask kernel, one-to-many positives near each instance's centroid; not built unless on.
     dense_aux: bool = False
     # The switches above that build nothing inference runs (each has a test that the predictions and the ONNX graph
     # are unchanged with it on): a figure of the inference network does not depend on them (benchmarks/provenance.py).
     TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("hybrid_queries", "denoising_groups", "denoising_label_noise",
-                                                "denoising_point_noise", "dense_aux")
+                                                "denoising_point_noise", "denoising_max_queries",
+                                                "dense_aux")
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -114,6 +118,7 @@ class ModelConfig:
         _check(self.denoising_groups >= 0, "model.denoising_groups", "must be >= 0 (0: off)")
         _check(0 <= self.denoising_label_noise <= 1, "model.denoising_label_noise", "must be a probability in [0, 1]")
         _check(self.denoising_point_noise >= 0, "model.denoising_point_noise", "must be >= 0")
+        _check(self.denoising_max_queries >= 0, "model.denoising_max_queries", "must be >= 0 (0: no cap)")
         _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
         _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
         _check(self.mask_mlp_hidden >= 0, "model.mask_mlp_hidden", "must be >= 0 (0: the paper's linear kernel)")

@@ -7,6 +7,9 @@ trained to reconstruct its own instance (class, mask, point) with a fixed assign
 the decoder and head learn to refine a nearby, roughly labelled query into the instance early in training, when
 the matching of the learned queries is still unstable. The groups see the learned queries but not each other,
 and the learned queries see none of them; at inference nothing is built, so the model stays the same.
+
+The copies grow with the instances of an image: ``max_queries`` (as DINO caps its denoising queries) cuts the
+groups of a batch to fit, keeping at least one, so an image of dozens of instances does not multiply a step's cost.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ class DenoisingQueries:
 
 
 class Denoising(nn.Module):
-    def __init__(self, dim: int, num_classes: int, groups: int, label_noise: float, point_noise: float) -> None:
+    def __init__(self, dim: int, num_classes: int, groups: int, label_noise: float, point_noise: float,
+                 max_queries: int = 0) -> None:
         super().__init__()
-        self.num_classes, self.groups = num_classes, groups
+        self.num_classes, self.groups, self.max_queries = num_classes, groups, max_queries
         self.label_noise, self.point_noise = label_noise, point_noise
         self.label_embed = nn.Embedding(num_classes, dim)
         # The learned queries' position embeddings are free parameters; a noised point needs one computed from it.
@@ -57,14 +61,15 @@ class Denoising(nn.Module):
         normalized to the image. The slots of images with fewer instances (at least one per group, so that every
         parameter has a gradient, which DistributedDataParallel needs) are trained as background."""
         size = max(1, *(len(t["labels"]) for t in targets))
+        groups = self.groups if not self.max_queries else max(1, min(self.groups, self.max_queries // size))
         B, dim, device = len(targets), self.label_embed.embedding_dim, centroids[0].device
-        labels = torch.zeros(B, self.groups, size, dtype=torch.long, device=device)
-        points = torch.full((B, self.groups, size, 2), 0.5, device=device)
+        labels = torch.zeros(B, groups, size, dtype=torch.long, device=device)
+        points = torch.full((B, groups, size, 2), 0.5, device=device)
         for b, (t, c) in enumerate(zip(targets, centroids)):
             n = len(t["labels"])
             if n == 0:
                 continue
-            lab = t["labels"].repeat(self.groups, 1)  # (G, n)
+            lab = t["labels"].repeat(groups, 1)  # (G, n)
             flip = torch.rand(lab.shape, device=device) < self.label_noise
             labels[b, :, :n] = torch.where(flip, torch.randint_like(lab, self.num_classes), lab)
             H, W = t["masks"].shape[-2:]
@@ -72,13 +77,13 @@ class Denoising(nn.Module):
             nonempty = t["masks"].flatten(1).any(1)  # masks_to_boxes fails on an empty mask
             box[nonempty] = masks_to_boxes(t["masks"][nonempty]) / torch.tensor([W, H, W, H], device=device)
             half = (box[:, 2:] - box[:, :2]) / 2  # (n, 2): half the box size
-            shift = (torch.rand(self.groups, n, 2, device=device) * 2 - 1) * half * self.point_noise
+            shift = (torch.rand(groups, n, 2, device=device) * 2 - 1) * half * self.point_noise
             points[b, :, :n] = (c + shift).clamp(0, 1)
         points = points.view(B, -1, 2)
         # Through logit space and back, as every reference point in the decoder (never exactly 0 or 1).
         reference = inverse_sigmoid(points).sigmoid()
         return DenoisingQueries(self.label_embed(labels.view(B, -1)), self.pos_mlp(point_encoding(reference, dim)),
-                                reference, self.groups, size)
+                                reference, groups, size)
 
 
 def self_attention_mask(num_queries: int, hybrid_queries: int, denoising: DenoisingQueries | None,
