@@ -109,6 +109,8 @@ LEVERS = {
     # the choice is "no_denoising".
     "denoising": {"model.denoising_groups": 5},
     "no_denoising": {"model.denoising_groups": 0},
+    # DINO's contrastive denoising on top: a farther copy of every instance per group, trained as background.
+    "contrastive_denoising": {"model.denoising_negatives": True},
     "mask_class": {"model.mask_class": True},
     # Masks that can leave out an object of their class elsewhere: -a d^2 around the query's point.
     "mask_locality": {"model.mask_locality": True},

@@ -50,6 +50,9 @@ def test_a_cap_cuts_the_groups_to_fit_and_keeps_one():
         assert (dn.groups, dn.size) == (groups, 2) and dn.reference.shape == (2, groups * 2, 2)
         query, target = dn.matches([2, 1])[1]
         assert sorted(target.tolist()) == list(range(groups))  # the one instance, once per kept group
+    # Negative copies count against the cap too: 2 positive + 2 negative slots per group.
+    dn = Denoising(32, 3, groups=5, label_noise=0.5, point_noise=0.4, max_queries=9, negatives=True)(targets, centroids)
+    assert (dn.groups, dn.size) == (2, 4)
     losses = tiny(denoising_groups=5, denoising_max_queries=2).train()(images, targets)
     assert torch.isfinite(losses["loss"]) and "dn.loss_cls" in losses
     with pytest.raises(ConfigError, match="model.denoising_max_queries"):
@@ -86,8 +89,9 @@ def test_learned_queries_and_other_groups_do_not_see_a_group():
     assert not torch.allclose(changed[:, :, Q + dn.size:], with_dn["hidden"][:, :, Q + dn.size:])
 
 
-def test_denoising_queries_learn_to_reconstruct_their_instances():
-    model = tiny(denoising_groups=2).train()
+@pytest.mark.parametrize("negatives", [False, True])
+def test_denoising_queries_learn_to_reconstruct_their_instances(negatives):
+    model = tiny(denoising_groups=2, denoising_negatives=negatives).train()
     images, targets = batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = None
@@ -102,10 +106,33 @@ def test_denoising_queries_learn_to_reconstruct_their_instances():
     assert losses["dn.loss_bce"].item() < 0.2 * first["dn.loss_bce"]
 
 
-@pytest.mark.parametrize("hybrid", [0, 40])
-def test_denoising_leaves_inference_unchanged(hybrid):
+def test_negative_copies_lie_beyond_the_positive_ones_and_are_background():
+    """With negatives each group holds the positive copies, then as many farther ones; only the positives are
+    matched (the rest of the slots are trained as background)."""
+    images, targets = batch()  # 2 instances and 1
+    centroids = [mask_centroids(t["masks"]) for t in targets]
+    torch.manual_seed(1)
+    out = Denoising(32, 3, groups=100, label_noise=0.0, point_noise=0.2, negatives=True)(targets, centroids)
+    assert (out.groups, out.size) == (100, 4) and out.reference.shape == (2, 400, 2)
+    query, target = out.matches([2, 1])[0]
+    assert bool((query % 4 < 2).all())  # the positive half of each group
+    half = torch.tensor([[19.5 / 128, 17 / 96], [29.5 / 128, 19.5 / 96]])  # batch()'s boxes
+    positive = (out.reference[0].view(100, 4, 2)[:, :2] - centroids[0]).abs() / half
+    negative = (out.reference[0].view(100, 4, 2)[:, 2:] - centroids[0]).abs() / half
+    assert bool((positive <= 0.2 + 1e-4).all()) and bool((positive < 0.1).any())
+    assert bool((negative >= 0.2 - 1e-4).all() and (negative <= 0.4 + 1e-4).all()) and bool((negative > 0.35).any())
+    # Image 1 has one instance: its slots 1 and 3 of each group are padding; slot 2 its negative copy.
+    torch.testing.assert_close(out.content[1].view(100, 4, -1)[:, 2], out.content[1].view(100, 4, -1)[:, 0])
+    with pytest.raises(ValueError, match="model.denoising_negatives"):
+        tiny(denoising_groups=0, denoising_negatives=True)
+
+
+@pytest.mark.parametrize("levers", [{"denoising_groups": 3, "hybrid_queries": 0},
+                                    {"denoising_groups": 3, "hybrid_queries": 40},
+                                    {"denoising_groups": 2, "hybrid_queries": 0, "denoising_negatives": True}])
+def test_denoising_leaves_inference_unchanged(levers):
     """A model trained with denoising queries predicts exactly what the same weights predict without them."""
-    trained = train_one_step(tiny(denoising_groups=3, hybrid_queries=hybrid))
-    plain = tiny(hybrid_queries=hybrid, denoising_groups=0)  # the preset trains with denoising: off here
+    trained = train_one_step(tiny(**levers))
+    plain = tiny(hybrid_queries=levers["hybrid_queries"], denoising_groups=0)  # the preset has denoising on
     plain.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("denoising.")})
     assert_same_predictions(trained, plain)

@@ -74,6 +74,9 @@ class ModelConfig:
     # Opt-in: at most this many denoising queries per image, the groups of a batch cut to fit (at least one; DINO
     # caps its own at 100); 0: no cap, every image's instances times denoising_groups.
     denoising_max_queries: int = 0
+    # Opt-in, needs denoising_groups (DINO's contrastive denoising): each group also holds a copy of every instance
+    # moved 1-2 times as far, trained as background (a query beside an instance another query claims is rejected).
+    denoising_negatives: bool = False
     # Opt-in, training only (Co-DETR-style dense auxiliary head, see models/dense_aux.py): every encoder token
     # classified and given a mask kernel, one-to-many positives near each instance's centroid; not built unless on.
     dense_aux: bool = False
@@ -81,7 +84,7 @@ class ModelConfig:
     # are unchanged with it on): a figure of the inference network does not depend on them (benchmarks/provenance.py).
     TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("hybrid_queries", "denoising_groups", "denoising_label_noise",
                                                 "denoising_point_noise", "denoising_max_queries",
-                                                "dense_aux")
+                                                "denoising_negatives", "dense_aux")
     # Mask feature representation (MFR) and ISDA head.
     mask_feat_channels: int = 128
     mask_out_channels: int = 256  # = dynamic kernel size (1x1 conv weights)
@@ -119,6 +122,8 @@ class ModelConfig:
         _check(0 <= self.denoising_label_noise <= 1, "model.denoising_label_noise", "must be a probability in [0, 1]")
         _check(self.denoising_point_noise >= 0, "model.denoising_point_noise", "must be >= 0")
         _check(self.denoising_max_queries >= 0, "model.denoising_max_queries", "must be >= 0 (0: no cap)")
+        _check(not self.denoising_negatives or self.denoising_groups > 0, "model.denoising_negatives",
+               "needs model.denoising_groups > 0 (the negative copies live in the denoising groups)")
         _check(self.num_detections >= 1, "model.num_detections", "must be >= 1")
         _check(self.mask_out_channels > 2, "model.mask_out_channels", "must be > 2")
         _check(self.mask_mlp_hidden >= 0, "model.mask_mlp_hidden", "must be >= 0 (0: the paper's linear kernel)")

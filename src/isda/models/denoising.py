@@ -10,6 +10,11 @@ and the learned queries see none of them; at inference nothing is built, so the 
 
 The copies grow with the instances of an image: ``max_queries`` (as DINO caps its denoising queries) cuts the
 groups of a batch to fit, keeping at least one, so an image of dozens of instances does not multiply a step's cost.
+
+With ``negatives`` (DINO's contrastive denoising) each group also holds a second, farther copy of every instance,
+its point moved by between one and two times the positive copies' largest shift on each axis, trained as
+background: the decoder learns to reject a query near an instance that a closer query already claims (the
+duplicates a set predictor must not emit), not only to refine one.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ class DenoisingQueries:
     position: Tensor  # (B, G * M, C) query position embedding
     reference: Tensor  # (B, G * M, 2) noised centroids (x, y) in [0, 1] of the image
     groups: int
-    size: int
+    size: int  # slots per group: the positive copies first, then (with negatives) as many negative ones
 
     def matches(self, counts: list[int]) -> list[tuple[Tensor, Tensor]]:
-        """Per image with ``counts[b]`` instances: (query, target) indices into the queries and into the
-        instances repeated ``groups`` times (the criterion's targets)."""
+        """Per image with ``counts[b]`` instances: (query, target) indices of the positive copies into the queries
+        and into the instances repeated ``groups`` times (the criterion's targets); every other slot, negative
+        copies included, is trained as background."""
         device = self.reference.device
         out = []
         for n in counts:
@@ -48,9 +54,10 @@ class DenoisingQueries:
 
 class Denoising(nn.Module):
     def __init__(self, dim: int, num_classes: int, groups: int, label_noise: float, point_noise: float,
-                 max_queries: int = 0) -> None:
+                 max_queries: int = 0, negatives: bool = False) -> None:
         super().__init__()
         self.num_classes, self.groups, self.max_queries = num_classes, groups, max_queries
+        self.negatives = negatives
         self.label_noise, self.point_noise = label_noise, point_noise
         self.label_embed = nn.Embedding(num_classes, dim)
         # The learned queries' position embeddings are free parameters; a noised point needs one computed from it.
@@ -60,7 +67,8 @@ class Denoising(nn.Module):
         """targets[b]: ``labels`` (N_b,) and ``masks`` (N_b, H, W) bool of the image; centroids[b] (N_b, 2)
         normalized to the image. The slots of images with fewer instances (at least one per group, so that every
         parameter has a gradient, which DistributedDataParallel needs) are trained as background."""
-        size = max(1, *(len(t["labels"]) for t in targets))
+        most = max(1, *(len(t["labels"]) for t in targets))
+        size = 2 * most if self.negatives else most  # a negative copy beside every positive one
         groups = self.groups if not self.max_queries else max(1, min(self.groups, self.max_queries // size))
         B, dim, device = len(targets), self.label_embed.embedding_dim, centroids[0].device
         labels = torch.zeros(B, groups, size, dtype=torch.long, device=device)
@@ -69,16 +77,20 @@ class Denoising(nn.Module):
             n = len(t["labels"])
             if n == 0:
                 continue
-            lab = t["labels"].repeat(groups, 1)  # (G, n)
-            flip = torch.rand(lab.shape, device=device) < self.label_noise
-            labels[b, :, :n] = torch.where(flip, torch.randint_like(lab, self.num_classes), lab)
             H, W = t["masks"].shape[-2:]
             box = torch.zeros(n, 4, device=device)
             nonempty = t["masks"].flatten(1).any(1)  # masks_to_boxes fails on an empty mask
             box[nonempty] = masks_to_boxes(t["masks"][nonempty]) / torch.tensor([W, H, W, H], device=device)
             half = (box[:, 2:] - box[:, :2]) / 2  # (n, 2): half the box size
-            shift = (torch.rand(groups, n, 2, device=device) * 2 - 1) * half * self.point_noise
-            points[b, :, :n] = (c + shift).clamp(0, 1)
+            # Positive copies shift by up to point_noise x half the box on each axis, negative ones by 1-2 times that.
+            for start, negative in ((0, False), *(((most, True),) if self.negatives else ())):
+                lab = t["labels"].repeat(groups, 1)  # (G, n)
+                flip = torch.rand(lab.shape, device=device) < self.label_noise
+                labels[b, :, start:start + n] = torch.where(flip, torch.randint_like(lab, self.num_classes), lab)
+                shift = torch.rand(groups, n, 2, device=device) * 2 - 1  # uniform in [-1, 1]
+                if negative:  # uniform in [-2, -1] and [1, 2]
+                    shift = shift + shift.sign()
+                points[b, :, start:start + n] = (c + shift * half * self.point_noise).clamp(0, 1)
         points = points.view(B, -1, 2)
         # Through logit space and back, as every reference point in the decoder (never exactly 0 or 1).
         reference = inverse_sigmoid(points).sigmoid()

@@ -41,7 +41,8 @@ class ISDA(nn.Module):
                              mask_class=cfg.mask_class, locality=cfg.mask_locality,
                              mlp_hidden=cfg.mask_mlp_hidden)
         self.denoising = (Denoising(cfg.hidden_dim, cfg.num_classes, cfg.denoising_groups, cfg.denoising_label_noise,
-                                    cfg.denoising_point_noise, cfg.denoising_max_queries)
+                                    cfg.denoising_point_noise, cfg.denoising_max_queries,
+                                    cfg.denoising_negatives)
                           if cfg.denoising_groups else None)
         self.criterion = SetCriterion(loss_cfg or LossConfig())
         self.dense_aux = DenseAux(cfg, self.criterion.cfg) if cfg.dense_aux else None
