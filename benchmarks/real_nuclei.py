@@ -273,8 +273,8 @@ def _finetune_section(result: dict[str, Any]) -> str:
 ## Fine-tuning from a model trained on other data
 
 The same command with `--init {ft['init']}`: an isda checkpoint trained on the generated shapes (the demo's model,
-five other classes): every weight but the class rows' is loaded (the class head's, query denoising's label embedding): those start afresh. Same steps, same
-training time, same threads, on a quiet machine.
+five other classes): every weight but the class rows' is loaded (the class head's, query denoising's label
+embedding): those start afresh. Same steps, same training time, same threads, on a quiet machine.
 
 <!-- snippet: skip (trains for minutes; the checkpoint comes from `isda demo`) -->
 ```bash

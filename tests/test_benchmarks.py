@@ -567,8 +567,8 @@ def test_accuracy_run_saves_each_finished_run_and_keeps_earlier_ones(tmp_path):
     with pytest.raises(ValueError, match="no_such_lever"):
         bench_accuracy.run(tmp_path, [], [1.0], variants=["no_such_lever"], threads=1)
     res = bench_accuracy.run(tmp_path, [], [], num_train=4, num_val=2, threads=1, variants=["no_varifocal@1"],
-                             parts=("variants",), settle=False, previous=earlier, save=lambda r: saved.append(copy.deepcopy(r)),
-                             log=lambda m: None)
+                             parts=("variants",), settle=False, previous=earlier,
+                             save=lambda r: saved.append(copy.deepcopy(r)), log=lambda m: None)
     assert len(saved) == 1 and saved[0] == res
     run = res["levers"]["no_varifocal"]
     assert run["overrides"] == {"loss.class_loss": "focal"} and run["runs"]["1"]["iterations"] >= 1

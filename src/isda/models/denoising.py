@@ -82,13 +82,14 @@ class Denoising(nn.Module):
             nonempty = t["masks"].flatten(1).any(1)  # masks_to_boxes fails on an empty mask
             box[nonempty] = masks_to_boxes(t["masks"][nonempty]) / torch.tensor([W, H, W, H], device=device)
             half = (box[:, 2:] - box[:, :2]) / 2  # (n, 2): half the box size
-            # Positive copies shift by up to point_noise x half the box on each axis, negative ones by 1-2 times that.
-            for start, negative in ((0, False), *(((most, True),) if self.negatives else ())):
-                lab = t["labels"].repeat(groups, 1)  # (G, n)
+            lab = t["labels"].repeat(groups, 1)  # (G, n)
+            # Positive copies (slots from 0) shift by up to point_noise x half the box on each axis, negative ones
+            # (slots from ``most``) by 1-2 times that.
+            for start in (0, most) if self.negatives else (0,):
                 flip = torch.rand(lab.shape, device=device) < self.label_noise
                 labels[b, :, start:start + n] = torch.where(flip, torch.randint_like(lab, self.num_classes), lab)
                 shift = torch.rand(groups, n, 2, device=device) * 2 - 1  # uniform in [-1, 1]
-                if negative:  # uniform in [-2, -1] and [1, 2]
+                if start:  # negative: uniform in [-2, -1] and [1, 2]
                     shift = shift + shift.sign()
                 points[b, :, start:start + n] = (c + shift * half * self.point_noise).clamp(0, 1)
         points = points.view(B, -1, 2)
