@@ -21,6 +21,14 @@ INFER_SIZE = (800, 1216)
 TRAIN_SIZE = (512, 512)
 # 4 levels of an 800 x 1216 image at strides 8, 16, 32, 64 (Deformable DETR's P3..P6).
 MSDA_SHAPES = ((100, 152), (50, 76), (25, 38), (13, 19))
+# Operator classes of a torch.profiler run (self CPU time): the matrix products and convolutions (forward and
+# backward), ISDA's deformable attention core (its gathers, their transposed sums and the backward's sampled
+# products), and copies (dtype casts under autocast, layout changes, bias broadcasts before a GEMM).
+DENSE_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
+             "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu")
+MSDA_GATHER_OPS = ("aten::_embedding_bag_forward_only", "aten::_embedding_bag")  # the core's forward
+MSDA_CORE_OPS = (*MSDA_GATHER_OPS, "aten::sparse_sampled_addmm", "aten::sort")
+COPY_OPS = ("aten::copy_",)
 
 
 # ---- machine ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The parent (:class:`benchmarks.procs.Worker`) keeps one worker per model alive a
 model's peak memory (``ru_maxrss``) stays its own.
 
 Commands: ``run`` (one timed inference or training step), ``components`` (one inference with a
-per-component breakdown from forward hooks: no change to the models), ``stats`` (peak RSS), ``quit``.
+per-component breakdown from forward hooks: no change to the models; then one under torch.profiler, split by
+operator class), ``stats`` (peak RSS), ``quit``.
 
 ``--precision bf16`` runs both (every model, both tasks) under the same generic switch, CPU autocast to bfloat16
 (``torch.autocast("cpu", dtype=torch.bfloat16)``, what ``isda predict --precision bf16`` and ``train.amp=bf16``
@@ -28,7 +29,10 @@ from typing import Any
 import torch
 
 from .common import (
+    COPY_OPS,
+    DENSE_OPS,
     MASKRCNN_INFER_KWARGS,
+    MSDA_GATHER_OPS,
     build_isda,
     build_maskrcnn,
     limit_candidates,
@@ -65,6 +69,22 @@ def _time_spans(model: torch.nn.Module, images: list[torch.Tensor],
         for h in handles:
             h.remove()
     return {k: marks[k + ".end"] - marks[k + ".start"] for k in ("total", *spans)}, marks
+
+
+def op_classes(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
+    """One no-grad inference under torch.profiler; self CPU seconds of the matrix products and convolutions
+    (``ops_dense``), of the deformable attention core (``ops_core``), of copies and dtype casts (``ops_copy``)
+    and of every operator (``ops_total``): what bounds a latency goal once the dense work runs at the
+    machine's rate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(images)
+    self_s = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    out = {f"ops_{name}": sum(self_s.get(op, 0.0) for op in ops)
+           for name, ops in (("dense", DENSE_OPS), ("core", MSDA_GATHER_OPS), ("copy", COPY_OPS))}
+    out["ops_total"] = sum(self_s.values())
+    return out
 
 
 def isda_components(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
@@ -157,9 +177,8 @@ class Task:
 
     def components(self) -> dict[str, float]:
         with self.precision():
-            if self.args.model == "isda":
-                return isda_components(self.model, self.images)
-            return maskrcnn_components(self.model, self.images)
+            spans = (isda_components if self.args.model == "isda" else maskrcnn_components)(self.model, self.images)
+            return {**spans, **op_classes(self.model, self.images)}
 
 
 def main(argv: list[str] | None = None) -> None:

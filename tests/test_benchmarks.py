@@ -35,7 +35,12 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
         assert inf[name]["time"]["median"] > 0 and inf[name]["peak_rss_gib"] > 0.1
         assert inf[name]["components"]["total"] > 0
     c = inf["isda"]["components"]
-    assert sum(v for k, v in c.items() if k != "total") == pytest.approx(c["total"])
+    assert sum(v for k, v in c.items() if k != "total" and not k.startswith("ops_")) == pytest.approx(c["total"])
+    # The profiled run's operator classes: ISDA's gathers are its core, Mask R-CNN has none; each class is a part.
+    for name in ("isda", "maskrcnn"):
+        ops = inf[name]["components"]
+        assert 0 < ops["ops_dense"] and ops["ops_dense"] + ops["ops_core"] + ops["ops_copy"] < ops["ops_total"]
+    assert c["ops_core"] > 0 and inf["maskrcnn"]["components"]["ops_core"] == 0
     for suffix, mr in (("", "maskrcnn_eq"), ("_stock", "maskrcnn")):
         inf["ratio_latency" + suffix] = inf["isda"]["time"]["median"] / inf[mr]["time"]["median"]
         inf["ratio_peak_rss" + suffix] = inf["isda"]["peak_rss_gib"] / inf[mr]["peak_rss_gib"]
@@ -48,6 +53,7 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     assert "ISDA / Mask R-CNN" in page and "Deformable attention core" in page and "not measured" in page.lower()
     assert "| Mask R-CNN R50-FPN, same speed-ups |" in page and "| Mask R-CNN R50-FPN, stock torchvision |" in page
     assert "inference latency (stock torchvision Mask R-CNN)" in page
+    assert "| operator class | ISDA | Mask R-CNN |" in page and "| matrix products and convolutions |" in page
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
     # bf16 rows (the same autocast switch for both models) and their sentence, from the fields run.py writes.
     for name in ("isda", "maskrcnn_eq"):
@@ -737,26 +743,40 @@ def test_a_new_round_of_levers_shows_after_the_records_and_says_whether_its_winn
     assert "not yet" not in adopted and f"Its winner is `isda_tiny` as it stands (`train.lr={lr}`)." in adopted
 
 
-def test_bf16_goal_bullets_say_met_and_bound_by_the_float32_core_only_on_one_cpu():
+def test_bf16_goal_bullets_say_met_and_bound_by_the_same_runs_matrix_products():
     from benchmarks.report.speed import _bf16_goals
 
     def t(median):
         return {"time": {"median": median}}
 
-    inf = {"isda_bf16": {**t(1.2), "components": {"total": 1.2, "backbone": 0.15, "encoder": 0.6}},
-           "maskrcnn": t(4.0), "maskrcnn_eq_bf16": t(0.9), "ratio_latency_bf16": 1.2 / 0.9, "_meta": {"cpu": "X"}}
-    msda = {"cases": {"encoder/forward": {"isda": {"median": 0.08}}}, "_meta": {"cpu": "X"}}
-    best, both = _bf16_goals(inf, msda)
+    ops = {"ops_dense": 0.6, "ops_core": 0.1, "ops_copy": 0.2, "ops_total": 1.3}
+    inf = {"isda_bf16": {**t(1.2), "components": {"total": 1.2, **ops}},
+           "maskrcnn": t(4.0), "maskrcnn_eq_bf16": t(0.9), "ratio_latency_bf16": 1.2 / 0.9}
+    best, both = _bf16_goals(inf)
     assert "**0.30** (goal <= 0.50): met." in best
     assert "**1.33** (goal <= 0.75): not met." in both
-    # 0.75 x 0.9 = 0.675 s; 6 layers x 0.08 s = 0.48 s of float32 core; with the 0.15 s backbone 45 ms are left,
-    # for what takes 1.2 - 0.15 - 0.48 s now.
-    assert "6 x 80.0 ms = 0.480 s" in both and "leaves 45.0 ms of the goal's 0.675 s" in both, both
-    assert "takes 0.570 s now" in both
-    inf["isda_bf16"]["components"]["backbone"] = 0.2
-    assert _bf16_goals(inf, msda)[1].endswith("backbone's 0.200 s that is more than the goal's 0.675 s before "
-                                              "anything else runs.")
-    # The core measured on another CPU is not quoted against this one's total.
-    assert "core" not in _bf16_goals(inf, {**msda, "_meta": {"cpu": "Y"}})[1]
+    # 0.75 x 0.9 = 0.675 s; the 0.6 s of matrix work leaves 75 ms for what takes 1.3 - 0.6 s now.
+    assert "The goal is 0.675 s" in both and "alone take 0.600 s of 1.300 s" in both, both
+    assert "leaves 75.0 ms for everything else; that takes 0.700 s now" in both
+    assert "core 0.100 s and copies and dtype casts 0.200 s." in both
+    inf["isda_bf16"]["components"]["ops_dense"] = 0.7
+    assert _bf16_goals(inf)[1].endswith("more than the goal before anything else runs.")
+    # Without the operator classes (an older record) no bound is quoted.
+    assert _bf16_goals({**inf, "isda_bf16": {**t(1.2), "components": {"total": 1.2}}})[1].endswith("not met.")
     inf["ratio_latency_bf16"] = 0.7
-    assert _bf16_goals(inf, msda)[1].endswith("(goal <= 0.75): met.")
+    assert _bf16_goals(inf)[1].endswith("(goal <= 0.75): met.")
+
+
+def test_op_class_table_splits_each_profiled_inference_and_leaves_mask_rcnn_without_a_core():
+    from benchmarks.report.speed import _op_classes
+
+    def comp(dense, core, copy, total):
+        return {"components": {"ops_dense": dense, "ops_core": core, "ops_copy": copy, "ops_total": total}}
+
+    inf = {"isda": comp(1.0, 0.2, 0.1, 2.0), "isda_bf16": comp(0.5, 0.2, 0.2, 1.2),
+           "maskrcnn_eq": comp(1.5, 0.0, 0.1, 2.5)}
+    rows = {line.split(" | ")[0]: line for line in _op_classes(inf) if line.startswith("| ")}
+    assert rows["| operator class"] == "| operator class | ISDA | ISDA bf16 | Mask R-CNN |"
+    assert rows["| everything else"] == "| everything else | 0.700 s | 0.300 s | 0.900 s |"
+    assert rows["| deformable attention core (gathers)"].endswith("| 0.200 s | 0.200 s |  |")
+    assert _op_classes({"isda": {"components": {"total": 1.0}}}) == []
