@@ -40,6 +40,7 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     for name in ("isda", "maskrcnn"):
         ops = inf[name]["components"]
         assert 0 < ops["ops_dense"] and ops["ops_dense"] + ops["ops_core"] + ops["ops_copy"] < ops["ops_total"]
+        assert ops["ops_other"] == pytest.approx(ops["ops_total"] - ops["ops_dense"])
     assert c["ops_core"] > 0 and inf["maskrcnn"]["components"]["ops_core"] == 0
     for suffix, mr in (("", "maskrcnn_eq"), ("_stock", "maskrcnn")):
         inf["ratio_latency" + suffix] = inf["isda"]["time"]["median"] / inf[mr]["time"]["median"]
