@@ -73,8 +73,8 @@ def _time_spans(model: torch.nn.Module, images: list[torch.Tensor],
 
 def op_classes(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, float]:
     """One no-grad inference under torch.profiler; self CPU seconds of the matrix products and convolutions
-    (``ops_dense``), of the deformable attention core (``ops_core``), of copies and dtype casts (``ops_copy``),
-    of every operator (``ops_total``) and of every other one (``ops_other``): what bounds a latency goal once the dense work runs at the
+    (``ops_dense``), of the deformable attention core (``ops_core``), of copies and dtype casts (``ops_copy``)
+    and of every operator (``ops_total``): what bounds a latency goal once the dense work runs at the
     machine's rate."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -84,7 +84,6 @@ def op_classes(model: torch.nn.Module, images: list[torch.Tensor]) -> dict[str, 
     out = {f"ops_{name}": sum(self_s.get(op, 0.0) for op in ops)
            for name, ops in (("dense", DENSE_OPS), ("core", MSDA_GATHER_OPS), ("copy", COPY_OPS))}
     out["ops_total"] = sum(self_s.values())
-    out["ops_other"] = out["ops_total"] - out["ops_dense"]  # everything but the matrix work
     return out
 
 

@@ -40,7 +40,6 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     for name in ("isda", "maskrcnn"):
         ops = inf[name]["components"]
         assert 0 < ops["ops_dense"] and ops["ops_dense"] + ops["ops_core"] + ops["ops_copy"] < ops["ops_total"]
-        assert ops["ops_other"] == pytest.approx(ops["ops_total"] - ops["ops_dense"])
     assert c["ops_core"] > 0 and inf["maskrcnn"]["components"]["ops_core"] == 0
     for suffix, mr in (("", "maskrcnn_eq"), ("_stock", "maskrcnn")):
         inf["ratio_latency" + suffix] = inf["isda"]["time"]["median"] / inf[mr]["time"]["median"]
@@ -756,10 +755,11 @@ def test_bf16_goal_bullets_say_met_and_bound_by_the_same_runs_matrix_products():
     best, both = _bf16_goals(inf)
     assert "**0.30** (goal <= 0.50): met." in best
     assert "**1.33** (goal <= 0.75): not met." in both
-    # 0.75 x 0.9 = 0.675 s; the 0.6 s of matrix work leaves 75 ms for what takes 1.3 - 0.6 s now.
-    assert "The goal is 0.675 s" in both and "alone take 0.600 s of 1.300 s" in both, both
-    assert "leaves 75.0 ms for everything else; that takes 0.700 s now" in both
-    assert "core 0.100 s and copies and dtype casts 0.200 s." in both
+    # 0.75 x 0.9 = 0.675 s; the 0.6 s of matrix work leaves 75 ms.
+    # The rest is ISDA's median less the matrix work (the profiler's overhead left out): 1.2 - 0.6 s.
+    assert "The goal is 0.675 s" in both and "alone take 0.600 s (" in both, both
+    assert "leaves 75.0 ms for everything else; that takes 0.600 s now" in both
+    assert "core 0.100 s and copies and dtype casts 0.200 s (profiled)." in both
     inf["isda_bf16"]["components"]["ops_dense"] = 0.7
     assert _bf16_goals(inf)[1].endswith("more than the goal before anything else runs.")
     # Without the operator classes (an older record) no bound is quoted.
