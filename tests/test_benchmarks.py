@@ -766,6 +766,9 @@ def test_bf16_goal_bullets_say_met_and_bound_by_the_same_runs_matrix_products():
     assert _bf16_goals({**inf, "isda_bf16": {**t(1.2), "components": {"total": 1.2}}})[1].endswith("not met.")
     inf["ratio_latency_bf16"] = 0.7
     assert _bf16_goals(inf)[1].endswith("(goal <= 0.75): met.")
+    # A ratio that two decimals would round onto its goal shows a third, so that "0.50: not met" never reads.
+    inf["isda_bf16"]["time"]["median"] = 2.012
+    assert "**0.503** (goal <= 0.50): not met." in _bf16_goals(inf)[0]
 
 
 def test_op_class_table_splits_each_profiled_inference_and_leaves_mask_rcnn_without_a_core():
