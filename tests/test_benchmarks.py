@@ -53,7 +53,7 @@ def test_quick_harness_and_page_at_tiny_size(tmp_path):
     assert "ISDA / Mask R-CNN" in page and "Deformable attention core" in page and "not measured" in page.lower()
     assert "| Mask R-CNN R50-FPN, same speed-ups |" in page and "| Mask R-CNN R50-FPN, stock torchvision |" in page
     assert "inference latency (stock torchvision Mask R-CNN)" in page
-    assert "| operator class | ISDA | Mask R-CNN |" in page and "| matrix products and convolutions |" in page
+    assert "| operator class | ISDA | Mask R-CNN, same speed-ups |" in page and "| matrix products and convolutions |" in page
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
     # bf16 rows (the same autocast switch for both models) and their sentence, from the fields run.py writes.
     for name in ("isda", "maskrcnn_eq"):
@@ -780,7 +780,7 @@ def test_op_class_table_splits_each_profiled_inference_and_leaves_mask_rcnn_with
     inf = {"isda": comp(1.0, 0.2, 0.1, 2.0), "isda_bf16": comp(0.5, 0.2, 0.2, 1.2),
            "maskrcnn_eq": comp(1.5, 0.0, 0.1, 2.5)}
     rows = {line.split(" | ")[0]: line for line in _op_classes(inf) if line.startswith("| ")}
-    assert rows["| operator class"] == "| operator class | ISDA | ISDA bf16 | Mask R-CNN |"
+    assert rows["| operator class"] == "| operator class | ISDA | ISDA bf16 | Mask R-CNN, same speed-ups |"
     assert rows["| everything else"] == "| everything else | 0.700 s | 0.300 s | 0.900 s |"
     assert rows["| deformable attention core (gathers)"].endswith("| 0.200 s | 0.200 s |  |")
     assert _op_classes({"isda": {"components": {"total": 1.0}}}) == []
