@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from isda.config import get_preset
-
 from ..common import DENSE_OPS, MSDA_CORE_OPS
 from .formatting import image_size, measured, millis, seconds
 
@@ -124,9 +122,9 @@ OP_CLASSES = [("ops_dense", "matrix products and convolutions"), ("ops_core", "d
 
 def _op_classes(inf: dict[str, Any]) -> list[str]:
     """Self CPU time by operator class (``benchmarks.worker.op_classes``), both models, float32 and bf16."""
-    cols = [(n, label) for n, label in (("isda", "ISDA"), ("isda_bf16", "ISDA bf16"), (_MR_HEADLINE_INF, "Mask R-CNN, same speed-ups"),
-                                        (f"{_MR_HEADLINE_INF}_bf16", "Mask R-CNN, same speed-ups, bf16"))
-            if "ops_total" in inf.get(n, {}).get("components", {})]
+    named = (("isda", "ISDA"), ("isda_bf16", "ISDA bf16"), (_MR_HEADLINE_INF, "Mask R-CNN, same speed-ups"),
+             (f"{_MR_HEADLINE_INF}_bf16", "Mask R-CNN, same speed-ups, bf16"))
+    cols = [(n, label) for n, label in named if "ops_total" in inf.get(n, {}).get("components", {})]
     if not cols:
         return []
     out = ["By operator class: one more inference each under torch.profiler, self CPU time (the profiler adds some "
@@ -227,8 +225,6 @@ def before_after(ba: dict[str, Any]) -> list[str]:
     return out
 
 
-
-
 def _op_seconds(profile: dict[str, Any], ops: tuple[str, ...]) -> float:
     """Self CPU seconds of the named operators among the profile's top operators (a lower bound)."""
     return sum(t["self_cpu_s"] for t in profile["top"] if t["op"] in ops)
@@ -254,8 +250,8 @@ def analysis(secs: dict[str, Any]) -> list[str]:
             r = tr["ratio_" + head]
             verdict = "a tie (the two sides' runs overlap)" if _tie(tr, head) else "met" if r <= 1.0 else "not met"
             out.append(f"- Training step vs Mask R-CNN, same frozen-backbone recipe"
-                       f"{', same speed-ups' if head.endswith('_eq') else ''} (the headline): ratio **{_against(r, 1.0)}** "
-                       f"(goal <= 1.00): {verdict}.")
+                       f"{', same speed-ups' if head.endswith('_eq') else ''} (the headline): ratio "
+                       f"**{_against(r, 1.0)}** (goal <= 1.00): {verdict}.")
         if "ratio_maskrcnn" in tr:
             out.append(f"- Against Mask R-CNN with every layer trained and BatchNorm (not the same recipe, a reference "
                        f"only): ratio {tr['ratio_maskrcnn']:.2f}"
@@ -298,8 +294,8 @@ def _bf16_goals(inf: dict[str, Any]) -> list[str]:
         return []
     best = inf["isda_bf16"]["time"]["median"] / inf["maskrcnn"]["time"]["median"]
     r = inf["ratio_latency_bf16"]
-    out = [f"- ISDA's fastest eager path (bf16) / stock torchvision Mask R-CNN float32 = **{_against(best, 0.5)}** (goal <= 0.50): "
-           + ("met." if best <= 0.5 else "not met."),
+    out = [f"- ISDA's fastest eager path (bf16) / stock torchvision Mask R-CNN float32 = **{_against(best, 0.5)}** "
+           "(goal <= 0.50): " + ("met." if best <= 0.5 else "not met."),
            f"- Both in bf16: ISDA / Mask R-CNN (same speed-ups) = **{_against(r, 0.75)}** (goal <= 0.75): "
            + ("met." if r <= 0.75 else "not met.")]
     c = inf["isda_bf16"].get("components", {})
